@@ -1,0 +1,40 @@
+# Set-up and entry points. `make demo` and `make test` are the README's two commands: each creates the
+# virtual environment on first use (CPU torch first, so no CUDA build is pulled), then runs its job.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: setup demo test test-gpu lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+# The main job: pretrain the ~2M Llama 3 on the standard library's source, then sample from it.
+demo: setup
+	$(BIN)/workbench train configs/llama3/demo.toml
+	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def " --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
+
+# The whole suite (CPU). GPU tests skip themselves here, naming why.
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Single-GPU smoke tests, on a machine with CUDA torch already installed (no venv: it would pull CPU torch).
+test-gpu:
+	PYTHONPATH=$(CURDIR) python3 -m pytest -q -m gpu tests/gpu
+
+lint: setup
+	$(BIN)/ruff check workbench evals data_pipelines tests benchmarks launch
+
+bench: setup
+	$(BIN)/python benchmarks/llama_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

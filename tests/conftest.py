@@ -1,0 +1,53 @@
+"""Shared test set-up: the `gpu` marker skips, naming why, on machines without CUDA."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine: `make test-gpu` runs these on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.float32, max_shard_size=None,
+                      seed: int = 0, vocab_size: int = 384, init_std: float = 0.2):
+    """A small but real Hugging Face Llama directory: sharded safetensors, config, tokenizer files.
+
+    The tokenizer is a byte-level BPE trained on a slice of the standard library (with the reserved
+    tokens), saved through transformers' PreTrainedTokenizerFast exactly as a hub model would be.
+    A large init std keeps greedy decoding away from near-ties between logits.
+    """
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    from data_pipelines.corpus import load_documents
+    from data_pipelines.tokenizer import train_bpe
+
+    docs = load_documents(max_bytes=200_000)
+    tok = train_bpe((d.text for d in docs), 320)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<|bos|>",
+                                                eos_token="<|eos|>", pad_token="<|pad|>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        max_position_embeddings=256, tie_word_embeddings=tie, initializer_range=init_std,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """A sharded fp32 HF Llama directory, shared by the tests that only read it."""
+    return make_hf_llama_dir(tmp_path_factory.mktemp("hf-llama"), max_shard_size="40KB")

@@ -1,0 +1,128 @@
+"""Hugging Face model directories in and out.
+
+Import: `config.json` (architecture -> family, then the family adapter's `config_from_hf`), the weights
+(`model.safetensors` or shards named by `model.safetensors.index.json`), `tokenizer.json` and the token
+ids of `generation_config.json`/`config.json`. Export writes the same files back; importing a directory
+and exporting it again reproduces every tensor bit for bit, in the dtype it was stored in.
+
+Each family has an adapter module here (`llama3.py`, ...) with `ARCHITECTURES`, `config_from_hf`,
+`config_to_hf`, `state_dict_from_hf` and `state_dict_to_hf`. Only safetensors are read: `.bin` (pickle)
+checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from workbench.checkpoint.safetensors_io import read_dir, write_dir
+from workbench.data.tokenizer import Tokenizer, check_fits
+from workbench.errors import CheckpointError
+from workbench.models.base import ModelSection, build_model
+
+ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def adapter_for(family: str):
+    if family not in ADAPTERS:
+        raise CheckpointError(f"model family {family!r} has no Hugging Face adapter (have: {', '.join(ADAPTERS)})")
+    return importlib.import_module(ADAPTERS[family])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def family_of(hf_config: dict, where: str) -> str:
+    archs = hf_config.get("architectures") or []
+    for family in ADAPTERS:
+        if any(a in adapter_for(family).ARCHITECTURES for a in archs):
+            return family
+    supported = sorted(a for f in ADAPTERS for a in adapter_for(f).ARCHITECTURES)
+    raise CheckpointError(f"{where}: architectures {archs} not supported (supported: {', '.join(supported)})")
+
+
+def read_hf_config(directory: str | Path) -> tuple[ModelSection, dict]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory}: not found")
+    path = directory / "config.json"
+    hf = _read_json(path)
+    family = family_of(hf, str(path))
+    cfg = adapter_for(family).config_from_hf(hf, where=str(path))
+    return ModelSection(family=family, flavor="custom", config=cfg), hf
+
+
+def load_hf_dir(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, section) from a Hugging Face directory; dtype None keeps the stored dtype."""
+    directory = Path(directory)
+    section, _ = read_hf_config(directory)
+    adapter = adapter_for(section.family)
+    if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
+        raise CheckpointError(f"model directory {directory}: only .bin (pickle) weights; convert them to safetensors")
+    hf_sd = read_dir(directory)
+    tokenizer = Tokenizer.from_hf_dir(directory)
+    check_fits(tokenizer, section.config.vocab_size)
+    sd = adapter.state_dict_from_hf(hf_sd, section.config, where=str(directory))
+    if dtype is None:
+        dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    model = build_model(section, device, dtype, state=sd, where=str(directory))
+    return model.eval(), tokenizer, section
+
+
+def export_hf_dir(
+    model: torch.nn.Module,
+    section: ModelSection,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    tokenizer_source: str | Path | None = None,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a directory transformers can load (`from_pretrained`) and `load_hf_dir` reads back exactly."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = adapter_for(section.family)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    hf_sd = adapter.state_dict_to_hf(state)
+    write_dir(hf_sd, out, max_shard_bytes=max_shard_bytes)
+    stored = next(iter(hf_sd.values())).dtype
+    eos = sorted(tokenizer.eos_ids)
+    eos_value = eos[0] if len(eos) == 1 else eos
+    config = adapter.config_to_hf(section.config, tokenizer.bos_id, eos_value, tokenizer.pad_id)
+    config["dtype"] = str(stored).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_value, "pad_token_id": tokenizer.pad_id}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    src = Path(tokenizer_source) if tokenizer_source else None
+    if src is not None and (src / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
+    else:
+        tokenizer.save(out / "tokenizer.json")
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                   "bos_token": tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
+                   "eos_token": tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else None,
+                   "pad_token": tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None,
+                   "model_max_length": section.config.max_seq_len}
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return out
+
+
+__all__ = ["load_hf_dir", "export_hf_dir", "read_hf_config", "adapter_for"]

@@ -1,0 +1,155 @@
+"""Hugging Face `LlamaForCausalLM` <-> workbench `llama3`: config and state-dict adapter.
+
+Names (ours, Meta's naming  <->  HF)
+    tok_embeddings.weight                    model.embed_tokens.weight
+    layers.{i}.attention_norm.weight         model.layers.{i}.input_layernorm.weight
+    layers.{i}.attention.w{q,k,v,o}.weight   model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    layers.{i}.ffn_norm.weight               model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.feed_forward.w1/w3/w2.weight  model.layers.{i}.mlp.gate_proj/up_proj/down_proj.weight
+    norm.weight                              model.norm.weight
+    output.weight                            lm_head.weight   (absent when embeddings are tied)
+
+No tensor is permuted: HF stores q/k rows in the half-split RoPE layout that this project uses too.
+Both the transformers 5 config (`rope_parameters`) and the 4.x one (`rope_theta` + `rope_scaling`) are
+read; export writes the transformers 5 form.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from workbench.config import from_dict
+from workbench.errors import CheckpointError
+from workbench.models.llama3 import Config
+from workbench.nn.rope import RopeConfig
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+_LAYER_MAP = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_HF_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+_HF_TOP = {v: k for k, v in _TOP_MAP.items()}
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> Config:
+    """Our Config from a parsed HF config.json (transformers 4.x or 5.x)."""
+    try:
+        rope_params = hf.get("rope_parameters") or {}
+        legacy = hf.get("rope_scaling") or {}
+        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope_params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+        src = rope_params if rope_params.get("rope_type", "default") != "default" else legacy
+        if scaling not in ("default", "llama3"):
+            raise CheckpointError(f"{where}: rope type {scaling!r} is not supported by llama3 (default, llama3)")
+        rope = {"theta": float(theta), "scaling": scaling}
+        if scaling == "llama3":
+            rope.update(
+                factor=float(src["factor"]),
+                low_freq_factor=float(src["low_freq_factor"]),
+                high_freq_factor=float(src["high_freq_factor"]),
+                original_max_seq_len=int(src["original_max_position_embeddings"]),
+            )
+        n_heads = hf["num_attention_heads"]
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise CheckpointError(f"{where}: attention_bias/mlp_bias models are not Llama 3 (no biases)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+        data = {
+            "dim": hf["hidden_size"],
+            "n_layers": hf["num_hidden_layers"],
+            "n_heads": n_heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            "ffn_dim": hf["intermediate_size"],
+            "vocab_size": hf["vocab_size"],
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "rope": rope,
+            "max_seq_len": hf.get("max_position_embeddings", 2048),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "init_std": float(hf.get("initializer_range", 0.02)),
+        }
+    except KeyError as e:
+        raise CheckpointError(f"{where}: missing field {e.args[0]!r} for a Llama config") from None
+    return from_dict(Config, data, "config.json")
+
+
+def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
+                 pad_id: int | None = None) -> dict:
+    rope: RopeConfig = cfg.rope
+    rope_parameters = {"rope_type": rope.scaling, "rope_theta": rope.theta}
+    if rope.scaling == "llama3":
+        rope_parameters.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor,
+                               high_freq_factor=rope.high_freq_factor,
+                               original_max_position_embeddings=rope.original_max_seq_len)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "head_dim": cfg.hd,
+        "hidden_act": "silu",
+        "hidden_size": cfg.dim,
+        "initializer_range": cfg.init_std,
+        "intermediate_size": cfg.ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "mlp_bias": False,
+        "num_attention_heads": cfg.n_heads,
+        "num_hidden_layers": cfg.n_layers,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "vocab_size": cfg.vocab_size,
+    }
+
+
+def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: Config, where: str = "weights") -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in hf_sd.items():
+        if name in _HF_TOP:
+            out[_HF_TOP[name]] = t
+            continue
+        m = _LAYER_RE.match(name)
+        if m and m.group(2) in _HF_LAYER:
+            out[f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"] = t
+            continue
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved; recomputed here
+            continue
+        raise CheckpointError(f"{where}: unexpected tensor {name!r} for a Llama model")
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)  # some exporters save the tied head anyway; it equals the embeddings
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in sd.items():
+        if name in _TOP_MAP:
+            out[_TOP_MAP[name]] = t
+            continue
+        m = _LAYER_RE.match(name)
+        if not m or m.group(2) not in _LAYER_MAP:
+            raise KeyError(f"no Hugging Face name for {name!r}")
+        out[f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"] = t
+    return out

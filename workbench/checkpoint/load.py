@@ -1,0 +1,51 @@
+"""One loader for every command that consumes a model: `--ckpt RUN_DIR` or `--hf-dir DIR`.
+
+A run folder is rebuilt from its own files: `config.toml` (the resolved config: family, flavor, every
+model field), `tokenizer.json`, and the newest complete checkpoint's `model.safetensors`, whose manifest
+is verified first. A specific `checkpoints/step-N` folder can be named instead of the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from workbench.checkpoint.hf import load_hf_dir
+from workbench.checkpoint.run import load_model_state, resolve_checkpoint
+from workbench.config import load_config
+from workbench.data.tokenizer import Tokenizer, check_fits
+from workbench.errors import CheckpointError, WorkbenchError
+from workbench.models.base import ModelSection, build_model
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, section) from a run folder or one of its checkpoints."""
+    from workbench.job import JobConfig
+
+    ckpt = resolve_checkpoint(path)
+    run_dir = run_dir_of(ckpt)
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise CheckpointError(f"run folder {run_dir}: no config.toml, so the model cannot be rebuilt")
+    job = load_config(JobConfig, config_path)
+    tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")
+    check_fits(tokenizer, job.model.config.vocab_size)
+    state = load_model_state(ckpt)
+    model = build_model(job.model, device, dtype, state=state, where=str(ckpt / "model.safetensors"))
+    return model.eval(), tokenizer, job.model
+
+
+def load_for_inference(
+    ckpt: str | None = None, hf_dir: str | None = None, device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.nn.Module, Tokenizer, ModelSection]:
+    if (ckpt is None) == (hf_dir is None):
+        raise WorkbenchError("give exactly one of --ckpt RUN_DIR or --hf-dir DIR")
+    if hf_dir is not None:
+        return load_hf_dir(hf_dir, device, dtype)
+    return load_run(ckpt, device, dtype)

@@ -1,0 +1,139 @@
+"""`workbench`: the command line. It parses, then calls the library; no logic of its own lives here.
+
+    workbench train CONFIG.toml [--resume] [--section.key value ...]
+    workbench generate (--ckpt RUN_DIR | --hf-dir DIR) --prompt TEXT [--max-new-tokens N]
+                       [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S]
+    workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
+
+Errors a user can cause (a bad config key, a missing directory, a corrupt file) print one line,
+`error: ...`, on stderr and exit with status 2. `generate` prints only the generated text on stdout;
+everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from workbench.errors import WorkbenchError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _dtype(name: str):
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="RUN_DIR", help="a workbench run folder (or one of its checkpoints)")
+    src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face model directory (config.json, safetensors)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the stored dtype")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from workbench.config import dumps_toml, load_config
+    from workbench.job import JobConfig
+    from workbench.train.trainer import Trainer
+
+    job = load_config(JobConfig, args.config, overrides)
+    _log("# resolved config\n" + dumps_toml(job))
+    trainer = Trainer(job, resume=args.resume, log=_log)
+    history = trainer.fit()
+    if history:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        _log(f"loss: {first:.3f} at step {history[0]['step']} -> {last:.3f} at step {history[-1]['step']}")
+    if job.train.sample_tokens:
+        text = trainer.sample(job.train.sample_prompt, job.train.sample_tokens, seed=job.run.seed)
+        _log(f"sample ({job.train.sample_tokens} tokens after {job.train.sample_prompt!r}):")
+        print(job.train.sample_prompt + text)
+    _log(f"run folder: {trainer.run_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workbench.checkpoint.load import load_for_inference
+    from workbench.config import from_dict
+    from workbench.inference.generator import KVCacheGenerator, SamplingParams
+    from workbench.train.trainer import pick_device
+
+    params = from_dict(SamplingParams, {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "stop": args.stop or [], "seed": args.seed})
+    device = pick_device(args.device)
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype))
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise WorkbenchError("--prompt: encodes to no tokens and the tokenizer adds no bos; give some text")
+    completion = KVCacheGenerator(model, tokenizer).generate([prompt], params)[0]
+    sys.stdout.write(completion.text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from workbench.checkpoint.hf import export_hf_dir
+    from workbench.checkpoint.load import load_for_inference
+
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype))
+    max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
+    out = export_hf_dir(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
+    _log(f"exported {section.family} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a TOML config (overrides: --section.key value)")
+    p.add_argument("config", help="experiment file, e.g. configs/llama3/demo.toml")
+    p.add_argument("--resume", action="store_true", help="continue the run folder's newest complete checkpoint")
+
+    p = sub.add_parser("generate", help="generate a continuation of a prompt")
+    _add_source(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("export", help="write a Hugging Face directory (safetensors + config + tokenizer)")
+    _add_source(p)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return {"generate": cmd_generate, "export": cmd_export}[args.command](args)
+    except WorkbenchError as e:
+        msg = " ".join(str(e).split())  # one line, always
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    sys.exit(main())

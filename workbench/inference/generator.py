@@ -1,0 +1,170 @@
+"""The Generator protocol and its first implementation: batched decoding over a static KV cache.
+
+Protocol
+    generate(prompts, params) -> list[Completion]
+    prompts: token-id lists (the caller tokenizes, so bos handling stays the tokenizer's business);
+    params: one SamplingParams for all, or one per prompt (per-request seeds, temperatures, stops).
+    Every consumer (`workbench generate`, chat, serve, RL rollouts, evals) uses only this, so the paged
+    continuous-batching engine can replace `KVCacheGenerator` without touching them.
+
+How KVCacheGenerator decodes a batch
+    1. Left-pad the prompts to the longest (L). Pad slots are hidden from attention by the mask spec's
+       `key_padding`, and each row's RoPE positions start at 0 on its first real token, so a padded row
+       computes exactly what it would alone.
+    2. Prefill: one forward over (B, L) writes the cache; the logits of slot L-1 give token 1.
+    3. Decode: one forward per new token over (B, 1), reading the cache. Rows that finished keep
+       stepping (their tokens are discarded) until every row is done or the longest budget is spent.
+
+Sampling (per row): temperature 0 is greedy (argmax, first index on ties, like transformers);
+otherwise logits / temperature, then top-k, then top-p (the smallest set of tokens whose probability
+reaches p), then a draw from the row's own torch.Generator when `seed` is set.
+
+Log-probs: `Completion.logprobs[i]` is log p(token_i | prefix) under the model's *unmodified*
+distribution (temperature 1, no top-k/top-p), which is what an RL objective recomputes for the same
+tokens. Stop strings are matched on the decoded continuation (needs a tokenizer); the text is cut
+before the stop string, the tokens keep the one that completed it. An eos token ends a row with
+finish_reason "stop" and is kept in `tokens` (not in `text`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+from workbench.config import field_
+from workbench.nn.attention import MaskSpec
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = field_(64, ge=0)
+    temperature: float = field_(0.0, ge=0, doc="0 = greedy")
+    top_k: int = field_(0, ge=0, doc="0 = off")
+    top_p: float = field_(1.0, gt=0, le=1, doc="1 = off")
+    stop: list[str] = field_([], doc="strings that end generation (matched on the decoded text)")
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: Literal["stop", "length"] = "length"
+    text: str | None = None
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]: ...
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
+    """One token id from a row of logits (V,) under temperature / top-k / top-p."""
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / p.temperature
+    if p.top_k and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach p (the top one always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+class KVCacheGenerator:
+    """Generator over any decoder with `make_kv_cache` and `logits` (the simple, exact reference)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, eos_ids: Sequence[int] | None = None,
+                 pad_id: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        if eos_ids is None:
+            eos_ids = sorted(tokenizer.eos_ids) if tokenizer is not None else []
+        self.eos_ids = set(eos_ids)
+        self.pad_id = pad_id
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Completion]:
+        if not prompts:
+            return []
+        B = len(prompts)
+        per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
+        if len(per_row) != B:
+            raise ValueError(f"{len(per_row)} sampling params for {B} prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (encode with a bos token)")
+        if any(p.stop for p in per_row) and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer to decode the continuation")
+        device = next(self.model.parameters()).device
+        budget = max(p.max_new_tokens for p in per_row)
+        results = [Completion(prompt_tokens=list(p)) for p in prompts]
+        if budget == 0:
+            return self._finish(results, per_row)
+
+        L = max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=device)
+        valid = torch.ones(B, L + budget, dtype=torch.bool, device=device)  # key slots with real tokens
+        for b, p in enumerate(prompts):
+            ids[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+            valid[b, : L - len(p)] = False
+        padded = bool((~valid[:, :L]).any())
+        # RoPE positions count real tokens only: 0 on each row's first prompt token
+        positions = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        cache = self.model.make_kv_cache(B, L + budget)
+        rngs = [torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+                for p in per_row]
+        done = [p.max_new_tokens == 0 for p in per_row]
+
+        x = ids
+        for step in range(budget):
+            mask = MaskSpec(key_padding=valid[:, : cache.seen + x.shape[1]]) if padded else MaskSpec()
+            out = self.model({"input_ids": x, "positions": positions, "mask": mask, "kv_cache": cache})
+            logits = self.model.logits(out.hidden, positions=torch.tensor([x.shape[1] - 1], device=device))
+            logits = logits[:, 0].float()  # (B, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            next_ids = torch.full((B, 1), self.pad_id, dtype=torch.long, device=device)
+            for b in range(B):
+                if done[b]:
+                    continue
+                tok = sample_next(logits[b], per_row[b], rngs[b])
+                r = results[b]
+                r.tokens.append(tok)
+                r.logprobs.append(float(logp[b, tok]))
+                next_ids[b, 0] = tok
+                if tok in self.eos_ids:
+                    r.finish_reason, done[b] = "stop", True
+                elif per_row[b].stop and self._hit_stop(r, per_row[b]):
+                    r.finish_reason, done[b] = "stop", True
+                elif len(r.tokens) >= per_row[b].max_new_tokens:
+                    done[b] = True
+            if all(done) or step == budget - 1:
+                break
+            x = next_ids
+            positions = positions[:, -1:] + 1
+        return self._finish(results, per_row)
+
+    def _hit_stop(self, r: Completion, p: SamplingParams) -> bool:
+        text = self.tokenizer.decode(r.tokens)
+        return any(s in text for s in p.stop)
+
+    def _finish(self, results: list[Completion], per_row: list[SamplingParams]) -> list[Completion]:
+        if self.tokenizer is None:
+            return results
+        for r, p in zip(results, per_row):
+            text = self.tokenizer.decode(r.tokens)
+            cuts = [text.find(s) for s in p.stop if s in text]
+            r.text = text[: min(cuts)] if cuts else text
+        return results

@@ -1,0 +1,99 @@
+"""The schema of a run: `JobConfig`, one typed section per component.
+
+An experiment file under `configs/` sets any subset of it; `workbench train FILE --section.key value`
+overrides single fields; the resolved result is printed and saved as `config.toml` in the run folder,
+from which `--ckpt RUN_DIR` rebuilds the model later. See `workbench.config` for the rules.
+
+    [run]       name, output folder, seed, device, precision
+    [model]     family, flavor, and overrides of the family's Config (workbench.models.base.ModelSection)
+    [data]      corpus, tokenizer, sequence length
+    [optim]     AdamW and the learning-rate schedule
+    [train]     steps, batch, accumulation, logging and checkpoint cadence, the closing sample
+    [parallel]  backend and degrees (DESIGN.md rule 4); only `single` exists until the parallel issue
+    [objective] which objective trains the policy
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from workbench.config import fail, field_
+from workbench.models.base import ModelSection
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = field_("runs", doc="run folders are created as out_dir/name")
+    seed: int = field_(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = field_("fp32", doc="bf16 = autocast on CUDA; fp32 weights always")
+
+
+@dataclass
+class DataSection:
+    source: str = field_("", doc="folder of source files; empty = the Python standard library")
+    max_bytes: int = field_(4_000_000, gt=0, doc="corpus size cap (bytes of text)")
+    tokenizer: str = field_("", doc="path to a tokenizer.json; empty = train a byte-level BPE on the corpus")
+    vocab_size: int = field_(4096, ge=268, doc="size of the BPE tokenizer trained when `tokenizer` is empty")
+    seq_len: int = field_(256, gt=0)
+
+
+@dataclass
+class OptimSection:
+    lr: float = field_(3e-3, gt=0)
+    min_lr_ratio: float = field_(0.1, ge=0, le=1, doc="final lr of the cosine schedule, as a fraction of lr")
+    warmup_steps: int = field_(20, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = field_(1e-8, gt=0)
+    weight_decay: float = field_(0.1, ge=0, doc="applied to matrices only (not norms, not embeddings)")
+    grad_clip: float = field_(1.0, ge=0, doc="max global grad norm; 0 = off")
+
+    def validate(self) -> None:
+        for i, b in enumerate(self.betas):
+            if not 0 <= b < 1:
+                fail(f"betas[{i}]", f"expected a number in [0, 1), got {b}")
+
+
+@dataclass
+class TrainSection:
+    steps: int = field_(200, gt=0)
+    micro_batch_size: int = field_(16, gt=0)
+    grad_accum: int = field_(1, gt=0)
+    log_every: int = field_(10, gt=0)
+    ckpt_every: int = field_(0, ge=0, doc="0 = only at the end")
+    keep_last: int = field_(2, gt=0, doc="checkpoints kept in the run folder")
+    sample_prompt: str = "def "
+    sample_tokens: int = field_(64, ge=0, doc="tokens generated after training; 0 = none")
+
+
+@dataclass
+class ParallelSection:
+    backend: Literal["single", "ddp", "fsdp2", "zero1", "zero2", "zero3"] = "single"
+    dp_replicate: int = field_(1, gt=0)
+    dp_shard: int = field_(1, gt=0)
+    tp: int = field_(1, gt=0)
+    cp: int = field_(1, gt=0)
+    ep: int = field_(1, gt=0)
+
+
+@dataclass
+class ObjectiveSection:
+    name: Literal["lm"] = "lm"
+
+
+@dataclass
+class JobConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=lambda: ModelSection.of("llama3", "debug"))
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+
+    def validate(self) -> None:
+        if self.optim.warmup_steps > self.train.steps:
+            fail("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}), got {self.optim.warmup_steps}")

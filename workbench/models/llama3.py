@@ -1,0 +1,245 @@
+"""Llama 3 / 3.1 / 3.2: a decoder-only transformer with grouped-query attention and RoPE.
+
+What it is
+    The dense Llama 3 family (Meta, 2024): a stack of pre-norm blocks over token embeddings, a final
+    RMSNorm and a vocabulary projection. 3.1 adds the "llama3" RoPE scaling for 128K context; 3.2 adds
+    small sizes (1B, 3B) with tied input/output embeddings.
+
+The math (one block, x of shape (B, T, dim))
+    h   = x + Wo · Attn(RoPE(Wq n), RoPE(Wk n), Wv n),   n = RMSNorm(x)
+    out = h + W2 (SiLU(W1 m) * W3 m),                    m = RMSNorm(h)
+    Attn uses H query heads and KV <= H key/value heads (GQA): query head j reads KV head j // (H / KV).
+    logits = RMSNorm(x_L) · W_out^T  (W_out = the embedding matrix when tied)
+
+The intuition
+    Pre-norm keeps the residual stream an identity path, so gradients reach early layers unchanged.
+    GQA shares each key/value head among H / KV query heads: the KV cache shrinks by that factor
+    (8x for 8B) at almost no quality cost, which is what makes long-context decoding affordable.
+    RoPE rotates q and k by position-dependent angles so scores depend only on relative offsets.
+
+Design choices
+    Attribute names follow Meta's checkpoints (tok_embeddings, layers.i.attention.wq, feed_forward.w1,
+    output) because they are public API: the parallel plans address modules by these paths, and
+    `workbench.checkpoint.hf.llama3` maps them to Hugging Face's names.
+    RoPE uses the half-split layout (see `workbench.nn.rope` for how that relates to Meta's interleaved
+    one); HF weights load unchanged.
+    The attention math goes through `attention.core` with a mask spec; no loss is computed here; logits
+    come from `logits()` so objectives materialize only the rows they need.
+    `__init__` allocates nothing when built under `torch.device("meta")`; `init_weights()` is the only
+    initializer and also rebuilds the RoPE buffer, so a model can be materialized after sharding.
+    Tied embeddings have no `output` module at all: `logits()` reads `tok_embeddings.weight`, so the tie
+    survives `to_empty()`, sharding and state-dict round trips.
+
+Differences from the reference
+    None in the forward math: parity with transformers' `LlamaForCausalLM` is tested at atol 1e-5 (fp32).
+    Initialization is GPT-2 style (see `init_weights`), not what Meta used (unpublished).
+
+Sources
+    Grattafiori et al., "The Llama 3 Herd of Models", arXiv 2407.21783; meta-llama/llama3 model.py;
+    HF transformers modeling_llama.py and modeling_rope_utils.py (read, not copied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workbench.config import fail, field_
+from workbench.models.base import DecoderOutput
+from workbench.nn.attention import AttentionCore, MaskSpec
+from workbench.nn.kv_cache import KVCache, StaticKVCache
+from workbench.nn.norm import RMSNorm
+from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope
+from workbench.nn.swiglu import SwiGLU
+
+
+@dataclass
+class Config:
+    dim: int = field_(4096, gt=0, doc="model width (hidden_size)")
+    n_layers: int = field_(32, gt=0)
+    n_heads: int = field_(32, gt=0)
+    n_kv_heads: int = field_(8, gt=0, doc="key/value heads (GQA); must divide n_heads")
+    head_dim: int = field_(0, ge=0, doc="0 = dim // n_heads")
+    ffn_dim: int = field_(14336, gt=0, doc="SwiGLU hidden width (intermediate_size)")
+    vocab_size: int = field_(128256, gt=0)
+    norm_eps: float = field_(1e-5, gt=0)
+    rope: RopeConfig = field(default_factory=lambda: RopeConfig(theta=500000.0))
+    max_seq_len: int = field_(8192, gt=0, doc="longest context the model is meant for (not enforced)")
+    tie_embeddings: bool = False
+    init_std: float = field_(0.02, gt=0)
+    attn_backend: Literal["sdpa", "math"] = "sdpa"
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            fail("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        if not self.head_dim and self.dim % self.n_heads:
+            fail("n_heads", f"must divide dim ({self.dim}) when head_dim is not set, got {self.n_heads}")
+        if self.hd % 2:
+            fail("head_dim", f"must be even for RoPE, got {self.hd}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+
+def _rope31(factor: float) -> RopeConfig:
+    return RopeConfig(theta=500000.0, scaling="llama3", factor=factor, low_freq_factor=1.0,
+                      high_freq_factor=4.0, original_max_seq_len=8192)
+
+
+FLAVORS: dict[str, Config] = {
+    # tests and smoke runs: a few hundred thousand parameters
+    "debug": Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512,
+                    rope=RopeConfig(theta=10000.0), max_seq_len=512),
+    # CPU sizes (the main job trains "2M"; issue benchmarks use "20M")
+    "2M": Config(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=4096,
+                 rope=RopeConfig(theta=10000.0), max_seq_len=1024),
+    "20M": Config(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=1152, vocab_size=8192,
+                  rope=RopeConfig(theta=10000.0), max_seq_len=1024),
+    # the published shapes (Llama 3.2 1B/3B, Llama 3.1 8B/70B/405B)
+    "1B": Config(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
+                 rope=_rope31(32.0), max_seq_len=131072, tie_embeddings=True),
+    "3B": Config(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, ffn_dim=8192,
+                 rope=_rope31(32.0), max_seq_len=131072, tie_embeddings=True),
+    "8B": Config(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                 rope=_rope31(8.0), max_seq_len=131072),
+    "70B": Config(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                  rope=_rope31(8.0), max_seq_len=131072),
+    "405B": Config(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
+                   rope=_rope31(8.0), max_seq_len=131072),
+}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.core = AttentionCore(scale=self.head_dim**-0.5, backend=cfg.attn_backend)
+
+    def forward(self, x, cos, sin, mask: MaskSpec, kv_cache: KVCache | None, layer_idx: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_offset = 0
+        if kv_cache is not None:
+            q_offset = kv_cache.seen
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, Tk, KV, D), earlier tokens included
+        # (B, H, T, D) layout for the core
+        out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q_offset)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.wo(out)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, kv_cache, layer_idx):
+        # h = x + Attn(RMSNorm(x))
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, layer_idx)
+        # out = h + FFN(RMSNorm(h))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama3(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.hd, cfg.rope)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The only initializer (GPT-2 style), safe to call again after `to_empty()`:
+
+        | parameter                       | init                                   |
+        |---------------------------------|----------------------------------------|
+        | tok_embeddings                  | N(0, init_std)                         |
+        | wq, wk, wv, w1, w3              | truncated N(0, init_std), +-3 std      |
+        | wo, w2 (write to the residual)  | truncated N(0, init_std / sqrt(2 L))   |
+        | output (untied)                 | truncated N(0, init_std)               |
+        | norms                           | ones                                   |
+        | rope.inv_freq (buffer)          | recomputed from the config             |
+
+        Scaling the residual writers by 1/sqrt(2L) keeps the residual stream's variance independent of
+        depth at initialization (each block adds two terms).
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        self.rope.init_weights()
+        for block in self.layers:
+            block.attention_norm.init_weights()
+            block.ffn_norm.init_weights()
+            attn = block.attention
+            for lin, s in ((attn.wq, std), (attn.wk, std), (attn.wv, std), (attn.wo, out_std)):
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=s, a=-3 * s, b=3 * s)
+            block.feed_forward.init_weights(std, out_std)
+        self.norm.init_weights()
+        if self.output is not None:
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def make_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
+        """A cache for this model's attention type: k and v, each (B, max_len, KV, D), per layer."""
+        w = self.tok_embeddings.weight
+        shape = (self.cfg.n_kv_heads, self.cfg.hd)
+        return StaticKVCache(self.cfg.n_layers, batch_size, max_len, [shape, shape],
+                             dtype=dtype or w.dtype, device=device or w.device)
+
+    def forward(self, batch: dict) -> DecoderOutput:
+        kv_cache: KVCache | None = batch.get("kv_cache")
+        if batch.get("inputs_embeds") is not None:
+            x = batch["inputs_embeds"]
+        else:
+            x = self.tok_embeddings(batch["input_ids"])  # (B, T, dim)
+        B, T, _ = x.shape
+        offset = kv_cache.seen if kv_cache is not None else 0
+        positions = batch.get("positions")
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=x.device).expand(B, T)
+        mask = batch.get("mask") or MaskSpec()
+        cos, sin = self.rope(positions, x.dtype)  # (B, T, D) each
+        hidden_states = [x] if batch.get("output_hidden_states") else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return DecoderOutput(hidden=self.norm(x), aux={},
+                             hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Vocabulary logits for `hidden` (B, T, dim), or only at `positions` along T.
+
+        positions: None (all T), a 1-D index tensor (the same K positions in every row) or a (B, K)
+        index tensor (per-row positions, e.g. the last real token of each prompt). Returns (B, T|K, V).
+        """
+        if positions is not None:
+            if positions.dim() == 1:
+                hidden = hidden[:, positions]  # (B, K, dim)
+            else:
+                hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return nn.functional.linear(hidden, weight)
+
+
+Model = Llama3

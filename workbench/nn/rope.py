@@ -1,0 +1,137 @@
+"""Rotary position embedding (RoPE; Su et al., 2021, "RoFormer") and its frequency scalings.
+
+The math
+    Split a head vector x in R^D into D/2 pairs. Pair i at position p is rotated by the angle p * w_i,
+
+        w_i = theta^(-2i/D),  i = 0 .. D/2-1,
+
+    i.e. [x_a, x_b] -> [x_a cos(p w_i) - x_b sin(p w_i),  x_b cos(p w_i) + x_a sin(p w_i)].
+    Rotations compose, so <R(p) q, R(s) k> = <q, R(s - p) k>: attention scores depend on positions only
+    through their difference, and no position vector is ever added to the residual stream.
+
+The intuition
+    Each pair is a clock hand turning at its own speed: fast hands (small i) resolve nearby tokens, slow
+    hands (large i, wavelength 2 pi / w_i up to theta * 2 pi) tell far-apart tokens apart.
+
+Layout: half-split vs interleaved
+    Which coordinates form "pair i" is a convention. Meta's reference code pairs adjacent coordinates
+    (2i, 2i+1) (`view_as_complex` on the last dim reshaped to (D/2, 2)). Hugging Face and this project pair
+    coordinate i with i + D/2 ("rotate_half": x -> [-x2, x1] with x = [x1, x2]), which needs no complex
+    numbers and no reshape. The two are the same rotation after permuting the coordinates of every
+    head; since q and k are linear maps of the hidden state, the permutation is absorbed into the rows of
+    wq and wk. That is exactly what HF's Meta-to-HF conversion does (per head, rows (2i, 2i+1) become rows
+    (i, i + D/2)), so weights from HF load here unchanged, while weights from Meta's `consolidated.pth`
+    must be permuted first (`permute_meta_to_half_split`). Nothing fails loudly if you forget: the model
+    just becomes worse.
+
+Scalings (how w_i is changed to reach longer contexts)
+    default  w_i unchanged.
+    llama3   (Llama 3.1) with wavelength lambda_i = 2 pi / w_i, L = original context,
+             lambda_high = L / high_freq_factor, lambda_low = L / low_freq_factor:
+               lambda_i < lambda_high  -> w_i               (high frequencies: local order, keep)
+               lambda_i > lambda_low   -> w_i / factor      (low frequencies: interpolate positions)
+               otherwise               -> (1 - g) w_i / factor + g w_i,
+                                          g = (L / lambda_i - low_freq_factor) / (high - low)
+             Cos and sin are not rescaled (attention factor 1).
+    The long-context issue adds linear, NTK-aware, dynamic NTK, YaRN and LongRoPE beside these.
+
+Precision: angles and their cos/sin are computed in float32 (bf16 positions above 256 are not even
+exact integers) and cast to the activation dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from workbench.config import fail, field_
+
+
+@dataclass
+class RopeConfig:
+    theta: float = field_(10000.0, gt=0, doc="base of the frequencies w_i = theta^(-2i/D)")
+    scaling: Literal["default", "llama3"] = "default"
+    factor: float = field_(1.0, ge=1.0, doc="context extension factor (llama3)")
+    low_freq_factor: float = field_(1.0, gt=0)
+    high_freq_factor: float = field_(4.0, gt=0)
+    original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3)")
+
+    def validate(self) -> None:
+        if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            fail("high_freq_factor", f"must be > low_freq_factor ({self.low_freq_factor}) for llama3 scaling")
+
+
+def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None) -> torch.Tensor:
+    """The D/2 angular frequencies w_i (float32), after the configured scaling."""
+    # w_i = theta^(-2i/D)
+    inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if cfg.scaling == "default":
+        return inv_freq
+    if cfg.scaling == "llama3":
+        return _llama3_scaling(inv_freq, cfg)
+    raise ValueError(f"unknown rope scaling {cfg.scaling!r}")
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    L = cfg.original_max_seq_len
+    low_wavelen = L / cfg.low_freq_factor  # longer than this: fully interpolated
+    high_wavelen = L / cfg.high_freq_factor  # shorter than this: unchanged
+    wavelen = 2 * math.pi / inv_freq
+    # lambda > lambda_low -> w / factor, else w
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.factor, inv_freq)
+    # in between: (1 - g) w / s + g w, with g = (L / lambda - low) / (high - low)
+    g = (L / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    smoothed = (1 - g) * scaled / cfg.factor + g * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the frequencies; `forward(positions)` gives cos/sin of shape (B, T, D) for `apply_rope`.
+
+    cos/sin are computed per forward from the integer positions rather than read from a table, so any
+    position works (generation past the configured length included) and left-padded rows can use their
+    own positions. The buffer is non-persistent and rebuilt by `init_weights()` (meta-device safe).
+    """
+
+    def __init__(self, head_dim: int, cfg: RopeConfig):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.head_dim, self.cfg = head_dim, cfg
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+
+    def init_weights(self) -> None:
+        self.inv_freq = rope_frequencies(self.head_dim, self.cfg, device=self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # angles[b, t, i] = p[b, t] * w_i, in float32 with autocast off
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            angles = positions.float()[..., None] * self.inv_freq.float()  # (B, T, D/2)
+            angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): pair i with i + D/2
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim (the half-split pairing)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by the angles whose cos/sin are (B, T, D)."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D): same angle for every head
+    # R(p) x = x cos + rotate_half(x) sin
+    return x * cos + rotate_half(x) * sin
+
+
+def permute_meta_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a Meta-layout wq/wk (interleaved pairs) reordered for the half-split layout used here."""
+    out_dim, in_dim = w.shape
+    d = out_dim // n_heads
+    # (H, D/2, 2, in) -> (H, 2, D/2, in): row 2i -> i, row 2i+1 -> i + D/2 within each head
+    return w.view(n_heads, d // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)

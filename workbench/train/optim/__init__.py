@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules built from the `[optim]` section.
+
+AdamW with decoupled weight decay applied to matrices only: norms' gains and embeddings are not decayed
+(decaying a gain toward 0 fights the normalization it scales; decaying embeddings shrinks rare tokens).
+
+Schedules, as a multiplier on `lr` at step s (0-based, applied before the step's update):
+    warmup     (s + 1) / warmup_steps                           for s < warmup_steps
+    constant   1
+    cosine     r + (1 - r) * (1 + cos(pi * p)) / 2,  p = (s - warmup) / (steps - warmup),  r = min_lr_ratio
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, optim) -> torch.optim.AdamW:
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps, fused=fused)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, progress)
+    # r + (1 - r) * (1 + cos(pi p)) / 2
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_multiplier(s, total_steps, optim.warmup_steps, optim.schedule, optim.min_lr_ratio),
+    )
