@@ -94,6 +94,3 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
-    def validate(self) -> None:
-        if self.optim.warmup_steps > self.train.steps:
-            fail("optim.warmup_steps", f"must be <= train.steps ({self.train.steps}), got {self.optim.warmup_steps}")

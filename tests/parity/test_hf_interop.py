@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
 
 from conftest import make_hf_llama_dir  # noqa: E402
+
 from workbench.checkpoint.hf import export_hf_dir, load_hf_dir  # noqa: E402
 from workbench.checkpoint.safetensors_io import INDEX_NAME, read_dir  # noqa: E402
 

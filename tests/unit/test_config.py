@@ -480,11 +480,9 @@ def test_cross_field_rope_validation_is_prefixed():
     assert "config key 'model.rope.high_freq_factor'" in msg and "low_freq_factor" in msg
 
 
-def test_cross_field_warmup_must_not_exceed_steps():
-    msg = _error(["--train.steps", "4"], DEBUG)  # debug warms up for 5 steps
-    assert "config key 'optim.warmup_steps'" in msg
-    assert "must be <= train.steps (4)" in msg and "got 5" in msg
-    assert load_config(JobConfig, DEBUG, ["--train.steps", "5"]).train.steps == 5
+def test_a_run_shorter_than_its_warmup_is_allowed():
+    # a smoke run of a config with a long warmup: the lr just never reaches its peak
+    assert load_config(JobConfig, DEBUG, ["--train.steps", "2"]).optim.warmup_steps == 5
 
 
 @pytest.mark.parametrize("args", [

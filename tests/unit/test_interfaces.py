@@ -111,7 +111,7 @@ def test_loss_is_the_global_token_mean_however_the_step_is_split():
         out = obj.loss({"policy": engine}, h, total)
         out.loss.backward()
         split += float(out.loss.detach())
-    assert split == pytest.approx(float(ref.loss), rel=1e-5)
+    assert split == pytest.approx(float(ref.loss.detach()), rel=1e-5)
     for p, g in zip(model.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
     # and it is the plain mean cross-entropy over the real targets (documents masked apart)
@@ -122,7 +122,7 @@ def test_loss_is_the_global_token_mean_however_the_step_is_split():
                                      "mask": MaskSpec(document_ids=full["document_ids"])}).hidden)
     mean_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), full["labels"].flatten(),
                                                 ignore_index=IGNORE_INDEX)
-    assert float(ref.loss) == pytest.approx(float(mean_ce), rel=1e-5)
+    assert float(ref.loss.detach()) == pytest.approx(float(mean_ce), rel=1e-5)
 
 
 # ---- Generator ---------------------------------------------------------------------------------
@@ -229,3 +229,15 @@ def test_collate_shifts_labels_masks_boundaries_and_restarts_positions():
     assert b["labels"].tolist() == [[2, 3, 0, IGNORE_INDEX, 8, 9]]  # eos -> next doc's first token is masked
     assert b["positions"].tolist() == [[0, 1, 2, 3, 0, 1]]
     assert b["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor():
+    from workbench.train.optim import lr_multiplier
+
+    lrs = [lr_multiplier(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lr_multiplier(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(55, 100, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
+    assert lr_multiplier(50, 100, 10, "constant", 0.1) == 1.0
+    assert lr_multiplier(3, 2, 10, "cosine", 0.1) == pytest.approx(0.4)  # run shorter than warmup

@@ -8,7 +8,13 @@ import torch
 from workbench.nn.attention import AttentionCore, MaskSpec, attention_math, attention_sdpa
 from workbench.nn.kv_cache import StaticKVCache
 from workbench.nn.norm import RMSNorm
-from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope, permute_meta_to_half_split, rope_frequencies
+from workbench.nn.rope import (
+    RopeConfig,
+    RotaryEmbedding,
+    apply_rope,
+    permute_meta_to_half_split,
+    rope_frequencies,
+)
 from workbench.nn.swiglu import SwiGLU
 
 g = torch.Generator().manual_seed(0)

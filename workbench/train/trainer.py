@@ -58,12 +58,13 @@ def prepare_tokenizer(job: JobConfig, documents: list) -> Tokenizer:
     return train_bpe((d.text for d in documents), job.data.vocab_size)
 
 
-def build_dataset(job: JobConfig, log=print) -> tuple[PackedTokens, Tokenizer]:
+def build_dataset(job: JobConfig, log=print, tokenizer: Tokenizer | None = None) -> tuple[PackedTokens, Tokenizer]:
+    """The packed corpus, tokenized with `tokenizer` (a resumed run's own) or one prepared from the config."""
     from data_pipelines.corpus import load_documents
 
     t0 = time.perf_counter()
     docs = load_documents(job.data.source or None, max_bytes=job.data.max_bytes)
-    tokenizer = prepare_tokenizer(job, docs)
+    tokenizer = tokenizer or prepare_tokenizer(job, docs)
     token_lists = tokenizer.encode_batch([d.text for d in docs])
     data = PackedTokens.from_documents(token_lists, tokenizer.eos_id, job.data.seq_len, seed=job.run.seed)
     log(f"data: {len(docs)} documents, {len(data.tokens):,} tokens, {len(data)} samples of "
@@ -93,9 +94,8 @@ class Trainer:
                 f"run folder {self.run_dir} already has checkpoints: pass --resume to continue it, "
                 f"or choose another --run.name")
 
-        self.data, self.tokenizer = build_dataset(job, log)
-        if resume and (self.run_dir / "tokenizer.json").is_file():
-            self.tokenizer = Tokenizer.from_file(self.run_dir / "tokenizer.json")
+        saved_tokenizer = Tokenizer.from_file(self.run_dir / "tokenizer.json") if resume else None
+        self.data, self.tokenizer = build_dataset(job, log, saved_tokenizer)
         check_fits(self.tokenizer, job.model.config.vocab_size)
         self.model = build_model(job.model, self.device)
         optimizer = build_adamw(self.model, job.optim)
@@ -105,6 +105,10 @@ class Trainer:
         self.objective = LMObjective()
         self.cursor = DataCursor()
         self.step = 0
+        if self.resume_from is None:  # the run folder describes itself before the first checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(dumps_toml(job))
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
         if self.resume_from is not None:
             train_state, engine_state = load_training_state(self.resume_from)
             self.model.load_state_dict(load_model_state(self.resume_from))
@@ -161,9 +165,6 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         job = self.job
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(dumps_toml(job))
-        self.tokenizer.save(self.run_dir / "tokenizer.json")
         n_params = count_params(self.model)
         self.log(f"model: {job.model.family} {job.model.flavor}, {n_params:,} parameters, on {self.device}")
         self.log(f"run folder: {self.run_dir}")

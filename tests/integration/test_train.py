@@ -1,0 +1,88 @@
+"""The trainer end to end on the debug flavor: learning, the run folder, resume, accumulation, NaN guard."""
+
+import json
+
+import pytest
+import torch
+
+from workbench.checkpoint.run import MARKER, list_checkpoints, verify
+from workbench.config import load_config
+from workbench.errors import WorkbenchError
+from workbench.job import JobConfig
+from workbench.train.trainer import Trainer
+
+QUIET = dict(log=lambda *_: None)
+
+
+def job(tmp_path, *overrides):
+    return load_config(JobConfig, "configs/llama3/debug.toml",
+                       ["--run.out_dir", str(tmp_path), "--train.sample_tokens", "0", *overrides])
+
+
+def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path):
+    j = job(tmp_path, "--train.steps", "40", "--train.ckpt_every", "10", "--train.keep_last", "2")
+    trainer = Trainer(j, **QUIET)
+    history = trainer.fit()
+    losses = [h["loss"] for h in history]
+    assert losses[0] > 6.0  # about ln(512) at initialization
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0  # and clearly lower after 40 steps
+    run = trainer.run_dir
+    assert load_config(JobConfig, run / "config.toml") == j
+    assert (run / "tokenizer.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5)) and all("tokens_per_s" in r for r in records)
+    ckpts = list_checkpoints(run)
+    assert [c.name for c in ckpts] == ["step-30", "step-40"]  # keep_last = 2
+    for c in ckpts:
+        verify(c)
+        assert (c / MARKER).is_file() and (c / "engine" / "state.safetensors").is_file()
+        assert json.loads((c / "train_state.json").read_text())["cursor"]["position"] == int(c.name[5:]) * 8
+    assert trainer.sample("def ", 8)  # the trained model generates through the Generator
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    full = Trainer(job(tmp_path / "a", "--train.steps", "6"), **QUIET).fit()
+    crashed = Trainer(job(tmp_path / "b", "--train.steps", "6"), **QUIET)
+    for _ in range(3):
+        crashed.train_step()
+    crashed.save()
+    del crashed  # the process "dies" after its step-3 checkpoint
+    resumed = Trainer(job(tmp_path / "b", "--train.steps", "6"), resume=True, **QUIET)
+    assert resumed.step == 3 and resumed.cursor.position == 24
+    tail = resumed.fit()
+    assert [h["loss"] for h in tail] == [h["loss"] for h in full[3:]]
+    assert [h["grad_norm"] for h in tail] == [h["grad_norm"] for h in full[3:]]
+
+
+def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
+    Trainer(job(tmp_path, "--train.steps", "1"), **QUIET).fit()
+    with pytest.raises(WorkbenchError, match="already has checkpoints: pass --resume"):
+        Trainer(job(tmp_path, "--train.steps", "1"), **QUIET)
+
+
+def test_gradient_accumulation_gives_the_same_steps(tmp_path):
+    one = Trainer(job(tmp_path / "a", "--train.steps", "3", "--train.micro_batch_size", "8"), **QUIET).fit()
+    two = Trainer(job(tmp_path / "b", "--train.steps", "3", "--train.micro_batch_size", "4",
+                      "--train.grad_accum", "2"), **QUIET).fit()
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["tokens"] == b["tokens"] == 8 * 64
+
+
+def test_non_finite_loss_skips_the_update_and_names_the_step(tmp_path):
+    messages = []
+    trainer = Trainer(job(tmp_path, "--train.steps", "3"), log=messages.append)
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_loss = trainer.objective.loss
+
+    def poisoned(models, mb, n):
+        out = real_loss(models, mb, n)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer.objective.loss = poisoned
+    rec = trainer.train_step()
+    assert rec["skipped"] and any("step 2" in m and "not applied" in m for m in messages)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
