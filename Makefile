@@ -4,13 +4,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# Extra pip arguments for the torch install, e.g. on a machine without a local CPU wheel:
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: setup demo test test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -18,9 +21,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job: pretrain the ~2M Llama 3 on the standard library's source, then sample from it.
+# --resume: a second `make demo` continues (or, when finished, reuses) runs/llama3-demo instead of failing.
 demo: setup
-	$(BIN)/workbench train configs/llama3/demo.toml
-	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def " --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
+	$(BIN)/workbench train configs/llama3/demo.toml --resume
+	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def" --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
 
 # The whole suite (CPU). GPU tests skip themselves here, naming why.
 test: setup
@@ -31,7 +35,7 @@ test-gpu:
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -m gpu tests/gpu
 
 lint: setup
-	$(BIN)/ruff check workbench evals data_pipelines tests benchmarks launch
+	$(BIN)/ruff check $(wildcard workbench evals data_pipelines tests benchmarks launch)
 
 bench: setup
 	$(BIN)/python benchmarks/llama_cpu.py

@@ -1,0 +1,1 @@
+"""Offline data preparation: corpora from source trees, tokenizer training (later: shards, synthetic task makers)."""

@@ -1,11 +1,15 @@
 """Shared test set-up: the `gpu` marker skips, naming why, on machines without CUDA."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_TOML = ROOT / "configs" / "llama3" / "debug.toml"  # tests run from any working directory
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,1 @@
+"""workbench: modern models from scratch, verified against their references, trained on one trainer (see README.md)."""

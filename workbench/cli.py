@@ -1,6 +1,7 @@
 """`workbench`: the command line. It parses, then calls the library; no logic of its own lives here.
 
-    workbench train CONFIG.toml [--resume] [--section.key value ...]
+    workbench train CONFIG.toml [--resume] [--section.key value ...]   (--resume: continue the run if it has
+                                                                         a checkpoint, start it otherwise)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S]
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from workbench.errors import WorkbenchError
@@ -62,13 +64,18 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from workbench.checkpoint.load import load_for_inference
     from workbench.config import from_dict
+    from workbench.errors import ConfigError
     from workbench.inference.generator import KVCacheGenerator, SamplingParams
     from workbench.train.trainer import pick_device
 
-    params = from_dict(SamplingParams, {
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "stop": args.stop or [], "seed": args.seed})
-    device = pick_device(args.device)
+    try:
+        params = from_dict(SamplingParams, {
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "stop": args.stop or [], "seed": args.seed})
+    except ConfigError as e:  # name the flag the user typed, not the dataclass field
+        raise ConfigError(re.sub(r"config key '(\w+)(\[\d+\])?'", lambda m: "--" + m.group(1).replace("_", "-"),
+                                 str(e))) from None
+    device = pick_device(args.device, "--device")
     model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype))
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -83,6 +90,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from workbench.checkpoint.hf import export_hf_dir
     from workbench.checkpoint.load import load_for_inference
 
+    if args.max_shard_mb is not None and args.max_shard_mb <= 0:
+        raise WorkbenchError(f"--max-shard-mb: expected a size > 0 in MiB, got {args.max_shard_mb}")
     model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype))
     max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
     out = export_hf_dir(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
@@ -96,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a TOML config (overrides: --section.key value)")
     p.add_argument("config", help="experiment file, e.g. configs/llama3/demo.toml")
-    p.add_argument("--resume", action="store_true", help="continue the run folder's newest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkbenchError as e:
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (permissions, full disk, a file where a folder should be)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,7 +38,7 @@ from workbench.errors import ConfigError
 
 __all__ = [
     "ConfigError", "field_", "fail", "from_dict", "to_dict", "load_toml", "parse_overrides",
-    "apply_overrides", "load_config", "dumps_toml", "save_config", "CLIValue",
+    "apply_overrides", "load_config", "dumps_toml", "save_config", "CLIValue", "flatten",
 ]
 
 
@@ -304,13 +304,12 @@ def parse_overrides(args: list[str]) -> dict[str, CLIValue]:
         if "=" in body:
             key, value = body.split("=", 1)
             i += 1
-        elif arg.startswith("--") and i + 1 < len(args):
+        elif arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
             key, value = body, args[i + 1]
             i += 2
         else:
-            raise ConfigError(
-                f"override {arg!r}: expected '--section.key value' or 'section.key=value'"
-            )
+            raise ConfigError(f"override {arg!r}: expected '--section.key value' or 'section.key=value'"
+                              + (" (the value is missing)" if arg.startswith("--") else ""))
         if "." not in key or not all(key.split(".")):
             raise ConfigError(f"override {arg!r}: expected a dotted key such as optim.lr")
         out[key] = CLIValue(value)
@@ -330,6 +329,18 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
             node = nxt
         node[parts[-1]] = value
     return result
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a nested dict."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = _prefix(prefix, k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
 def _deepcopy(d: Any) -> Any:

@@ -9,7 +9,7 @@ from which `--ckpt RUN_DIR` rebuilds the model later. See `workbench.config` for
     [data]      corpus, tokenizer, sequence length
     [optim]     AdamW and the learning-rate schedule
     [train]     steps, batch, accumulation, logging and checkpoint cadence, the closing sample
-    [parallel]  backend and degrees (DESIGN.md rule 4); only `single` exists until the parallel issue
+    [parallel]  backend and degrees; only `single` exists until the parallelism issue adds the others
     [objective] which objective trains the policy
 """
 
@@ -28,7 +28,7 @@ class RunSection:
     out_dir: str = field_("runs", doc="run folders are created as out_dir/name")
     seed: int = field_(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = field_("fp32", doc="bf16 = autocast on CUDA; fp32 weights always")
+    precision: Literal["fp32", "bf16"] = field_("fp32", doc="bf16 = autocast (CUDA or CPU); fp32 weights always")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class DataSection:
     source: str = field_("", doc="folder of source files; empty = the Python standard library")
     max_bytes: int = field_(4_000_000, gt=0, doc="corpus size cap (bytes of text)")
     tokenizer: str = field_("", doc="path to a tokenizer.json; empty = train a byte-level BPE on the corpus")
-    vocab_size: int = field_(4096, ge=268, doc="size of the BPE tokenizer trained when `tokenizer` is empty")
+    vocab_size: int = field_(512, ge=268, doc="size of the BPE tokenizer trained when `tokenizer` is empty")
     seq_len: int = field_(256, gt=0)
 
 
@@ -65,7 +65,7 @@ class TrainSection:
     log_every: int = field_(10, gt=0)
     ckpt_every: int = field_(0, ge=0, doc="0 = only at the end")
     keep_last: int = field_(2, gt=0, doc="checkpoints kept in the run folder")
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     sample_tokens: int = field_(64, ge=0, doc="tokens generated after training; 0 = none")
 
 
@@ -93,4 +93,10 @@ class JobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+
+    def validate(self) -> None:
+        model_vocab = self.model.config.vocab_size
+        if not self.data.tokenizer and self.data.vocab_size > model_vocab:
+            fail("data.vocab_size", f"the tokenizer to train ({self.data.vocab_size} tokens) must fit "
+                                    f"model.vocab_size ({model_vocab})")
 

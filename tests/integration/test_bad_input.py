@@ -8,8 +8,10 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import DEBUG_TOML
 
 from workbench.cli import main
 
@@ -135,7 +137,7 @@ def trained_run(tmp_path_factory):
     from workbench.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("runs")
-    job = load_config(JobConfig, "configs/llama3/debug.toml",
+    job = load_config(JobConfig, DEBUG_TOML,
                       ["--run.out_dir", str(out), "--train.steps", "2", "--train.sample_tokens", "0"])
     trainer = Trainer(job, log=lambda *_: None)
     trainer.fit()
@@ -172,7 +174,55 @@ def test_incomplete_checkpoint_is_skipped_for_the_previous_complete_one(capsys, 
 
 
 def test_console_script_exit_status(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--hf-dir", str(tmp_path / "none"),
+    script = Path(sys.executable).parent / "workbench"  # the installed entry point
+    res = subprocess.run([str(script), "generate", "--hf-dir", str(tmp_path / "none"),
                           "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip().splitlines() == [f"error: model directory {tmp_path / 'none'}: not found"]
+
+
+def test_hf_config_errors_use_the_hf_field_names(capsys, hf_copy):
+    cfg = json.loads((hf_copy / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (hf_copy / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(*run_cli(capsys, *gen(hf_copy)), "config.json", "'num_key_value_heads'",
+                          "num_attention_heads (4)")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--top-p", "0"], "--top-p: expected a number > 0"),
+    (["--temperature", "-1"], "--temperature: expected a number >= 0"),
+    (["--stop", ""], "--stop: stop strings must not be empty"),
+])
+def test_generate_flag_errors_name_the_flag(capsys, hf_llama_dir, flags, needle):
+    assert_one_line_error(*run_cli(capsys, *gen(hf_llama_dir), *flags), needle)
+
+
+def test_cuda_on_a_machine_without_one_names_the_flag(capsys, hf_llama_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, so --device cuda is valid here")
+    assert_one_line_error(*run_cli(capsys, *gen(hf_llama_dir), "--device", "cuda"), "--device", "no CUDA GPU")
+
+
+def test_export_errors(capsys, hf_llama_dir, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "export", "--hf-dir", str(hf_llama_dir), "--out", str(tmp_path / "x"),
+                                   "--max-shard-mb", "0"), "--max-shard-mb", "> 0")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(*run_cli(capsys, "export", "--hf-dir", str(hf_llama_dir), "--out", str(tmp_path / "file")),
+                          "file", "already exists")
+    assert_one_line_error(*run_cli(capsys, "export", "--hf-dir", str(hf_llama_dir), "--out", str(hf_llama_dir)),
+                          "source directory")
+
+
+def test_override_missing_its_value(capsys):
+    assert_one_line_error(*run_cli(capsys, "train", str(DEBUG_TOML), "--optim.lr", "--train.steps", "3"),
+                          "--optim.lr", "value is missing")
+
+
+def test_tokenizer_too_big_for_the_model_is_caught_in_the_config(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "train", str(DEBUG_TOML), "--data.vocab_size", "1024",
+                                   "--run.out_dir", str(tmp_path)),
+                          "data.vocab_size", "model.vocab_size (512)")
+    assert not list(tmp_path.iterdir())

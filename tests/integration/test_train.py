@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import DEBUG_TOML
 
 from workbench.checkpoint.run import MARKER, list_checkpoints, verify
 from workbench.config import load_config
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.job import JobConfig
 from workbench.train.trainer import Trainer
 
@@ -15,7 +16,7 @@ QUIET = dict(log=lambda *_: None)
 
 
 def job(tmp_path, *overrides):
-    return load_config(JobConfig, "configs/llama3/debug.toml",
+    return load_config(JobConfig, DEBUG_TOML,
                        ["--run.out_dir", str(tmp_path), "--train.sample_tokens", "0", *overrides])
 
 
@@ -86,3 +87,69 @@ def test_non_finite_loss_skips_the_update_and_names_the_step(tmp_path):
     assert rec["skipped"] and any("step 2" in m and "not applied" in m for m in messages)
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_resume_refuses_changes_that_make_it_another_run(tmp_path):
+    Trainer(job(tmp_path, "--train.steps", "2"), **QUIET).fit()
+    for override, key in ((["--optim.lr", "0.5"], "optim.lr"), (["--data.seq_len", "32"], "data.seq_len"),
+                          (["--run.seed", "7"], "run.seed"), (["--train.steps", "4"], "train.steps"),
+                          (["--model.n_layers", "3"], "model.n_layers")):
+        with pytest.raises(ConfigError, match=f"config key '{key}': --resume keeps the run's settings"):
+            Trainer(job(tmp_path, "--train.steps", "2", *override), resume=True, **QUIET)
+    # cadence and sampling may change
+    t = Trainer(job(tmp_path, "--train.steps", "2", "--train.log_every", "1", "--train.sample_tokens", "3"),
+                resume=True, **QUIET)
+    assert t.step == 2
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path):
+    first = Trainer(job(tmp_path, "--train.steps", "2"), **QUIET)
+    first.fit()
+    ckpt = list_checkpoints(first.run_dir)[-1]
+    stamp = (ckpt / MARKER).stat().st_mtime_ns
+    again = Trainer(job(tmp_path, "--train.steps", "2"), resume=True, **QUIET)
+    assert again.fit() == []
+    assert list_checkpoints(first.run_dir) == [ckpt] and (ckpt / MARKER).stat().st_mtime_ns == stamp
+
+
+def test_resume_flag_on_a_new_run_starts_it(tmp_path):
+    t = Trainer(job(tmp_path, "--train.steps", "1"), resume=True, **QUIET)
+    assert t.resume_from is None and t.step == 0
+    t.fit()
+    assert [c.name for c in list_checkpoints(t.run_dir)] == ["step-1"]
+
+
+def test_metrics_have_no_duplicate_steps_after_a_crash_and_resume(tmp_path):
+    crashed = Trainer(job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
+                      **QUIET)
+    real_step = crashed.train_step
+
+    def dies_at_step_4():
+        if crashed.step == 3:  # step 3 was logged, its checkpoint never written
+            raise KeyboardInterrupt
+        return real_step()
+
+    crashed.train_step = dies_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    resumed = Trainer(job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
+                      resume=True, **QUIET)
+    assert resumed.step == 2
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sequence_longer_than_the_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="config key 'data.seq_len': 100000000 is longer than the whole corpus"):
+        Trainer(job(tmp_path, "--data.seq_len", "100000000"), **QUIET)
+    assert not (tmp_path / "llama3-debug").exists()
+
+
+def test_bf16_precision_autocasts_on_cpu_too(tmp_path):
+    t = Trainer(job(tmp_path, "--train.steps", "1", "--run.precision", "bf16"), **QUIET)
+    assert t.engine.autocast_dtype == torch.bfloat16
+    mb = t.next_micro_batches()[0]
+    out = t.engine.forward({"input_ids": mb["input_ids"]})
+    assert t.engine.logits(out.hidden).dtype == torch.bfloat16  # matmuls run in bf16
+    assert next(t.model.parameters()).dtype == torch.float32  # weights stay fp32

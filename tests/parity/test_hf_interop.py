@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
 
-from conftest import make_hf_llama_dir  # noqa: E402
+from conftest import DEBUG_TOML, make_hf_llama_dir  # noqa: E402
 
 from workbench.checkpoint.hf import export_hf_dir, load_hf_dir  # noqa: E402
 from workbench.checkpoint.safetensors_io import INDEX_NAME, read_dir  # noqa: E402
@@ -79,7 +79,7 @@ def test_generate_ckpt_run_folder_matches_transformers_on_its_export(tmp_path):
     from workbench.job import JobConfig
     from workbench.train.trainer import Trainer
 
-    job = load_config(JobConfig, "configs/llama3/debug.toml",
+    job = load_config(JobConfig, DEBUG_TOML,
                       ["--run.out_dir", str(tmp_path), "--train.steps", "8", "--train.sample_tokens", "0"])
     trainer = Trainer(job, log=lambda *_: None)
     trainer.fit()
@@ -91,3 +91,21 @@ def test_generate_ckpt_run_folder_matches_transformers_on_its_export(tmp_path):
     res = cli("generate", "--ckpt", str(run), "--prompt", prompt, "--max-new-tokens", str(n))
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected + "\n"
+
+
+def test_export_never_overwrites_and_leaves_no_partial_folder(hf_llama_dir, tmp_path):
+    from workbench.errors import CheckpointError
+
+    model, tokenizer, section = load_hf_dir(hf_llama_dir)
+    out = export_hf_dir(model, section, tokenizer, tmp_path / "exp", max_shard_bytes=40_000)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        export_hf_dir(model, section, tokenizer, out, dtype=torch.bfloat16)
+    assert sorted(p.name for p in out.iterdir()) == before
+    with pytest.raises(CheckpointError, match="is the source directory"):
+        export_hf_dir(model, section, tokenizer, hf_llama_dir, tokenizer_source=hf_llama_dir)
+    (tmp_path / "empty").mkdir()
+    export_hf_dir(model, section, tokenizer, tmp_path / "empty", dtype=torch.bfloat16)  # an empty folder is fine
+    assert not list(tmp_path.glob("*.tmp"))
+    again, _, _ = load_hf_dir(tmp_path / "empty")
+    assert next(again.parameters()).dtype == torch.bfloat16

@@ -1,8 +1,8 @@
-"""Architecture rules written as tests (DESIGN.md rules 2 and 8, and the no-pickle rule).
+"""Architecture rules written as tests (the rules listed in docs/architecture.md).
 
 - Nothing under workbench/models or workbench/nn imports torch.distributed or deepspeed: model code is
   single-device and parallelism is applied from outside.
-- Scripts (launch/, benchmarks/) never import each other, and the library never imports a script.
+- Scripts (benchmarks/, and launch/ once it exists) never import each other, and the library never imports a script.
 - Nothing outside tests loads with `weights_only=False` or unpickles.
 """
 

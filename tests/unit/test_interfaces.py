@@ -1,4 +1,4 @@
-"""The contracts of DESIGN.md's interfaces: Engine, Objective, Generator, the data cursor and collator."""
+"""The contracts of the interfaces everything plugs into: Engine, Objective, Generator, the data cursor and collator."""
 
 import copy
 

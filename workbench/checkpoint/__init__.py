@@ -1,0 +1,1 @@
+"""Checkpoints: run folders (run.py), safetensors I/O, one loader for --ckpt/--hf-dir, Hugging Face adapters (hf/)."""

@@ -1,6 +1,6 @@
 """Run-folder checkpoints: `checkpoints/step-N/`, complete or absent, verified before use.
 
-Layout of one checkpoint (DESIGN.md, "Checkpoints and the run folder")
+Layout of one checkpoint
 
     checkpoints/step-N/
       model.safetensors      consolidated weights: what generate, eval, export and the next stage read
@@ -155,6 +155,9 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if (final / MARKER).is_file():
+        # never delete a complete checkpoint to write another: there would be a moment with neither
+        raise CheckpointError(f"checkpoint {final}: already exists")
     tmp = root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -169,7 +172,7 @@ def save_checkpoint(
     _write_manifest(tmp)
     _fsync_tree(tmp)
     (tmp / MARKER).write_text(f"step {step}\n")
-    if final.exists():
+    if final.exists():  # an incomplete folder of that name (never read): replaced
         shutil.rmtree(final)
     os.replace(tmp, final)
     for stale in root.glob("step-*.tmp"):

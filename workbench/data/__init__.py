@@ -1,0 +1,1 @@
+"""Runtime data: the tokenizer wrapper, the global data cursor, packing and collation."""

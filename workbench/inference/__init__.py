@@ -1,0 +1,1 @@
+"""Inference: the Generator protocol and its implementations."""

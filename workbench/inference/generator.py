@@ -34,7 +34,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-from workbench.config import field_
+from workbench.config import fail, field_
 from workbench.nn.attention import MaskSpec
 
 
@@ -46,6 +46,10 @@ class SamplingParams:
     top_p: float = field_(1.0, gt=0, le=1, doc="1 = off")
     stop: list[str] = field_([], doc="strings that end generation (matched on the decoded text)")
     seed: int | None = None
+
+    def validate(self) -> None:
+        if any(not s for s in self.stop):
+            fail("stop", "stop strings must not be empty")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Model families, one file each (llama3.py), and what they share (base.py: decoder interface, registry)."""

@@ -1,6 +1,6 @@
 """What every model family shares: the decoder interface, the family registry and model building.
 
-The decoder interface (DESIGN.md, "The interfaces everything plugs into")
+The decoder interface (every family implements it; docs/architecture.md shows where it sits)
 
     out = model(batch)                     batch: dict with
                                              input_ids (B, T) long   or  inputs_embeds (B, T, D)

@@ -1,0 +1,1 @@
+"""Training: the trainer, objectives (one file per pipeline), optimizers and schedules."""

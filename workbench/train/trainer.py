@@ -11,7 +11,8 @@ One step
 
 The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl
 and checkpoints/step-N (see workbench.checkpoint.run). `resume=True` continues from the newest complete
-checkpoint: weights, optimizer and schedule state, the data cursor.
+checkpoint (weights, optimizer and schedule state, the data cursor), refusing config changes that would
+make it a different run (see RESUMABLE_CHANGES); with no checkpoint yet it starts the run.
 
 This is the spine's trainer: single engine, LM objective, the in-memory packed corpus. The data and
 training issue adds shards, validation, schedules, plots and signal handling on the same loop.
@@ -29,11 +30,11 @@ import torch
 from tqdm import tqdm
 
 from workbench.checkpoint.run import latest_checkpoint, load_model_state, load_training_state, save_checkpoint
-from workbench.config import dumps_toml, load_config
+from workbench.config import dumps_toml, flatten, load_config, to_dict
 from workbench.data.cursor import DataCursor
 from workbench.data.packed import PackedTokens, collate
 from workbench.data.tokenizer import Tokenizer, check_fits
-from workbench.errors import CheckpointError, WorkbenchError
+from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
@@ -42,11 +43,11 @@ from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_adamw, build_scheduler
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, what: str = "config key 'run.device'") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("config key 'run.device': 'cuda' was asked for but no CUDA GPU is available")
+        raise WorkbenchError(f"{what}: 'cuda' was asked for but no CUDA GPU is available")
     return torch.device(name)
 
 
@@ -66,14 +67,35 @@ def build_dataset(job: JobConfig, log=print, tokenizer: Tokenizer | None = None)
     docs = load_documents(job.data.source or None, max_bytes=job.data.max_bytes)
     tokenizer = tokenizer or prepare_tokenizer(job, docs)
     token_lists = tokenizer.encode_batch([d.text for d in docs])
+    total = sum(len(t) + 1 for t in token_lists)
+    if total < job.data.seq_len + 1:
+        raise DataError(f"config key 'data.seq_len': {job.data.seq_len} is longer than the whole corpus "
+                        f"({total} tokens); lower it or give more data (data.source, data.max_bytes)")
     data = PackedTokens.from_documents(token_lists, tokenizer.eos_id, job.data.seq_len, seed=job.run.seed)
     log(f"data: {len(docs)} documents, {len(data.tokens):,} tokens, {len(data)} samples of "
         f"{job.data.seq_len} (tokenizer: {tokenizer.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s")
     return data, tokenizer
 
 
+# What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
+RESUMABLE_CHANGES = frozenset({
+    "run.name", "run.out_dir", "run.device", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_prompt",
+    "train.sample_tokens",
+})
+
+
+def check_resumable(saved: JobConfig, job: JobConfig, where: Path) -> None:
+    old, new = flatten(to_dict(saved)), flatten(to_dict(job))
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+            raise ConfigError(
+                f"config key '{key}': --resume keeps the run's settings, and {where} has {old.get(key)!r} "
+                f"where this config has {new.get(key)!r}")
+
+
 class Trainer:
     def __init__(self, job: JobConfig, run_dir: str | Path | None = None, resume: bool = False, log=print):
+        """`resume`: continue the run folder's newest complete checkpoint if it has one, else start it."""
         if job.parallel.backend != "single":
             raise WorkbenchError(
                 f"config key 'parallel.backend': {job.parallel.backend!r} is not available yet (only 'single')")
@@ -81,41 +103,45 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(job.run.out_dir) / job.run.name
         self.device = pick_device(job.run.device)
         torch.manual_seed(job.run.seed)
-        self.resume_from = None
-        if resume:
-            self.resume_from = latest_checkpoint(self.run_dir)
-            if self.resume_from is None:
-                raise CheckpointError(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}")
-            saved = load_config(JobConfig, self.run_dir / "config.toml")
-            if saved.model.to_config_dict() != job.model.to_config_dict():
-                raise CheckpointError(f"--resume: the model in {self.run_dir / 'config.toml'} differs from this config")
-        elif (self.run_dir / "checkpoints").is_dir() and latest_checkpoint(self.run_dir) is not None:
+        self.resume_from = latest_checkpoint(self.run_dir)
+        if self.resume_from is not None and not resume:
             raise WorkbenchError(
                 f"run folder {self.run_dir} already has checkpoints: pass --resume to continue it, "
                 f"or choose another --run.name")
+        if self.resume_from is not None:
+            check_resumable(load_config(JobConfig, self.run_dir / "config.toml"), job, self.run_dir / "config.toml")
 
-        saved_tokenizer = Tokenizer.from_file(self.run_dir / "tokenizer.json") if resume else None
+        saved_tokenizer = Tokenizer.from_file(self.run_dir / "tokenizer.json") if self.resume_from else None
         self.data, self.tokenizer = build_dataset(job, log, saved_tokenizer)
         check_fits(self.tokenizer, job.model.config.vocab_size)
         self.model = build_model(job.model, self.device)
         optimizer = build_adamw(self.model, job.optim)
         scheduler = build_scheduler(optimizer, job.optim, job.train.steps)
-        autocast = torch.bfloat16 if (job.run.precision == "bf16" and self.device.type == "cuda") else None
+        autocast = torch.bfloat16 if job.run.precision == "bf16" else None
         self.engine = SingleEngine(self.model, optimizer, scheduler, autocast_dtype=autocast)
         self.objective = LMObjective()
         self.cursor = DataCursor()
         self.step = 0
-        if self.resume_from is None:  # the run folder describes itself before the first checkpoint
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(dumps_toml(job))
-            self.tokenizer.save(self.run_dir / "tokenizer.json")
         if self.resume_from is not None:
             train_state, engine_state = load_training_state(self.resume_from)
             self.model.load_state_dict(load_model_state(self.resume_from))
             self.engine.load_state_dict(engine_state)
             self.cursor.load_state_dict(train_state["cursor"])
             self.step = train_state["step"]
+            self._truncate_metrics(self.step)
             log(f"resumed from {self.resume_from} at step {self.step}")
+        else:  # the run folder describes itself before the first checkpoint
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+        (self.run_dir / "config.toml").write_text(dumps_toml(job))
+        self.saved_step = self.step
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after the checkpoint being resumed: those steps run again."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------------------------------------
 
@@ -160,8 +186,10 @@ class Trainer:
 
     def save(self) -> Path:
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "seed": self.job.run.seed}
-        return save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
+        path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
                                self.engine.state_dict(), keep_last=self.job.train.keep_last)
+        self.saved_step = self.step
+        return path
 
     def fit(self) -> list[dict]:
         job = self.job
@@ -189,8 +217,8 @@ class Trainer:
                 if job.train.ckpt_every and self.step % job.train.ckpt_every == 0 and self.step < job.train.steps:
                     self.save()
         bar.close()
-        ckpt = self.save()
-        self.log(f"checkpoint: {ckpt}")
+        if self.step > self.saved_step:
+            self.log(f"checkpoint: {self.save()}")
         return history
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -93,35 +94,51 @@ def export_hf_dir(
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a directory transformers can load (`from_pretrained`) and `load_hf_dir` reads back exactly."""
+    """Write a directory transformers can load (`from_pretrained`) and `load_hf_dir` reads back exactly.
+
+    The export never overwrites: `out_dir` must not exist or be an empty directory. Files are written into
+    `out_dir.tmp` and the folder is renamed into place at the end, so a crash leaves no half export.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    src = Path(tokenizer_source) if tokenizer_source else None
+    if src is not None and out.resolve() == src.resolve():
+        raise CheckpointError(f"export directory {out}: is the source directory; choose a new one")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"export directory {out}: already exists and is not empty (export never overwrites)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"export directory {out}: cannot be created ({e.strerror})") from None
     adapter = adapter_for(section.family)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              for k, v in model.state_dict().items()}
     hf_sd = adapter.state_dict_to_hf(state)
-    write_dir(hf_sd, out, max_shard_bytes=max_shard_bytes)
+    write_dir(hf_sd, tmp, max_shard_bytes=max_shard_bytes)
     stored = next(iter(hf_sd.values())).dtype
     eos = sorted(tokenizer.eos_ids)
     eos_value = eos[0] if len(eos) == 1 else eos
     config = adapter.config_to_hf(section.config, tokenizer.bos_id, eos_value, tokenizer.pad_id)
     config["dtype"] = str(stored).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_value, "pad_token_id": tokenizer.pad_id}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    src = Path(tokenizer_source) if tokenizer_source else None
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if src is not None and (src / "tokenizer.json").is_file():
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copyfile(src / name, out / name)
+                shutil.copyfile(src / name, tmp / name)
     else:
-        tokenizer.save(out / "tokenizer.json")
+        tokenizer.save(tmp / "tokenizer.json")
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                    "bos_token": tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None,
                    "eos_token": tokenizer.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else None,
                    "pad_token": tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None,
                    "model_max_length": section.config.max_seq_len}
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(tmp, out)
     return out
 
 

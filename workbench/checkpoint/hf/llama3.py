@@ -21,7 +21,7 @@ import re
 import torch
 
 from workbench.config import from_dict
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, ConfigError
 from workbench.models.llama3 import Config
 from workbench.nn.rope import RopeConfig
 
@@ -87,7 +87,26 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         }
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e.args[0]!r} for a Llama config") from None
-    return from_dict(Config, data, "config.json")
+    try:
+        return from_dict(Config, data, "hf")
+    except ConfigError as e:  # report the field under its Hugging Face name
+        m = re.match(r"config key 'hf\.([\w.]+)': (.*)", str(e))
+        if not m:
+            raise
+        ours, rest = m.group(1), m.group(2)
+        name = _HF_CONFIG_NAMES.get(ours, ours.replace("rope.", "rope_parameters."))
+        for our_name, hf_name in _HF_CONFIG_NAMES.items():
+            rest = re.sub(rf"\b{our_name}\b", hf_name, rest)
+        raise CheckpointError(f"{where}: field '{name}': {rest}") from None
+
+
+# our Config field -> the config.json field it comes from
+_HF_CONFIG_NAMES = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+}
 
 
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,

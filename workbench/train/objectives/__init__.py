@@ -1,0 +1,1 @@
+"""Objectives: the Objective protocol (base.py) and one file per pipeline (lm.py)."""

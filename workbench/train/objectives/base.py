@@ -11,7 +11,7 @@
                                count over every micro-batch of the step on every rank (all-reduced
                                by the trainer before the first forward)
 
-Loss normalization (DESIGN.md): dividing each micro-batch's sum by the global count makes the step's
+Loss normalization (docs/architecture.md): dividing each micro-batch's sum by the global count makes the step's
 loss the plain mean over all its terms, whatever the micro-batch split, accumulation depth or number of
 ranks; averaging per-micro-batch means instead would weight short micro-batches more.
 
