@@ -25,8 +25,8 @@ def test_layout_and_round_trip(tmp_path):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert set(manifest) == {"engine/state.json", "engine/state.safetensors", "model.safetensors", "train_state.json"}
     assert torch.equal(run.load_model_state(ckpt)["w"], model_state(1.0)["w"])
-    train_state, engine_state = run.load_training_state(ckpt)
-    assert train_state == {"step": 5} and torch.equal(engine_state["optimizer"][0]["m"], torch.ones(2))
+    weights, train_state, engine_state = run.load_for_resume(ckpt)
+    assert torch.equal(weights["b"], torch.arange(3.0)) and train_state == {"step": 5} and torch.equal(engine_state["optimizer"][0]["m"], torch.ones(2))
     assert run.resolve_checkpoint(tmp_path) == ckpt == run.resolve_checkpoint(ckpt)
 
 

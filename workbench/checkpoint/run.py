@@ -211,13 +211,14 @@ def load_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return read_file(ckpt / "model.safetensors")
 
 
-def load_training_state(ckpt: str | Path) -> tuple[dict, Any]:
-    """(train_state, engine_state) of a verified checkpoint."""
+def load_for_resume(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, Any]:
+    """(model_state, train_state, engine_state) of a checkpoint, verified once against its manifest."""
     ckpt = Path(ckpt)
     verify(ckpt)
+    model_state = read_file(ckpt / "model.safetensors")
     train_state = json.loads((ckpt / "train_state.json").read_text())
     engine_state = None
     if (ckpt / "engine" / "state.json").is_file():
         skeleton = json.loads((ckpt / "engine" / "state.json").read_text())
         engine_state = unflatten_state(read_file(ckpt / "engine" / "state.safetensors"), skeleton)
-    return train_state, engine_state
+    return model_state, train_state, engine_state

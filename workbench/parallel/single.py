@@ -102,5 +102,3 @@ class SingleEngine:
             yield self.model
         finally:
             self.model.train(was_training)
-
-

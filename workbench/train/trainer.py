@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from workbench.checkpoint.run import latest_checkpoint, load_model_state, load_training_state, save_checkpoint
+from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint
 from workbench.config import dumps_toml, flatten, load_config, to_dict
 from workbench.data.cursor import DataCursor
 from workbench.data.packed import PackedTokens, collate
@@ -123,8 +123,8 @@ class Trainer:
         self.cursor = DataCursor()
         self.step = 0
         if self.resume_from is not None:
-            train_state, engine_state = load_training_state(self.resume_from)
-            self.model.load_state_dict(load_model_state(self.resume_from))
+            model_state, train_state, engine_state = load_for_resume(self.resume_from)
+            self.model.load_state_dict(model_state)
             self.engine.load_state_dict(engine_state)
             self.cursor.load_state_dict(train_state["cursor"])
             self.step = train_state["step"]
