@@ -135,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "export": cmd_export}[args.command](args)
-    except WorkbenchError as e:
+    except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the file system said no (permissions, full disk, a file where a folder should be)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -99,4 +99,3 @@ class JobConfig:
         if not self.data.tokenizer and self.data.vocab_size > model_vocab:
             fail("data.vocab_size", f"the tokenizer to train ({self.data.vocab_size} tokens) must fit "
                                     f"model.vocab_size ({model_vocab})")
-

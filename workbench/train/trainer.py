@@ -79,8 +79,8 @@ def build_dataset(job: JobConfig, log=print, tokenizer: Tokenizer | None = None)
 
 # What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
 RESUMABLE_CHANGES = frozenset({
-    "run.name", "run.out_dir", "run.device", "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_prompt",
-    "train.sample_tokens",
+    "run.name", "run.out_dir", "run.device",
+    "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_prompt", "train.sample_tokens",
 })
 
 
@@ -185,7 +185,7 @@ class Trainer:
                 "tokens": tokens * self.engine.world_size, "skipped": skipped}
 
     def save(self) -> Path:
-        train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "seed": self.job.run.seed}
+        train_state = {"step": self.step, "cursor": self.cursor.state_dict()}  # the rest is in config.toml
         path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
                                self.engine.state_dict(), keep_last=self.job.train.keep_last)
         self.saved_step = self.step
