@@ -86,3 +86,14 @@ def test_document_mask_isolates_packed_documents():
     h = model({"input_ids": packed, "positions": pos, "mask": MaskSpec(document_ids=docs)}).hidden
     torch.testing.assert_close(h[:, 5:], model({"input_ids": b}).hidden, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h[:, :5], model({"input_ids": a}).hidden, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_flops_per_token_follows_the_mfu_convention(tie):
+    section = ModelSection.of("llama3", "debug", tie_embeddings=tie)
+    model = build_model(section)
+    c = section.config
+    kv = c.n_kv_heads * c.hd
+    per_layer = c.dim * c.n_heads * c.hd * 2 + c.dim * kv * 2 + 3 * c.dim * c.ffn_dim  # wq, wo, wk, wv, w1-3
+    n = c.n_layers * per_layer + c.vocab_size * c.dim  # + the output head, tied or not; no embedding lookup
+    assert model.flops_per_token(128) == 6 * n + 12 * c.n_layers * c.n_heads * c.hd * 128

@@ -197,6 +197,17 @@ class Llama3(nn.Module):
         if self.output is not None:
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, the MFU convention: 6 N + 12 L H Q T.
+
+        N counts matmul weights (the output head included, the embedding lookup not); 12 L H Q T is the
+        attention scores and weighted sum, forward and backward, over a causal window of T tokens.
+        """
+        cfg = self.cfg
+        n_matmul = sum(p.numel() for name, p in self.named_parameters() if p.ndim == 2 and "tok_embeddings" not in name)
+        n_matmul += cfg.vocab_size * cfg.dim if self.output is None else 0  # the tied head is a matmul too
+        return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
+
     def make_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
         """A cache for this model's attention type: k and v, each (B, max_len, KV, D), per layer."""
         w = self.tok_embeddings.weight

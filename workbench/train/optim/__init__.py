@@ -7,6 +7,15 @@ Schedules, as a multiplier on `lr` at step s (0-based, applied before the step's
     warmup     (s + 1) / warmup_steps                           for s < warmup_steps
     constant   1
     cosine     r + (1 - r) * (1 + cos(pi * p)) / 2,  p = (s - warmup) / (steps - warmup),  r = min_lr_ratio
+    wsd        1                                                for warmup <= s < d0
+               1 - (1 - r) * p,  p = (s - d0) / (steps - d0)    for s >= d0  (p capped at 1)
+               d0 = max(warmup, steps - max(1, round(decay_fraction * steps)))
+
+Both decaying schedules reach their floor r at s == steps, one past the last update: the last update
+(s = steps - 1) runs at r + (1 - r) / (steps - d0) under wsd, and a little above r under cosine. wsd
+(warmup-stable-decay) holds the peak lr for most of the run and decays linearly over its last
+`decay_fraction` of the steps (never into the warmup), so a stable-phase checkpoint can be branched
+into a shorter decay without retraining.
 """
 
 from __future__ import annotations
@@ -33,11 +42,23 @@ def build_adamw(model: nn.Module, optim) -> torch.optim.AdamW:
                              eps=optim.eps, fused=fused)
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
+                  decay_fraction: float = 0.2) -> float:
+    """The lr multiplier at 0-based step `step`; see the module docstring for each schedule's formula."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        if not 0 < decay_fraction <= 1:
+            raise ValueError(f"wsd decay_fraction must be in (0, 1], got {decay_fraction}")
+        decay_start = max(warmup_steps, total_steps - max(1, round(decay_fraction * total_steps)))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return 1.0 - (1.0 - min_lr_ratio) * progress
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}: expected 'constant', 'cosine' or 'wsd'")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(1.0, progress)
     # r + (1 - r) * (1 + cos(pi p)) / 2
@@ -45,7 +66,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str,
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    decay_fraction = getattr(optim, "decay_fraction", 0.2)  # OptimSection gains this field with "wsd"
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: lr_multiplier(s, total_steps, optim.warmup_steps, optim.schedule, optim.min_lr_ratio),
+        lambda s: lr_multiplier(s, total_steps, optim.warmup_steps, optim.schedule, optim.min_lr_ratio,
+                                decay_fraction),
     )
