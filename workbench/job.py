@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_pipelines.corpus import DEFAULT_EXTENSIONS
 from workbench.config import fail, field_
 from workbench.models.base import ModelSection
 
@@ -28,24 +29,36 @@ class RunSection:
     out_dir: str = field_("runs", doc="run folders are created as out_dir/name")
     seed: int = field_(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = field_("fp32", doc="bf16 = autocast (CUDA or CPU); fp32 weights always")
+    precision: Literal["auto", "fp32", "bf16"] = field_(
+        "auto", doc="bf16 = autocast (CUDA or CPU); auto = bf16 on CUDA, fp32 on CPU; fp32 weights always")
 
 
 @dataclass
 class DataSection:
+    dir: str = field_("data/stdlib", doc="the dataset folder `workbench data` writes and `train` reads")
     source: str = field_("", doc="folder of source files; empty = the Python standard library")
+    extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     max_bytes: int = field_(4_000_000, gt=0, doc="corpus size cap (bytes of text)")
     tokenizer: str = field_("", doc="path to a tokenizer.json; empty = train a byte-level BPE on the corpus")
     vocab_size: int = field_(512, ge=268, doc="size of the BPE tokenizer trained when `tokenizer` is empty")
+    val_fraction: float = field_(0.05, gt=0, lt=1, doc="share of the text held out for validation")
+    shard_bytes: int = field_(1_000_000, gt=0, doc="text per shard (a shard closes once it holds this much)")
     seq_len: int = field_(256, gt=0)
+    shuffle_windows: int = field_(1024, gt=0, doc="samples are shuffled in blocks of this many (1 = stream order)")
+    strict: bool = field_(False, doc="a dropped shard or sample stops the run instead of being logged")
+
+    def validate(self) -> None:
+        if not self.extensions or not all(isinstance(e, str) and e.startswith(".") for e in self.extensions):
+            fail("extensions", f"expected a non-empty list of suffixes like '.py', got {self.extensions!r}")
 
 
 @dataclass
 class OptimSection:
     lr: float = field_(3e-3, gt=0)
-    min_lr_ratio: float = field_(0.1, ge=0, le=1, doc="final lr of the cosine schedule, as a fraction of lr")
+    min_lr_ratio: float = field_(0.1, ge=0, le=1, doc="final lr of cosine and wsd, as a fraction of lr")
     warmup_steps: int = field_(20, ge=0)
-    schedule: Literal["constant", "cosine"] = "cosine"
+    schedule: Literal["constant", "cosine", "wsd"] = field_("cosine", doc="wsd = warmup, stable, decay")
+    decay_fraction: float = field_(0.2, gt=0, le=1, doc="wsd: the final share of steps that decays the lr")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = field_(1e-8, gt=0)
     weight_decay: float = field_(0.1, ge=0, doc="applied to matrices only (not norms, not embeddings)")
@@ -63,7 +76,9 @@ class TrainSection:
     micro_batch_size: int = field_(16, gt=0)
     grad_accum: int = field_(1, gt=0)
     log_every: int = field_(10, gt=0)
-    ckpt_every: int = field_(0, ge=0, doc="0 = only at the end")
+    ckpt_every: int = field_(0, ge=0, doc="0 = only at the end (and on SIGINT/SIGTERM)")
+    eval_every: int = field_(0, ge=0, doc="validation every N steps (and at the start and end); 0 = start and end")
+    eval_tokens: int = field_(65536, gt=0, doc="validation budget: the first windows of the val split up to this")
     keep_last: int = field_(2, gt=0, doc="checkpoints kept in the run folder")
     sample_prompt: str = "def"
     sample_tokens: int = field_(64, ge=0, doc="tokens generated after training; 0 = none")

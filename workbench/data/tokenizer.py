@@ -169,6 +169,26 @@ class Tokenizer:
         """The token string of `token_id`, or None if the id is out of range."""
         return self.backend.id_to_token(token_id)
 
+    def token_bytes(self) -> list[int]:
+        """How many bytes of text each id stands for (0 for special tokens): the denominator of bits per byte.
+
+        Byte-level tokenizers map every byte to one symbol, so a token's byte count is the length of its
+        string; for others, the UTF-8 length of the token decoded alone.
+        """
+        byte_level = json.loads(self.backend.to_str()).get("decoder", {}) or {}
+        byte_level = byte_level.get("type") == "ByteLevel"
+        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        out = []
+        for i in range(self.vocab_size):
+            token = self.backend.id_to_token(i)
+            if token is None or token in special:
+                out.append(0)
+            elif byte_level:
+                out.append(len(token))
+            else:
+                out.append(len(self.backend.decode([i], skip_special_tokens=True).encode("utf-8")))
+        return out
+
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer as `tokenizer.json` to `path`, or into `path` if it is a directory; return the file."""
         path = Path(path)
