@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job: pretrain the ~2M Llama 3 on the standard library's source, then sample from it.
+# The main job: the standard library's source -> tokenizer + shards (data/stdlib-4096), pretrain the ~2M
+# Llama 3 on them with validation, then sample from it.
 # --resume: a second `make demo` continues (or, when finished, reuses) runs/llama3-demo instead of failing.
 demo: setup
+	$(BIN)/workbench data configs/llama3/demo.toml
 	$(BIN)/workbench train configs/llama3/demo.toml --resume
 	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def" --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
 
@@ -41,4 +43,4 @@ bench: setup
 	$(BIN)/python benchmarks/llama_cpu.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache

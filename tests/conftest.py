@@ -12,6 +12,31 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG_TOML = ROOT / "configs" / "llama3" / "debug.toml"  # tests run from any working directory
 
 
+@pytest.fixture(scope="session")
+def debug_data(tmp_path_factory) -> Path:
+    """The debug config's dataset (tokenizer, shards, manifest), built once per test session."""
+    from data_pipelines.shards import build_dataset
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+
+    folder = tmp_path_factory.mktemp("data") / "stdlib-512"
+    build_dataset(load_config(JobConfig, DEBUG_TOML, ["--data.dir", str(folder)]).data, log=lambda *_: None)
+    return folder
+
+
+@pytest.fixture
+def debug_job(debug_data):
+    """make(out_dir, *overrides) -> the debug JobConfig writing runs under out_dir, reading `debug_data`."""
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+
+    def make(out_dir, *overrides):
+        return load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out_dir), "--data.dir", str(debug_data),
+                                                   "--train.sample_tokens", "0", *overrides])
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

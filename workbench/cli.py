@@ -1,5 +1,7 @@
 """`workbench`: the command line. It parses, then calls the library; no logic of its own lives here.
 
+    workbench data CONFIG.toml [--force] [--data.key value ...]        (build the dataset folder data.dir:
+                                                                         tokenizer, shards, manifest)
     workbench train CONFIG.toml [--resume] [--section.key value ...]   (--resume: continue the run if it has
                                                                          a checkpoint, start it otherwise)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) --prompt TEXT [--max-new-tokens N]
@@ -41,6 +43,16 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the stored dtype")
 
 
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from data_pipelines.shards import build_dataset
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+
+    job = load_config(JobConfig, args.config, overrides)
+    build_dataset(job.data, force=args.force, log=_log)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from workbench.config import dumps_toml, load_config
     from workbench.job import JobConfig
@@ -50,9 +62,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     _log("# resolved config\n" + dumps_toml(job))
     trainer = Trainer(job, resume=args.resume, log=_log)
     history = trainer.fit()
+    if trainer.stop_signal is not None:
+        return 128 + trainer.stop_signal  # the shell's convention for "ended by signal N", checkpoint saved
     if history:
         first, last = history[0]["loss"], history[-1]["loss"]
         _log(f"loss: {first:.3f} at step {history[0]['step']} -> {last:.3f} at step {history[-1]['step']}")
+    if trainer.last_val is not None:
+        v = trainer.last_val
+        _log(f"validation at step {v['step']}: {v['val_loss']:.3f} nats/token, {v['val_bpb']:.3f} bits/byte; "
+             f"unigram baseline {trainer.baseline:.3f} nats/token; curve: {trainer.run_dir / 'loss.png'}")
     if job.train.sample_tokens:
         text = trainer.sample(job.train.sample_prompt, job.train.sample_tokens, seed=job.run.seed)
         _log(f"sample ({job.train.sample_tokens} tokens after {job.train.sample_prompt!r}):")
@@ -103,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("data", help="build a dataset folder (tokenizer, webdataset shards, manifest) from a config")
+    p.add_argument("config", help="experiment file; its [data] section says what to build")
+    p.add_argument("--force", action="store_true", help="rebuild data.dir even if it was built from other settings")
+
     p = sub.add_parser("train", help="train a model from a TOML config (overrides: --section.key value)")
     p.add_argument("config", help="experiment file, e.g. configs/llama3/demo.toml")
     p.add_argument("--resume", action="store_true",
@@ -130,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command == "train":
-            return cmd_train(args, rest)
+        if args.command in ("train", "data"):
+            return {"train": cmd_train, "data": cmd_data}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "export": cmd_export}[args.command](args)

@@ -24,12 +24,14 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return rc, err
 
 
-def assert_one_line_error(rc, err, *needles):
+def assert_one_line_error(rc, err, *needles, after_log: bool = False):
+    """Exit status 2 and one `error: ` line naming each needle; `after_log`: progress lines may precede it."""
     assert rc == 2
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert [i for i, line in enumerate(lines) if line.startswith("error: ")] == [len(lines) - 1], err
+    assert after_log or len(lines) == 1, err
     for n in needles:
-        assert str(n) in lines[0], (n, lines[0])
+        assert str(n) in lines[-1], (n, lines[-1])
 
 
 @pytest.fixture
@@ -131,14 +133,14 @@ def test_pickle_only_directory_is_refused(capsys, hf_copy):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, debug_data):
     from workbench.config import load_config
     from workbench.job import JobConfig
     from workbench.train.trainer import Trainer
 
     out = tmp_path_factory.mktemp("runs")
-    job = load_config(JobConfig, DEBUG_TOML,
-                      ["--run.out_dir", str(out), "--train.steps", "2", "--train.sample_tokens", "0"])
+    job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--data.dir", str(debug_data),
+                                              "--train.steps", "2", "--train.sample_tokens", "0"])
     trainer = Trainer(job, log=lambda *_: None)
     trainer.fit()
     return trainer.run_dir
@@ -226,3 +228,89 @@ def test_tokenizer_too_big_for_the_model_is_caught_in_the_config(capsys, tmp_pat
                                    "--run.out_dir", str(tmp_path)),
                           "data.vocab_size", "model.vocab_size (512)")
     assert not list(tmp_path.iterdir())
+
+
+# --- data and training input (the data-and-training issue)
+
+
+def write_tree(root: Path, n: int, text: str = "def f(x):\n    return x + {i}\n") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"m{i}.py").write_text(text.format(i=i) * 40)
+    return root
+
+
+def train_argv(tmp_path, *extra):
+    return ("train", str(DEBUG_TOML), "--run.out_dir", str(tmp_path / "runs"), "--data.dir",
+            str(tmp_path / "data"), "--train.sample_tokens", "0", *extra)
+
+
+@pytest.mark.parametrize("command", ["data", "train"])
+def test_nonexistent_data_path(capsys, tmp_path, command):
+    argv = train_argv(tmp_path, "--data.source", str(tmp_path / "nope"))
+    assert_one_line_error(*run_cli(capsys, command, *argv[1:]), str(tmp_path / "nope"), "does not exist",
+                          after_log=command == "train")
+    assert not list(tmp_path.iterdir())  # no data folder, no run folder
+
+
+def test_empty_corpus(capsys, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "blank.py").write_text("   \n")
+    (tmp_path / "src" / "notes.bin").write_bytes(b"\0" * 100)
+    assert_one_line_error(*run_cli(capsys, *train_argv(tmp_path, "--data.source", str(tmp_path / "src"))),
+                          str(tmp_path / "src"), "no files with extensions", ".py", after_log=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_corpus_of_one_document(capsys, tmp_path):
+    src = write_tree(tmp_path / "src", 1)
+    assert_one_line_error(*run_cli(capsys, "data", *train_argv(tmp_path, "--data.source", str(src))[1:]),
+                          "1 document", "at least 2")
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_flavor(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, *train_argv(tmp_path, "--model.flavor", "7Q")),
+                          "model.flavor", "7Q", "2M")
+    assert not list(tmp_path.iterdir())
+
+
+def test_data_folder_built_from_other_settings_is_not_overwritten(capsys, tmp_path):
+    src = write_tree(tmp_path / "src", 6)
+    argv = train_argv(tmp_path, "--data.source", str(src))[1:]
+    assert run_cli(capsys, "data", *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    assert_one_line_error(*run_cli(capsys, "data", *argv, "--data.vocab_size", "300"),
+                          "data.vocab_size", "--force")
+    assert_one_line_error(*run_cli(capsys, *train_argv(tmp_path, "--data.source", str(src),
+                                                       "--data.val_fraction", "0.5")), "data.val_fraction",
+                          after_log=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    assert_one_line_error(*run_cli(capsys, "data", *argv, "--data.dir", str(tmp_path / "other")),
+                          "not a workbench dataset")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["keep.txt"]
+
+
+def test_resume_with_a_dataset_tokenized_by_another_tokenizer(capsys, tmp_path):
+    src = write_tree(tmp_path / "src", 8)
+    argv = train_argv(tmp_path, "--data.source", str(src), "--train.steps", "2", "--data.seq_len", "32")
+    assert run_cli(capsys, *argv)[0] == 0
+    write_tree(src, 8, "class C{i}:\n    pass\n")  # the same settings, other text: another tokenizer
+    assert run_cli(capsys, "data", *argv[1:], "--force")[0] == 0
+    run = tmp_path / "runs" / "llama3-debug"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert_one_line_error(*run_cli(capsys, *argv, "--resume"), "tokenizer.json", "another tokenizer",
+                          after_log=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_checkpoint_of_another_model_shape(capsys, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(config.replace("n_layers = 2", "n_layers = 3"))
+    rc, err = run_cli(capsys, "generate", "--ckpt", str(run), "--prompt", "x")
+    assert_one_line_error(rc, err, "model.safetensors", "layers.2")

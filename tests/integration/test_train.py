@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import DEBUG_TOML
 
 from workbench.checkpoint.run import MARKER, list_checkpoints, verify
 from workbench.config import load_config
@@ -15,13 +14,8 @@ from workbench.train.trainer import Trainer
 QUIET = dict(log=lambda *_: None)
 
 
-def job(tmp_path, *overrides):
-    return load_config(JobConfig, DEBUG_TOML,
-                       ["--run.out_dir", str(tmp_path), "--train.sample_tokens", "0", *overrides])
-
-
-def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path):
-    j = job(tmp_path, "--train.steps", "40", "--train.ckpt_every", "10", "--train.keep_last", "2")
+def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path, debug_job):
+    j = debug_job(tmp_path, "--train.steps", "40", "--train.ckpt_every", "10", "--train.keep_last", "2")
     trainer = Trainer(j, **QUIET)
     history = trainer.fit()
     losses = [h["loss"] for h in history]
@@ -31,7 +25,12 @@ def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path):
     assert load_config(JobConfig, run / "config.toml") == j
     assert (run / "tokenizer.json").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(5, 41, 5)) and all("tokens_per_s" in r for r in records)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 41, 5)) and all(r["gflops"] > 0 for r in train)
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 40]  # at the start and the end
+    assert val[1]["val_loss"] < val[0]["val_loss"] and 0 < val[1]["val_bpb"] < val[0]["val_bpb"]
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG") and any((run / "tb").iterdir())
     ckpts = list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step-30", "step-40"]  # keep_last = 2
     for c in ckpts:
@@ -41,38 +40,38 @@ def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path):
     assert trainer.sample("def ", 8)  # the trained model generates through the Generator
 
 
-def test_resume_continues_bit_identically(tmp_path):
-    full = Trainer(job(tmp_path / "a", "--train.steps", "6"), **QUIET).fit()
-    crashed = Trainer(job(tmp_path / "b", "--train.steps", "6"), **QUIET)
+def test_resume_continues_bit_identically(tmp_path, debug_job):
+    full = Trainer(debug_job(tmp_path / "a", "--train.steps", "6"), **QUIET).fit()
+    crashed = Trainer(debug_job(tmp_path / "b", "--train.steps", "6"), **QUIET)
     for _ in range(3):
         crashed.train_step()
     crashed.save()
     del crashed  # the process "dies" after its step-3 checkpoint
-    resumed = Trainer(job(tmp_path / "b", "--train.steps", "6"), resume=True, **QUIET)
+    resumed = Trainer(debug_job(tmp_path / "b", "--train.steps", "6"), resume=True, **QUIET)
     assert resumed.step == 3 and resumed.cursor.position == 24
     tail = resumed.fit()
     assert [h["loss"] for h in tail] == [h["loss"] for h in full[3:]]
     assert [h["grad_norm"] for h in tail] == [h["grad_norm"] for h in full[3:]]
 
 
-def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
-    Trainer(job(tmp_path, "--train.steps", "1"), **QUIET).fit()
+def test_a_run_folder_is_not_overwritten_without_resume(tmp_path, debug_job):
+    Trainer(debug_job(tmp_path, "--train.steps", "1"), **QUIET).fit()
     with pytest.raises(WorkbenchError, match="already has checkpoints: pass --resume"):
-        Trainer(job(tmp_path, "--train.steps", "1"), **QUIET)
+        Trainer(debug_job(tmp_path, "--train.steps", "1"), **QUIET)
 
 
-def test_gradient_accumulation_gives_the_same_steps(tmp_path):
-    one = Trainer(job(tmp_path / "a", "--train.steps", "3", "--train.micro_batch_size", "8"), **QUIET).fit()
-    two = Trainer(job(tmp_path / "b", "--train.steps", "3", "--train.micro_batch_size", "4",
+def test_gradient_accumulation_gives_the_same_steps(tmp_path, debug_job):
+    one = Trainer(debug_job(tmp_path / "a", "--train.steps", "3", "--train.micro_batch_size", "8"), **QUIET).fit()
+    two = Trainer(debug_job(tmp_path / "b", "--train.steps", "3", "--train.micro_batch_size", "4",
                       "--train.grad_accum", "2"), **QUIET).fit()
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["tokens"] == b["tokens"] == 8 * 64
 
 
-def test_non_finite_loss_skips_the_update_and_names_the_step(tmp_path):
+def test_non_finite_loss_skips_the_update_and_names_the_step(tmp_path, debug_job):
     messages = []
-    trainer = Trainer(job(tmp_path, "--train.steps", "3"), log=messages.append)
+    trainer = Trainer(debug_job(tmp_path, "--train.steps", "3"), log=messages.append)
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real_loss = trainer.objective.loss
@@ -89,38 +88,38 @@ def test_non_finite_loss_skips_the_update_and_names_the_step(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
-def test_resume_refuses_changes_that_make_it_another_run(tmp_path):
-    Trainer(job(tmp_path, "--train.steps", "2"), **QUIET).fit()
+def test_resume_refuses_changes_that_make_it_another_run(tmp_path, debug_job):
+    Trainer(debug_job(tmp_path, "--train.steps", "2"), **QUIET).fit()
     for override, key in ((["--optim.lr", "0.5"], "optim.lr"), (["--data.seq_len", "32"], "data.seq_len"),
                           (["--run.seed", "7"], "run.seed"), (["--train.steps", "4"], "train.steps"),
                           (["--model.n_layers", "3"], "model.n_layers")):
         with pytest.raises(ConfigError, match=f"config key '{key}': --resume keeps the run's settings"):
-            Trainer(job(tmp_path, "--train.steps", "2", *override), resume=True, **QUIET)
+            Trainer(debug_job(tmp_path, "--train.steps", "2", *override), resume=True, **QUIET)
     # cadence and sampling may change
-    t = Trainer(job(tmp_path, "--train.steps", "2", "--train.log_every", "1", "--train.sample_tokens", "3"),
+    t = Trainer(debug_job(tmp_path, "--train.steps", "2", "--train.log_every", "1", "--train.sample_tokens", "3"),
                 resume=True, **QUIET)
     assert t.step == 2
 
 
-def test_resume_of_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path):
-    first = Trainer(job(tmp_path, "--train.steps", "2"), **QUIET)
+def test_resume_of_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, debug_job):
+    first = Trainer(debug_job(tmp_path, "--train.steps", "2"), **QUIET)
     first.fit()
     ckpt = list_checkpoints(first.run_dir)[-1]
     stamp = (ckpt / MARKER).stat().st_mtime_ns
-    again = Trainer(job(tmp_path, "--train.steps", "2"), resume=True, **QUIET)
+    again = Trainer(debug_job(tmp_path, "--train.steps", "2"), resume=True, **QUIET)
     assert again.fit() == []
     assert list_checkpoints(first.run_dir) == [ckpt] and (ckpt / MARKER).stat().st_mtime_ns == stamp
 
 
-def test_resume_flag_on_a_new_run_starts_it(tmp_path):
-    t = Trainer(job(tmp_path, "--train.steps", "1"), resume=True, **QUIET)
+def test_resume_flag_on_a_new_run_starts_it(tmp_path, debug_job):
+    t = Trainer(debug_job(tmp_path, "--train.steps", "1"), resume=True, **QUIET)
     assert t.resume_from is None and t.step == 0
     t.fit()
     assert [c.name for c in list_checkpoints(t.run_dir)] == ["step-1"]
 
 
-def test_metrics_have_no_duplicate_steps_after_a_crash_and_resume(tmp_path):
-    crashed = Trainer(job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
+def test_metrics_have_no_duplicate_steps_after_a_crash_and_resume(tmp_path, debug_job):
+    crashed = Trainer(debug_job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
                       **QUIET)
     real_step = crashed.train_step
 
@@ -132,24 +131,27 @@ def test_metrics_have_no_duplicate_steps_after_a_crash_and_resume(tmp_path):
     crashed.train_step = dies_at_step_4
     with pytest.raises(KeyboardInterrupt):
         crashed.fit()
-    resumed = Trainer(job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
+    resumed = Trainer(debug_job(tmp_path, "--train.steps", "6", "--train.log_every", "1", "--train.ckpt_every", "2"),
                       resume=True, **QUIET)
     assert resumed.step == 2
     resumed.fit()
-    steps = [json.loads(line)["step"] for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 6]
 
 
-def test_sequence_longer_than_the_corpus_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="config key 'data.seq_len': 100000000 is longer than the whole corpus"):
-        Trainer(job(tmp_path, "--data.seq_len", "100000000"), **QUIET)
+def test_sequence_longer_than_the_corpus_is_a_clear_error(tmp_path, debug_job):
+    with pytest.raises(DataError, match="config key 'data.seq_len': 100000000 is longer than the whole train split"):
+        Trainer(debug_job(tmp_path, "--data.seq_len", "100000000"), **QUIET)
     assert not (tmp_path / "llama3-debug").exists()
 
 
-def test_bf16_precision_autocasts_on_cpu_too(tmp_path):
-    t = Trainer(job(tmp_path, "--train.steps", "1", "--run.precision", "bf16"), **QUIET)
+def test_bf16_precision_autocasts_on_cpu_too(tmp_path, debug_job):
+    t = Trainer(debug_job(tmp_path, "--train.steps", "1", "--run.precision", "bf16"), **QUIET)
     assert t.engine.autocast_dtype == torch.bfloat16
     mb = t.next_micro_batches()[0]
     out = t.engine.forward({"input_ids": mb["input_ids"]})
     assert t.engine.logits(out.hidden).dtype == torch.bfloat16  # matmuls run in bf16
     assert next(t.model.parameters()).dtype == torch.float32  # weights stay fp32
+    auto = Trainer(debug_job(tmp_path / "auto", "--train.steps", "1"), **QUIET)
+    assert auto.engine.autocast_dtype is None  # precision = "auto" is fp32 on a CPU (bf16 on CUDA)

@@ -8,7 +8,7 @@ import torch
 
 from data_pipelines.tokenizer import byte_tokenizer
 from workbench.data.cursor import DataCursor
-from workbench.data.packed import IGNORE_INDEX, PackedTokens, collate
+from workbench.data.packed import IGNORE_INDEX, collate
 from workbench.inference.generator import Generator, KVCacheGenerator, SamplingParams, sample_next
 from workbench.models.base import ModelSection, build_model
 from workbench.parallel.engine import Engine
@@ -207,18 +207,6 @@ def test_cursor_resumes_at_another_world_size_without_repeats_or_gaps(w1, w2):
         for r, c in enumerate(cursors):
             taken += c.take(global_batch // w2, r, w2)
     assert sorted(taken) == list(range(5 * global_batch))
-
-
-def test_packed_order_is_seeded_and_covers_each_window_once_per_epoch():
-    docs = [list(range(1, 40)), list(range(50, 90)), list(range(100, 131))]
-    data = PackedTokens.from_documents(docs, eos_id=0, seq_len=10, seed=3)
-    n = len(data)
-    epoch0 = [data.window_of(g) for g in range(n)]
-    assert sorted(epoch0) == list(range(n)) and epoch0 != list(range(n))
-    assert [PackedTokens.from_documents(docs, 0, 10, seed=3).window_of(g) for g in range(n)] == epoch0
-    assert [data.window_of(g) for g in range(n, 2 * n)] != epoch0  # a new order each epoch
-    s = data.sample(0)
-    assert len(s["tokens"]) == 11 and len(s["doc_ids"]) == 11
 
 
 def test_collate_shifts_labels_masks_boundaries_and_restarts_positions():

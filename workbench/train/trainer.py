@@ -9,38 +9,62 @@ One step
     5. grad norm (clipped); a non-finite loss or norm skips the update and says which step
     6. engine.step(); engine.zero_grad()
 
-The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl
-and checkpoints/step-N (see workbench.checkpoint.run). `resume=True` continues from the newest complete
-checkpoint (weights, optimizer and schedule state, the data cursor), refusing config changes that would
-make it a different run (see RESUMABLE_CHANGES); with no checkpoint yet it starts the run.
+Data. The dataset folder `data.dir` (webdataset shards + manifest, see data_pipelines.shards) is built
+on first use when it does not exist; the train split streams through `ShardStream` at the global cursor,
+the first `eval_tokens` of the validation split are the fixed validation set.
 
-This is the spine's trainer: single engine, LM objective, the in-memory packed corpus. The data and
-training issue adds shards, validation, schedules, plots and signal handling on the same loop.
+Measured along the way
+    loss, lr, grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
+    per token follow the MFU convention (model.flops_per_token: 6 N + 12 L H Q T)
+    validation loss (nats/token) and bits per byte = sum of -log p / (ln 2 * bytes of the predicted
+    tokens' text), at the start, every `eval_every` steps and at the end, beside the unigram baseline:
+    the validation loss of a model that knows only the train split's token frequencies
+
+The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl,
+tb/ (TensorBoard), loss.png and checkpoints/step-N (see workbench.checkpoint.run). A checkpoint is
+written every `ckpt_every` steps, at the end, and when SIGINT or SIGTERM arrives (after the step in
+flight; a second SIGINT stops at once). `resume=True` continues from the newest complete checkpoint
+(weights, optimizer and schedule state, the data cursor and stream position) and gives the same losses
+as a run that was never stopped; it refuses config changes that would make it a different run (see
+RESUMABLE_CHANGES).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import signal
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint
+from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint, sha256_file
 from workbench.config import dumps_toml, flatten, load_config, to_dict
 from workbench.data.cursor import DataCursor
-from workbench.data.packed import PackedTokens, collate
+from workbench.data.packed import IGNORE_INDEX, collate
+from workbench.data.shards import Manifest, ShardStream, unigram_loss
 from workbench.data.tokenizer import Tokenizer, check_fits
 from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
 from workbench.parallel.single import SingleEngine
+from workbench.train.metrics import RunLog
 from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_adamw, build_scheduler
+
+# Dense bf16 peak FLOP/s by CUDA device name (performance.md: the MFU convention); unknown cards show no MFU.
+PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def pick_device(name: str, what: str = "config key 'run.device'") -> torch.device:
@@ -51,36 +75,18 @@ def pick_device(name: str, what: str = "config key 'run.device'") -> torch.devic
     return torch.device(name)
 
 
-def prepare_tokenizer(job: JobConfig, documents: list) -> Tokenizer:
-    if job.data.tokenizer:
-        return Tokenizer.from_file(job.data.tokenizer)
-    from data_pipelines.tokenizer import train_bpe
+def prepare_data(job: JobConfig, log=print) -> Manifest:
+    """The dataset folder of `job.data`: built on first use, checked against the config when it exists."""
+    from data_pipelines.shards import build_dataset
 
-    return train_bpe((d.text for d in documents), job.data.vocab_size)
-
-
-def build_dataset(job: JobConfig, log=print, tokenizer: Tokenizer | None = None) -> tuple[PackedTokens, Tokenizer]:
-    """The packed corpus, tokenized with `tokenizer` (a resumed run's own) or one prepared from the config."""
-    from data_pipelines.corpus import load_documents
-
-    t0 = time.perf_counter()
-    docs = load_documents(job.data.source or None, max_bytes=job.data.max_bytes)
-    tokenizer = tokenizer or prepare_tokenizer(job, docs)
-    token_lists = tokenizer.encode_batch([d.text for d in docs])
-    total = sum(len(t) + 1 for t in token_lists)
-    if total < job.data.seq_len + 1:
-        raise DataError(f"config key 'data.seq_len': {job.data.seq_len} is longer than the whole corpus "
-                        f"({total} tokens); lower it or give more data (data.source, data.max_bytes)")
-    data = PackedTokens.from_documents(token_lists, tokenizer.eos_id, job.data.seq_len, seed=job.run.seed)
-    log(f"data: {len(docs)} documents, {len(data.tokens):,} tokens, {len(data)} samples of "
-        f"{job.data.seq_len} (tokenizer: {tokenizer.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s")
-    return data, tokenizer
+    return build_dataset(job.data, log=log)
 
 
 # What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
 RESUMABLE_CHANGES = frozenset({
-    "run.name", "run.out_dir", "run.device",
+    "run.name", "run.out_dir", "run.device", "data.strict",
     "train.log_every", "train.ckpt_every", "train.keep_last", "train.sample_prompt", "train.sample_tokens",
+    "train.eval_every", "train.eval_tokens",
 })
 
 
@@ -111,39 +117,48 @@ class Trainer:
         if self.resume_from is not None:
             check_resumable(load_config(JobConfig, self.run_dir / "config.toml"), job, self.run_dir / "config.toml")
 
-        saved_tokenizer = Tokenizer.from_file(self.run_dir / "tokenizer.json") if self.resume_from else None
-        self.data, self.tokenizer = build_dataset(job, log, saved_tokenizer)
+        self.manifest = prepare_data(job, log)
+        run_tokenizer = self.run_dir / "tokenizer.json"
+        if self.resume_from is not None and sha256_file(run_tokenizer) != self.manifest.tokenizer_sha256:
+            raise DataError(f"{run_tokenizer}: the run was trained with another tokenizer than {job.data.dir} "
+                            f"holds; resume it with the dataset it was trained on")
+        train_tokens = self.manifest.tokens("train") + self.manifest.documents("train")  # + one eos each
+        if train_tokens < job.data.seq_len + 1:
+            raise DataError(f"config key 'data.seq_len': {job.data.seq_len} is longer than the whole train split "
+                            f"({train_tokens} tokens); lower it or give more data (data.source, data.max_bytes)")
+        self.tokenizer = Tokenizer.from_file(self.manifest.tokenizer_path)
         check_fits(self.tokenizer, job.model.config.vocab_size)
+        self.data = ShardStream(job.data.dir, "train", job.data.seq_len, eos_id=self.tokenizer.eos_id,
+                                seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
+                                strict=job.data.strict, log=log, manifest=self.manifest)
         self.model = build_model(job.model, self.device)
         optimizer = build_adamw(self.model, job.optim)
         scheduler = build_scheduler(optimizer, job.optim, job.train.steps)
-        autocast = torch.bfloat16 if job.run.precision == "bf16" else None
+        bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
+        autocast = torch.bfloat16 if bf16 else None
         self.engine = SingleEngine(self.model, optimizer, scheduler, autocast_dtype=autocast)
         self.objective = LMObjective()
         self.cursor = DataCursor()
         self.step = 0
+        self._val_batches: list[dict] | None = None
+        self.val_batches()  # a validation split too small for one sample stops here, before any file is written
         if self.resume_from is not None:
             model_state, train_state, engine_state = load_for_resume(self.resume_from)
             self.model.load_state_dict(model_state)
             self.engine.load_state_dict(engine_state)
             self.cursor.load_state_dict(train_state["cursor"])
+            self.data.load_state_dict(train_state["data"])
             self.step = train_state["step"]
-            self._truncate_metrics(self.step)
             log(f"resumed from {self.resume_from} at step {self.step}")
         else:  # the run folder describes itself before the first checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save(self.run_dir / "tokenizer.json")
+            self.tokenizer.save(run_tokenizer)
         (self.run_dir / "config.toml").write_text(dumps_toml(job))
         self.saved_step = self.step
+        self.last_val: dict | None = None
+        self.stop_signal: int | None = None
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records logged after the checkpoint being resumed: those steps run again."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
-
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------------ data
 
     def next_micro_batches(self) -> list[dict]:
         e = self.engine
@@ -153,6 +168,40 @@ class Trainer:
             batch = collate([self.data.sample(i) for i in idx])
             out.append({k: v.to(self.device) for k, v in batch.items()})
         return out
+
+    def val_batches(self) -> list[dict]:
+        """The fixed validation set: the first eval_tokens of the val split, as micro-batches."""
+        if self._val_batches is None:
+            job = self.job
+            stream = ShardStream(job.data.dir, "val", job.data.seq_len, eos_id=self.tokenizer.eos_id,
+                                 shuffle=False, strict=job.data.strict, log=self.log, manifest=self.manifest)
+            windows = stream.windows(max(1, job.train.eval_tokens // job.data.seq_len))
+            if not windows:
+                raise DataError(f"the validation split of {job.data.dir} has fewer than data.seq_len + 1 = "
+                                f"{job.data.seq_len + 1} tokens; lower data.seq_len or raise data.val_fraction")
+            mbs = job.train.micro_batch_size
+            self._val_batches = [collate(windows[i : i + mbs]) for i in range(0, len(windows), mbs)]
+            labels = torch.cat([b["labels"].flatten() for b in self._val_batches])
+            self.baseline = unigram_loss(self.manifest.unigram_counts, labels[labels != IGNORE_INDEX].numpy())
+            self._token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64)
+        return self._val_batches
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (nats/token) and bits per byte over the fixed validation set."""
+        nll, targets, n_bytes = 0.0, 0, 0.0
+        engines = {"policy": self.engine}
+        for batch in self.val_batches():
+            mb = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.objective.loss(engines, mb, 1)
+            nll += out.metrics["nll_sum"]
+            targets += out.metrics["targets"]
+            labels = batch["labels"][batch["labels"] != IGNORE_INDEX]
+            n_bytes += float(self._token_bytes[labels].sum())
+        return {"step": self.step, "val_loss": nll / max(targets, 1),
+                "val_bpb": nll / (math.log(2) * n_bytes) if n_bytes else float("nan")}
+
+    # ------------------------------------------------------------------------------------------------ steps
 
     def train_step(self) -> dict:
         engines = {"policy": self.engine}
@@ -185,44 +234,101 @@ class Trainer:
                 "tokens": tokens * self.engine.world_size, "skipped": skipped}
 
     def save(self) -> Path:
-        train_state = {"step": self.step, "cursor": self.cursor.state_dict()}  # the rest is in config.toml
+        train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict()}
         path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
                                self.engine.state_dict(), keep_last=self.job.train.keep_last)
         self.saved_step = self.step
         return path
 
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+        self.log(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+                 + (" (SIGINT again stops at once)" if signum == signal.SIGINT else ""))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGINT/SIGTERM set stop_signal instead of killing the run mid-step (main thread only)."""
+        try:
+            old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
     def fit(self) -> list[dict]:
         job = self.job
         n_params = count_params(self.model)
-        self.log(f"model: {job.model.family} {job.model.flavor}, {n_params:,} parameters, on {self.device}")
+        flops_per_token = self.model.flops_per_token(job.data.seq_len)
+        peak = peak_flops(self.device)
+        self.log(f"model: {job.model.family} {job.model.flavor}, {n_params:,} parameters, "
+                 f"{flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}")
         self.log(f"run folder: {self.run_dir}")
-        history = []
-        mode = "a" if self.resume_from is not None else "w"
-        t_last, tokens_since = time.perf_counter(), 0
+        history: list[dict] = []
+        fresh = self.resume_from is None
+        runlog = RunLog(self.run_dir, resume_step=None if fresh else self.step,
+                        baselines={"unigram (val)": self.baseline})
         bar = tqdm(total=job.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not self.engine.is_main)
-        with open(self.run_dir / "metrics.jsonl", mode) as metrics:
-            while self.step < job.train.steps:
-                rec = self.train_step()
-                tokens_since += rec["tokens"]
-                history.append(rec)
-                if self.step % job.train.log_every == 0 or self.step == job.train.steps:
-                    now = time.perf_counter()
-                    rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                    t_last, tokens_since = now, 0
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                bar.update(1)
-                if job.train.ckpt_every and self.step % job.train.ckpt_every == 0 and self.step < job.train.steps:
-                    self.save()
-        bar.close()
-        if self.step > self.saved_step:
-            self.log(f"checkpoint: {self.save()}")
+        try:
+            with self._signals():
+                if fresh:
+                    self._validate(runlog)
+                t_last, tokens_since = time.perf_counter(), 0
+                while self.step < job.train.steps and self.stop_signal is None:
+                    rec = self.train_step()
+                    tokens_since += rec["tokens"]
+                    history.append(rec)
+                    bar.update(1)
+                    last = self.step == job.train.steps
+                    if self.step % job.train.log_every == 0 or last:
+                        now = time.perf_counter()
+                        rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                        achieved = rec["tokens_per_s"] * flops_per_token
+                        if peak:
+                            rec["mfu"] = achieved / peak
+                        else:
+                            rec["gflops"] = achieved / 1e9
+                        t_last, tokens_since = now, 0
+                        runlog.write(rec)
+                        speed = f"{100 * rec['mfu']:.1f}%" if peak else f"{rec['gflops']:.1f}"
+                        bar.set_postfix({"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
+                                         "MFU" if peak else "GFLOP/s": speed})
+                    if (job.train.eval_every and self.step % job.train.eval_every == 0) or last:
+                        self._validate(runlog)
+                        t_last = time.perf_counter()  # validation time is not training throughput
+                    if job.train.ckpt_every and self.step % job.train.ckpt_every == 0 and not last:
+                        self.save()
+                if self.step > self.saved_step:
+                    path = self.save()
+                    self.log(f"checkpoint: {path}")
+                if self.stop_signal is not None:
+                    self.log(f"stopped by {signal.Signals(self.stop_signal).name} at step {self.step}; "
+                             f"continue with --resume")
+        finally:
+            bar.close()
+            runlog.close()
         return history
+
+    def _validate(self, runlog: RunLog) -> dict:
+        rec = self.evaluate()
+        self.last_val = rec
+        runlog.write(rec)
+        runlog.plot()
+        with tqdm.external_write_mode():
+            self.log(f"step {self.step}: val loss {rec['val_loss']:.3f} nats/token, {rec['val_bpb']:.3f} bits/byte "
+                     f"(unigram baseline {self.baseline:.3f} nats/token)")
+        return rec
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         with self.engine.gather_for_generation() as model:
             gen = KVCacheGenerator(model, self.tokenizer)
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
             return gen.generate([self.tokenizer.encode(prompt)], params)[0].text
+
