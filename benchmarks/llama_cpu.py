@@ -1,16 +1,26 @@
 """Workbench Llama 3 vs transformers' LlamaForCausalLM on CPU, same config, weights, dtype and threads.
 
-    python benchmarks/llama_cpu.py                 # 2M and 20M flavors, 5 interleaved repeats
-    python benchmarks/llama_cpu.py --flavors 20M --repeats 7 --threads 2
+    python benchmarks/llama_cpu.py                 # 20M and 124M-shaped, every case, 5 interleaved repeats
+    python benchmarks/llama_cpu.py --flavors 20M --cases decode --repeats 7 --threads 2
     python benchmarks/llama_cpu.py --smoke         # seconds: every case once on the debug flavor
 
-Cases (each timed for both implementations, alternating, median of the repeats):
-    train   one AdamW step (forward, loss, backward, update) on a (batch, seq) batch of random tokens
+Models
+    20M    the "20M" flavor (dim 384, 8 layers, 6 heads / 2 KV heads, ffn 1152, vocab 8192)
+    124M   a GPT-2-small-shaped Llama: the 20M flavor with dim 768, 12 layers, 12 heads / 4 KV heads,
+           ffn 2048, vocab 32000 (124.7M parameters, untied)
+    Any other name is a llama3 flavor as is.
+
+Cases (each timed for both implementations, alternating, median of the repeats)
+    train   one AdamW step (forward, loss, backward, update) on random tokens; the batch shape is per model
+            (`TRAIN_SHAPES`: 8x256 for 20M, 4x256 for 124M, sized to run in seconds on 2 cores)
     decode  greedy generation, batch 1, a 16-token prompt, `--new-tokens` new tokens through the KV cache
             (ours: KVCacheGenerator; theirs: generate(do_sample=False) with its dynamic cache)
+    cache   ours only: greedy generation of `--cache-tokens` tokens with the KV cache vs recomputing the
+            whole prefix every token (the first flavor only: the no-cache side is quadratic)
 
-A ratio < 1 means the workbench takes less time (train) / > 1 means it decodes faster (decode).
-Results go to stdout as a markdown table; docs/benchmarks.md records them with the machine.
+A ratio < 1 means the workbench takes less time (train) / > 1 means it decodes faster (decode), or the
+cache is faster than recomputing (cache). Results go to stdout as a markdown table followed by the targets
+of the benchmark issue; docs/benchmarks.md records them with the machine.
 """
 
 from __future__ import annotations
@@ -28,11 +38,25 @@ from workbench.checkpoint.hf.llama3 import config_to_hf, state_dict_to_hf
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.models.base import ModelSection, build_model, count_params
 
+# named shapes that are not llama3 flavors: (base flavor, overrides)
+SHAPES = {"124M": ("20M", dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000))}
+TRAIN_SHAPES = {"20M": (8, 256), "124M": (4, 256)}  # (batch, seq) of a training step; others: --batch x --seq
+TARGETS = {  # the benchmark issue's targets: (goal, bound) per case; bound None = the goal is the bound
+    "train": (0.8, 1.05),  # time ratio, lower is better
+    "decode": (1.3, None),  # speed ratio, higher is better
+    "cache": (5.0, None),  # cache speedup over recomputing, higher is better
+}
 
-def pair(flavor: str, seed: int = 0):
+
+def section_of(name: str) -> ModelSection:
+    flavor, over = SHAPES.get(name, (name, {}))
+    return ModelSection.of("llama3", flavor, **over)
+
+
+def pair(name: str, seed: int = 0):
     """Our model and transformers' with the identical config and weights (fp32, eager attention off: SDPA)."""
     torch.manual_seed(seed)
-    section = ModelSection.of("llama3", flavor)
+    section = section_of(name)
     ours = build_model(section)
     hf_cfg = transformers.LlamaConfig(**config_to_hf(section.config), attn_implementation="sdpa")
     theirs = transformers.LlamaForCausalLM(hf_cfg)
@@ -81,6 +105,33 @@ def decode_fns(ours, theirs, prompt: list[int], new_tokens: int):
     return dec_ours, dec_theirs
 
 
+def cache_fns(ours, prompt: list[int], new_tokens: int):
+    """Ours with the KV cache vs ours recomputing the whole prefix for every new token (greedy, batch 1)."""
+    gen = KVCacheGenerator(ours.eval(), eos_ids=[])
+    params = SamplingParams(max_new_tokens=new_tokens)
+
+    def with_cache():
+        gen.generate([prompt], params)
+
+    @torch.inference_mode()
+    def without_cache():
+        ids = torch.tensor([prompt])
+        for _ in range(new_tokens):
+            hidden = ours({"input_ids": ids}).hidden  # (1, T, dim): every position again
+            ids = torch.cat([ids, ours.logits(hidden[:, -1:]).argmax(-1)], dim=1)  # (1, T + 1)
+
+    return with_cache, without_cache
+
+
+def verdict(case: str, ratio: float) -> str:
+    goal, bound = TARGETS[case]
+    if case == "train":
+        if ratio <= goal:
+            return f"goal met (<= {goal}x)"
+        return f"within bound (<= {bound}x), goal {goal}x not met" if ratio <= bound else f"FAILS bound {bound}x"
+    return f"goal met (>= {goal}x)" if ratio >= goal else f"goal {goal}x NOT met"
+
+
 def timed_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]:
     for _ in range(warmup):
         fn_a()
@@ -98,34 +149,55 @@ def timed_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--flavors", nargs="+", default=["2M", "20M"])
+    ap.add_argument("--flavors", nargs="+", default=["20M", "124M"])
+    ap.add_argument("--cases", nargs="+", default=["train", "decode", "cache"], choices=["train", "decode", "cache"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8, help="training batch for models without a TRAIN_SHAPES entry")
+    ap.add_argument("--seq", type=int, default=256, help="training sequence length, likewise")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--cache-tokens", type=int, default=256, help="new tokens of the cache vs no-cache case")
     ap.add_argument("--smoke", action="store_true", help="debug flavor, tiny shapes, one repeat")
     args = ap.parse_args()
     if args.smoke:
-        args.flavors, args.repeats, args.batch, args.seq, args.new_tokens = ["debug"], 1, 2, 32, 8
+        args.flavors, args.repeats, args.batch, args.seq = ["debug"], 1, 2, 32
+        args.new_tokens, args.cache_tokens = 8, 8
     torch.set_num_threads(args.threads)
     print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, fp32, median of {args.repeats} interleaved runs\n")
-    print("| flavor | params | case | workbench | transformers | ratio |")
+    print("| model | params | case | workbench | reference | ratio |")
     print("|---|---|---|---|---|---|")
-    for flavor in args.flavors:
-        ours, theirs, section = pair(flavor)
+    verdicts = []
+    for i, name in enumerate(args.flavors):
+        ours, theirs, section = pair(name)
         n = count_params(ours)
         vocab = section.config.vocab_size
-        batch = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
-        a, b = timed_pair(*train_steps(ours, theirs, batch), args.repeats)
-        tokens = args.batch * args.seq
-        print(f"| {flavor} | {n / 1e6:.1f}M | train step {args.batch}x{args.seq} | {a * 1e3:.0f} ms "
-              f"({tokens / a:,.0f} tok/s) | {b * 1e3:.0f} ms ({tokens / b:,.0f} tok/s) | {a / b:.2f}x time |")
+        if "train" in args.cases:
+            bsz, seq = (args.batch, args.seq) if args.smoke else TRAIN_SHAPES.get(name, (args.batch, args.seq))
+            batch = torch.randint(0, vocab, (bsz, seq + 1), generator=torch.Generator().manual_seed(0))
+            a, b = timed_pair(*train_steps(ours, theirs, batch), args.repeats)
+            tokens = bsz * seq
+            print(f"| {name} | {n / 1e6:.1f}M | train step {bsz}x{seq} (AdamW) | {a * 1e3:.0f} ms "
+                  f"({tokens / a:,.0f} tok/s) | transformers {b * 1e3:.0f} ms ({tokens / b:,.0f} tok/s) | "
+                  f"{a / b:.2f}x time |")
+            verdicts.append(f"{name} train step: {a / b:.2f}x transformers' time: {verdict('train', a / b)}")
         prompt = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-        a, b = timed_pair(*decode_fns(ours, theirs, prompt, args.new_tokens), args.repeats)
-        print(f"| {flavor} | {n / 1e6:.1f}M | greedy decode, batch 1, {args.new_tokens} new | "
-              f"{args.new_tokens / a:,.0f} tok/s | {args.new_tokens / b:,.0f} tok/s | {b / a:.2f}x speed |")
+        if "decode" in args.cases:
+            a, b = timed_pair(*decode_fns(ours, theirs, prompt, args.new_tokens), args.repeats)
+            print(f"| {name} | {n / 1e6:.1f}M | greedy decode, batch 1, {args.new_tokens} new | "
+                  f"{args.new_tokens / a:,.0f} tok/s | transformers {args.new_tokens / b:,.0f} tok/s | "
+                  f"{b / a:.2f}x speed |")
+            verdicts.append(f"{name} decode: {b / a:.2f}x transformers' tokens/s: {verdict('decode', b / a)}")
+        if "cache" in args.cases and i == 0:
+            a, b = timed_pair(*cache_fns(ours, prompt, args.cache_tokens), args.repeats)
+            print(f"| {name} | {n / 1e6:.1f}M | greedy, batch 1, {args.cache_tokens} new: KV cache vs "
+                  f"recomputing the prefix | {args.cache_tokens / a:,.0f} tok/s | no cache "
+                  f"{args.cache_tokens / b:,.0f} tok/s | {b / a:.2f}x speed |")
+            verdicts.append(f"{name} KV cache: {b / a:.2f}x the no-cache speed: {verdict('cache', b / a)}")
+        del ours, theirs
+    print("\nTargets:")
+    for v in verdicts:
+        print(f"- {v}")
 
 
 if __name__ == "__main__":

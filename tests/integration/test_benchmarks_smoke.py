@@ -15,4 +15,5 @@ def test_llama_cpu_benchmark_smoke():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| debug")]
-    assert len(rows) == 2 and "x time" in rows[0] and "x speed" in rows[1]
+    assert len(rows) == 3 and "x time" in rows[0] and "x speed" in rows[1] and "KV cache" in rows[2]
+    assert "Targets:" in res.stdout

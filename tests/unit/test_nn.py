@@ -12,8 +12,10 @@ from workbench.nn.rope import (
     RopeConfig,
     RotaryEmbedding,
     apply_rope,
+    apply_rope_tables,
     permute_meta_to_half_split,
     rope_frequencies,
+    rope_tables,
 )
 from workbench.nn.swiglu import SwiGLU
 
@@ -166,3 +168,16 @@ def test_static_kv_cache_contract():
         cache.update(0, torch.ones(1, 3, 2, 3), torch.ones(1, 3, 4))
     cache.reset()
     assert cache.seen == 0
+
+
+def test_rope_tables_equal_the_reference_rotation_bit_for_bit():
+    rope = RotaryEmbedding(16, RopeConfig(theta=10000.0))
+    rope.init_weights()
+    x = randn(2, 5, 3, 16)
+    cos, sin = rope(torch.arange(5).expand(2, 5) + 7, torch.float32)
+    assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin))
+    # autocast on: the tables are still computed in fp32, then cast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos_ac, sin_ac = rope(torch.arange(5)[None] + 7, torch.float32)
+    assert cos_ac.dtype == torch.float32 and torch.equal(cos_ac, cos[:1]) and torch.equal(sin_ac, sin[:1])
+

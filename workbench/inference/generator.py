@@ -136,18 +136,22 @@ class KVCacheGenerator:
         for step in range(budget):
             mask = MaskSpec(key_padding=valid[:, : cache.seen + x.shape[1]]) if padded else MaskSpec()
             out = self.model({"input_ids": x, "positions": positions, "mask": mask, "kv_cache": cache})
-            logits = self.model.logits(out.hidden, positions=torch.tensor([x.shape[1] - 1], device=device))
-            logits = logits[:, 0].float()  # (B, V)
+            # every row ends at the same slot (left padding), so its last hidden state gives the next token
+            logits = self.model.logits(out.hidden[:, -1:])[:, 0].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)
-            next_ids = torch.full((B, 1), self.pad_id, dtype=torch.long, device=device)
+            greedy = logits.argmax(-1).tolist() if any(p.temperature == 0 for p in per_row) else None
+            toks = [self.pad_id] * B
+            for b in range(B):
+                if not done[b]:
+                    toks[b] = greedy[b] if per_row[b].temperature == 0 else sample_next(logits[b], per_row[b], rngs[b])
+            tok_logp = logp.gather(1, torch.tensor(toks, device=device)[:, None])[:, 0].tolist()  # (B,)
             for b in range(B):
                 if done[b]:
                     continue
-                tok = sample_next(logits[b], per_row[b], rngs[b])
+                tok = toks[b]
                 r = results[b]
                 r.tokens.append(tok)
-                r.logprobs.append(float(logp[b, tok]))
-                next_ids[b, 0] = tok
+                r.logprobs.append(tok_logp[b])
                 if tok in self.eos_ids:
                     r.finish_reason, done[b] = "stop", True
                 elif per_row[b].stop and self._hit_stop(r, per_row[b]):
@@ -156,7 +160,7 @@ class KVCacheGenerator:
                     done[b] = True
             if all(done) or step == budget - 1:
                 break
-            x = next_ids
+            x = torch.tensor(toks, dtype=torch.long, device=device)[:, None]  # (B, 1); finished rows get pad
             positions = positions[:, -1:] + 1
         return self._finish(results, per_row)
 

@@ -25,6 +25,9 @@ Design choices
     one); HF weights load unchanged.
     The attention math goes through `attention.core` with a mask spec; no loss is computed here; logits
     come from `logits()` so objectives materialize only the rows they need.
+    RoPE's cos and signed-sin tables are built once per forward (`rope_tables`) and shared by every
+    layer. q, k, v stay three matmuls: stacking the weights into one matmul was measured on CPU and lost
+    (same matmul time, plus a weight copy per forward and strided elementwise ops on the split outputs).
     `__init__` allocates nothing when built under `torch.device("meta")`; `init_weights()` is the only
     initializer and also rebuilds the RoPE buffer, so a model can be materialized after sharding.
     Tied embeddings have no `output` module at all: `logits()` reads `tok_embeddings.weight`, so the tie
@@ -53,7 +56,7 @@ from workbench.models.base import DecoderOutput
 from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.norm import RMSNorm
-from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope
+from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables
 from workbench.nn.swiglu import SwiGLU
 
 
@@ -126,17 +129,19 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: MaskSpec, kv_cache: KVCache | None, layer_idx: int):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, KV, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, KV, D)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, KV, D)  # (B, T, KV, D)
+        # R(p) q, R(p) k with the (B, T, 1, D) cos / signed-sin tables of `rope_tables`
+        q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)
         q_offset = 0
         if kv_cache is not None:
             q_offset = kv_cache.seen
             k, v = kv_cache.update(layer_idx, k, v)  # (B, Tk, KV, D), earlier tokens included
         # (B, H, T, D) layout for the core
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q_offset)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(out)
 
 
@@ -227,7 +232,7 @@ class Llama3(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + T, device=x.device).expand(B, T)
         mask = batch.get("mask") or MaskSpec()
-        cos, sin = self.rope(positions, x.dtype)  # (B, T, D) each
+        cos, sin = rope_tables(*self.rope(positions, x.dtype))  # (B, T, 1, D) each: cos, signed sin
         hidden_states = [x] if batch.get("output_hidden_states") else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, kv_cache, i)

@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        # x * rsqrt(mean(x^2) + eps), in fp32
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x.float()  # no copy when x is already fp32
+        # x * rsqrt(mean(x^2) + eps), in fp32; the in-place ops touch only the (..., 1) statistic
+        x = x * (x * x).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * x.to(dtype)
 
     def extra_repr(self) -> str:

@@ -109,11 +109,16 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_frequencies(self.head_dim, self.cfg, device=self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # angles[b, t, i] = p[b, t] * w_i, in float32 with autocast off
-        with torch.autocast(device_type=positions.device.type, enabled=False):
-            angles = positions.float()[..., None] * self.inv_freq.float()  # (B, T, D/2)
-            angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): pair i with i + D/2
-            return angles.cos().to(dtype), angles.sin().to(dtype)
+        if torch.is_autocast_enabled(positions.device.type):
+            with torch.autocast(device_type=positions.device.type, enabled=False):
+                return self._cos_sin(positions, dtype)
+        return self._cos_sin(positions, dtype)  # no autocast context to leave (a cost paid every decode step)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # angles[b, t, i] = p[b, t] * w_i, in float32
+        angles = positions.float()[..., None] * self.inv_freq.float()  # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): pair i with i + D/2
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -123,10 +128,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by the angles whose cos/sin are (B, T, D)."""
+    """Rotate x (B, T, H, D) by the angles whose cos/sin are (B, T, D) (the reference form)."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D): same angle for every head
     # R(p) x = x cos + rotate_half(x) sin
     return x * cos + rotate_half(x) * sin
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, D) -> the (B, T, 1, D) tables of `apply_rope_tables`: cos and the signed sin.
+
+    Built once per forward and shared by every layer, so each layer's rotation is four elementwise ops
+    (one swap of halves, two multiplies, one add) instead of the chunk, negate and concatenate of
+    `rotate_half` plus the broadcasting views, per tensor.
+    """
+    half = sin.shape[-1] // 2
+    # sin_signed = [-sin_1, sin_2]: rotate_half(x) sin = [x2, x1] * [-sin_1, sin_2]
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos[:, :, None, :], sin_signed[:, :, None, :]  # (B, T, 1, D): same angle for every head
+
+
+def apply_rope_tables(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` on the tables of `rope_tables`; x (B, T, H, D). Bit-identical to `apply_rope`."""
+    # R(p) x = x cos + [x2, x1] * [-sin, sin]; roll by D/2 swaps the halves: [x1, x2] -> [x2, x1]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 def permute_meta_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:
