@@ -14,7 +14,8 @@ on first use when it does not exist; the train split streams through `ShardStrea
 the first `eval_tokens` of the validation split are the fixed validation set.
 
 Measured along the way
-    loss, lr, grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
+    loss (the mean over the steps since the previous record; `loss_step` is the last step's alone), lr,
+    grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
     per token follow the MFU convention (model.flops_per_token: 6 N + 12 L H Q T)
     validation loss (nats/token) and bits per byte = sum of -log p / (ln 2 * bytes of the predicted
     tokens' text), at the start, every `eval_every` steps and at the end, beside the unigram baseline:
@@ -280,22 +281,25 @@ class Trainer:
             with self._signals():
                 if fresh:
                     self._validate(runlog)
-                t_last, tokens_since = time.perf_counter(), 0
+                t_last, tokens_since, losses_since = time.perf_counter(), 0, []
                 while self.step < job.train.steps and self.stop_signal is None:
                     rec = self.train_step()
                     tokens_since += rec["tokens"]
+                    losses_since.append(rec["loss"])
                     history.append(rec)
                     bar.update(1)
                     last = self.step == job.train.steps
                     if self.step % job.train.log_every == 0 or last:
                         now = time.perf_counter()
+                        # the record's loss is the mean since the last one: one batch alone is noisy
+                        rec = dict(rec, loss=sum(losses_since) / len(losses_since), loss_step=rec["loss"])
                         rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                         achieved = rec["tokens_per_s"] * flops_per_token
                         if peak:
                             rec["mfu"] = achieved / peak
                         else:
                             rec["gflops"] = achieved / 1e9
-                        t_last, tokens_since = now, 0
+                        t_last, tokens_since, losses_since = now, 0, []
                         runlog.write(rec)
                         speed = f"{100 * rec['mfu']:.1f}%" if peak else f"{rec['gflops']:.1f}"
                         bar.set_postfix({"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
