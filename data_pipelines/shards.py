@@ -81,9 +81,15 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
     settings = build_settings(data)
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"config key 'data.tokenizer': {data.tokenizer} does not exist")
+    _remove_stale_builds(out)
     if (out / MANIFEST).is_file():
-        existing = Manifest.load(out)
-        changed = [k for k in settings if existing.build.get(k) != settings[k]]
+        try:
+            existing = Manifest.load(out)
+        except DataError:
+            if not force:  # `--force` rebuilds even a folder whose manifest no longer loads
+                raise
+            existing = None
+        changed = [k for k in settings if existing is None or existing.build.get(k) != settings[k]]
         if not changed and not force:
             existing.check_tokenizer()
             log(f"data: {out} is up to date")
@@ -91,7 +97,8 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
         if not force:
             key = changed[0]
             raise DataError(f"config key 'data.{key}': {out} was built with {existing.build.get(key)!r}, this "
-                            f"config has {settings[key]!r}; pass --force to rebuild it, or set data.dir elsewhere")
+                            f"config has {settings[key]!r}; rebuild it with `workbench data CONFIG --force`, "
+                            f"or set data.dir to another folder")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"config key 'data.dir': {out} exists and is not a workbench dataset (no {MANIFEST}); "
                         f"choose another folder")
@@ -112,8 +119,8 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
@@ -132,22 +139,40 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
                             unigram_counts=counts.tolist())
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json()))  # last: its presence means complete
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+            out.rename(old)  # the previous dataset steps aside (put back below if the swap fails)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     baseline = unigram_loss(counts, np.concatenate(labels_val)) if labels_val else float("nan")
     tok = {n: manifest.tokens(n) for n in splits}
     log(f"data: wrote {out}: {len(splits['train'])} train shards ({tok['train']:,} tokens), "
         f"{len(splits['val'])} validation shards ({tok['val']:,} tokens), tokenizer of "
-        f"{tokenizer.vocab_size} tokens; unigram baseline on validation {baseline:.3f} nats/token; "
+        f"{tokenizer.vocab_size} tokens; unigram baseline on the whole validation split {baseline:.3f} "
+        f"nats/token; "
         f"{time.perf_counter() - t0:.1f}s")
     return Manifest.load(out)
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Clean up after builds of `out` whose process is gone (killed mid-build): their unfinished folders are
+    deleted, and a previous dataset left aside during the final swap is put back if `out` is missing."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if not (kind.endswith((".building", ".old")) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)  # that process still runs: its build is not ours to touch
+        except ProcessLookupError:
+            if kind.endswith(".old") and not out.exists():
+                stale.rename(out)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def write_split(folder: Path, name: str, docs: list[Document], tokenizer: Tokenizer, dtype: str,

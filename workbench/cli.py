@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     _log("# resolved config\n" + dumps_toml(job))
     trainer = Trainer(job, resume=args.resume, log=_log)
     history = trainer.fit()
-    if trainer.stop_signal is not None:
+    if trainer.stop_signal is not None and trainer.step < job.train.steps:
         return 128 + trainer.stop_signal  # the shell's convention for "ended by signal N", checkpoint saved
     if history:
         first, last = history[0]["loss"], history[-1]["loss"]

@@ -155,3 +155,31 @@ def test_bf16_precision_autocasts_on_cpu_too(tmp_path, debug_job):
     assert next(t.model.parameters()).dtype == torch.float32  # weights stay fp32
     auto = Trainer(debug_job(tmp_path / "auto", "--train.steps", "1"), **QUIET)
     assert auto.engine.autocast_dtype is None  # precision = "auto" is fp32 on a CPU (bf16 on CUDA)
+
+
+def test_validation_loss_and_bits_per_byte_follow_their_definitions(tmp_path, debug_job):
+    import math
+
+    from workbench.data.packed import IGNORE_INDEX
+    from workbench.nn.attention import MaskSpec
+
+    t = Trainer(debug_job(tmp_path, "--train.steps", "1", "--train.eval_tokens", "512"), **QUIET)
+    rec = t.evaluate()
+    nll, text_nll, text_bytes = [], 0.0, 0
+    sizes = t.tokenizer.token_bytes()
+    with torch.no_grad():
+        for b in t.val_batches():
+            hidden = t.model({"input_ids": b["input_ids"], "positions": b["positions"],
+                              "mask": MaskSpec(document_ids=b["document_ids"])}).hidden
+            logp = torch.log_softmax(t.model.logits(hidden).double(), -1)
+            for row, labels in zip(logp, b["labels"]):
+                for lp, label in zip(row, labels.tolist()):
+                    if label == IGNORE_INDEX:
+                        continue
+                    nll.append(-float(lp[label]))
+                    if sizes[label]:  # eos and other special tokens are no text
+                        text_nll += nll[-1]
+                        text_bytes += sizes[label]
+    assert len(t.val_batches()) == 1 and t.val_batches()[0]["input_ids"].numel() == 512  # eval_tokens
+    assert rec["val_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert rec["val_bpb"] == pytest.approx(text_nll / math.log(2) / text_bytes, rel=1e-5)

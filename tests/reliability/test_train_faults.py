@@ -63,6 +63,8 @@ def test_a_signal_saves_a_checkpoint_and_resume_continues_bit_identically(tmp_pa
     k = json.loads((ckpt / "train_state.json").read_text())["step"]
     assert 3 <= k < 3000 and (ckpt / MARKER).is_file()
     assert f"stopped by {signal.Signals(signum).name} at step {k}" in err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r][-1] == k  # the steps before the stop are logged
 
     resumed = Trainer(debug_job(tmp_path / "run", *FAST, *steps), resume=True, **QUIET)
     assert resumed.step == k

@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import tarfile
@@ -719,3 +720,38 @@ def test_unigram_loss():
     assert unigram_loss(counts, np.array([0, 2])) == pytest.approx(-(math.log(4 / 7) + math.log(2 / 7)) / 2)
     assert math.isnan(unigram_loss(counts, np.array([], np.int64)))
 
+
+
+def test_resuming_on_a_rebuilt_dataset_is_refused(copy, tok):
+    stream = ShardStream(copy, "train", 16, eos_id=tok.eos_id, log=quiet)
+    serve(stream, range(5))
+    state = json.loads(json.dumps(stream.state_dict()))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"][0]["sha256"] = "0" * 64  # another build of the folder
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="train shards are not the ones this run was reading"):
+        ShardStream(copy, "train", 16, eos_id=tok.eos_id, log=quiet).load_state_dict(state)
+
+
+def test_force_rebuilds_a_folder_whose_manifest_no_longer_loads(copy, source):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        build_dataset(section(copy, source), log=quiet)
+    assert Manifest.load(build_dataset(section(copy, source), force=True, log=quiet).root).documents("train") > 0
+
+
+def test_a_build_killed_during_the_swap_gets_its_previous_dataset_back(copy, source):
+    dead = 2**22 + 12345  # a pid no process has
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+    before = snapshot(copy)
+    aside = copy.parent / f".{copy.name}.old-{dead}"
+    copy.rename(aside)  # killed between moving the old dataset aside and renaming the new one in
+    (copy.parent / f".{copy.name}.building-{dead}").mkdir()
+    assert build_dataset(section(copy, source), log=quiet).root == copy  # up to date: the old one, put back
+    assert snapshot(copy) == before
+    assert not list(copy.parent.glob(f".{copy.name}.*"))

@@ -274,11 +274,20 @@ class ShardStream:
 
     # --- state
 
+    @property
+    def fingerprint(self) -> str:
+        """The split's shards (names and sha256): a resumed stream must read the very same ones."""
+        listing = json.dumps([[s.file, s.sha256] for s in self.shards])
+        return hashlib.sha256(listing.encode()).hexdigest()
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "epoch_start": self.epoch_start,
-                "done": {k: list(v) for k, v in self.done.items()}}
+                "done": {k: list(v) for k, v in self.done.items()}, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("fingerprint", self.fingerprint) != self.fingerprint:
+            raise DataError(f"data folder {self.manifest.root}: its {self.split} shards are not the ones this run "
+                            f"was reading (was it rebuilt?); resume needs the same dataset")
         self.epoch, self.epoch_start = int(state["epoch"]), int(state["epoch_start"])
         self.done = {k: [int(x) for x in v] for k, v in state["done"].items()}
         self._windows = None
@@ -328,6 +337,8 @@ class ShardStream:
             read = read_shard(self.manifest.root, info, self.manifest.dtype, self.manifest.vocab_size)
             if read.dropped:
                 self._drop(info, read)
+            elif read.reason:  # nothing lost, but worth knowing (e.g. samples the manifest does not list)
+                self.log(f"data ({self.split}): shard {info.file}: {read.reason}")
             docs = read.documents
             if self.shuffle and docs:
                 order = np.random.default_rng([self.seed, epoch, int(index)]).permutation(len(docs))

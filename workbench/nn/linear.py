@@ -18,7 +18,8 @@ Design choices
     nn.Linear)` still holds for anything that wraps linears (tensor-parallel styles, LoRA).
     The fast path only takes plain tensors on a CPU; a GPU, a DTensor or a quantized weight goes through
     `F.linear` as before. The two paths agree to float rounding (a different summation order), not bit
-    for bit; training, with its many rows, always takes `F.linear`.
+    for bit; a training micro-batch has more rows than `SKINNY_ROWS` unless it is tiny (batch x length
+    <= 16), so training takes `F.linear`.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -103,6 +104,8 @@ class RunLog:
         else:
             self.records = []
             self._file = open(self.path, "w", encoding="utf-8")
+        if resume_step is None:  # a new run: events an earlier, checkpoint-less attempt left must not mix in
+            shutil.rmtree(self.run_dir / TB_DIR, ignore_errors=True)
         purge = None if resume_step is None else resume_step + 1
         self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge)
         self._closed = False

@@ -17,17 +17,19 @@ Measured along the way
     loss (the mean over the steps since the previous record; `loss_step` is the last step's alone), lr,
     grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
     per token follow the MFU convention (model.flops_per_token: 6 N + 12 L H Q T)
-    validation loss (nats/token) and bits per byte = sum of -log p / (ln 2 * bytes of the predicted
-    tokens' text), at the start, every `eval_every` steps and at the end, beside the unigram baseline:
-    the validation loss of a model that knows only the train split's token frequencies
+    validation loss (nats/token) and bits per byte = sum of -log p over the targets that are text /
+    (ln 2 * their bytes), at the start, every `eval_every` steps and at the end, beside the unigram
+    baseline: the validation loss of a model that knows only the train split's token frequencies
 
 The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl,
 tb/ (TensorBoard), loss.png and checkpoints/step-N (see workbench.checkpoint.run). A checkpoint is
 written every `ckpt_every` steps, at the end, and when SIGINT or SIGTERM arrives (after the step in
 flight; a second SIGINT stops at once). `resume=True` continues from the newest complete checkpoint
-(weights, optimizer and schedule state, the data cursor and stream position) and gives the same losses
-as a run that was never stopped; it refuses config changes that would make it a different run (see
-RESUMABLE_CHANGES).
+(weights, optimizer and schedule state, the data cursor and stream position) and gives the same per-step
+losses as a run that was never stopped (a metrics record's mean starts again at the resume); it refuses
+config changes that would make it a different run (see RESUMABLE_CHANGES) and a dataset that is not the
+one the run was reading. A step whose loss or gradient is not finite is not applied and does not advance
+the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint, sha256_file
@@ -51,6 +54,7 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
+from workbench.nn.attention import MaskSpec
 from workbench.parallel.single import SingleEngine
 from workbench.train.metrics import RunLog
 from workbench.train.objectives.lm import LMObjective
@@ -189,18 +193,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (nats/token) and bits per byte over the fixed validation set."""
-        nll, targets, n_bytes = 0.0, 0, 0.0
-        engines = {"policy": self.engine}
+        """Validation loss (nats/token, every target) and bits per byte over the fixed validation set.
+
+        bits per byte = sum of -log2 p over the targets that stand for text / the bytes of that text; the
+        special tokens (eos between documents) are 0 bytes and stay out of both sums.
+        """
+        nll_sum, targets, text_nll, text_bytes = 0.0, 0, 0.0, 0.0
         for batch in self.val_batches():
             mb = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.objective.loss(engines, mb, 1)
-            nll += out.metrics["nll_sum"]
-            targets += out.metrics["targets"]
-            labels = batch["labels"][batch["labels"] != IGNORE_INDEX]
-            n_bytes += float(self._token_bytes[labels].sum())
-        return {"step": self.step, "val_loss": nll / max(targets, 1),
-                "val_bpb": nll / (math.log(2) * n_bytes) if n_bytes else float("nan")}
+            out = self.engine.forward({"input_ids": mb["input_ids"], "positions": mb["positions"],
+                                       "mask": MaskSpec(document_ids=mb["document_ids"])})
+            logits = self.engine.logits(out.hidden).float()  # (B, T, V)
+            labels = mb["labels"]
+            keep = labels != IGNORE_INDEX
+            # -log p(label) per target
+            nll = F.cross_entropy(logits[keep], labels[keep], reduction="none").double().cpu()
+            n_bytes = self._token_bytes[labels[keep].cpu()]
+            nll_sum += float(nll.sum())
+            targets += int(keep.sum())
+            text_nll += float(nll[n_bytes > 0].sum())
+            text_bytes += float(n_bytes.sum())
+        return {"step": self.step, "val_loss": nll_sum / max(targets, 1),
+                "val_bpb": text_nll / (math.log(2) * text_bytes) if text_bytes else float("nan")}
 
     # ------------------------------------------------------------------------------------------------ steps
 
@@ -244,10 +258,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the loop
 
     def _on_signal(self, signum, frame) -> None:
+        # only set the flag: printing from a handler can collide with the progress bar's own writes
         self.stop_signal = signum
-        self.log(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
-                 + (" (SIGINT again stops at once)" if signum == signal.SIGINT else ""))
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     @contextlib.contextmanager
     def _signals(self):
@@ -266,10 +279,10 @@ class Trainer:
     def fit(self) -> list[dict]:
         job = self.job
         n_params = count_params(self.model)
-        flops_per_token = self.model.flops_per_token(job.data.seq_len)
-        peak = peak_flops(self.device)
+        self.flops_per_token = self.model.flops_per_token(job.data.seq_len)
+        self.peak = peak_flops(self.device)
         self.log(f"model: {job.model.family} {job.model.flavor}, {n_params:,} parameters, "
-                 f"{flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}")
+                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}")
         self.log(f"run folder: {self.run_dir}")
         history: list[dict] = []
         fresh = self.resume_from is None
@@ -281,34 +294,26 @@ class Trainer:
             with self._signals():
                 if fresh:
                     self._validate(runlog)
-                t_last, tokens_since, losses_since = time.perf_counter(), 0, []
+                window: list[dict] = []  # the steps since the last record
+                train_time = 0.0  # seconds spent in train_step since the last record
                 while self.step < job.train.steps and self.stop_signal is None:
+                    t0 = time.perf_counter()
                     rec = self.train_step()
-                    tokens_since += rec["tokens"]
-                    losses_since.append(rec["loss"])
+                    train_time += time.perf_counter() - t0
+                    window.append(rec)
                     history.append(rec)
                     bar.update(1)
                     last = self.step == job.train.steps
-                    if self.step % job.train.log_every == 0 or last:
-                        now = time.perf_counter()
-                        # the record's loss is the mean since the last one: one batch alone is noisy
-                        rec = dict(rec, loss=sum(losses_since) / len(losses_since), loss_step=rec["loss"])
-                        rec["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                        achieved = rec["tokens_per_s"] * flops_per_token
-                        if peak:
-                            rec["mfu"] = achieved / peak
-                        else:
-                            rec["gflops"] = achieved / 1e9
-                        t_last, tokens_since, losses_since = now, 0, []
-                        runlog.write(rec)
-                        speed = f"{100 * rec['mfu']:.1f}%" if peak else f"{rec['gflops']:.1f}"
-                        bar.set_postfix({"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
-                                         "MFU" if peak else "GFLOP/s": speed})
+                    if self.step % job.train.log_every == 0 or last or self.stop_signal is not None:
+                        self._record(runlog, bar, window, train_time)
+                        window, train_time = [], 0.0
                     if (job.train.eval_every and self.step % job.train.eval_every == 0) or last:
                         self._validate(runlog)
-                        t_last = time.perf_counter()  # validation time is not training throughput
                     if job.train.ckpt_every and self.step % job.train.ckpt_every == 0 and not last:
                         self.save()
+                if self.stop_signal is not None:
+                    with tqdm.external_write_mode():
+                        self.log(f"{signal.Signals(self.stop_signal).name} received: saving a checkpoint")
                 if self.step > self.saved_step:
                     path = self.save()
                     self.log(f"checkpoint: {path}")
@@ -320,6 +325,22 @@ class Trainer:
             runlog.close()
         return history
 
+    def _record(self, runlog: RunLog, bar, window: list[dict], train_time: float) -> None:
+        """One metrics record for the steps in `window`: their mean loss (one batch alone is noisy; the last
+        step's own is `loss_step`), and throughput over the time spent training them (validation and
+        checkpoint time excluded)."""
+        rec = dict(window[-1], loss=sum(r["loss"] for r in window) / len(window), loss_step=window[-1]["loss"])
+        rec["tokens_per_s"] = sum(r["tokens"] for r in window) / max(train_time, 1e-9)
+        achieved = rec["tokens_per_s"] * self.flops_per_token
+        if self.peak:
+            rec["mfu"] = achieved / self.peak
+        else:
+            rec["gflops"] = achieved / 1e9
+        runlog.write(rec)
+        speed = f"{100 * rec['mfu']:.1f}%" if self.peak else f"{rec['gflops']:.1f}"
+        bar.set_postfix({"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
+                         "MFU" if self.peak else "GFLOP/s": speed})
+
     def _validate(self, runlog: RunLog) -> dict:
         rec = self.evaluate()
         self.last_val = rec
@@ -327,7 +348,7 @@ class Trainer:
         runlog.plot()
         with tqdm.external_write_mode():
             self.log(f"step {self.step}: val loss {rec['val_loss']:.3f} nats/token, {rec['val_bpb']:.3f} bits/byte "
-                     f"(unigram baseline {self.baseline:.3f} nats/token)")
+                     f"(unigram baseline on these tokens {self.baseline:.3f} nats/token)")
         return rec
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
