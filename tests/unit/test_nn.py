@@ -176,26 +176,3 @@ def test_rope_tables_equal_the_reference_rotation_bit_for_bit():
     x = randn(2, 5, 3, 16)
     cos, sin = rope(torch.arange(5).expand(2, 5) + 7, torch.float32)
     assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin))
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_fast_path_matches_nn_linear(rows, bias):
-    from workbench.nn.linear import SKINNY_ROWS, Linear
-
-    torch.manual_seed(rows)
-    ours = Linear(48, 80, bias=bias)
-    ref = torch.nn.Linear(48, 80, bias=bias)
-    ref.load_state_dict(ours.state_dict())  # the same parameters under the same names
-    assert isinstance(ours, torch.nn.Linear) and list(ours.state_dict()) == list(ref.state_dict())
-    x = torch.randn(1, rows, 48, requires_grad=True)
-    y, y_ref = ours(x), ref(x)
-    assert y.shape == y_ref.shape == (1, rows, 80) and y.is_contiguous()
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    if rows > SKINNY_ROWS:
-        assert torch.equal(y, y_ref)  # many rows: exactly F.linear
-    (gx,) = torch.autograd.grad(y.square().sum(), x)  # the fast path is differentiable too
-    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ours(x).dtype == ref(x).dtype == torch.bfloat16
