@@ -154,7 +154,7 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
         f"{tokenizer.vocab_size} tokens; unigram baseline on the whole validation split {baseline:.3f} "
         f"nats/token; "
         f"{time.perf_counter() - t0:.1f}s")
-    return Manifest.load(out)
+    return manifest
 
 
 def _remove_stale_builds(out: Path) -> None:

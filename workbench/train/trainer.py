@@ -54,7 +54,6 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
-from workbench.nn.attention import MaskSpec
 from workbench.parallel.single import SingleEngine
 from workbench.train.metrics import RunLog
 from workbench.train.objectives.lm import LMObjective
@@ -199,18 +198,17 @@ class Trainer:
         special tokens (eos between documents) are 0 bytes and stay out of both sums.
         """
         nll_sum, targets, text_nll, text_bytes = 0.0, 0, 0.0, 0.0
+        engines = {"policy": self.engine}
         for batch in self.val_batches():
             mb = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.engine.forward({"input_ids": mb["input_ids"], "positions": mb["positions"],
-                                       "mask": MaskSpec(document_ids=mb["document_ids"])})
-            logits = self.engine.logits(out.hidden).float()  # (B, T, V)
-            labels = mb["labels"]
-            keep = labels != IGNORE_INDEX
+            logits = self.objective.logits(engines, mb)  # (B, T, V)
+            keep = mb["labels"] != IGNORE_INDEX
+            labels = mb["labels"][keep]  # (N,)
             # -log p(label) per target
-            nll = F.cross_entropy(logits[keep], labels[keep], reduction="none").double().cpu()
-            n_bytes = self._token_bytes[labels[keep].cpu()]
+            nll = F.cross_entropy(logits[keep], labels, reduction="none").double().cpu()
+            n_bytes = self._token_bytes[labels.cpu()]
             nll_sum += float(nll.sum())
-            targets += int(keep.sum())
+            targets += len(labels)
             text_nll += float(nll[n_bytes > 0].sum())
             text_bytes += float(n_bytes.sum())
         return {"step": self.step, "val_loss": nll_sum / max(targets, 1),

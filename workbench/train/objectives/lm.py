@@ -10,6 +10,7 @@ float32 for the softmax (bf16 log-probs over a 100K vocabulary lose whole nats a
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from workbench.data.packed import IGNORE_INDEX
@@ -27,12 +28,16 @@ class LMObjective:
     def units(self, micro_batch: dict) -> int:
         return int((micro_batch["labels"] != IGNORE_INDEX).sum())
 
-    def loss(self, models, micro_batch: dict, total_units: int) -> LossOutput:
+    def logits(self, models, micro_batch: dict) -> torch.Tensor:
+        """The policy's float32 logits (B, T, V) for the micro-batch, attention kept inside each document."""
         policy = models["policy"]
         mask = MaskSpec(document_ids=micro_batch.get("document_ids"))
         out = policy.forward({"input_ids": micro_batch["input_ids"], "positions": micro_batch.get("positions"),
                               "mask": mask})
-        logits = policy.logits(out.hidden).float()  # (B, T, V)
+        return policy.logits(out.hidden).float()  # (B, T, V)
+
+    def loss(self, models, micro_batch: dict, total_units: int) -> LossOutput:
+        logits = self.logits(models, micro_batch)  # (B, T, V)
         labels = micro_batch["labels"]
         # sum of -log p(label) over the real targets
         nll_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
