@@ -123,6 +123,27 @@ def cache_fns(ours, prompt: list[int], new_tokens: int):
     return with_cache, without_cache
 
 
+def memory_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s this machine streams with the current thread count: best of `repeats` sums of 512 MB."""
+    big = torch.ones(128 * 2**20)  # fp32: 512 MB, far past any cache
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t0)
+    return big.numel() * big.element_size() / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every matrix but the embedding table (one row of it is
+    read), plus the table again when it is the tied output head."""
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                if p.ndim == 2 and "tok_embeddings" not in name)
+    if model.output is None:
+        total += model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
 def verdict(case: str, ratio: float) -> str:
     goal, bound = TARGETS[case]
     if case == "train":
@@ -168,6 +189,7 @@ def main() -> None:
     print("| model | params | case | workbench | reference | ratio |")
     print("|---|---|---|---|---|---|")
     verdicts = []
+    bandwidth = memory_bandwidth() if "decode" in args.cases else None
     for i, name in enumerate(args.flavors):
         ours, theirs, section = pair(name)
         n = count_params(ours)
@@ -184,9 +206,11 @@ def main() -> None:
         prompt = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(1)).tolist()
         if "decode" in args.cases:
             a, b = timed_pair(*decode_fns(ours, theirs, prompt, args.new_tokens), args.repeats)
+            # memory-bandwidth utilization: weight bytes read per second over what the machine can stream
+            mbu = [weight_bytes_per_token(ours) * args.new_tokens / t / bandwidth for t in (a, b)]
             print(f"| {name} | {n / 1e6:.1f}M | greedy decode, batch 1, {args.new_tokens} new | "
-                  f"{args.new_tokens / a:,.0f} tok/s | transformers {args.new_tokens / b:,.0f} tok/s | "
-                  f"{b / a:.2f}x speed |")
+                  f"{args.new_tokens / a:,.0f} tok/s ({mbu[0]:.0%} MBU) | transformers "
+                  f"{args.new_tokens / b:,.0f} tok/s ({mbu[1]:.0%} MBU) | {b / a:.2f}x speed |")
             verdicts.append(f"{name} decode: {b / a:.2f}x transformers' tokens/s: {verdict('decode', b / a)}")
         if "cache" in args.cases and i == 0:
             a, b = timed_pair(*cache_fns(ours, prompt, args.cache_tokens), args.repeats)
@@ -195,6 +219,9 @@ def main() -> None:
                   f"{args.cache_tokens / b:,.0f} tok/s | {b / a:.2f}x speed |")
             verdicts.append(f"{name} KV cache: {b / a:.2f}x the no-cache speed: {verdict('cache', b / a)}")
         del ours, theirs
+    if bandwidth:
+        print(f"\nMBU: weight bytes per token x tokens/s over the measured bandwidth, {bandwidth / 1e9:.1f} GB/s "
+              f"({args.threads} threads summing 512 MB). Prefill is included in the decode time.")
     print("\nTargets:")
     for v in verdicts:
         print(f"- {v}")

@@ -176,3 +176,73 @@ def test_rope_tables_equal_the_reference_rotation_bit_for_bit():
     x = randn(2, 5, 3, 16)
     cos, sin = rope(torch.arange(5).expand(2, 5) + 7, torch.float32)
     assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin))
+
+
+def _kernel_or_skip():
+    """The compiled CPU decode kernel; a skip names the missing compiler, a failed build with one fails."""
+    import shutil
+
+    from workbench.nn.linear import skinny_linear_error, skinny_linear_op
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the CPU decode kernel cannot be built here")
+    op = skinny_linear_op()
+    assert op is not None, f"the CPU decode kernel did not build: {skinny_linear_error()}"
+    return op
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("in_features, out_features", [(48, 80), (37, 300), (16, 5), (384, 1152)])
+def test_skinny_linear_kernel_matches_f_linear(rows, in_features, out_features):
+    op = _kernel_or_skip()
+    x, w = randn(rows, in_features), randn(out_features, in_features)  # odd sizes exercise the tails
+    y = op(x, w)
+    assert y.shape == (rows, out_features) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-4)  # sums of K products: a different order
+    with pytest.raises(RuntimeError, match="columns"):
+        op(x, randn(out_features, in_features + 1))
+    with pytest.raises(RuntimeError, match="fp32"):
+        op(x.double(), w.double())
+
+
+def test_linear_takes_the_kernel_only_when_decoding_on_cpu_in_fp32(monkeypatch):
+    import workbench.nn.linear as lin
+
+    real = _kernel_or_skip()
+    calls = []
+    monkeypatch.setitem(lin._state, "op", lambda x, w: calls.append(x.shape) or real(x, w))
+    ours = lin.Linear(48, 80, bias=True)
+    ref = torch.nn.Linear(48, 80, bias=True)
+    ref.load_state_dict(ours.state_dict())  # the same parameters under the same names
+    assert isinstance(ours, torch.nn.Linear) and list(ours.state_dict()) == list(ref.state_dict())
+
+    x = randn(2, 2, 48)  # 4 rows: the kernel, bias added after
+    with torch.inference_mode():
+        y = ours(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        assert y.shape == (2, 2, 80) and calls == [(4, 48)]
+    calls.clear()
+    x5 = randn(1, 5, 48)
+    with torch.no_grad():
+        assert torch.equal(ours(x5), ref(x5)) and calls == []  # 5 rows: F.linear itself
+        xd, wd, bd = x.double(), ref.weight.double(), ref.bias.double()
+        assert torch.equal(lin.linear(xd, wd, bd), torch.nn.functional.linear(xd, wd, bd))  # not fp32
+        assert calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ours(x).dtype == torch.bfloat16 and calls == []  # autocast decides the dtype: F.linear
+    xg = x.clone().requires_grad_()
+    assert torch.equal(ours(xg), ref(xg)) and calls == []  # gradients on (training): F.linear
+    ours(xg).sum().backward()
+    assert xg.grad is not None
+
+
+def test_linear_falls_back_when_the_kernel_is_turned_off(monkeypatch):
+    import workbench.nn.linear as lin
+
+    monkeypatch.setenv("WORKBENCH_CPU_KERNELS", "0")
+    monkeypatch.setattr(lin, "_state", {})
+    assert lin.skinny_linear_op() is None and "WORKBENCH_CPU_KERNELS=0" in lin.skinny_linear_error()
+    layer = lin.Linear(8, 3)
+    x = randn(1, 8)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

@@ -55,6 +55,7 @@ from workbench.config import fail, field_
 from workbench.models.base import DecoderOutput
 from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
+from workbench.nn.linear import Linear, linear
 from workbench.nn.norm import RMSNorm
 from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables
 from workbench.nn.swiglu import SwiGLU
@@ -121,10 +122,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.core = AttentionCore(scale=self.head_dim**-0.5, backend=cfg.attn_backend)
 
     def forward(self, x, cos, sin, mask: MaskSpec, kv_cache: KVCache | None, layer_idx: int):
@@ -168,7 +169,7 @@ class Llama3(nn.Module):
         self.rope = RotaryEmbedding(cfg.hd, cfg.rope)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -255,7 +256,7 @@ class Llama3(nn.Module):
             else:
                 hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return nn.functional.linear(hidden, weight)
+        return linear(hidden, weight)  # the CPU decode kernel for a few rows (workbench.nn.linear)
 
 
 Model = Llama3

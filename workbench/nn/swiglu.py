@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.nn.linear import Linear
+
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)  # gate
-        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)  # up
-        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)  # down
+        self.w1 = Linear(dim, hidden_dim, bias=bias)  # gate
+        self.w3 = Linear(dim, hidden_dim, bias=bias)  # up
+        self.w2 = Linear(hidden_dim, dim, bias=bias)  # down
 
     def init_weights(self, std: float, out_std: float) -> None:
         """Inputs projections ~ N(0, std); the output projection (into the residual) ~ N(0, out_std)."""
