@@ -70,10 +70,11 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3"]
+        flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP inline code: without it, one thread
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             flags += ["-mavx2", "-mfma"]  # what this CPU has, not -march=native: the cache may be shared
-        load("workbench_skinny_linear", [str(_SOURCE)], extra_cflags=flags, is_python_module=False,
+        load("workbench_skinny_linear", [str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             is_python_module=False,
              verbose=False)
         return torch.ops.workbench.skinny_linear, None
     except Exception as e:  # no compiler, no ninja, a read-only cache folder: fall back, say why
