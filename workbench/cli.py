@@ -59,8 +59,17 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from workbench.train.trainer import Trainer
 
     job = load_config(JobConfig, args.config, overrides)
-    _log("# resolved config\n" + dumps_toml(job))
-    trainer = Trainer(job, resume=args.resume, log=_log)
+    main = int(os.environ.get("RANK", "0")) == 0  # under a launcher, rank 0 speaks for the run
+    log = _log if main else (lambda *a, **k: None)
+    log("# resolved config\n" + dumps_toml(job))
+    trainer = Trainer(job, resume=args.resume, log=log)
+    try:
+        return _train(trainer, job, log, main)
+    finally:
+        trainer.close()
+
+
+def _train(trainer, job, _log, main: bool) -> int:
     history = trainer.fit()
     if trainer.stop_signal is not None and trainer.step < job.train.steps:
         return 128 + trainer.stop_signal  # the shell's convention for "ended by signal N", checkpoint saved
@@ -74,7 +83,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if job.train.sample_tokens:
         text = trainer.sample(job.train.sample_prompt, job.train.sample_tokens, seed=job.run.seed)
         _log(f"sample ({job.train.sample_tokens} tokens after {job.train.sample_prompt!r}):")
-        print(job.train.sample_prompt + text)
+        if main:
+            print(job.train.sample_prompt + text)
     _log(f"run folder: {trainer.run_dir}")
     return 0
 

@@ -9,7 +9,7 @@ from which `--ckpt RUN_DIR` rebuilds the model later. See `workbench.config` for
     [data]      corpus, tokenizer, sequence length
     [optim]     AdamW and the learning-rate schedule
     [train]     steps, batch, accumulation, logging and checkpoint cadence, the closing sample
-    [parallel]  backend and degrees; only `single` exists until the parallelism issue adds the others
+    [parallel]  backend and degrees (workbench/parallel/dims.py says what composes)
     [objective] which objective trains the policy
 """
 
@@ -92,6 +92,9 @@ class ParallelSection:
     tp: int = field_(1, gt=0)
     cp: int = field_(1, gt=0)
     ep: int = field_(1, gt=0)
+    timeout_s: float = field_(600.0, gt=0, doc="a collective waiting longer than this ends every rank with an error")
+    reshard_after_forward: bool = field_(True, doc="fsdp2: free gathered parameters after each block's forward")
+    cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
 
 
 @dataclass

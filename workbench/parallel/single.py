@@ -6,8 +6,16 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from workbench.models.base import DecoderOutput
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Whole tensors keyed by parameter name (on rank 0 only, under a sharding engine)."""
 
 
 class SingleEngine:
@@ -83,14 +91,17 @@ class SingleEngine:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict:
+        """The resume state in the layout-free form every engine shares: optimizer moments keyed by
+        parameter name, as full tensors, so a run saved by one engine or world size resumes on another."""
         return {
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "optimizer": (get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
+                          if self.optimizer is not None else None),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
 

@@ -202,3 +202,16 @@ def plot_loss(records: Iterable[Mapping], out: str | Path, title: str = "",
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, out)
+
+
+class NullRunLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
+
+    def write(self, record: Mapping) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

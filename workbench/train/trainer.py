@@ -54,8 +54,11 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
+from workbench.parallel.data_parallel import DDPEngine, FSDP2Engine, init_distributed
+from workbench.parallel.dims import ParallelDims
+from workbench.parallel.plans import plan_for
 from workbench.parallel.single import SingleEngine
-from workbench.train.metrics import RunLog
+from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_adamw, build_scheduler
 
@@ -79,6 +82,50 @@ def pick_device(name: str, what: str = "config key 'run.device'") -> torch.devic
     return torch.device(name)
 
 
+def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, autocast: torch.dtype | None):
+    """The engine of `parallel.backend` around `model`, with AdamW and the schedule built over the
+    parameters the engine trains (FSDP2's are sharded DTensors, so the optimizer comes after wrapping)."""
+
+    def make_optimizer(m: torch.nn.Module):
+        optimizer = build_adamw(m, job.optim)
+        return optimizer, build_scheduler(optimizer, job.optim, job.train.steps)
+
+    backend = job.parallel.backend
+    if backend == "single":
+        return SingleEngine(model, *make_optimizer(model), autocast_dtype=autocast)
+    if backend == "ddp":
+        return DDPEngine(model, dims, make_optimizer, autocast_dtype=autocast)
+    return FSDP2Engine(model, dims, plan_for(job.model.family), make_optimizer, autocast_dtype=autocast,
+                       reshard_after_forward=job.parallel.reshard_after_forward,
+                       cpu_offload=job.parallel.cpu_offload)
+
+
+ENGINES = ("single", "ddp", "fsdp2")
+
+
+@contextlib.contextmanager
+def main_first(is_main: bool, world: int):
+    """Rank 0 runs the block first; the other ranks run it after rank 0 has finished it, or stop with an
+    error pointing at rank 0's if it failed (rather than redo its work or wait for the timeout)."""
+    if world == 1:
+        yield
+        return
+    ok = torch.ones(1, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    if is_main:
+        try:
+            yield
+        except BaseException:
+            ok.zero_()
+            raise
+        finally:
+            torch.distributed.broadcast(ok, src=0)
+    else:
+        torch.distributed.broadcast(ok, src=0)
+        if not ok.item():
+            raise WorkbenchError("rank 0 failed while preparing the run (its error is above); stopping too")
+        yield
+
+
 def prepare_data(job: JobConfig, log=print) -> Manifest:
     """The dataset folder of `job.data`: built on first use, checked against the config when it exists."""
     from data_pipelines.shards import build_dataset
@@ -94,25 +141,53 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
+# What may change with the layout, as long as the global batch (micro_batch_size x grad_accum x the
+# data-parallel ranks) stays the same: the checkpoint is layout-free and the data cursor is global.
+LAYOUT_CHANGES = frozenset({
+    "parallel.backend", "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.cp",
+    "parallel.ep", "parallel.timeout_s", "parallel.reshard_after_forward", "parallel.cpu_offload",
+    "train.micro_batch_size", "train.grad_accum",
+})
+
+
+def global_batch(cfg: dict) -> int:
+    """Samples per optimizer step from a flattened config."""
+    return (cfg["train.micro_batch_size"] * cfg["train.grad_accum"] * cfg["parallel.dp_replicate"]
+            * cfg["parallel.dp_shard"])
+
+
 def check_resumable(saved: JobConfig, job: JobConfig, where: Path) -> None:
     old, new = flatten(to_dict(saved)), flatten(to_dict(job))
     for key in sorted(set(old) | set(new)):
-        if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key):
+        if key not in RESUMABLE_CHANGES | LAYOUT_CHANGES and old.get(key) != new.get(key):
             raise ConfigError(
                 f"config key '{key}': --resume keeps the run's settings, and {where} has {old.get(key)!r} "
                 f"where this config has {new.get(key)!r}")
+    if global_batch(old) != global_batch(new):
+        raise ConfigError(
+            f"config keys 'train.micro_batch_size' x 'train.grad_accum' x 'parallel.dp_replicate' x "
+            f"'parallel.dp_shard': the run was trained with a global batch of {global_batch(old)} samples "
+            f"({where}), this config gives {global_batch(new)}; a resume on another layout keeps the global batch")
 
 
 class Trainer:
     def __init__(self, job: JobConfig, run_dir: str | Path | None = None, resume: bool = False, log=print):
-        """`resume`: continue the run folder's newest complete checkpoint if it has one, else start it."""
-        if job.parallel.backend != "single":
-            raise WorkbenchError(
-                f"config key 'parallel.backend': {job.parallel.backend!r} is not available yet (only 'single')")
-        self.job, self.log = job, log
+        """`resume`: continue the run folder's newest complete checkpoint if it has one, else start it.
+
+        Under a launcher (torchrun, deepspeed, accelerate) every rank builds a Trainer; rank 0 alone logs,
+        writes the run folder and builds a missing dataset while the others wait for it."""
+        self.rank, world = init_distributed(job.parallel.timeout_s)
+        self.dims = ParallelDims.from_config(job.parallel, world, job.model.config, job.data.seq_len)
+        if job.parallel.backend not in ENGINES:
+            raise ConfigError(f"config key 'parallel.backend': {job.parallel.backend!r} is not available yet "
+                              f"(available: {', '.join(ENGINES)})")
+        self.is_main = self.rank == 0
+        self.job, self.log = job, log if self.is_main else (lambda *a, **k: None)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(job.run.out_dir) / job.run.name
         self.device = pick_device(job.run.device)
-        torch.manual_seed(job.run.seed)
+        if self.device.type == "cuda" and world > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.manual_seed(job.run.seed)  # the same initial weights on every rank
         self.resume_from = latest_checkpoint(self.run_dir)
         if self.resume_from is not None and not resume:
             raise WorkbenchError(
@@ -121,7 +196,8 @@ class Trainer:
         if self.resume_from is not None:
             check_resumable(load_config(JobConfig, self.run_dir / "config.toml"), job, self.run_dir / "config.toml")
 
-        self.manifest = prepare_data(job, log)
+        with main_first(self.is_main, world):  # one rank builds a missing dataset, the others then read it
+            self.manifest = prepare_data(job, self.log)
         run_tokenizer = self.run_dir / "tokenizer.json"
         if self.resume_from is not None and sha256_file(run_tokenizer) != self.manifest.tokenizer_sha256:
             raise DataError(f"{run_tokenizer}: the run was trained with another tokenizer than {job.data.dir} "
@@ -134,30 +210,30 @@ class Trainer:
         check_fits(self.tokenizer, job.model.config.vocab_size)
         self.data = ShardStream(job.data.dir, "train", job.data.seq_len, eos_id=self.tokenizer.eos_id,
                                 seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
-                                strict=job.data.strict, log=log, manifest=self.manifest)
+                                strict=job.data.strict, log=self.log, manifest=self.manifest)
         self.model = build_model(job.model, self.device)
-        optimizer = build_adamw(self.model, job.optim)
-        scheduler = build_scheduler(optimizer, job.optim, job.train.steps)
-        bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
-        autocast = torch.bfloat16 if bf16 else None
-        self.engine = SingleEngine(self.model, optimizer, scheduler, autocast_dtype=autocast)
         self.objective = LMObjective()
         self.cursor = DataCursor()
         self.step = 0
         self._val_batches: list[dict] | None = None
         self.val_batches()  # a validation split too small for one sample stops here, before any file is written
-        if self.resume_from is not None:
+        train_state = engine_state = None
+        if self.resume_from is not None:  # weights go into the plain model, before any wrapper shards it
             model_state, train_state, engine_state = load_for_resume(self.resume_from)
             self.model.load_state_dict(model_state)
+        bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
+        self.engine = build_engine(self.model, job, self.dims, torch.bfloat16 if bf16 else None)
+        if self.resume_from is not None:
             self.engine.load_state_dict(engine_state)
             self.cursor.load_state_dict(train_state["cursor"])
             self.data.load_state_dict(train_state["data"])
             self.step = train_state["step"]
-            log(f"resumed from {self.resume_from} at step {self.step}")
-        else:  # the run folder describes itself before the first checkpoint
+            self.log(f"resumed from {self.resume_from} at step {self.step} ({self.dims.describe()})")
+        elif self.is_main:  # the run folder describes itself before the first checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(run_tokenizer)
-        (self.run_dir / "config.toml").write_text(dumps_toml(job))
+        if self.is_main:
+            (self.run_dir / "config.toml").write_text(dumps_toml(job))
         self.saved_step = self.step
         self.last_val: dict | None = None
         self.stop_signal: int | None = None
@@ -165,10 +241,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ data
 
     def next_micro_batches(self) -> list[dict]:
-        e = self.engine
         out = []
         for _ in range(self.job.train.grad_accum):
-            idx = self.cursor.take(self.job.train.micro_batch_size, e.rank, e.world_size)
+            idx = self.cursor.take(self.job.train.micro_batch_size, self.dims.dp_rank(self.rank), self.dims.dp_size)
             batch = collate([self.data.sample(i) for i in idx])
             out.append({k: v.to(self.device) for k, v in batch.items()})
         return out
@@ -244,12 +319,18 @@ class Trainer:
             self.engine.zero_grad()
         self.step += 1
         return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens * self.engine.world_size, "skipped": skipped}
+                "tokens": tokens * self.dims.dp_size, "skipped": skipped}
 
     def save(self) -> Path:
+        """Every rank gathers (a sharding engine's state is spread over them); rank 0 writes; all wait."""
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict()}
-        path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
-                               self.engine.state_dict(), keep_last=self.job.train.keep_last)
+        model_state, engine_state = self.engine.model_state_dict(), self.engine.state_dict()
+        path = self.run_dir / "checkpoints" / f"step-{self.step}"
+        if self.is_main:
+            path = save_checkpoint(self.run_dir, self.step, model_state, train_state, engine_state,
+                                   keep_last=self.job.train.keep_last)
+        if self.dims.world_size > 1:
+            torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is still being written
         self.saved_step = self.step
         return path
 
@@ -257,7 +338,16 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         # only set the flag: printing from a handler can collide with the progress bar's own writes
-        self.stop_signal = signum
+        self._pending_signal = signum
+
+    def _agree_on_stop(self) -> None:
+        """After each step: stop when any rank got a signal, every rank at the same step (a launcher may
+        deliver it to some ranks first)."""
+        flag = torch.tensor([getattr(self, "_pending_signal", None) or 0], device=self.device)
+        if self.dims.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            self.stop_signal = int(flag.item())
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     @contextlib.contextmanager
@@ -285,7 +375,7 @@ class Trainer:
         history: list[dict] = []
         fresh = self.resume_from is None
         runlog = RunLog(self.run_dir, resume_step=None if fresh else self.step,
-                        baselines={"unigram (val)": self.baseline})
+                        baselines={"unigram (val)": self.baseline}) if self.is_main else NullRunLog()
         bar = tqdm(total=job.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not self.engine.is_main)
         try:
@@ -297,6 +387,7 @@ class Trainer:
                 while self.step < job.train.steps and self.stop_signal is None:
                     t0 = time.perf_counter()
                     rec = self.train_step()
+                    self._agree_on_stop()
                     train_time += time.perf_counter() - t0
                     window.append(rec)
                     history.append(rec)
@@ -349,7 +440,14 @@ class Trainer:
                      f"(unigram baseline on these tokens {self.baseline:.3f} nats/token)")
         return rec
 
+    def close(self) -> None:
+        """Leave the process group (a no-op in a single process)."""
+        if self.dims.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+        """Every rank calls this (a sharded model decodes in lockstep); each gets the same text."""
         with self.engine.gather_for_generation() as model:
             gen = KVCacheGenerator(model, self.tokenizer)
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)

@@ -1,0 +1,159 @@
+"""Data-parallel engines: DDP (replicas) and FSDP2 (parameters, gradients and optimizer state sharded).
+
+Both are the single-process engine plus communication, so everything the trainer sees stays the same:
+
+    ddp     DistributedDataParallel over the world: every rank holds the whole model; backward all-reduces
+            (averages) gradients bucket by bucket while it runs; `no_sync` skips that for all but the last
+            micro-batch of a step.
+    fsdp2   `fully_shard` on every block of the plan and then on the root (embedding, final norm and the
+            head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
+            shard; a block's forward all-gathers its parameters and frees them after
+            (`reshard_after_forward`), backward reduce-scatters the gradients. `logits` is registered as a
+            forward method so it gathers the head too. On a GPU, parameters compute in bf16 and gradients
+            reduce in fp32 (`MixedPrecisionPolicy`); `cpu_offload` keeps shards and optimizer state on the host.
+
+Loss scale. Both average gradients over the data-parallel ranks, while the trainer's loss is already
+divided by the global token count of the step (summed over ranks); the engine multiplies the loss by the
+data-parallel world size before backward, so the gradient is the global sum / global count exactly as on
+one process.
+
+State. `model_state_dict` gathers full tensors (rank 0 holds them; others get an empty dict); the optimizer
+state is full tensors keyed by parameter name, the same layout-free form the single engine writes, so a
+run saved on N ranks resumes on M. Generation: every rank runs the same greedy decode in lockstep under
+fsdp2 (each block all-gathers as in training); ddp decodes on its local replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from workbench.models.base import DecoderOutput
+from workbench.parallel.dims import ParallelDims
+from workbench.parallel.plans import Plan
+from workbench.parallel.single import FULL, SingleEngine
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """Join the process group the launcher described (torchrun, deepspeed, accelerate all set RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT); (0, 1) when started as a plain process. gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _DataParallelEngine(SingleEngine):
+    """What DDP and FSDP2 share: the rank, the loss scale, reductions over the data-parallel ranks."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, optimizer=None, scheduler=None, autocast_dtype=None):
+        super().__init__(model, optimizer, scheduler, autocast_dtype)
+        self.dims = dims
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the wrappers average gradients over the data-parallel ranks; the loss is normalized globally
+        (loss * self.dims.dp_size).backward()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return out
+
+    def unwrap(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        with self._autocast():
+            return self.unwrap().logits(hidden, positions=positions)
+
+
+class DDPEngine(_DataParallelEngine):
+    def __init__(self, model: nn.Module, dims: ParallelDims, make_optimizer=None, autocast_dtype=None):
+        device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
+        # broadcast_buffers off: the only buffers (RoPE tables) are computed identically on every rank
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
+        super().__init__(wrapped, dims, optimizer, scheduler, autocast_dtype)
+
+    def forward(self, batch: dict) -> DecoderOutput:
+        with self._autocast():
+            return self.model(batch)
+
+    def no_sync(self):
+        return self.model.no_sync()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.unwrap().state_dict().items()}
+
+    @contextlib.contextmanager
+    def gather_for_generation(self):
+        model = self.unwrap()
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
+
+class FSDP2Engine(_DataParallelEngine):
+    def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, make_optimizer=None,
+                 autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False):
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]
+        kw: dict = {"mesh": mesh}
+        if autocast_dtype is not None:  # compute in bf16, reduce gradients in fp32 (replaces autocast)
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+        if cpu_offload:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        for block in model.get_submodule(plan.blocks):
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
+        fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+        register_fsdp_forward_method(model, "logits")
+        optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
+        super().__init__(model, dims, optimizer, scheduler, autocast_dtype=None)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        # gradients of the earlier micro-batches accumulate unsharded; the last one reduce-scatters them
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a DTensor: reduced over the shards
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), max_norm, norm, foreach=True)
+        return norm
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(self.model, options=FULL)

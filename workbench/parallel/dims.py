@@ -1,0 +1,141 @@
+"""ParallelDims: the parallel degrees of a run, checked against the world and the model before any work.
+
+    world_size = dp_replicate * dp_shard * cp * tp        (ep is not a factor: it borrows ranks)
+
+The device mesh has the dimensions (dp_replicate, dp_shard, cp, tp), outermost first, so tensor-parallel
+ranks are neighbours (on a GPU node they share the fastest links) and replicas are farthest apart.
+Later code asks for the sub-meshes it needs by name:
+
+    "dp"            dp_replicate x dp_shard   ranks that read different data (the data cursor's W)
+    "dp_shard_cp"   dp_shard x cp             the ranks FSDP2 shards parameters over (cp ranks hold the
+                                              same weights, so they shard them too)
+    "dp_cp"         dp_replicate x dp_shard x cp   the ranks loss sums and token counts are reduced over
+    "tp", "cp", "dp_replicate", "dp_shard"    the single dimensions
+
+Expert parallelism takes its ep ranks out of dp_shard x cp (experts are sharded over ranks that would
+otherwise hold the same expert weights), so ep must divide dp_shard * cp; `ep_mesh` is built when a MoE
+plan needs it.
+
+Which backend takes which degrees
+    single   every degree 1
+    ddp      dp_replicate = world size (plain data parallel: replicas, nothing sharded)
+    fsdp2    dp_shard (and dp_replicate > 1 for HSDP), composes with tp
+    zero1-3  DeepSpeed's data-parallel group is dp_shard (or dp_replicate): tp, cp and ep are refused
+Validation names the config field and what was expected, so a bad layout stops before a process group
+exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from workbench.errors import ConfigError
+
+DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # mesh order, outermost first
+
+# what each backend supports: degrees that must stay 1
+_REFUSED = {
+    "single": ("dp_replicate", "dp_shard", "tp", "cp", "ep"),
+    "ddp": ("dp_shard", "tp", "cp", "ep"),
+    "fsdp2": ("cp", "ep"),  # context and expert parallel arrive with the long-context and MoE issues
+    "zero1": ("tp", "cp", "ep"),
+    "zero2": ("tp", "cp", "ep"),
+    "zero3": ("tp", "cp", "ep"),
+}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    backend: str
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    cp: int
+    ep: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, parallel, world_size: int, model_cfg=None, seq_len: int | None = None) -> ParallelDims:
+        """Checked degrees from a `ParallelSection`; `model_cfg` and `seq_len` add the divisibility checks."""
+        dims = cls(parallel.backend, parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.cp,
+                   parallel.ep, world_size)
+        dims.validate(model_cfg, seq_len)
+        return dims
+
+    def validate(self, model_cfg=None, seq_len: int | None = None) -> None:
+        degrees = {d: getattr(self, d) for d in (*DIMS, "ep")}
+        for name, value in degrees.items():
+            if value < 1:
+                raise ConfigError(f"config key 'parallel.{name}': must be >= 1, got {value}")
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
+        if product != self.world_size:
+            raise ConfigError(
+                f"config keys 'parallel.dp_replicate' x 'dp_shard' x 'cp' x 'tp' = {self.dp_replicate} x "
+                f"{self.dp_shard} x {self.cp} x {self.tp} = {product}, but the world size is {self.world_size} "
+                f"(processes started by the launcher); make the product equal it")
+        if self.backend not in _REFUSED:
+            raise ConfigError(f"config key 'parallel.backend': unknown {self.backend!r} "
+                              f"(expected one of {', '.join(_REFUSED)})")
+        for name in _REFUSED[self.backend]:
+            if degrees[name] != 1:
+                raise ConfigError(
+                    f"config key 'parallel.{name}': {degrees[name]} does not compose with backend "
+                    f"{self.backend!r} (it needs parallel.{name} = 1; docs/parallelism.md lists what composes)")
+        if self.backend == "ddp" and self.dp_replicate != self.world_size:
+            raise ConfigError(f"config key 'parallel.dp_replicate': backend 'ddp' replicates the model on every "
+                              f"rank, so it must equal the world size {self.world_size}")
+        if self.backend.startswith("zero") and self.dp_replicate > 1 and self.dp_shard > 1:
+            raise ConfigError("config keys 'parallel.dp_replicate' and 'parallel.dp_shard': ZeRO has one "
+                              "data-parallel group; set one of them to the world size and the other to 1")
+        if self.ep > 1 and (self.dp_shard * self.cp) % self.ep:
+            raise ConfigError(f"config key 'parallel.ep': {self.ep} must divide parallel.dp_shard x parallel.cp "
+                              f"= {self.dp_shard * self.cp} (expert ranks are borrowed from them)")
+        if model_cfg is not None:
+            for attr in ("n_heads", "n_kv_heads"):
+                n = getattr(model_cfg, attr, None)
+                if n is not None and n % self.tp:
+                    raise ConfigError(f"config key 'parallel.tp': {self.tp} must divide model.config.{attr} = {n} "
+                                      f"(each tensor-parallel rank holds whole heads)")
+            n_experts = getattr(model_cfg, "n_experts", None)
+            if self.ep > 1 and n_experts is not None and n_experts % self.ep:
+                raise ConfigError(f"config key 'parallel.ep': {self.ep} must divide model.config.n_experts "
+                                  f"= {n_experts}")
+        if seq_len is not None and self.cp > 1 and seq_len % (2 * self.cp):
+            raise ConfigError(f"config key 'data.seq_len': {seq_len} must be divisible by 2 x parallel.cp = "
+                              f"{2 * self.cp} (each cp rank takes two balanced chunks)")
+
+    # ------------------------------------------------------------------------------------------------ sizes
+
+    @property
+    def dp_size(self) -> int:
+        """How many ranks read different data: the data cursor's world size."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """This global rank's index among the data-parallel ranks (mesh order: tp and cp are innermost)."""
+        return rank // (self.cp * self.tp)
+
+    @property
+    def sharded(self) -> bool:
+        return self.backend == "fsdp2" or self.backend == "zero3"
+
+    # ------------------------------------------------------------------------------------------------ meshes
+
+    @cached_property
+    def mesh(self):
+        """The world's DeviceMesh (dp_replicate, dp_shard, cp, tp) with the flattened sub-meshes named above."""
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, tuple(getattr(self, d) for d in DIMS), mesh_dim_names=DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+    def describe(self) -> str:
+        active = [f"{d}={getattr(self, d)}" for d in (*DIMS, "ep") if getattr(self, d) > 1]
+        return f"{self.backend} on {self.world_size} rank{'s' if self.world_size > 1 else ''}" + (
+            f" ({', '.join(active)})" if active else "")

@@ -1,0 +1,35 @@
+"""Parallelism plans: per model family, which module paths take which parallel treatment (DESIGN.md rule 3).
+
+A plan only names modules; the engines apply it in the fixed order TP/SP -> EP -> CP -> activation
+checkpointing -> compile -> FSDP2 or ZeRO. Paths use `*` for every index of a ModuleList.
+
+    blocks    the ModuleList whose entries are the units of FSDP2 wrapping, ZeRO-3 and checkpointing
+    tensor    path -> "colwise" | "rowwise" | "sequence" (DTensor styles for tensor + sequence parallel)
+    expert    the MoE experts module (dispatched with all-to-all over the ep group), or None
+    context   the attention core swapped for ring attention / Ulysses over the cp group, or None
+    head      the output projection (its weight may be tied to the embedding: kept in the root unit)
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Plan:
+    blocks: str
+    tensor: dict[str, str] = field(default_factory=dict)
+    expert: str | None = None
+    context: str | None = None
+    head: str | None = None
+
+
+def plan_for(family: str) -> Plan:
+    """The plan of a model family: `workbench/parallel/plans/<family>.py` defines PLAN."""
+    try:
+        module = importlib.import_module(f"workbench.parallel.plans.{family}")
+    except ModuleNotFoundError as e:
+        raise NotImplementedError(f"model family {family!r} has no parallel plan "
+                                  f"(workbench/parallel/plans/{family}.py)") from e
+    return module.PLAN
