@@ -10,10 +10,12 @@ micro-batches).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,13 +37,19 @@ CASES = {
 }
 
 
-def torchrun(out: Path, data: Path, cases: dict, nproc: int = 2, timeout: float = 600) -> dict:
+def launch(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2, timeout: float = 600):
+    """torchrun the worker on `cases`; the finished process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(WORKER), str(out), str(data), json.dumps(cases)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+           *torchrun_args, str(WORKER), str(out), str(data), json.dumps(cases)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2) -> dict:
+    """Every case's results as rank 0 saw them (the launch must succeed)."""
+    proc = launch(out, data, cases, *torchrun_args, nproc=nproc)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads((out / "results.json").read_text())
+    return json.loads((out / "results-0.json").read_text())
 
 
 def train_single(out: Path, name: str, data: Path, resume: bool = False) -> list[dict]:
@@ -69,7 +77,8 @@ def single(tmp_path_factory, debug_data):
 def launched(tmp_path_factory, debug_data, single):
     out = tmp_path_factory.mktemp("dp")
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
-    cases = dict(CASES, **{"from-single": [*CASES["fsdp2"], "--resume"]})
+    cases = dict(CASES, **{"from-single": [*CASES["fsdp2"], "--resume"],
+                           "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"]})
     return out, torchrun(out, debug_data, cases)
 
 
@@ -106,3 +115,38 @@ def test_checkpoints_move_between_layouts(launched, single, tmp_path, debug_data
     assert [r["step"] for r in resumed] == [4, 5, 6]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]), torch.tensor(reference[3:]),
                                rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_on_one_rank_means_no_rank_steps(launched):
+    """R8: rank 1's gradient turns NaN at step 3 (its loss stays finite): the all-reduced gradient norm is
+    NaN on every rank, so every rank skips that update, and training goes on."""
+    out, _ = launched
+    for rank in (0, 1):
+        got = json.loads((out / f"results-{rank}.json").read_text())["nangrad"]
+        assert got["skipped"] == [False, False, True, False, False, False], (rank, got)
+        assert all(map(math.isfinite, got["losses"])) and not math.isfinite(got["grad_norms"][2])
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_from_the_last_checkpoint_bit_identically(launched, tmp_path, debug_data):
+    """R2: SIGKILL of rank 1 before step 5 under --max-restarts=1: torchrun restarts both workers once, they
+    resume from the step-3 checkpoint, and steps 4-6 equal the uninterrupted run's bit for bit."""
+    out, results = launched
+    got = torchrun(tmp_path, debug_data, {"killed": [*CASES["ddp"], "--resume", "--fault=kill@5:1"]},
+                   "--max-restarts", "1")["killed"]
+    assert got["restarts"] == 1 and got["steps"] == [4, 5, 6]
+    assert got["losses"] == results["ddp"]["losses"][3:]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_every_rank_within_the_timeout_naming_it(tmp_path, debug_data):
+    """R7: rank 1 hangs outside any collective at step 3 with parallel.timeout_s = 10: rank 0's collective
+    times out and its error names rank 1; torchrun's SIGTERM then ends rank 1 within the same grace."""
+    t0 = time.monotonic()
+    proc = launch(tmp_path, debug_data, {"hung": [*CASES["ddp"], "--parallel.timeout_s", "10", "--fault=hang@3:1"]},
+                  timeout=120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert "step 3: a collective waited longer than parallel.timeout_s = 10 s (rank 1 did not answer)" in proc.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s"  # launch ~5 + timeout 10 + barrier 5 + grace 10, and teardown

@@ -3,12 +3,22 @@
     torchrun --nproc-per-node 2 tests/distributed/train_worker.py OUT_DIR DATA_DIR CASES_JSON
 
 CASES_JSON maps a case name to its config overrides (on top of configs/llama3/debug.toml); each case trains
-in OUT_DIR/<name> with `Trainer` exactly as `workbench train` does, and rank 0 writes OUT_DIR/results.json:
-{name: {"losses": [...], "grad_norms": [...]}}.
+in OUT_DIR/<name> with `Trainer` exactly as `workbench train` does, and every rank writes
+OUT_DIR/results-<rank>.json: {name: {"losses", "grad_norms", "skipped", "steps", "world_size"}}.
+
+Besides overrides a case may hold:
+    --resume               continue OUT_DIR/<name> if it has a checkpoint (as `workbench train --resume`)
+    --fault=KIND@STEP:RANK inject a fault on RANK just before it runs step STEP:
+                           hang   sleep for an hour (the others wait in the step's first collective)
+                           kill   SIGKILL itself, on the launcher's first attempt only
+                           nangrad  the step's loss gradient becomes NaN on that rank (the loss stays finite)
 """
 
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from workbench.config import load_config
@@ -18,20 +28,48 @@ from workbench.train.trainer import Trainer
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
 
 
+def inject(trainer: Trainer, fault: str) -> None:
+    kind, where = fault.split("@")
+    step, rank = (int(x) for x in where.split(":"))
+    if trainer.rank != rank:
+        return
+    train_step, loss = trainer.train_step, trainer.objective.loss
+
+    def faulty_step():
+        if trainer.step + 1 == step:
+            if kind == "hang":
+                time.sleep(3600)
+            elif kind == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
+        return train_step()
+
+    def faulty_loss(*args, **kwargs):
+        out = loss(*args, **kwargs)
+        if kind == "nangrad" and trainer.step + 1 == step:
+            out.loss.register_hook(lambda g: g * float("nan"))
+        return out
+
+    trainer.train_step, trainer.objective.loss = faulty_step, faulty_loss
+
+
 def main() -> None:
     out, data, cases = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     results, trainer = {}, None
-    for name, overrides in cases.items():
-        resume = "--resume" in overrides  # continue OUT_DIR/<name> (as `workbench train --resume`)
-        overrides = [o for o in overrides if o != "--resume"]
+    for name, args in cases.items():
+        resume = "--resume" in args
+        faults = [a.split("=", 1)[1] for a in args if a.startswith("--fault=")]
+        overrides = [a for a in args if a != "--resume" and not a.startswith("--fault=")]
         job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--run.name", name, "--data.dir", data,
                                                   "--train.sample_tokens", "0", *overrides])
         trainer = Trainer(job, resume=resume, log=lambda *a, **k: None)
+        for fault in faults:
+            inject(trainer, fault)
         history = trainer.fit()
         results[name] = {"losses": [r["loss"] for r in history], "grad_norms": [r["grad_norm"] for r in history],
-                         "world_size": trainer.dims.world_size}
-    if trainer is not None and trainer.is_main:
-        (out / "results.json").write_text(json.dumps(results))
+                         "skipped": [r["skipped"] for r in history], "steps": [r["step"] for r in history],
+                         "world_size": trainer.dims.world_size,
+                         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+        (out / f"results-{trainer.rank}.json").write_text(json.dumps(results))
     if trainer is not None:
         trainer.close()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -39,10 +40,13 @@ from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import Plan
 from workbench.parallel.single import FULL, SingleEngine
 
+_monitor: dict = {}  # the gloo group that finds unresponsive ranks after a timeout
+
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
     """Join the process group the launcher described (torchrun, deepspeed, accelerate all set RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT); (0, 1) when started as a plain process. gloo on CPU, nccl on GPU."""
+    WORLD_SIZE, MASTER_ADDR/PORT); (0, 1) when started as a plain process. gloo on CPU, nccl on GPU.
+    A collective that waits longer than `timeout_s` raises on the ranks that wait."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -50,8 +54,40 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts; without a per-attempt prefix the restarted
+            # workers read the dead ones' addresses and gloo fails to connect (pytorch issue 167288)
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                 is_master=False, timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"workbench/attempt-{attempt}", base)
+            dist.init_process_group(backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
+    if "group" not in _monitor:
+        _monitor["group"] = dist.new_group(backend="gloo")  # a side channel, untouched by a failed collective
     return dist.get_rank(), dist.get_world_size()
+
+
+def unresponsive_ranks(wait_s: float = 5.0) -> str:
+    """After a collective timed out: which ranks do not answer a barrier within `wait_s` (from rank 0's
+    view; other ranks only learn that some rank is missing). An empty string if everyone answers."""
+    if "group" not in _monitor:
+        return ""
+    try:
+        dist.monitored_barrier(group=_monitor["group"], timeout=datetime.timedelta(seconds=wait_s),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        found = re.search(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+        return f"rank {found.group(1).strip()} did not answer" if found else str(e).splitlines()[0]
+    return ""
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A collective's timeout, as gloo or nccl report it."""
+    return isinstance(e, dist.DistBackendError) or "Timed out" in str(e) or "timeout" in str(e).lower()
 
 
 class _DataParallelEngine(SingleEngine):

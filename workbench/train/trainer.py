@@ -54,7 +54,13 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
-from workbench.parallel.data_parallel import DDPEngine, FSDP2Engine, init_distributed
+from workbench.parallel.data_parallel import (
+    DDPEngine,
+    FSDP2Engine,
+    init_distributed,
+    is_timeout,
+    unresponsive_ranks,
+)
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import plan_for
 from workbench.parallel.single import SingleEngine
@@ -236,7 +242,8 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(dumps_toml(job))
         self.saved_step = self.step
         self.last_val: dict | None = None
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # set when every rank has agreed to stop (see _agree_on_stop)
+        self._pending_signal: int | None = None  # set by the signal handler on this rank
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -339,16 +346,33 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         # only set the flag: printing from a handler can collide with the progress bar's own writes
         self._pending_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if self.dims.world_size > 1 and hasattr(signal, "alarm"):
+            # a rank hung outside any collective would never reach the save: end it after the same grace
+            # the collectives get (a launcher tearing down after another rank failed sends SIGTERM)
+            signal.alarm(max(1, math.ceil(self.job.parallel.timeout_s)))
+
+    def _collective(self, fn):
+        """fn(), turning a collective's timeout into an error that names the step and the missing rank."""
+        try:
+            return fn()
+        except RuntimeError as e:
+            if self.dims.world_size == 1 or not is_timeout(e):
+                raise
+            missing = unresponsive_ranks(min(5.0, self.job.parallel.timeout_s))
+            raise WorkbenchError(
+                f"step {self.step + 1}: a collective waited longer than parallel.timeout_s = "
+                f"{self.job.parallel.timeout_s:g} s{f' ({missing})' if missing else ''}; stopping this rank "
+                f"(the last complete checkpoint is intact: rerun with --resume)") from e
 
     def _agree_on_stop(self) -> None:
         """After each step: stop when any rank got a signal, every rank at the same step (a launcher may
         deliver it to some ranks first)."""
-        flag = torch.tensor([getattr(self, "_pending_signal", None) or 0], device=self.device)
+        flag = torch.tensor([self._pending_signal or 0], device=self.device)
         if self.dims.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item():
             self.stop_signal = int(flag.item())
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     @contextlib.contextmanager
     def _signals(self):
@@ -361,6 +385,8 @@ class Trainer:
         try:
             yield
         finally:
+            if hasattr(signal, "alarm"):
+                signal.alarm(0)  # the grace a signal armed (see _on_signal) ends with the loop
             for s, handler in old.items():
                 signal.signal(s, handler)
 
@@ -386,8 +412,8 @@ class Trainer:
                 train_time = 0.0  # seconds spent in train_step since the last record
                 while self.step < job.train.steps and self.stop_signal is None:
                     t0 = time.perf_counter()
-                    rec = self.train_step()
-                    self._agree_on_stop()
+                    rec = self._collective(self.train_step)
+                    self._collective(self._agree_on_stop)
                     train_time += time.perf_counter() - t0
                     window.append(rec)
                     history.append(rec)
