@@ -4,7 +4,8 @@
 
 CASES_JSON maps a case name to its config overrides (on top of configs/llama3/debug.toml); each case trains
 in OUT_DIR/<name> with `Trainer` exactly as `workbench train` does, and every rank writes
-OUT_DIR/results-<rank>.json: {name: {"losses", "grad_norms", "skipped", "steps", "world_size"}}.
+OUT_DIR/results-<rank>.json: {name: {"losses", "grad_norms", "skipped", "steps", "world_size", "restarts",
+"sample"}} (sample: 8 tokens generated after training through the engine's gather_for_generation).
 
 Besides overrides a case may hold:
     --resume               continue OUT_DIR/<name> if it has a checkpoint (as `workbench train --resume`)
@@ -68,7 +69,8 @@ def main() -> None:
         results[name] = {"losses": [r["loss"] for r in history], "grad_norms": [r["grad_norm"] for r in history],
                          "skipped": [r["skipped"] for r in history], "steps": [r["step"] for r in history],
                          "world_size": trainer.dims.world_size,
-                         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+                         "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                         "sample": trainer.sample("def", 8)}  # every rank generates, as `workbench train` does
         (out / f"results-{trainer.rank}.json").write_text(json.dumps(results))
     if trainer is not None:
         trainer.close()

@@ -47,6 +47,16 @@ class DecoderOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def select_positions(hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """hidden (B, T, dim) at `positions` along T: None (all), a 1-D index (the same K positions in every
+    row) or a (B, K) index (per-row positions). Returns (B, T|K, dim). Shared by every family's `logits`."""
+    if positions is None:
+        return hidden
+    if positions.dim() == 1:
+        return hidden[:, positions]  # (B, K, dim)
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, dim)
+
+
 def get_family(name: str) -> ModuleType:
     if name not in FAMILIES:
         fail("model.family", f"unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from workbench.config import fail, field_
-from workbench.models.base import DecoderOutput
+from workbench.models.base import DecoderOutput, select_positions
 from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.linear import Linear, linear
@@ -130,10 +130,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: MaskSpec, kv_cache: KVCache | None, layer_idx: int):
         B, T, _ = x.shape
-        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.wq(x).view(B, T, H, D)  # (B, T, H, D)
-        k = self.wk(x).view(B, T, KV, D)  # (B, T, KV, D)
-        v = self.wv(x).view(B, T, KV, D)  # (B, T, KV, D)
+        D = self.head_dim
+        # heads from the projection widths: H and KV here, H/tp and KV/tp on a tensor-parallel rank
+        q = self.wq(x).view(B, T, -1, D)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, -1, D)  # (B, T, KV, D)
+        v = self.wv(x).view(B, T, -1, D)  # (B, T, KV, D)
         # R(p) q, R(p) k with the (B, T, 1, D) cos / signed-sin tables of `rope_tables`
         q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)
         q_offset = 0
@@ -142,7 +143,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v)  # (B, Tk, KV, D), earlier tokens included
         # (B, H, T, D) layout for the core
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q_offset)
-        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.wo(out)
 
 
@@ -227,7 +228,8 @@ class Llama3(nn.Module):
             x = batch["inputs_embeds"]
         else:
             x = self.tok_embeddings(batch["input_ids"])  # (B, T, dim)
-        B, T, _ = x.shape
+        # the batch's length (under sequence parallel x holds only this rank's slice of it)
+        B, T = batch["input_ids"].shape if batch.get("inputs_embeds") is None else x.shape[:2]
         offset = kv_cache.seen if kv_cache is not None else 0
         positions = batch.get("positions")
         if positions is None:
@@ -250,11 +252,7 @@ class Llama3(nn.Module):
         positions: None (all T), a 1-D index tensor (the same K positions in every row) or a (B, K)
         index tensor (per-row positions, e.g. the last real token of each prompt). Returns (B, T|K, V).
         """
-        if positions is not None:
-            if positions.dim() == 1:
-                hidden = hidden[:, positions]  # (B, K, dim)
-            else:
-                hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        hidden = select_positions(hidden, positions)  # (B, T|K, dim)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return linear(hidden, weight)  # the CPU decode kernel for a few rows (workbench.nn.linear)
 

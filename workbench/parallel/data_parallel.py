@@ -33,12 +33,13 @@ import re
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from workbench.models.base import DecoderOutput
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import Plan
 from workbench.parallel.single import FULL, SingleEngine
+from workbench.parallel.tensor_parallel import apply_tensor_parallel, tp_logits
 
 _monitor: dict = {}  # the gloo group that finds unresponsive ranks after a timeout
 
@@ -158,23 +159,57 @@ class FSDP2Engine(_DataParallelEngine):
             register_fsdp_forward_method,
         )
 
-        mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]
-        kw: dict = {"mesh": mesh}
-        if autocast_dtype is not None:  # compute in bf16, reduce gradients in fp32 (replaces autocast)
-            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
-        if cpu_offload:
-            kw["offload_policy"] = CPUOffloadPolicy()
-        for block in model.get_submodule(plan.blocks):
-            fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-        # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
-        fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
-        register_fsdp_forward_method(model, "logits")
+        self.tp_mesh = dims.mesh["tp"] if dims.tp > 1 else None
+        if self.tp_mesh is not None:  # TP/SP first, then FSDP over the data ranks (DESIGN.md rule 2)
+            apply_tensor_parallel(model, plan, self.tp_mesh)
+        self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over
+        if self.fsdp:
+            mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]
+            kw: dict = {"mesh": mesh}
+            if autocast_dtype is not None:  # compute in bf16, reduce gradients in fp32 (replaces autocast)
+                kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+            if cpu_offload:
+                kw["offload_policy"] = CPUOffloadPolicy()
+            for block in model.get_submodule(plan.blocks):
+                fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+            # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
+            fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+            register_fsdp_forward_method(model, "logits")
+        elif autocast_dtype is not None:
+            raise NotImplementedError("bf16 with tensor parallel alone: add dp_shard > 1 (FSDP2's mixed precision)")
         optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
         super().__init__(model, dims, optimizer, scheduler, autocast_dtype=None)
+
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tp_mesh is None:
+            return self.model.logits(hidden, positions=positions)
+        return tp_logits(self.model, hidden, positions, self.tp_mesh)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Over the ranks that hold different data (tp ranks hold the same loss: counted once)."""
+        out = tensor.detach().clone()
+        group = self.dims.mesh["dp_cp"].get_group()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+        return out
+
+    @contextlib.contextmanager
+    def gather_for_generation(self):
+        if self.tp_mesh is None:  # every rank decodes in lockstep, each block gathering as in training
+            with super().gather_for_generation() as model:
+                yield model
+            return
+        # heads are split across tp ranks (and a KV cache is per head): decode a whole copy on every rank
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        copy = type(self.model)(self.model.cfg).to(self.device)
+        copy.load_state_dict(full)
+        yield copy.eval()
 
     @contextlib.contextmanager
     def no_sync(self):
         # gradients of the earlier micro-batches accumulate unsharded; the last one reduce-scatters them
+        if not self.fsdp:
+            yield
+            return
         self.model.set_requires_gradient_sync(False)
         try:
             yield

@@ -1,7 +1,9 @@
-"""Data-parallel engines on 2 gloo ranks (torchrun) against the single-process run of the same global batch.
+"""Parallel engines on gloo ranks (torchrun) against the single-process run of the same global batch.
 
-One torchrun launch trains every case (tests/distributed/train_worker.py); the single-process reference
-trains here. Equal per-step losses and gradient norms (fp32, rtol 1e-5) and equal final weights mean the
+Layouts: ddp, fsdp2 (with and without resharding after forward) and tp=2 on 2 ranks, fsdp2 x tp on 4. One
+torchrun launch per world size trains every case (tests/distributed/train_worker.py); the single-process
+reference trains here; the fault tests (R2 kill + restart, R7 hang, R8 NaN on one rank) and the
+resume-across-layouts test (R5) reuse the same machinery. Equal per-step losses and gradient norms (fp32, rtol 1e-5) and equal final weights mean the
 engine computes the same update as one process: data split by the global cursor, loss normalized by the
 global token count, gradients averaged over ranks exactly once per step (no_sync for the earlier
 micro-batches).
@@ -34,7 +36,11 @@ CASES = {
     "ddp": [*PER_RANK, "--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"],
     "fsdp2": [*PER_RANK, "--parallel.backend", "fsdp2"],
     "fsdp2-keep-gathered": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.reshard_after_forward", "false"],
+    # tensor + sequence parallel alone: both ranks read the same data, so each takes the whole global batch
+    "tp": [*SINGLE, "--parallel.backend", "fsdp2", "--parallel.tp", "2"],
 }
+# 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D)
+CASES_4 = {"fsdp2-tp": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.tp", "2"]}
 
 
 def launch(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2, timeout: float = 600):
@@ -79,16 +85,22 @@ def launched(tmp_path_factory, debug_data, single):
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
     cases = dict(CASES, **{"from-single": [*CASES["fsdp2"], "--resume"],
                            "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"]})
-    return out, torchrun(out, debug_data, cases)
+    results = torchrun(out, debug_data, cases)
+    out4 = tmp_path_factory.mktemp("dp4")
+    results.update(torchrun(out4, debug_data, CASES_4, nproc=4))
+    for name in CASES_4:
+        shutil.move(out4 / name, out / name)
+    return out, results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_data_parallel_matches_single_process(case, launched, single):
+@pytest.mark.parametrize("case", sorted({**CASES, **CASES_4}))
+def test_parallel_layouts_match_single_process(case, launched, single):
     out, results = launched
     single_dir, history = single
     got = results[case]
-    assert got["world_size"] == 2 and len(got["losses"]) == len(history) == 6
+    assert got["world_size"] == (4 if case in CASES_4 else 2) and len(got["losses"]) == len(history) == 6
+    assert isinstance(got["sample"], str) and got["sample"]  # generation after training works on every layout
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in history]),
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor([r["grad_norm"] for r in history]),
