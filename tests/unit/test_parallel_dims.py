@@ -1,0 +1,53 @@
+"""ParallelDims: every bad layout is refused before any process group exists, naming the field."""
+
+import pytest
+
+from workbench.errors import ConfigError
+from workbench.job import ParallelSection
+from workbench.models.llama3 import FLAVORS
+from workbench.parallel.dims import ParallelDims
+
+
+def dims(world: int, seq_len: int | None = 64, **degrees) -> ParallelDims:
+    return ParallelDims.from_config(ParallelSection(**degrees), world, FLAVORS["debug"], seq_len)
+
+
+@pytest.mark.parametrize("world, degrees, field, expected", [
+    (2, {}, "parallel.dp_replicate", "world size is 2"),
+    (4, {"backend": "fsdp2", "dp_shard": 2}, "parallel.dp_replicate", "= 2, but the world size is 4"),
+    (2, {"backend": "ddp", "dp_shard": 2}, "parallel.dp_shard", "does not compose with backend 'ddp'"),
+    (2, {"backend": "zero2", "tp": 2}, "parallel.tp", "does not compose with backend 'zero2'"),
+    (2, {"backend": "fsdp2", "cp": 2}, "parallel.cp", "does not compose with backend 'fsdp2'"),
+    (2, {"backend": "single", "dp_shard": 2}, "parallel.dp_shard", "does not compose with backend 'single'"),
+    (4, {"backend": "zero3", "dp_replicate": 2, "dp_shard": 2}, "parallel.dp_replicate", "one data-parallel group"),
+    (3, {"backend": "fsdp2", "tp": 3}, "parallel.tp", "must divide model.config.n_heads"),
+])
+def test_bad_layouts_name_the_field(world, degrees, field, expected):
+    with pytest.raises(ConfigError) as e:
+        dims(world, **degrees)
+    assert f"'{field}" in str(e.value) or f"{field}" in str(e.value)
+    assert expected in str(e.value)
+
+
+def test_kv_heads_divisibility():
+    from dataclasses import replace
+
+    cfg = replace(FLAVORS["debug"], n_heads=4, n_kv_heads=1)
+    with pytest.raises(ConfigError, match=r"parallel.tp.*n_kv_heads = 1"):
+        ParallelDims.from_config(ParallelSection(backend="fsdp2", tp=2), 2, cfg)
+
+
+def test_sizes_and_ranks_of_a_good_layout():
+    d = dims(8, backend="fsdp2", dp_replicate=2, dp_shard=2, tp=2)
+    assert d.dp_size == 4 and d.describe() == "fsdp2 on 8 ranks (dp_replicate=2, dp_shard=2, tp=2)"
+    # mesh order (dp_replicate, dp_shard, cp, tp): tp neighbours share data
+    assert [d.dp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert dims(1).describe() == "single on 1 rank"
+
+
+def test_a_backend_without_an_engine_yet_is_refused_by_the_trainer(tmp_path, debug_job):
+    from workbench.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match=r"'parallel.backend': 'zero2' is not available yet \(available: single, ddp, fsdp2\)"):
+        Trainer(debug_job(tmp_path, "--parallel.backend", "zero2"), log=lambda *a: None)
+    assert not (tmp_path / "llama3-debug").exists()  # refused before anything is written
