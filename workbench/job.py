@@ -95,6 +95,8 @@ class ParallelSection:
     timeout_s: float = field_(600.0, gt=0, doc="a collective waiting longer than this ends every rank with an error")
     reshard_after_forward: bool = field_(True, doc="fsdp2: free gathered parameters after each block's forward")
     cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
+    activation_checkpointing: Literal["none", "full", "selective"] = field_(
+        "none", doc="recompute each block's activations in backward (selective keeps the matmul outputs)")
 
 
 @dataclass

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ from workbench.checkpoint.run import latest_checkpoint, load_model_state
 from workbench.train.trainer import Trainer
 
 WORKER = Path(__file__).with_name("train_worker.py")
-DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG_TOML = ROOT / "configs" / "llama3" / "debug.toml"
 STEPS = ["--train.steps", "6", "--train.eval_every", "0", "--train.ckpt_every", "3", "--train.log_every", "1"]
 # global batch 8 samples in every case: micro_batch_size x grad_accum x data-parallel ranks
 SINGLE = [*STEPS, "--train.micro_batch_size", "4", "--train.grad_accum", "2"]
@@ -36,11 +38,13 @@ CASES = {
     "ddp": [*PER_RANK, "--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"],
     "fsdp2": [*PER_RANK, "--parallel.backend", "fsdp2"],
     "fsdp2-keep-gathered": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.reshard_after_forward", "false"],
+    "fsdp2-selective-ac": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.activation_checkpointing", "selective"],
     # tensor + sequence parallel alone: both ranks read the same data, so each takes the whole global batch
     "tp": [*SINGLE, "--parallel.backend", "fsdp2", "--parallel.tp", "2"],
 }
 # 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D)
-CASES_4 = {"fsdp2-tp": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.tp", "2"]}
+CASES_4 = {"fsdp2-tp": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.tp", "2",
+                        "--parallel.activation_checkpointing", "full"]}
 
 
 def launch(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2, timeout: float = 600):
@@ -162,3 +166,28 @@ def test_a_hung_rank_stops_every_rank_within_the_timeout_naming_it(tmp_path, deb
     assert proc.returncode != 0
     assert "step 3: a collective waited longer than parallel.timeout_s = 10 s (rank 1 did not answer)" in proc.stderr
     assert elapsed < 60, f"took {elapsed:.0f} s"  # launch ~5 + timeout 10 + barrier 5 + grace 10, and teardown
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_through_the_launch_script(tmp_path, debug_data, single):
+    """launch/torchrun.sh as two "nodes" (two torchrun agents, --nnodes 2, one process each) rendezvous on
+    127.0.0.1 and run `workbench train` under ddp: the same per-step losses as one process."""
+    env = dict(os.environ, NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="loopback",
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    args = [str(ROOT / "launch" / "torchrun.sh"), "train", str(DEBUG_TOML), "--run.out_dir", str(tmp_path),
+            "--data.dir", str(debug_data), "--train.sample_tokens", "0", *CASES["ddp"]]
+    nodes = [subprocess.Popen(args, env=dict(env, NODE_RANK=str(r)), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (_, err) in zip(nodes, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert outs[0][1].count("# resolved config") == 1  # rank 0 speaks for the run
+    records = [json.loads(line) for line in (tmp_path / "llama3-debug" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([r["loss"] for r in single[1]]), rtol=1e-5, atol=0)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from workbench.models.base import DecoderOutput
+from workbench.parallel.checkpointing import apply_activation_checkpointing
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import Plan
 from workbench.parallel.single import FULL, SingleEngine
@@ -123,8 +124,7 @@ class _DataParallelEngine(SingleEngine):
 class DDPEngine(_DataParallelEngine):
     def __init__(self, model: nn.Module, dims: ParallelDims, make_optimizer=None, autocast_dtype=None):
         device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-        # broadcast_buffers off: the only buffers (RoPE tables) are computed identically on every rank
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
         super().__init__(wrapped, dims, optimizer, scheduler, autocast_dtype)
 
@@ -151,7 +151,8 @@ class DDPEngine(_DataParallelEngine):
 
 class FSDP2Engine(_DataParallelEngine):
     def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, make_optimizer=None,
-                 autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False):
+                 autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False,
+                 activation_checkpointing: str = "none"):
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -162,6 +163,7 @@ class FSDP2Engine(_DataParallelEngine):
         self.tp_mesh = dims.mesh["tp"] if dims.tp > 1 else None
         if self.tp_mesh is not None:  # TP/SP first, then FSDP over the data ranks (DESIGN.md rule 2)
             apply_tensor_parallel(model, plan, self.tp_mesh)
+        apply_activation_checkpointing(model, plan, activation_checkpointing)
         self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over
         if self.fsdp:
             mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]

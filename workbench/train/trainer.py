@@ -54,6 +54,7 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
+from workbench.parallel.checkpointing import apply_activation_checkpointing
 from workbench.parallel.data_parallel import (
     DDPEngine,
     FSDP2Engine,
@@ -96,14 +97,17 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
         optimizer = build_adamw(m, job.optim)
         return optimizer, build_scheduler(optimizer, job.optim, job.train.steps)
 
-    backend = job.parallel.backend
+    backend, plan = job.parallel.backend, plan_for(job.model.family)
     if backend == "single":
+        apply_activation_checkpointing(model, plan, job.parallel.activation_checkpointing)
         return SingleEngine(model, *make_optimizer(model), autocast_dtype=autocast)
     if backend == "ddp":
+        apply_activation_checkpointing(model, plan, job.parallel.activation_checkpointing)
         return DDPEngine(model, dims, make_optimizer, autocast_dtype=autocast)
-    return FSDP2Engine(model, dims, plan_for(job.model.family), make_optimizer, autocast_dtype=autocast,
+    return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
                        reshard_after_forward=job.parallel.reshard_after_forward,
-                       cpu_offload=job.parallel.cpu_offload)
+                       cpu_offload=job.parallel.cpu_offload,
+                       activation_checkpointing=job.parallel.activation_checkpointing)
 
 
 ENGINES = ("single", "ddp", "fsdp2")
@@ -152,6 +156,7 @@ RESUMABLE_CHANGES = frozenset({
 LAYOUT_CHANGES = frozenset({
     "parallel.backend", "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.cp",
     "parallel.ep", "parallel.timeout_s", "parallel.reshard_after_forward", "parallel.cpu_offload",
+    "parallel.activation_checkpointing",
     "train.micro_batch_size", "train.grad_accum",
 })
 
