@@ -17,3 +17,11 @@ def test_llama_cpu_benchmark_smoke():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| debug")]
     assert len(rows) == 3 and "x time" in rows[0] and "x speed" in rows[1] and "KV cache" in rows[2]
     assert "Targets:" in res.stdout
+
+
+def test_skinny_linear_benchmark_smoke():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "skinny_linear.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 20M wk")]
+    assert len(rows) == 1 and rows[0].count("|") == 7 and "x |" in rows[0]

@@ -7,9 +7,9 @@ shape of every projection while decoding a few sequences.
 Why. Decoding feeds one token per sequence, so every projection multiplies a (rows, in) input by the
 whole (out, in) weight, and batch-1 decode is bound by reading the weights from memory. `F.linear` hands
 a one-row product to BLAS as a matrix-vector product, which on the 2-core development machine (AMD EPYC,
-MKL) streams about 8 GB/s, while the two cores can read about 26 GB/s. The kernel gives each thread its
-own block of weight rows and streams it once, dotting each row with all input rows: about 1.5x faster per
-projection and 1.24x on the whole decode loop (docs/benchmarks.md has the figures and the command).
+MKL) runs on one core at well under the memory bandwidth the two cores have together. The kernel gives
+each thread (ATen's pool) its own block of weight rows and streams it once, dotting each row with all
+input rows (docs/benchmarks.md has the per-projection and whole-decode figures and their commands).
 
 Design choices
     A subclass, not a new module: attribute names and state-dict keys of every `nn.Linear` stay as they
@@ -38,8 +38,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SKINNY_ROWS = 4
-"""Up to this many rows the kernel beats F.linear: 1.6-1.8x at 1-4 rows, 0.75x at 8 (20M-flavor FFN weights,
-2 threads; `python benchmarks/skinny_linear.py`)."""
+"""Up to this many rows the kernel beats F.linear on every measured shape; at 8 it no longer does on the
+smallest weights (`python benchmarks/skinny_linear.py`; figures in docs/benchmarks.md)."""
 
 _SOURCE = Path(__file__).parent / "kernels" / "skinny_linear.cpp"
 _lock = threading.Lock()

@@ -2,13 +2,13 @@
 //
 // Why this exists: batch-1 decoding multiplies one row per sequence by every weight matrix, so it is
 // bound by how fast the weights stream from memory. BLAS answers a one-row product with a gemv that, on
-// the 2-core development machine, reads about 8 GB/s while the cores can pull about 26 GB/s between them.
+// the 2-core development machine, runs on one core well below the bandwidth both cores can pull.
 // Here each thread takes its own block of w's rows and streams it once, dotting every row of w with all
 // M rows of x (which stay in L1). Nothing else: no tiling over K, no packing, no bias (the caller adds it).
 //
 // Loaded by workbench/nn/linear.py through torch.utils.cpp_extension, which compiles it on first use
-// (cached afterwards); the threads are ATen's own pool (at::parallel_for), so torch.set_num_threads
-// governs them too.
+// (cached afterwards) with -fopenmp: at::parallel_for is inline OpenMP code, so without the flag it runs
+// on one thread. The threads are ATen's own pool, so torch.set_num_threads governs them too.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
