@@ -7,6 +7,7 @@
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S]
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
+    workbench export RUN_DIR --to hf OUT                                 (the same, short)
 
 Errors a user can cause (a bad config key, a missing directory, a corrupt file) print one line,
 `error: ...`, on stderr and exit with status 2. `generate` prints only the generated text on stdout;
@@ -35,8 +36,8 @@ def _dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def _add_source(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--ckpt", metavar="RUN_DIR", help="a workbench run folder (or one of its checkpoints)")
     src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face model directory (config.json, safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -118,6 +119,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from workbench.checkpoint.hf import export_hf_dir
     from workbench.checkpoint.load import load_for_inference
 
+    # `export RUN_DIR --to hf OUT` is the short form of `export --ckpt RUN_DIR --out OUT`
+    if args.run_dir is not None:
+        if args.ckpt or args.hf_dir:
+            raise WorkbenchError("export: give the model once: RUN_DIR, --ckpt RUN_DIR or --hf-dir DIR")
+        args.ckpt = args.run_dir
+    if args.to is not None:
+        if args.to[0] != "hf":
+            raise WorkbenchError(f"--to: unknown format {args.to[0]!r} (expected 'hf')")
+        if args.out is not None:
+            raise WorkbenchError("export: give the output once: --to hf OUT or --out OUT")
+        args.out = args.to[1]
+    if not (args.ckpt or args.hf_dir):
+        raise WorkbenchError("export: which model? give RUN_DIR, --ckpt RUN_DIR or --hf-dir DIR")
+    if args.out is None:
+        raise WorkbenchError("export: where to? give --to hf OUT or --out DIR")
     if args.max_shard_mb is not None and args.max_shard_mb <= 0:
         raise WorkbenchError(f"--max-shard-mb: expected a size > 0 in MiB, got {args.max_shard_mb}")
     model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype))
@@ -151,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
 
     p = sub.add_parser("export", help="write a Hugging Face directory (safetensors + config + tokenizer)")
-    _add_source(p)
-    p.add_argument("--out", required=True, metavar="DIR")
+    _add_source(p, required=False)
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the same as --ckpt RUN_DIR")
+    p.add_argument("--to", nargs=2, metavar=("FORMAT", "OUT"), help="`--to hf OUT`: the same as --out OUT")
+    p.add_argument("--out", metavar="DIR")
     p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size")
     return parser
 

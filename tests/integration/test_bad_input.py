@@ -216,6 +216,13 @@ def test_export_errors(capsys, hf_llama_dir, tmp_path):
                           "file", "already exists")
     assert_one_line_error(*run_cli(capsys, "export", "--hf-dir", str(hf_llama_dir), "--out", str(hf_llama_dir)),
                           "source directory")
+    # the short form `export RUN_DIR --to hf OUT`: one model, one output, a known format
+    assert_one_line_error(*run_cli(capsys, "export", str(tmp_path), "--to", "onnx", str(tmp_path / "y")),
+                          "--to", "expected 'hf'")
+    assert_one_line_error(*run_cli(capsys, "export", str(tmp_path), "--hf-dir", str(hf_llama_dir), "--to", "hf",
+                                   str(tmp_path / "y")), "give the model once")
+    assert_one_line_error(*run_cli(capsys, "export", "--to", "hf", str(tmp_path / "y")), "which model")
+    assert_one_line_error(*run_cli(capsys, "export", "--hf-dir", str(hf_llama_dir)), "where to")
 
 
 def test_override_missing_its_value(capsys):

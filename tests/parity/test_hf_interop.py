@@ -86,6 +86,9 @@ def test_generate_ckpt_run_folder_matches_transformers_on_its_export(tmp_path):
     run = trainer.run_dir
     exported = tmp_path / "exported"
     assert cli("export", "--ckpt", str(run), "--out", str(exported)).returncode == 0
+    short = tmp_path / "exported-short"  # `export RUN_DIR --to hf OUT` is the same command
+    assert cli("export", str(run), "--to", "hf", str(short)).returncode == 0
+    assert (short / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
     prompt, n = "class ", 16
     expected = hf_greedy(exported, prompt, n)
     res = cli("generate", "--ckpt", str(run), "--prompt", prompt, "--max-new-tokens", str(n))
