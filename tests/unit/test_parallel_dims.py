@@ -8,8 +8,8 @@ from workbench.models.llama3 import FLAVORS
 from workbench.parallel.dims import ParallelDims
 
 
-def dims(world: int, seq_len: int | None = 64, **degrees) -> ParallelDims:
-    return ParallelDims.from_config(ParallelSection(**degrees), world, FLAVORS["debug"], seq_len)
+def dims(world: int, **degrees) -> ParallelDims:
+    return ParallelDims.from_config(ParallelSection(**degrees), world, FLAVORS["debug"])
 
 
 @pytest.mark.parametrize("world, degrees, field, expected", [
@@ -25,7 +25,7 @@ def dims(world: int, seq_len: int | None = 64, **degrees) -> ParallelDims:
 def test_bad_layouts_name_the_field(world, degrees, field, expected):
     with pytest.raises(ConfigError) as e:
         dims(world, **degrees)
-    assert f"'{field}" in str(e.value) or f"{field}" in str(e.value)
+    assert field in str(e.value)
     assert expected in str(e.value)
 
 

@@ -5,8 +5,9 @@ Both are the single-process engine plus communication, so everything the trainer
     ddp     DistributedDataParallel over the world: every rank holds the whole model; backward all-reduces
             (averages) gradients bucket by bucket while it runs; `no_sync` skips that for all but the last
             micro-batch of a step.
-    fsdp2   `fully_shard` on every block of the plan and then on the root (embedding, final norm and the
-            head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
+    fsdp2   tensor + sequence parallel first when parallel.tp > 1 (tensor_parallel.py), then activation
+            checkpointing, then (when there are data ranks to shard over) `fully_shard` on every block of the
+            plan and then on the root (embedding, final norm and the head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
             shard; a block's forward all-gathers its parameters and frees them after
             (`reshard_after_forward`), backward reduce-scatters the gradients. `logits` is registered as a
             forward method so it gathers the head too. On a GPU, parameters compute in bf16 and gradients
@@ -17,10 +18,11 @@ divided by the global token count of the step (summed over ranks); the engine mu
 data-parallel world size before backward, so the gradient is the global sum / global count exactly as on
 one process.
 
-State. `model_state_dict` gathers full tensors (rank 0 holds them; others get an empty dict); the optimizer
+State. `model_state_dict` gives full tensors (under fsdp2 only rank 0 holds them, others get an empty dict); the optimizer
 state is full tensors keyed by parameter name, the same layout-free form the single engine writes, so a
 run saved on N ranks resumes on M. Generation: every rank runs the same greedy decode in lockstep under
-fsdp2 (each block all-gathers as in training); ddp decodes on its local replica.
+fsdp2 (each block all-gathers as in training); ddp decodes on its local replica; with tensor parallel every
+rank decodes a gathered whole copy (heads, and so the KV cache, are split across tp ranks).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from workbench.errors import ConfigError
 from workbench.models.base import DecoderOutput
 from workbench.parallel.checkpointing import apply_activation_checkpointing
 from workbench.parallel.dims import ParallelDims
@@ -109,8 +112,10 @@ class _DataParallelEngine(SingleEngine):
         (loss * self.dims.dp_size).backward()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Over the ranks that hold different data (tensor-parallel ranks share one loss: counted once)."""
         out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        group = self.dims.mesh["dp_cp"].get_group() if self.dims.tp > 1 else None
+        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
         return out
 
     def unwrap(self) -> nn.Module:
@@ -134,19 +139,6 @@ class DDPEngine(_DataParallelEngine):
 
     def no_sync(self):
         return self.model.no_sync()
-
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.unwrap().state_dict().items()}
-
-    @contextlib.contextmanager
-    def gather_for_generation(self):
-        model = self.unwrap()
-        was_training = model.training
-        model.eval()
-        try:
-            yield model
-        finally:
-            model.train(was_training)
 
 
 class FSDP2Engine(_DataParallelEngine):
@@ -177,8 +169,9 @@ class FSDP2Engine(_DataParallelEngine):
             # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
             fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
             register_fsdp_forward_method(model, "logits")
-        elif autocast_dtype is not None:
-            raise NotImplementedError("bf16 with tensor parallel alone: add dp_shard > 1 (FSDP2's mixed precision)")
+        elif autocast_dtype is not None:  # bf16 comes from FSDP2's mixed-precision policy
+            raise ConfigError("config key 'run.precision': bf16 with tensor parallel alone is not supported; "
+                              "set run.precision = 'fp32' or add parallel.dp_shard > 1")
         optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
         super().__init__(model, dims, optimizer, scheduler, autocast_dtype=None)
 
@@ -186,13 +179,6 @@ class FSDP2Engine(_DataParallelEngine):
         if self.tp_mesh is None:
             return self.model.logits(hidden, positions=positions)
         return tp_logits(self.model, hidden, positions, self.tp_mesh)
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Over the ranks that hold different data (tp ranks hold the same loss: counted once)."""
-        out = tensor.detach().clone()
-        group = self.dims.mesh["dp_cp"].get_group()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
-        return out
 
     @contextlib.contextmanager
     def gather_for_generation(self):

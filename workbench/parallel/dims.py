@@ -56,14 +56,14 @@ class ParallelDims:
     world_size: int
 
     @classmethod
-    def from_config(cls, parallel, world_size: int, model_cfg=None, seq_len: int | None = None) -> ParallelDims:
-        """Checked degrees from a `ParallelSection`; `model_cfg` and `seq_len` add the divisibility checks."""
+    def from_config(cls, parallel, world_size: int, model_cfg=None) -> ParallelDims:
+        """Checked degrees from a `ParallelSection`; `model_cfg` adds the head and expert divisibility checks."""
         dims = cls(parallel.backend, parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.cp,
                    parallel.ep, world_size)
-        dims.validate(model_cfg, seq_len)
+        dims.validate(model_cfg)
         return dims
 
-    def validate(self, model_cfg=None, seq_len: int | None = None) -> None:
+    def validate(self, model_cfg=None) -> None:
         degrees = {d: getattr(self, d) for d in (*DIMS, "ep")}
         for name, value in degrees.items():
             if value < 1:
@@ -113,10 +113,6 @@ class ParallelDims:
     def dp_rank(self, rank: int) -> int:
         """This global rank's index among the data-parallel ranks (mesh order: tp and cp are innermost)."""
         return rank // (self.cp * self.tp)
-
-    @property
-    def sharded(self) -> bool:
-        return self.backend == "fsdp2" or self.backend == "zero3"
 
     # ------------------------------------------------------------------------------------------------ meshes
 

@@ -88,7 +88,7 @@ class SingleEngine:
         return self.model
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        return {k: v.detach() for k, v in self.unwrap().state_dict().items()}
 
     def state_dict(self) -> dict:
         """The resume state in the layout-free form every engine shares: optimizer moments keyed by
@@ -107,9 +107,10 @@ class SingleEngine:
 
     @contextlib.contextmanager
     def gather_for_generation(self):
-        was_training = self.model.training
-        self.model.eval()
+        model = self.unwrap()
+        was_training = model.training
+        model.eval()
         try:
-            yield self.model
+            yield model
         finally:
-            self.model.train(was_training)
+            model.train(was_training)

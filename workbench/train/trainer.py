@@ -188,7 +188,7 @@ class Trainer:
         Under a launcher (torchrun, deepspeed, accelerate) every rank builds a Trainer; rank 0 alone logs,
         writes the run folder and builds a missing dataset while the others wait for it."""
         self.rank, world = init_distributed(job.parallel.timeout_s)
-        self.dims = ParallelDims.from_config(job.parallel, world, job.model.config, job.data.seq_len)
+        self.dims = ParallelDims.from_config(job.parallel, world, job.model.config)
         if job.parallel.backend not in ENGINES:
             raise ConfigError(f"config key 'parallel.backend': {job.parallel.backend!r} is not available yet "
                               f"(available: {', '.join(ENGINES)})")
