@@ -51,3 +51,19 @@ def test_a_backend_without_an_engine_yet_is_refused_by_the_trainer(tmp_path, deb
     with pytest.raises(ConfigError, match=r"'parallel.backend': 'zero2' is not available yet \(available: single, ddp, fsdp2\)"):
         Trainer(debug_job(tmp_path, "--parallel.backend", "zero2"), log=lambda *a: None)
     assert not (tmp_path / "llama3-debug").exists()  # refused before anything is written
+
+
+def test_a_resume_may_change_the_layout_only_with_the_same_global_batch(tmp_path, debug_job):
+    from workbench.train.trainer import check_resumable
+
+    saved = debug_job(tmp_path, "--train.micro_batch_size", "4", "--train.grad_accum", "2")
+    same = debug_job(tmp_path, "--train.micro_batch_size", "2", "--train.grad_accum", "2",
+                     "--parallel.backend", "fsdp2", "--parallel.dp_shard", "2")
+    check_resumable(saved, same, tmp_path)  # 4 x 2 x 1 = 2 x 2 x 2: allowed
+    other = debug_job(tmp_path, "--train.micro_batch_size", "4", "--train.grad_accum", "2",
+                      "--parallel.backend", "fsdp2", "--parallel.dp_shard", "2")
+    with pytest.raises(ConfigError, match="global batch of 8 samples .* this config gives 16"):
+        check_resumable(saved, other, tmp_path)
+    with pytest.raises(ConfigError, match="'optim.lr'"):  # anything else still may not change
+        check_resumable(saved, debug_job(tmp_path, "--train.micro_batch_size", "4", "--train.grad_accum", "2",
+                                         "--optim.lr", "1e-2"), tmp_path)

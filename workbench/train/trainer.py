@@ -27,9 +27,9 @@ written every `ckpt_every` steps, at the end, and when SIGINT or SIGTERM arrives
 flight; a second SIGINT stops at once). `resume=True` continues from the newest complete checkpoint
 (weights, optimizer and schedule state, the data cursor and stream position) and gives the same per-step
 losses as a run that was never stopped (a metrics record's mean starts again at the resume); it refuses
-config changes that would make it a different run (see RESUMABLE_CHANGES) and a dataset that is not the
-one the run was reading. A step whose loss or gradient is not finite is not applied and does not advance
-the learning-rate schedule.
+config changes that would make it a different run (see RESUMABLE_CHANGES; the LAYOUT_CHANGES are allowed
+while the global batch stays the same) and a dataset that is not the one the run was reading. A step
+whose loss or gradient is not finite is not applied and does not advance the learning-rate schedule.
 """
 
 from __future__ import annotations
