@@ -9,6 +9,9 @@
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
 
+Under a launcher, `--local_rank N` / `--local-rank=N` (which the deepspeed launcher adds before the command)
+is accepted and ignored: the LOCAL_RANK environment variable, which every launcher sets, is what counts.
+
 Errors a user can cause (a bad config key, a missing directory, a corrupt file) print one line,
 `error: ...`, on stderr and exit with status 2. `generate` prints only the generated text on stdout;
 everything else goes to stderr.
@@ -143,8 +146,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_local_rank(p: argparse.ArgumentParser) -> None:
+    """`--local_rank=N`, as the deepspeed launcher appends it (and torch.distributed.launch); ignored."""
+    p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
+    _add_local_rank(parser)  # the deepspeed launcher puts it before the command
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="build a dataset folder (tokenizer, webdataset shards, manifest) from a config")
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment file, e.g. configs/llama3/demo.toml")
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+    _add_local_rank(p)
 
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
