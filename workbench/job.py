@@ -54,6 +54,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    name: Literal["adamw", "sgd"] = field_("adamw", doc="sgd: plain SGD with optional momentum (layout tests)")
     lr: float = field_(3e-3, gt=0)
     min_lr_ratio: float = field_(0.1, ge=0, le=1, doc="final lr of cosine and wsd, as a fraction of lr")
     warmup_steps: int = field_(20, ge=0)
@@ -63,6 +64,7 @@ class OptimSection:
     eps: float = field_(1e-8, gt=0)
     weight_decay: float = field_(0.1, ge=0, doc="applied to matrices only (not norms, not embeddings)")
     grad_clip: float = field_(1.0, ge=0, doc="max global grad norm; 0 = off")
+    momentum: float = field_(0.0, ge=0, lt=1, doc="sgd only")
 
     def validate(self) -> None:
         for i, b in enumerate(self.betas):
@@ -97,6 +99,8 @@ class ParallelSection:
     cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
     activation_checkpointing: Literal["none", "full", "selective"] = field_(
         "none", doc="recompute each block's activations in backward (selective keeps the matmul outputs)")
+    compile: bool = field_(False, doc="torch.compile each block (for CUDA; works but slow to start on CPU)")
+    deepspeed_config: str = field_("", doc="zero1-3: a DeepSpeed JSON file merged over the generated config")
 
 
 @dataclass

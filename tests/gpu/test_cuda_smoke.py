@@ -12,7 +12,7 @@ from workbench.job import OptimSection
 from workbench.models.base import ModelSection, build_model
 from workbench.parallel.single import SingleEngine
 from workbench.train.objectives.lm import LMObjective
-from workbench.train.optim import build_adamw
+from workbench.train.optim import build_optimizer
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +28,7 @@ def batch(device, B=8, T=64, seed=0):
 def losses(autocast, steps=8):
     torch.manual_seed(0)
     model = build_model(ModelSection.of("llama3", "debug"), device="cuda")
-    engine = SingleEngine(model, build_adamw(model, OptimSection(lr=3e-3)), autocast_dtype=autocast)
+    engine = SingleEngine(model, build_optimizer(model, OptimSection(lr=3e-3)), autocast_dtype=autocast)
     obj, mb, out = LMObjective(), batch("cuda"), []
     for _ in range(steps):
         loss = obj.loss({"policy": engine}, mb, obj.units(mb)).loss

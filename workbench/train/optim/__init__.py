@@ -1,6 +1,10 @@
 """Optimizers and learning-rate schedules built from the `[optim]` section.
 
-AdamW with decoupled weight decay applied to matrices only: norms' gains and embeddings are not decayed
+`optim.name`: AdamW (the default) or SGD with optional momentum. SGD is there for layout tests: its update
+is linear in the gradient, so two layouts that reduce gradients in a different order give weights equal to
+rounding, where AdamW's division by sqrt(v) amplifies that noise in coordinates with tiny gradients.
+
+Both apply decoupled weight decay to matrices only: norms' gains and embeddings are not decayed
 (decaying a gain toward 0 fights the normalization it scales; decaying embeddings shrinks rare tokens).
 
 Schedules, as a multiplier on `lr` at step s (0-based, applied before the step's update):
@@ -36,10 +40,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: nn.Module, optim) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    """`optim.name` over the model's parameter groups (see param_groups)."""
+    groups = param_groups(model, optim.weight_decay)
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+
+
+def optimizer_kwargs(optim) -> dict:
+    """The keyword arguments build_optimizer gives torch.optim.<name> (what a DeepSpeed config names)."""
+    if optim.name == "sgd":
+        return {"lr": optim.lr, "momentum": optim.momentum}
+    return {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
