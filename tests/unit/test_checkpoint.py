@@ -13,21 +13,40 @@ def model_state(v: float):
     return {"w": torch.full((4, 4), v), "b": torch.arange(3.0)}
 
 
+def write_engine(folder):
+    """An engine's resume state as every engine writes it: files of its own under the folder it is given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    run.write_json_state(folder / "state.json", {"scheduler": {"last_epoch": 5, "betas": (0.9, 0.95)}})
+
+
 def save(root, step, v=1.0, **kw):
-    return run.save_checkpoint(root, step, model_state(v), {"step": step}, {"optimizer": {0: {"m": torch.ones(2)}}}, **kw)
+    return run.save_checkpoint(root, step, model_state(v), {"step": step}, write_engine, **kw)
 
 
 def test_layout_and_round_trip(tmp_path):
     ckpt = save(tmp_path, 5)
     names = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
-    assert names == ["COMPLETE", "engine/state.json", "engine/state.safetensors", "manifest.json",
-                     "model.safetensors", "train_state.json"]
+    assert names == ["COMPLETE", "engine/state.json", "manifest.json", "model.safetensors", "train_state.json"]
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert set(manifest) == {"engine/state.json", "engine/state.safetensors", "model.safetensors", "train_state.json"}
+    assert set(manifest) == {"engine/state.json", "model.safetensors", "train_state.json"}
     assert torch.equal(run.load_model_state(ckpt)["w"], model_state(1.0)["w"])
-    weights, train_state, engine_state = run.load_for_resume(ckpt)
-    assert torch.equal(weights["b"], torch.arange(3.0)) and train_state == {"step": 5} and torch.equal(engine_state["optimizer"][0]["m"], torch.ones(2))
+    weights, train_state, engine_dir = run.load_for_resume(ckpt)
+    assert torch.equal(weights["b"], torch.arange(3.0)) and train_state == {"step": 5}
+    assert run.read_json_state(engine_dir / "state.json") == {"scheduler": {"last_epoch": 5, "betas": (0.9, 0.95)}}
     assert run.resolve_checkpoint(tmp_path) == ckpt == run.resolve_checkpoint(ckpt)
+
+
+def test_a_flipped_byte_in_the_engine_state_stops_the_resume_before_it_is_read(tmp_path):
+    """DCP metadata and DeepSpeed files are pickles: the manifest is checked before anything is loaded."""
+    ckpt = save(tmp_path, 5)
+    path = ckpt / "engine" / "state.json"
+    data = bytearray(path.read_bytes())
+    data[3] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"engine/state.json: sha256 differs"):
+        run.load_for_resume(ckpt)
+    with pytest.raises(TypeError, match="tensors at"):
+        run.write_json_state(tmp_path / "x.json", {"m": torch.ones(2)})
 
 
 def test_flatten_keeps_types():

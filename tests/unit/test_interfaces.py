@@ -1,6 +1,6 @@
 """The contracts of the interfaces everything plugs into: Engine, Objective, Generator, the data cursor and collator."""
 
-import copy
+import math
 
 import numpy as np
 import pytest
@@ -41,8 +41,8 @@ def test_single_engine_satisfies_the_protocol_and_steps():
     engine.backward(out.loss)
     norm = engine.clip_grad_norm(0.0)
     assert norm > 0 and engine.clip_grad_norm(1e-3) == pytest.approx(float(norm), rel=1e-5)
-    engine.step()
-    engine.zero_grad()
+    measured, applied = engine.optimizer_step(1e-3, float(out.loss))
+    assert applied and measured == pytest.approx(1e-3, rel=1e-4)  # the norm after the clip above
     assert not torch.equal(before, model.norm.weight)
     assert all(p.grad is None for p in model.parameters())
     with engine.gather_for_generation() as m:
@@ -58,7 +58,21 @@ def test_frozen_engine_has_no_optimizer():
         engine.step()
 
 
-def test_engine_state_round_trip_restores_optimizer():
+def test_optimizer_step_skips_a_non_finite_loss_or_norm():
+    model = tiny_model()
+    engine = SingleEngine(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.clone() for p in model.parameters()]
+    out = LMObjective().loss({"policy": engine}, lm_batch(), total_units=LMObjective().units(lm_batch()))
+    engine.backward(out.loss)
+    norm, applied = engine.optimizer_step(1.0, float("nan"))
+    assert not applied and norm > 0 and all(p.grad is None for p in model.parameters())
+    engine.backward(LMObjective().loss({"policy": engine}, lm_batch(), 64).loss * float("inf"))
+    norm, applied = engine.optimizer_step(1.0, 1.0)
+    assert not applied and not math.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_engine_state_round_trip_restores_optimizer(tmp_path):
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine = SingleEngine(model, opt)
@@ -66,11 +80,11 @@ def test_engine_state_round_trip_restores_optimizer():
         LMObjective().loss({"policy": engine}, lm_batch(), 64).loss.backward()
         engine.step()
         engine.zero_grad()
-    state = copy.deepcopy(engine.state_dict())  # a checkpoint holds a copy, not the live moments
+    engine.save_state(tmp_path / "engine")  # DCP shards + JSON, as a checkpoint holds them
     model2 = tiny_model(seed=1)
     model2.load_state_dict(model.state_dict())
     engine2 = SingleEngine(model2, torch.optim.AdamW(model2.parameters(), lr=1e-2))
-    engine2.load_state_dict(state)
+    engine2.load_state(tmp_path / "engine")
     for e in (engine, engine2):
         LMObjective().loss({"policy": e}, lm_batch(seed=5), 64).loss.backward()
         e.step()

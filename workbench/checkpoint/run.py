@@ -4,17 +4,21 @@ Layout of one checkpoint
 
     checkpoints/step-N/
       model.safetensors      consolidated weights: what generate, eval, export and the next stage read
-      train_state.json       step, data cursor, anything else JSON can hold
-      engine/state.safetensors + engine/state.json
-                             the engine's resume state (optimizer moments, scheduler), tensors in
-                             safetensors and the structure in JSON: no pickle anywhere
+      train_state.json       step, data cursor, the layout that wrote it, anything else JSON can hold
+      engine/                the engine's resume state, written by every rank:
+                               single, ddp, fsdp2 (and tp)   dcp/ (torch.distributed.checkpoint: each rank's
+                                                             optimizer shards + .metadata) and state.json
+                                                             (optimizer hyperparameters, the schedule)
+                               zero1-3                       deepspeed/ (DeepSpeed's own checkpoint)
       manifest.json          sha256 and size of every file above
       COMPLETE               written last
 
-Atomicity: everything is written into `step-N.tmp/`, the marker last, then the folder is renamed to
-`step-N`. A crash leaves either a `.tmp` folder (ignored, removed by the next save) or a complete
-checkpoint. Readers take the newest folder with a `COMPLETE` marker and verify the manifest before
-loading anything, because safetensors detects truncation but not a flipped bit.
+Atomicity: everything is written into `step-N.tmp/` (every rank writes its engine shards there, then rank 0
+the rest), the marker last, then the folder is renamed to `step-N`. A crash leaves either a `.tmp` folder
+(ignored, removed by the next save) or a complete checkpoint. Readers take the newest folder with a
+`COMPLETE` marker and verify the manifest before loading anything, because safetensors detects truncation
+but not a flipped bit, and DCP metadata and DeepSpeed files are pickles. Several nodes need a checkpoint
+folder on storage they all share.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,18 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
         return x
 
     return dec(skeleton)
+
+
+def write_json_state(path: Path, obj: Any) -> None:
+    """A nested structure without tensors (optimizer hyperparameters, a schedule) as JSON, key types kept."""
+    tensors, skeleton = flatten_state(obj)
+    if tensors:
+        raise TypeError(f"{path}: tensors at {', '.join(tensors)} (they belong in safetensors or DCP)")
+    path.write_text(json.dumps(skeleton) + "\n")
+
+
+def read_json_state(path: Path) -> Any:
+    return unflatten_state({}, json.loads(path.read_text()))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,26 +166,33 @@ def save_checkpoint(
     step: int,
     model_state: dict[str, torch.Tensor],
     train_state: dict,
-    engine_state: Any = None,
+    write_engine_state: Callable[[Path], None] | None = None,
     keep_last: int | None = None,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
+    """Write checkpoint `step` of a run. Every rank calls this; `write_engine_state(folder)` runs on every
+    rank (a collective: each writes its shards), the rest on rank 0 (`is_main`) alone. `barrier` waits for
+    all ranks (a no-op in one process)."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    tmp = root / f"step-{step}.tmp"
     if (final / MARKER).is_file():
         # never delete a complete checkpoint to write another: there would be a moment with neither
         raise CheckpointError(f"checkpoint {final}: already exists")
-    tmp = root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    if write_engine_state is not None:
+        write_engine_state(tmp / "engine")
+    barrier()
+    if not is_main:
+        return final
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1) + "\n")
-    if engine_state is not None:
-        (tmp / "engine").mkdir()
-        tensors, skeleton = flatten_state(engine_state)
-        save_file(tensors, str(tmp / "engine" / "state.safetensors"))
-        (tmp / "engine" / "state.json").write_text(json.dumps(skeleton) + "\n")
     _write_manifest(tmp)
     _fsync_tree(tmp)
     (tmp / MARKER).write_text(f"step {step}\n")
@@ -211,14 +235,10 @@ def load_model_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return read_file(ckpt / "model.safetensors")
 
 
-def load_for_resume(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, Any]:
-    """(model_state, train_state, engine_state) of a checkpoint, verified once against its manifest."""
+def load_for_resume(ckpt: str | Path, check: bool = True) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """(model_state, train_state, engine state folder) of a checkpoint, after verifying its manifest
+    (`check=False`: another rank has just verified the same files)."""
     ckpt = Path(ckpt)
-    verify(ckpt)
-    model_state = read_file(ckpt / "model.safetensors")
-    train_state = json.loads((ckpt / "train_state.json").read_text())
-    engine_state = None
-    if (ckpt / "engine" / "state.json").is_file():
-        skeleton = json.loads((ckpt / "engine" / "state.json").read_text())
-        engine_state = unflatten_state(read_file(ckpt / "engine" / "state.safetensors"), skeleton)
-    return model_state, train_state, engine_state
+    if check:
+        verify(ckpt)
+    return read_file(ckpt / "model.safetensors"), json.loads((ckpt / "train_state.json").read_text()), ckpt / "engine"

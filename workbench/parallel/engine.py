@@ -8,23 +8,28 @@ parameters and gathers them per block), and those differences stay inside the en
     logits(hidden, positions)            the vocabulary projection (the lm head may be sharded)
     backward(loss)                       accumulate gradients of a (normalized) micro-batch loss
     no_sync()                            context: skip gradient communication for all but the last micro-batch
-    clip_grad_norm(max_norm) -> norm     the global gradient norm before clipping (max_norm 0: measure only)
-    step()                               optimizer step, then the learning-rate schedule
+    optimizer_step(max_norm, loss) -> (norm, applied)
+                                         end of a step: the global gradient norm before clipping (clipped to
+                                         max_norm when > 0), the optimizer and schedule step unless the loss or
+                                         norm is not finite (the same decision on every rank), zero_grad
     zero_grad()
     all_reduce(tensor, op)               sum/max over the data-parallel ranks (loss normalization, metrics)
     unwrap() -> nn.Module                the plain model (for reading config and non-forward methods)
     model_state_dict()                   consolidated full weights (what model.safetensors holds)
-    state_dict() / load_state_dict()     the resume state: optimizer moments and schedule
+    save_state(folder) / load_state(folder)
+                                         the resume state (optimizer moments, schedule), written and read by
+                                         every rank: DCP for single/ddp/fsdp2/tp, DeepSpeed's own for ZeRO
     gather_for_generation()              context yielding a module with full parameters for decoding
     rank, world_size, is_main, device, lr
 
-Frozen models (a DPO reference, a distillation teacher) get an engine without an optimizer; `step`
-on one raises.
+Frozen models (a DPO reference, a distillation teacher) get an engine without an optimizer;
+`optimizer_step` on one raises.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -53,9 +58,7 @@ class Engine(Protocol):
 
     def no_sync(self) -> AbstractContextManager: ...
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor: ...
-
-    def step(self) -> None: ...
+    def optimizer_step(self, max_norm: float, loss: float) -> tuple[float, bool]: ...
 
     def zero_grad(self) -> None: ...
 
@@ -65,8 +68,8 @@ class Engine(Protocol):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]: ...
 
-    def state_dict(self) -> dict: ...
+    def save_state(self, folder: Path) -> None: ...
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state(self, folder: Path) -> None: ...
 
     def gather_for_generation(self) -> AbstractContextManager[nn.Module]: ...

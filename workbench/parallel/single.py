@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -12,10 +17,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from workbench.checkpoint.run import read_json_state, write_json_state
 from workbench.models.base import DecoderOutput
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Whole tensors keyed by parameter name (on rank 0 only, under a sharding engine)."""
+
+
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """DCP warns when it runs without a process group; in a single-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class SingleEngine:
@@ -70,6 +84,17 @@ class SingleEngine:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
+    def optimizer_step(self, max_norm: float, loss: float) -> tuple[float, bool]:
+        """End of a step: the gradient norm (clipped to max_norm when > 0), then the optimizer and schedule
+        step unless the loss or the norm is not finite, then zero_grad. Both numbers are global (reduced
+        over the ranks), so every rank makes the same decision. Returns (norm before clipping, applied)."""
+        norm = float(self.clip_grad_norm(max_norm))
+        applied = math.isfinite(loss) and math.isfinite(norm)
+        if applied:
+            self.step()
+        self.zero_grad()
+        return norm, applied
+
     def step(self) -> None:
         if self.optimizer is None:
             raise RuntimeError("this engine wraps a frozen model: it has no optimizer to step")
@@ -90,20 +115,33 @@ class SingleEngine:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.unwrap().state_dict().items()}
 
-    def state_dict(self) -> dict:
-        """The resume state in the layout-free form every engine shares: optimizer moments keyed by
-        parameter name, as full tensors, so a run saved by one engine or world size resumes on another."""
-        return {
-            "optimizer": (get_optimizer_state_dict(self.model, self.optimizer, options=FULL)
-                          if self.optimizer is not None else None),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-        }
+    def save_state(self, folder: Path) -> None:
+        """The resume state, written by every rank (a collective): the optimizer's tensors through
+        torch.distributed.checkpoint (each rank its shards; DCP reshards them on load, so a run saved on N
+        ranks or under another engine resumes on M), its hyperparameters and the schedule as JSON."""
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        if self.optimizer is not None:
+            osd = get_optimizer_state_dict(self.model, self.optimizer)
+            with _one_process_is_meant():
+                dcp.save({"optimizer": osd["state"]}, checkpoint_id=str(folder / "dcp"), no_dist=not dist.is_initialized())
+            meta["param_groups"] = osd["param_groups"]
+        if self.is_main:
+            write_json_state(folder / "state.json", meta)
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL)
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+    def load_state(self, folder: Path) -> None:
+        """Read what save_state wrote (the caller has verified the checkpoint's manifest: DCP unpickles
+        its metadata)."""
+        meta = read_json_state(folder / "state.json")
+        if self.optimizer is not None:
+            # the optimizer's state laid out as this engine holds it (sharded under fsdp2 and tp), filled in place
+            target = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
+            with _one_process_is_meant():
+                dcp.load(target, checkpoint_id=str(folder / "dcp"), no_dist=not dist.is_initialized())
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     {"state": target["optimizer"], "param_groups": meta["param_groups"]})
+        if self.scheduler is not None and meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
 
     @contextlib.contextmanager
     def gather_for_generation(self):
