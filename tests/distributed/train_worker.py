@@ -9,6 +9,8 @@ OUT_DIR/results-<rank>.json: {name: {"losses", "grad_norms", "skipped", "steps",
 
 Besides overrides a case may hold:
     --resume               continue OUT_DIR/<name> if it has a checkpoint (as `workbench train --resume`)
+    --copy-from=CASE:STEP  start from a copy of OUT_DIR/CASE cut back to its step-STEP checkpoint (as if that
+                           run had stopped there; rank 0 copies, the others wait); with --resume it continues
     --fault=KIND@STEP:RANK inject a fault on RANK just before it runs step STEP:
                            hang   sleep for an hour (the others wait in the step's first collective)
                            kill   SIGKILL itself, on the launcher's first attempt only
@@ -17,11 +19,15 @@ Besides overrides a case may hold:
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
+from workbench.checkpoint.run import list_checkpoints, step_of
 from workbench.config import load_config
 from workbench.job import JobConfig
 from workbench.train.trainer import Trainer
@@ -53,13 +59,27 @@ def inject(trainer: Trainer, fault: str) -> None:
     trainer.train_step, trainer.objective.loss = faulty_step, faulty_loss
 
 
+def copy_run(out: Path, name: str, spec: str) -> None:
+    source, step = spec.split(":")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.copytree(out / source, out / name)
+        for ckpt in list_checkpoints(out / name):
+            if step_of(ckpt) > int(step):
+                shutil.rmtree(ckpt)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def main() -> None:
     out, data, cases = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     results, trainer = {}, None
     for name, args in cases.items():
         resume = "--resume" in args
         faults = [a.split("=", 1)[1] for a in args if a.startswith("--fault=")]
-        overrides = [a for a in args if a != "--resume" and not a.startswith("--fault=")]
+        for a in args:
+            if a.startswith("--copy-from="):
+                copy_run(out, name, a.split("=", 1)[1])
+        overrides = [a for a in args if a != "--resume" and not a.startswith(("--fault=", "--copy-from="))]
         job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--run.name", name, "--data.dir", data,
                                                   "--train.sample_tokens", "0", *overrides])
         trainer = Trainer(job, resume=resume, log=lambda *a, **k: None)

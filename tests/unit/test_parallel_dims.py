@@ -1,5 +1,7 @@
 """ParallelDims: every bad layout is refused before any process group exists, naming the field."""
 
+import re
+
 import pytest
 
 from workbench.errors import ConfigError
@@ -45,12 +47,46 @@ def test_sizes_and_ranks_of_a_good_layout():
     assert dims(1).describe() == "single on 1 rank"
 
 
-def test_a_backend_without_an_engine_yet_is_refused_by_the_trainer(tmp_path, debug_job):
-    from workbench.train.trainer import Trainer
+def test_a_zero_run_resumes_only_under_the_same_backend_and_world(tmp_path, debug_job):
+    from workbench.train.trainer import check_resumable
 
-    with pytest.raises(ConfigError, match=r"'parallel.backend': 'zero2' is not available yet \(available: single, ddp, fsdp2\)"):
-        Trainer(debug_job(tmp_path, "--parallel.backend", "zero2"), log=lambda *a: None)
-    assert not (tmp_path / "llama3-debug").exists()  # refused before anything is written
+    zero2 = debug_job(tmp_path, "--parallel.backend", "zero2", "--parallel.dp_shard", "2")
+    check_resumable(zero2, zero2, tmp_path)
+    for other in (["--parallel.backend", "zero3", "--parallel.dp_shard", "2"],
+                  ["--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"],
+                  ["--parallel.backend", "zero2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "32"]):
+        with pytest.raises(ConfigError, match=r"'parallel.backend': .* was trained with zero2 on 2 rank"):
+            check_resumable(zero2, debug_job(tmp_path, *other), tmp_path)
+    with pytest.raises(ConfigError, match=r"trained with fsdp2 on 2 rank\(s\), this config asks for zero2 on 2"):
+        check_resumable(debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"), zero2, tmp_path)
+
+
+def test_the_deepspeed_config_comes_from_ours_with_a_user_json_merged_on_top(tmp_path, debug_job):
+    from workbench.parallel.zero import deepspeed_config
+
+    job = debug_job(tmp_path, "--parallel.backend", "zero3", "--parallel.dp_shard", "2", "--train.grad_accum", "2",
+                    "--optim.name", "sgd", "--optim.momentum", "0.9")
+    dims = ParallelDims.from_config(job.parallel, 2)
+    ours = deepspeed_config(job, 3, dims, bf16=False)
+    assert ours["train_batch_size"] == job.train.micro_batch_size * 2 * 2 and ours["managed_gradient_accumulation"] is False
+    assert ours["optimizer"] == {"type": "SGD", "params": {"lr": job.optim.lr, "momentum": 0.9}}
+    assert ours["zero_optimization"] == {"stage": 3, "overlap_comm": False} and ours["zero_allow_untested_optimizer"]
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}, "bf16": {"enabled": true}}')
+    job.parallel.deepspeed_config = str(user)
+    merged = deepspeed_config(job, 3, dims, bf16=False)
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False, "reduce_bucket_size": 1000}
+    assert merged["bf16"] == {"enabled": True} and merged["optimizer"] == ours["optimizer"]
+    for text, message in [('{"train_micro_batch_size_per_gpu": 99}', "sets train_micro_batch_size_per_gpu = 99"),
+                          ('{"zero_optimization": {"stage": 1}}', "asks for ZeRO stage 1 but parallel.backend is 'zero3'"),
+                          ('{"managed_gradient_accumulation": true}', "the trainer owns accumulation"),
+                          ("[1, 2]", "must hold a JSON object"), ("{not json", "is not JSON")]:
+        user.write_text(text)
+        with pytest.raises(ConfigError, match=r"'parallel.deepspeed_config': .*" + re.escape(message)):
+            deepspeed_config(job, 3, dims, bf16=False)
+    job.parallel.deepspeed_config = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="cannot read .*missing.json"):
+        deepspeed_config(job, 3, dims, bf16=False)
 
 
 def test_a_resume_may_change_the_layout_only_with_the_same_global_batch(tmp_path, debug_job):

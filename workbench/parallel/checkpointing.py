@@ -1,4 +1,5 @@
-"""Activation checkpointing per block: keep less of the forward, recompute it in backward.
+"""Per-block wrappers: activation checkpointing (keep less of the forward, recompute it in backward) and
+torch.compile (apply_compile, at the end).
 
     none        every activation a block's backward needs is kept (fastest, most memory)
     full        only each block's input is kept; backward reruns the block's forward first
@@ -49,3 +50,15 @@ def apply_activation_checkpointing(model: nn.Module, plan: Plan, mode: str) -> N
             return checkpoint(_inner, *args, use_reentrant=False, **extra, **kwargs)
 
         block.forward = forward
+
+
+def apply_compile(model: nn.Module, plan: Plan, enabled: bool) -> None:
+    """torch.compile every block of the plan, in place (`Module.compile`: parameter names and the module
+    tree stay as they are, so checkpoints, FSDP2 and ZeRO wrap the same blocks). Per block, not the whole
+    model: the blocks share one code path, so the graph compiles once and is reused for all of them, and
+    FSDP2's per-block gathers stay outside the compiled regions. Applied after activation checkpointing and
+    before FSDP2 or ZeRO (DESIGN.md rule 2). Meant for CUDA; on CPU it works but the compile takes minutes."""
+    if not enabled:
+        return
+    for block in model.get_submodule(plan.blocks):
+        block.compile()

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from workbench.errors import ConfigError
 from workbench.models.base import DecoderOutput
-from workbench.parallel.checkpointing import apply_activation_checkpointing
+from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import Plan
 from workbench.parallel.single import FULL, SingleEngine
@@ -144,7 +144,7 @@ class DDPEngine(_DataParallelEngine):
 class FSDP2Engine(_DataParallelEngine):
     def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, make_optimizer=None,
                  autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 activation_checkpointing: str = "none"):
+                 activation_checkpointing: str = "none", compile: bool = False):
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -156,6 +156,7 @@ class FSDP2Engine(_DataParallelEngine):
         if self.tp_mesh is not None:  # TP/SP first, then FSDP over the data ranks (DESIGN.md rule 2)
             apply_tensor_parallel(model, plan, self.tp_mesh)
         apply_activation_checkpointing(model, plan, activation_checkpointing)
+        apply_compile(model, plan, compile)
         self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over
         if self.fsdp:
             mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]

@@ -6,8 +6,8 @@ One step
     3. N = all_reduce(sum of objective.units(mb))           the step's global count of loss terms
     4. for each micro-batch: loss = objective.loss(engines, mb, N); engine.backward(loss)
        (inside engine.no_sync() for all but the last, so data-parallel engines reduce once)
-    5. grad norm (clipped); a non-finite loss or norm skips the update and says which step
-    6. engine.step(); engine.zero_grad()
+    5. engine.optimizer_step(grad_clip, loss): grad norm (clipped), then the update unless the loss or the
+       norm is not finite (the log says which step); zero_grad
 
 Data. The dataset folder `data.dir` (webdataset shards + manifest, see data_pipelines.shards) is built
 on first use when it does not exist; the train split streams through `ShardStream` at the global cursor,
@@ -54,7 +54,7 @@ from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
-from workbench.parallel.checkpointing import apply_activation_checkpointing
+from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from workbench.parallel.data_parallel import (
     DDPEngine,
     FSDP2Engine,
@@ -65,9 +65,10 @@ from workbench.parallel.data_parallel import (
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import plan_for
 from workbench.parallel.single import SingleEngine
+from workbench.parallel.zero import ZeroEngine
 from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
-from workbench.train.optim import build_adamw, build_scheduler
+from workbench.train.optim import build_optimizer, build_scheduler
 
 # Dense bf16 peak FLOP/s by CUDA device name (performance.md: the MFU convention); unknown cards show no MFU.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -90,27 +91,27 @@ def pick_device(name: str, what: str = "config key 'run.device'") -> torch.devic
 
 
 def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, autocast: torch.dtype | None):
-    """The engine of `parallel.backend` around `model`, with AdamW and the schedule built over the
-    parameters the engine trains (FSDP2's are sharded DTensors, so the optimizer comes after wrapping)."""
+    """The engine of `parallel.backend` around `model`, with the optimizer and the schedule built over the
+    parameters the engine trains (FSDP2's are sharded DTensors, so the optimizer comes after wrapping;
+    DeepSpeed builds its own from the generated config). The plan's per-block treatments come in the order of
+    DESIGN.md rule 2: tensor parallel, activation checkpointing, compile, then FSDP2 or ZeRO."""
 
     def make_optimizer(m: torch.nn.Module):
-        optimizer = build_adamw(m, job.optim)
+        optimizer = build_optimizer(m, job.optim)
         return optimizer, build_scheduler(optimizer, job.optim, job.train.steps)
 
-    backend, plan = job.parallel.backend, plan_for(job.model.family)
+    backend, plan, par = job.parallel.backend, plan_for(job.model.family), job.parallel
+    if backend == "fsdp2":
+        return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
+                           reshard_after_forward=par.reshard_after_forward, cpu_offload=par.cpu_offload,
+                           activation_checkpointing=par.activation_checkpointing, compile=par.compile)
+    apply_activation_checkpointing(model, plan, par.activation_checkpointing)
+    apply_compile(model, plan, par.compile)
     if backend == "single":
-        apply_activation_checkpointing(model, plan, job.parallel.activation_checkpointing)
         return SingleEngine(model, *make_optimizer(model), autocast_dtype=autocast)
     if backend == "ddp":
-        apply_activation_checkpointing(model, plan, job.parallel.activation_checkpointing)
         return DDPEngine(model, dims, make_optimizer, autocast_dtype=autocast)
-    return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
-                       reshard_after_forward=job.parallel.reshard_after_forward,
-                       cpu_offload=job.parallel.cpu_offload,
-                       activation_checkpointing=job.parallel.activation_checkpointing)
-
-
-ENGINES = ("single", "ddp", "fsdp2")
+    return ZeroEngine(model, dims, job, autocast_dtype=autocast)
 
 
 @contextlib.contextmanager
@@ -174,6 +175,15 @@ def check_resumable(saved: JobConfig, job: JobConfig, where: Path) -> None:
             raise ConfigError(
                 f"config key '{key}': --resume keeps the run's settings, and {where} has {old.get(key)!r} "
                 f"where this config has {new.get(key)!r}")
+    old_world, new_world = (c["parallel.dp_replicate"] * c["parallel.dp_shard"] * c["parallel.tp"] * c["parallel.cp"]
+                            for c in (old, new))
+    old_backend, new_backend = old["parallel.backend"], new["parallel.backend"]
+    if "zero" in old_backend[:4] + new_backend[:4] and (old_backend, old_world) != (new_backend, new_world):
+        raise ConfigError(
+            f"config key 'parallel.backend': {where} was trained with {old_backend} on {old_world} rank(s), this "
+            f"config asks for {new_backend} on {new_world}; a ZeRO run's optimizer state is DeepSpeed's, partitioned "
+            f"by rank, so it resumes only under the same backend and world size (the other engines share one "
+            f"resharding DCP format among themselves)")
     if global_batch(old) != global_batch(new):
         raise ConfigError(
             f"config keys 'train.micro_batch_size' x 'train.grad_accum' x 'parallel.dp_replicate' x "
@@ -189,9 +199,6 @@ class Trainer:
         writes the run folder and builds a missing dataset while the others wait for it."""
         self.rank, world = init_distributed(job.parallel.timeout_s)
         self.dims = ParallelDims.from_config(job.parallel, world, job.model.config)
-        if job.parallel.backend not in ENGINES:
-            raise ConfigError(f"config key 'parallel.backend': {job.parallel.backend!r} is not available yet "
-                              f"(available: {', '.join(ENGINES)})")
         self.is_main = self.rank == 0
         self.job, self.log = job, log if self.is_main else (lambda *a, **k: None)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(job.run.out_dir) / job.run.name
@@ -228,14 +235,15 @@ class Trainer:
         self.step = 0
         self._val_batches: list[dict] | None = None
         self.val_batches()  # a validation split too small for one sample stops here, before any file is written
-        train_state = engine_state = None
+        train_state = engine_dir = None
         if self.resume_from is not None:  # weights go into the plain model, before any wrapper shards it
-            model_state, train_state, engine_state = load_for_resume(self.resume_from)
+            with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
+                model_state, train_state, engine_dir = load_for_resume(self.resume_from, check=self.is_main)
             self.model.load_state_dict(model_state)
         bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
         self.engine = build_engine(self.model, job, self.dims, torch.bfloat16 if bf16 else None)
         if self.resume_from is not None:
-            self.engine.load_state_dict(engine_state)
+            self.engine.load_state(engine_dir)
             self.cursor.load_state_dict(train_state["cursor"])
             self.data.load_state_dict(train_state["data"])
             self.step = train_state["step"]
@@ -319,29 +327,25 @@ class Trainer:
             loss_sum += out.loss.detach()
             tokens += out.units.get("tokens", 0)
         loss = float(self.engine.all_reduce(loss_sum))
-        grad_norm = float(self.engine.clip_grad_norm(self.job.optim.grad_clip))
         lr = self.engine.lr
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        grad_norm, applied = self.engine.optimizer_step(self.job.optim.grad_clip, loss)
+        skipped = not applied
         if skipped:
             self.log(f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                      f"the update is not applied")
-            self.engine.zero_grad()
-        else:
-            self.engine.step()
-            self.engine.zero_grad()
         self.step += 1
         return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                 "tokens": tokens * self.dims.dp_size, "skipped": skipped}
 
     def save(self) -> Path:
         """Every rank gathers (a sharding engine's state is spread over them); rank 0 writes; all wait."""
-        train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict()}
-        model_state, engine_state = self.engine.model_state_dict(), self.engine.state_dict()
-        path = self.run_dir / "checkpoints" / f"step-{self.step}"
-        if self.is_main:
-            path = save_checkpoint(self.run_dir, self.step, model_state, train_state, engine_state,
-                                   keep_last=self.job.train.keep_last)
-        if self.dims.world_size > 1:
+        train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
+                       "layout": self.dims.describe()}
+        multi = self.dims.world_size > 1
+        path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
+                               self.engine.save_state, keep_last=self.job.train.keep_last, is_main=self.is_main,
+                               barrier=torch.distributed.barrier if multi else lambda: None)
+        if multi:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is still being written
         self.saved_step = self.step
         return path
