@@ -8,8 +8,12 @@ TORCH  ?= torch==2.13.0
 #   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# C++ ops compiled on first use (DeepSpeed's CPU shared-memory communication op, the CPU decode kernel) go
+# to one fixed folder inside the venv, built once by `make ops` rather than inside a timed test.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
+OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup demo test test-gpu lint bench clean
+.PHONY: setup ops demo test test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +24,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(OPS): $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+	$(BIN)/python -c "from workbench.nn.linear import skinny_linear_op, skinny_linear_error; skinny_linear_op() or print('CPU decode kernel not built:', skinny_linear_error())"
+	touch $@
+
+ops: $(OPS)
+
 # The main job: the standard library's source -> tokenizer + shards (data/stdlib-4096), pretrain the ~2M
 # Llama 3 on them with validation, then sample from it.
 # --resume: a second `make demo` continues (or, when finished, reuses) runs/llama3-demo instead of failing.
@@ -29,7 +40,7 @@ demo: setup
 	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def" --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
 
 # The whole suite (CPU). GPU tests skip themselves here, naming why.
-test: setup
+test: setup ops
 	$(BIN)/python -m pytest -q
 
 # Single-GPU smoke tests, on a machine with CUDA torch already installed (no venv: it would pull CPU torch).

@@ -99,8 +99,13 @@ class ParallelSection:
     cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
     activation_checkpointing: Literal["none", "full", "selective"] = field_(
         "none", doc="recompute each block's activations in backward (selective keeps the matmul outputs)")
+    loss_parallel: bool = field_(False, doc="tp: the loss on vocabulary-split logits (none gathers (B, T, V))")
     compile: bool = field_(False, doc="torch.compile each block (for CUDA; works but slow to start on CPU)")
     deepspeed_config: str = field_("", doc="zero1-3: a DeepSpeed JSON file merged over the generated config")
+
+    def validate(self) -> None:
+        if self.loss_parallel and self.tp == 1:
+            fail("loss_parallel", "needs parallel.tp > 1 (it splits the loss over the tensor-parallel ranks)")
 
 
 @dataclass

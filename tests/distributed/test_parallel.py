@@ -1,7 +1,7 @@
 """Parallel engines on gloo ranks (torchrun) against the single-process run of the same global batch.
 
-Layouts: ddp, fsdp2 (with and without resharding after forward, with selective checkpointing), DeepSpeed
-zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4. One torchrun launch per world size trains every
+Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; and fsdp2's
+options (per-block compile with blocks kept gathered after forward, selective checkpointing). One torchrun launch per world size trains every
 case (tests/distributed/train_worker.py); the single-process reference trains here. Every layout runs twice:
 under AdamW (per-step losses and gradient norms equal to the single run, fp32, rtol 1e-5) and under SGD with
 momentum (`-sgd`), whose update is linear in the gradient, so the final weights must agree to rounding too
@@ -42,24 +42,31 @@ SGD = ["--optim.name", "sgd", "--optim.momentum", "0.9", "--optim.lr", "1.0"]
 LAYOUTS = {
     "ddp": [*PER_RANK, "--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"],
     "fsdp2": [*PER_RANK, "--parallel.backend", "fsdp2"],
-    "fsdp2-keep-gathered": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.reshard_after_forward", "false"],
-    "fsdp2-selective-ac": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.activation_checkpointing", "selective"],
     "zero1": [*PER_RANK, "--parallel.backend", "zero1"],
     "zero2": [*PER_RANK, "--parallel.backend", "zero2"],
     "zero3": [*PER_RANK, "--parallel.backend", "zero3"],
     # tensor + sequence parallel alone: both ranks read the same data, so each takes the whole global batch
     "tp": [*SINGLE, "--parallel.backend", "fsdp2", "--parallel.tp", "2"],
 }
-# 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D)
+# 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D), the loss on vocabulary-split logits
 LAYOUTS_4 = {"fsdp2-tp": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.tp", "2",
-                          "--parallel.activation_checkpointing", "full"]}
+                          "--parallel.activation_checkpointing", "full", "--parallel.loss_parallel", "true"]}
+
+
+# options of a layout rather than layouts: AdamW only
+OPTIONS = {
+    # per-block torch.compile (before fully_shard), blocks kept gathered between forward and backward
+    "fsdp2-compiled-keep-gathered": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.compile", "true",
+                                     "--parallel.reshard_after_forward", "false"],
+    "fsdp2-selective-ac": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.activation_checkpointing", "selective"],
+}
 
 
 def with_sgd(layouts: dict) -> dict:
     return {**layouts, **{f"{name}-sgd": [*args, *SGD] for name, args in layouts.items()}}
 
 
-CASES, CASES_4 = with_sgd(LAYOUTS), with_sgd(LAYOUTS_4)
+CASES, CASES_4 = {**with_sgd(LAYOUTS), **OPTIONS}, with_sgd(LAYOUTS_4)
 
 
 def launch(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2, timeout: float = 600):

@@ -61,6 +61,11 @@ def test_a_zero_run_resumes_only_under_the_same_backend_and_world(tmp_path, debu
         check_resumable(debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"), zero2, tmp_path)
 
 
+def test_loss_parallel_without_tensor_parallel_is_refused(tmp_path, debug_job):
+    with pytest.raises(ConfigError, match=r"'parallel.loss_parallel': needs parallel.tp > 1"):
+        debug_job(tmp_path, "--parallel.loss_parallel", "true")
+
+
 def test_the_deepspeed_config_comes_from_ours_with_a_user_json_merged_on_top(tmp_path, debug_job):
     from workbench.parallel.zero import deepspeed_config
 

@@ -21,7 +21,8 @@ Design choices
     The kernel compiles on first use through `torch.utils.cpp_extension` (about 20 s with a C++ compiler
     and ninja; cached in torch's extension folder afterwards, and rebuilt when the source changes). If
     that fails, one warning says why and everything takes `F.linear`. `WORKBENCH_CPU_KERNELS=0` turns the
-    fast path off.
+    fast path off. Inside `torch.compile` (parallel.compile) it is skipped too: the op is opaque to the
+    tracer, and the compiled graph makes its own kernel for `F.linear`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _build():
 def _fast_path_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     return (0 < rows <= SKINNY_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling())  # a compiled graph generates its own kernel for F.linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -144,7 +144,7 @@ class DDPEngine(_DataParallelEngine):
 class FSDP2Engine(_DataParallelEngine):
     def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, make_optimizer=None,
                  autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 activation_checkpointing: str = "none", compile: bool = False):
+                 activation_checkpointing: str = "none", compile: bool = False, loss_parallel: bool = False):
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -153,6 +153,8 @@ class FSDP2Engine(_DataParallelEngine):
         )
 
         self.tp_mesh = dims.mesh["tp"] if dims.tp > 1 else None
+        self.loss_parallel = loss_parallel and self.tp_mesh is not None
+        self._in_loss = False  # inside loss_context: logits stay split along the vocabulary
         if self.tp_mesh is not None:  # TP/SP first, then FSDP over the data ranks (DESIGN.md rule 2)
             apply_tensor_parallel(model, plan, self.tp_mesh)
         apply_activation_checkpointing(model, plan, activation_checkpointing)
@@ -179,7 +181,21 @@ class FSDP2Engine(_DataParallelEngine):
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.tp_mesh is None:
             return self.model.logits(hidden, positions=positions)
-        return tp_logits(self.model, hidden, positions, self.tp_mesh)
+        return tp_logits(self.model, hidden, positions, self.tp_mesh, keep_split=self._in_loss)
+
+    @contextlib.contextmanager
+    def loss_context(self):
+        if not self.loss_parallel:
+            yield
+            return
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        self._in_loss = True
+        try:
+            with loss_parallel():
+                yield
+        finally:
+            self._in_loss = False
 
     @contextlib.contextmanager
     def gather_for_generation(self):

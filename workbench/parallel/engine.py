@@ -8,6 +8,8 @@ parameters and gathers them per block), and those differences stay inside the en
     logits(hidden, positions)            the vocabulary projection (the lm head may be sharded)
     backward(loss)                       accumulate gradients of a (normalized) micro-batch loss
     no_sync()                            context: skip gradient communication for all but the last micro-batch
+    loss_context()                       context the loss and its backward run in (loss parallel under tp: the
+                                         logits stay split by vocabulary and the loss may be a DTensor)
     optimizer_step(max_norm, loss) -> (norm, applied)
                                          end of a step: the global gradient norm before clipping (clipped to
                                          max_norm when > 0), the optimizer and schedule step unless the loss or
@@ -57,6 +59,8 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def no_sync(self) -> AbstractContextManager: ...
+
+    def loss_context(self) -> AbstractContextManager: ...
 
     def optimizer_step(self, max_norm: float, loss: float) -> tuple[float, bool]: ...
 

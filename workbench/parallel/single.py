@@ -76,6 +76,10 @@ class SingleEngine:
     def no_sync(self):
         return contextlib.nullcontext()  # nothing to synchronize
 
+    def loss_context(self):
+        """Where the objective's loss and its backward run (tensor parallel's loss_parallel); nothing here."""
+        return contextlib.nullcontext()
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:

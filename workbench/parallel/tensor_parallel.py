@@ -10,7 +10,9 @@ those, sequence parallel keeps the residual stream split along the sequence (Sha
 each rank's slice of the tokens (`sequence` in the plan), and the all-gather before wq/wk/wv (and w1/w3)
 restores the whole sequence the attention needs. The embedding is split by vocabulary rows and writes the
 sequence-split stream; the head (tied or not) is split by vocabulary rows too, and the engine gathers the
-logits (no loss parallel yet).
+logits, or with `parallel.loss_parallel` keeps them split: the cross-entropy then runs on each rank's
+vocabulary slice (torch's loss_parallel: a max and a sum of exponentials reduced over the tp ranks), so no
+rank ever holds the whole (B, T, V) tensor.
 
 Model code does not change: heads per rank follow from the projection widths (`view(B, T, -1, D)`), and
 DTensor's autograd inserts the matching reductions in backward. Composes with FSDP2 as 2-D parallelism
@@ -67,12 +69,16 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, layout)
 
 
-def tp_logits(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, tp_mesh) -> torch.Tensor:
+def tp_logits(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor | None, tp_mesh,
+              keep_split: bool = False) -> torch.Tensor:
     """model.logits for a tensor-parallel model: the whole sequence gathered, the vocabulary-split head
-    applied, the logits gathered. Gradients reach every rank's hidden slice and head slice correctly
+    applied, the logits gathered (or, `keep_split`, left as a DTensor split along the vocabulary for a
+    loss-parallel cross-entropy). Gradients reach every rank's hidden slice and head slice correctly
     because every step is a DTensor op (the head's partial sums are reduced in backward)."""
     if isinstance(hidden, DTensor):
         hidden = hidden.redistribute(placements=[Replicate()]).to_local()  # (B, T, dim) on every rank
     hidden = select_positions(hidden, positions)  # (B, T|K, dim)
     logits = model.logits(DTensor.from_local(hidden, tp_mesh, [Replicate()]))  # (B, T|K, V), vocab-split
-    return logits.full_tensor() if isinstance(logits, DTensor) else logits
+    if keep_split or not isinstance(logits, DTensor):
+        return logits
+    return logits.full_tensor()

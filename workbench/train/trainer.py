@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint, sha256_file
@@ -104,7 +105,8 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
     if backend == "fsdp2":
         return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
                            reshard_after_forward=par.reshard_after_forward, cpu_offload=par.cpu_offload,
-                           activation_checkpointing=par.activation_checkpointing, compile=par.compile)
+                           activation_checkpointing=par.activation_checkpointing, compile=par.compile,
+                           loss_parallel=par.loss_parallel)
     apply_activation_checkpointing(model, plan, par.activation_checkpointing)
     apply_compile(model, plan, par.compile)
     if backend == "single":
@@ -157,7 +159,7 @@ RESUMABLE_CHANGES = frozenset({
 LAYOUT_CHANGES = frozenset({
     "parallel.backend", "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.cp",
     "parallel.ep", "parallel.timeout_s", "parallel.reshard_after_forward", "parallel.cpu_offload",
-    "parallel.activation_checkpointing",
+    "parallel.activation_checkpointing", "parallel.loss_parallel", "parallel.compile", "parallel.deepspeed_config",
     "train.micro_batch_size", "train.grad_accum",
 })
 
@@ -321,10 +323,11 @@ class Trainer:
         tokens = 0
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if sync else self.engine.no_sync():
+            with contextlib.nullcontext() if sync else self.engine.no_sync(), self.engine.loss_context():
                 out = self.objective.loss(engines, mb, total_units)
                 self.engine.backward(out.loss)
-            loss_sum += out.loss.detach()
+            loss = out.loss.detach()
+            loss_sum += loss.to_local() if isinstance(loss, DTensor) else loss  # loss parallel: replicated
             tokens += out.units.get("tokens", 0)
         loss = float(self.engine.all_reduce(loss_sum))
         lr = self.engine.lr
