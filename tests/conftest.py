@@ -9,6 +9,9 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# the C++ ops `make ops` prebuilds (DeepSpeed's CPU comm op, the decode kernel): found there by a bare pytest
+# too, instead of being compiled inside the first test that needs them
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch-extensions"))
 DEBUG_TOML = ROOT / "configs" / "llama3" / "debug.toml"  # tests run from any working directory
 
 

@@ -67,6 +67,8 @@ class OptimSection:
     momentum: float = field_(0.0, ge=0, lt=1, doc="sgd only")
 
     def validate(self) -> None:
+        if self.name == "adamw" and self.momentum:
+            fail("momentum", f"is for optim.name = 'sgd'; AdamW's momentum is betas[0] (got momentum = {self.momentum})")
         for i, b in enumerate(self.betas):
             if not 0 <= b < 1:
                 fail(f"betas[{i}]", f"expected a number in [0, 1), got {b}")
@@ -106,6 +108,9 @@ class ParallelSection:
     def validate(self) -> None:
         if self.loss_parallel and self.tp == 1:
             fail("loss_parallel", "needs parallel.tp > 1 (it splits the loss over the tensor-parallel ranks)")
+        if self.compile and self.backend.startswith("zero"):
+            fail("compile", f"does not compose with backend {self.backend!r} yet (ZeRO's gather hooks inside "
+                            f"compiled blocks are untested); use fsdp2, ddp or single")
 
 
 @dataclass

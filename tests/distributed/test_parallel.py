@@ -117,10 +117,12 @@ def launched(tmp_path_factory, debug_data, single):
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
     cases = dict(CASES, **{"from-single": [*CASES["fsdp2"], "--resume"],
                            "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"],
+                           "zero1-nangrad": [*CASES["zero1"], "--fault=nangrad@3:1"],
                            "zero3-nangrad": [*CASES["zero3"], "--fault=nangrad@3:1"],
                            # the same layout continued from its own step-3 checkpoint (DCP, DeepSpeed state)
                            "fsdp2-resumed": [*CASES["fsdp2"], "--copy-from=fsdp2:3", "--resume"],
-                           "zero2-resumed": [*CASES["zero2"], "--copy-from=zero2:3", "--resume"]})
+                           **{f"zero{n}-resumed": [*CASES[f"zero{n}"], f"--copy-from=zero{n}:3", "--resume"]
+                              for n in (1, 2, 3)}})
     results = torchrun(out, debug_data, cases)
     out4 = tmp_path_factory.mktemp("dp4")
     results.update(torchrun(out4, debug_data, CASES_4, nproc=4))
@@ -161,10 +163,10 @@ def test_sgd_moves_the_weights_far_beyond_the_tolerance(single_sgd, tmp_path, de
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["fsdp2", "zero2"])
+@pytest.mark.parametrize("case", ["fsdp2", "zero1", "zero2", "zero3"])
 def test_a_same_layout_resume_is_bit_identical(case, launched):
     """R1: the run continued from its own step-3 checkpoint (DCP shards for fsdp2, DeepSpeed's partitioned
-    state for zero2) gives steps 4-6 bit for bit as the uninterrupted run."""
+    state for zero1-3) gives steps 4-6 bit for bit as the uninterrupted run."""
     _, results = launched
     got = results[f"{case}-resumed"]
     assert got["steps"] == [4, 5, 6] and got["losses"] == results[case]["losses"][3:]
@@ -194,7 +196,7 @@ def test_a_nan_gradient_on_one_rank_means_no_rank_steps(launched):
     """R8: rank 1's gradient turns NaN at step 3 (its loss stays finite): the all-reduced gradient norm is
     NaN on every rank, so every rank skips that update, and training goes on."""
     out, _ = launched
-    for case in ("nangrad", "zero3-nangrad"):  # our check (ddp) and DeepSpeed's own (zero3)
+    for case in ("nangrad", "zero1-nangrad", "zero3-nangrad"):  # our check (ddp), DeepSpeed's (stages 1-2, 3)
         for rank in (0, 1):
             got = json.loads((out / f"results-{rank}.json").read_text())[case]
             assert got["skipped"] == [False, False, True, False, False, False], (case, rank, got)

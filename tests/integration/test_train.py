@@ -35,7 +35,7 @@ def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path, debug_job):
     assert [c.name for c in ckpts] == ["step-30", "step-40"]  # keep_last = 2
     for c in ckpts:
         verify(c)
-        assert (c / MARKER).is_file() and (c / "engine" / "state.safetensors").is_file()
+        assert (c / MARKER).is_file() and (c / "engine" / "dcp" / ".metadata").is_file()
         assert json.loads((c / "train_state.json").read_text())["cursor"]["position"] == int(c.name[5:]) * 8
     assert trainer.sample("def ", 8)  # the trained model generates through the Generator
 

@@ -127,7 +127,8 @@ def test_non_finite_gradient_skips_the_update_and_training_goes_on(tmp_path, deb
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-@pytest.mark.parametrize("name", ["model.safetensors", "engine/state.safetensors", "train_state.json"])
+@pytest.mark.parametrize("name", ["model.safetensors", "engine/dcp/__0_0.distcp", "engine/dcp/.metadata",
+                                  "engine/state.json", "train_state.json"])
 def test_a_damaged_checkpoint_is_refused_on_resume_naming_the_file(tmp_path, debug_job, damage, name):
     from workbench.errors import CheckpointError
 

@@ -53,17 +53,27 @@ def test_a_zero_run_resumes_only_under_the_same_backend_and_world(tmp_path, debu
     zero2 = debug_job(tmp_path, "--parallel.backend", "zero2", "--parallel.dp_shard", "2")
     check_resumable(zero2, zero2, tmp_path)
     for other in (["--parallel.backend", "zero3", "--parallel.dp_shard", "2"],
-                  ["--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"],
-                  ["--parallel.backend", "zero2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "32"]):
+                  ["--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"]):
         with pytest.raises(ConfigError, match=r"'parallel.backend': .* was trained with zero2 on 2 rank"):
             check_resumable(zero2, debug_job(tmp_path, *other), tmp_path)
+    fewer = debug_job(tmp_path, "--parallel.backend", "zero2", "--parallel.dp_shard", "1", "--train.micro_batch_size", "32")
+    with pytest.raises(ConfigError, match=r"'parallel.dp_shard' / 'parallel.dp_replicate': .* zero2 on 2 rank\(s\), "
+                                          r"this config asks for zero2 on 1"):
+        check_resumable(zero2, fewer, tmp_path)
     with pytest.raises(ConfigError, match=r"trained with fsdp2 on 2 rank\(s\), this config asks for zero2 on 2"):
         check_resumable(debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.dp_shard", "2"), zero2, tmp_path)
 
 
-def test_loss_parallel_without_tensor_parallel_is_refused(tmp_path, debug_job):
+def test_options_that_do_not_apply_are_refused_by_name(tmp_path, debug_job):
     with pytest.raises(ConfigError, match=r"'parallel.loss_parallel': needs parallel.tp > 1"):
         debug_job(tmp_path, "--parallel.loss_parallel", "true")
+    with pytest.raises(ConfigError, match=r"'parallel.compile': does not compose with backend 'zero3' yet"):
+        debug_job(tmp_path, "--parallel.backend", "zero3", "--parallel.compile", "true")
+    with pytest.raises(ConfigError, match=r"'optim.momentum': is for optim.name = 'sgd'"):
+        debug_job(tmp_path, "--optim.momentum", "0.9")
+    for backend in ("ddp", "fsdp2", "zero1"):  # one process: nothing to split over, and no process group
+        with pytest.raises(ConfigError, match=rf"'parallel.backend': '{backend}' needs several processes"):
+            ParallelDims.from_config(debug_job(tmp_path, "--parallel.backend", backend).parallel, 1)
 
 
 def test_the_deepspeed_config_comes_from_ours_with_a_user_json_merged_on_top(tmp_path, debug_job):
@@ -76,15 +86,21 @@ def test_the_deepspeed_config_comes_from_ours_with_a_user_json_merged_on_top(tmp
     assert ours["train_batch_size"] == job.train.micro_batch_size * 2 * 2 and ours["managed_gradient_accumulation"] is False
     assert ours["optimizer"] == {"type": "SGD", "params": {"lr": job.optim.lr, "momentum": 0.9}}
     assert ours["zero_optimization"] == {"stage": 3, "overlap_comm": False} and ours["zero_allow_untested_optimizer"]
+    assert "torch_autocast" not in ours
+    assert deepspeed_config(job, 3, dims, bf16=True)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     user = tmp_path / "ds.json"
-    user.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}, "bf16": {"enabled": true}}')
+    user.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}, "flops_profiler": {"enabled": false}}')
     job.parallel.deepspeed_config = str(user)
     merged = deepspeed_config(job, 3, dims, bf16=False)
     assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": False, "reduce_bucket_size": 1000}
-    assert merged["bf16"] == {"enabled": True} and merged["optimizer"] == ours["optimizer"]
-    for text, message in [('{"train_micro_batch_size_per_gpu": 99}', "sets train_micro_batch_size_per_gpu = 99"),
+    assert merged["flops_profiler"] == {"enabled": False} and merged["optimizer"] == ours["optimizer"]
+    for text, message in [('{"train_micro_batch_size_per_gpu": 99}', "sets 'train_micro_batch_size_per_gpu', which the run's config decides (set train.micro_batch_size instead)"),
+                          ('{"bf16": {"enabled": true}}', "sets 'bf16', which the run's config decides (set run.precision instead)"),
+                          ('{"optimizer": {"type": "Adam"}}', "(set the [optim] section instead)"),
+                          ('{"gradient_clipping": 5}', "(set optim.grad_clip instead)"),
                           ('{"zero_optimization": {"stage": 1}}', "asks for ZeRO stage 1 but parallel.backend is 'zero3'"),
                           ('{"managed_gradient_accumulation": true}', "the trainer owns accumulation"),
+                          ('{"scheduler": {"type": "WarmupLR"}}', "(set optim.schedule instead)"),
                           ("[1, 2]", "must hold a JSON object"), ("{not json", "is not JSON")]:
         user.write_text(text)
         with pytest.raises(ConfigError, match=r"'parallel.deepspeed_config': .*" + re.escape(message)):

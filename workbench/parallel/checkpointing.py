@@ -55,8 +55,8 @@ def apply_activation_checkpointing(model: nn.Module, plan: Plan, mode: str) -> N
 def apply_compile(model: nn.Module, plan: Plan, enabled: bool) -> None:
     """torch.compile every block of the plan, in place (`Module.compile`: parameter names and the module
     tree stay as they are, so checkpoints, FSDP2 and ZeRO wrap the same blocks). Per block, not the whole
-    model: the blocks share one code path, so the graph compiles once and is reused for all of them, and
-    FSDP2's per-block gathers stay outside the compiled regions. Applied after activation checkpointing and
+    model: the blocks share one code path, so the graph compiles once and is reused for all of them, and a
+    graph break stays local to one block. Applied after activation checkpointing and
     before FSDP2 or ZeRO (DESIGN.md rule 2). Meant for CUDA; on CPU it works but the compile takes minutes."""
     if not enabled:
         return

@@ -18,9 +18,9 @@ divided by the global token count of the step (summed over ranks); the engine mu
 data-parallel world size before backward, so the gradient is the global sum / global count exactly as on
 one process.
 
-State. `model_state_dict` gives full tensors (under fsdp2 only rank 0 holds them, others get an empty dict); the optimizer
-state is full tensors keyed by parameter name, the same layout-free form the single engine writes, so a
-run saved on N ranks resumes on M. Generation: every rank runs the same greedy decode in lockstep under
+State. `model_state_dict` gives full tensors (under fsdp2 only rank 0 holds them, others get an empty dict); the
+optimizer state goes through torch.distributed.checkpoint (SingleEngine.save_state: each rank writes its own
+shards), which reshards on load, so a run saved on N ranks resumes on M. Generation: every rank runs the same greedy decode in lockstep under
 fsdp2 (each block all-gathers as in training); ddp decodes on its local replica; with tensor parallel every
 rank decodes a gathered whole copy (heads, and so the KV cache, are split across tp ranks).
 """
@@ -98,8 +98,9 @@ def is_timeout(e: BaseException) -> bool:
 class _DataParallelEngine(SingleEngine):
     """What DDP and FSDP2 share: the rank, the loss scale, reductions over the data-parallel ranks."""
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, optimizer=None, scheduler=None, autocast_dtype=None):
-        super().__init__(model, optimizer, scheduler, autocast_dtype)
+    def __init__(self, model: nn.Module, dims: ParallelDims, optimizer=None, scheduler=None, autocast_dtype=None,
+                 frozen: bool | None = None):
+        super().__init__(model, optimizer, scheduler, autocast_dtype, frozen)
         self.dims = dims
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 

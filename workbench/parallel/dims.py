@@ -77,6 +77,9 @@ class ParallelDims:
         if self.backend not in _REFUSED:
             raise ConfigError(f"config key 'parallel.backend': unknown {self.backend!r} "
                               f"(expected one of {', '.join(_REFUSED)})")
+        if self.backend != "single" and self.world_size == 1:
+            raise ConfigError(f"config key 'parallel.backend': {self.backend!r} needs several processes started by a "
+                              f"launcher (launch/torchrun.sh, docs/parallelism.md); one process trains with 'single'")
         for name in _REFUSED[self.backend]:
             if degrees[name] != 1:
                 raise ConfigError(

@@ -39,14 +39,17 @@ class SingleEngine:
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         autocast_dtype: torch.dtype | None = None,
+        frozen: bool | None = None,
     ):
+        """`frozen` (default: no optimizer given) turns off the model's gradients; an engine whose optimizer
+        lives elsewhere (DeepSpeed's) passes False."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
         self.rank, self.world_size = 0, 1
-        if optimizer is None:
+        if optimizer is None if frozen is None else frozen:
             model.requires_grad_(False)
 
     @property

@@ -12,7 +12,7 @@ restores the whole sequence the attention needs. The embedding is split by vocab
 sequence-split stream; the head (tied or not) is split by vocabulary rows too, and the engine gathers the
 logits, or with `parallel.loss_parallel` keeps them split: the cross-entropy then runs on each rank's
 vocabulary slice (torch's loss_parallel: a max and a sum of exponentials reduced over the tp ranks), so no
-rank ever holds the whole (B, T, V) tensor.
+rank holds the whole (B, T, V) tensor in a training step (validation and generation still gather it).
 
 Model code does not change: heads per rank follow from the projection widths (`view(B, T, -1, D)`), and
 DTensor's autograd inserts the matching reductions in backward. Composes with FSDP2 as 2-D parallelism
@@ -52,7 +52,7 @@ def apply_tensor_parallel(model: nn.Module, plan: Plan, tp_mesh) -> None:
     blocks = model.get_submodule(plan.blocks)
     # root: the embedding writes the sequence-split stream; the final norm runs on it; the head's weight
     # is split by vocabulary (the engine's `logits` uses it; a tied head is the embedding itself)
-    root = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+    root = {plan.embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
             "norm": SequenceParallel()}
     if plan.head and getattr(model, plan.head, None) is not None:
         root[plan.head] = ColwiseParallel()

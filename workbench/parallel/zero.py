@@ -7,10 +7,12 @@
 The DeepSpeed config is generated from ours (`deepspeed_config`): the micro-batch and accumulation of
 [train], the optimizer of [optim] (`torch.optim.AdamW` or `SGD` through DeepSpeed's torch fallback, over
 the same parameter groups as the other engines, so weight decay skips norms and embeddings here too),
-`gradient_clipping`, bf16 when the run computes in bf16, and the learning-rate schedule passed in as our
-own LambdaLR. A user JSON (`parallel.deepspeed_config`) is merged on top, key by key, for what ours does
-not set (offload, bucket sizes, ...); the batch keys must agree with [train] because the trainer feeds the
-batches, and accumulation stays ours (see below). The data-parallel group DeepSpeed reduces over comes from
+`gradient_clipping`, bf16 autocast when the run computes in bf16 (DeepSpeed's `torch_autocast`: fp32
+weights, as the other engines keep them), and the learning-rate schedule passed in as our own LambdaLR. A
+user JSON (`parallel.deepspeed_config`) is merged on top for what ours leaves open: `zero_optimization`
+details (offload, bucket sizes, ...) and any key ours does not set. Keys ours sets from the run's config
+(batch sizes, accumulation, optimizer, schedule, clipping, precision) are refused by name, pointing at the
+field to change instead, so the DeepSpeed JSON cannot make a run differ from its config or its resume check. The data-parallel group DeepSpeed reduces over comes from
 ParallelDims through a small `mpu` object. On CPU `DS_ACCELERATOR=cpu` is set before DeepSpeed is imported
 and DeepSpeed's shared-memory communication op is built (once: `.ci/run` prebuilds it into a fixed
 TORCH_EXTENSIONS_DIR).
@@ -26,7 +28,8 @@ ZeRO-3 and the head. `logits` is a method, not a forward, and ZeRO-3 gathers a m
 its forward. The model therefore runs inside `_Dispatch`, whose forward is either the model's forward or
 its `logits`, with the head weight (the embedding when tied) registered as an external parameter of it.
 
-State. `model_state_dict` gathers full weights (ZeRO-3: `GatheredParameters`) on every rank. The resume
+State. `model_state_dict` gathers full weights (ZeRO-3: `GatheredParameters`, a collective) and copies them
+on rank 0. The resume
 state is DeepSpeed's own checkpoint (per-rank optimizer partitions and the schedule), written under the
 checkpoint's `engine/` folder and loaded only after the run folder's manifest has been verified (DeepSpeed
 unpickles its files). It resumes with the same stage and the same number of ranks; the trainer refuses other
@@ -47,11 +50,20 @@ from torch import nn
 
 from workbench.errors import ConfigError
 from workbench.models.base import DecoderOutput
+from workbench.parallel.data_parallel import _DataParallelEngine
 from workbench.parallel.dims import ParallelDims
-from workbench.parallel.single import SingleEngine
+from workbench.parallel.plans import Plan
 
-# keys of a user DeepSpeed JSON that must match what the trainer does
-_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+# keys a user DeepSpeed JSON may not set: ours come from these fields of the run's config
+_OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x the data-parallel ranks",
+    "managed_gradient_accumulation": "nothing (the trainer owns accumulation)",
+    "optimizer": "the [optim] section", "scheduler": "optim.schedule", "gradient_clipping": "optim.grad_clip",
+    "zero_allow_untested_optimizer": "optim.name", "bf16": "run.precision", "fp16": "run.precision",
+    "torch_autocast": "run.precision",
+}
+MIN_VERSION = (0, 19, 8)  # the first release whose ZeRO 1-3 honour managed_gradient_accumulation = false
 
 
 def deepspeed_config(job, stage: int, dims: ParallelDims, bf16: bool) -> dict:
@@ -70,10 +82,11 @@ def deepspeed_config(job, stage: int, dims: ParallelDims, bf16: bool) -> dict:
         "zero_optimization": {"stage": stage, "overlap_comm": False},
         # DeepSpeed vets its own optimizers for ZeRO; torch.optim.SGD (through its torch fallback) is plain
         "zero_allow_untested_optimizer": job.optim.name == "sgd",
-        "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,  # the trainer reports progress
         "wall_clock_breakdown": False,
     }
+    if bf16:
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     path = job.parallel.deepspeed_config
     if not path:
         return ours
@@ -85,14 +98,10 @@ def deepspeed_config(job, stage: int, dims: ParallelDims, bf16: bool) -> dict:
         raise ConfigError(f"config key 'parallel.deepspeed_config': {path} is not JSON ({e})") from None
     if not isinstance(user, dict):
         raise ConfigError(f"config key 'parallel.deepspeed_config': {path} must hold a JSON object")
-    for key in _BATCH_KEYS:
-        if key in user and user[key] != ours[key]:
-            raise ConfigError(
-                f"config key 'parallel.deepspeed_config': {path} sets {key} = {user[key]!r} but the run's [train] "
-                f"section gives {ours[key]!r} (the trainer feeds the batches: set them in [train])")
-    if user.get("managed_gradient_accumulation", False):
-        raise ConfigError(f"config key 'parallel.deepspeed_config': {path} sets managed_gradient_accumulation; "
-                          f"the trainer owns accumulation (leave it out)")
+    for key, field in _OWNED.items():
+        if key in user:
+            raise ConfigError(f"config key 'parallel.deepspeed_config': {path} sets {key!r}, which the run's config "
+                              f"decides (set {field} instead)")
     stage_in_user = user.get("zero_optimization", {}).get("stage", stage)
     if stage_in_user != stage:
         raise ConfigError(f"config key 'parallel.deepspeed_config': {path} asks for ZeRO stage {stage_in_user} "
@@ -146,34 +155,40 @@ class _Dispatch(nn.Module):
         return vars(self.model(batch))
 
 
-class ZeroEngine(SingleEngine):
+def head_weight(model: nn.Module, plan: Plan) -> torch.Tensor:
+    """The vocabulary projection's weight: the plan's head module, or the embedding it is tied to."""
+    head = getattr(model, plan.head, None) if plan.head else None
+    return head.weight if head is not None else model.get_submodule(plan.embedding).weight
+
+
+class ZeroEngine(_DataParallelEngine):
     STATE_TAG = "deepspeed"  # DeepSpeed's checkpoint tag (its subfolder of engine/)
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, job, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, job,
+                 autocast_dtype: torch.dtype | None = None):
         if next(model.parameters()).device.type == "cpu":
             os.environ["DS_ACCELERATOR"] = "cpu"  # read when DeepSpeed is first imported
         import deepspeed
 
         from workbench.train.optim import build_scheduler, param_groups
 
+        version = tuple(int(x) for x in deepspeed.__version__.split("+")[0].split(".")[:3])
+        if version < MIN_VERSION:
+            raise ConfigError(f"config key 'parallel.backend': {job.parallel.backend} needs deepspeed >= "
+                              f"{'.'.join(map(str, MIN_VERSION))} (found {deepspeed.__version__}): older releases "
+                              f"ignore managed_gradient_accumulation and would step twice per accumulated step")
         self.stage = int(job.parallel.backend[-1])
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        self.dims = dims
         wrapper = _Dispatch(model)
         if self.stage == 3:
-            head = model.tok_embeddings.weight if getattr(model, "output", None) is None else model.output.weight
-            deepspeed.zero.register_external_parameter(wrapper, head)
+            deepspeed.zero.register_external_parameter(wrapper, head_weight(model, plan))
         self.ds, _, _, _ = deepspeed.initialize(
             model=wrapper, model_parameters=param_groups(model, job.optim.weight_decay),
             config=deepspeed_config(job, self.stage, dims, bf16=autocast_dtype == torch.bfloat16),
             lr_scheduler=lambda opt: build_scheduler(opt, job.optim, job.train.steps), mpu=_Mpu(dims))
-        super().__init__(model, optimizer=None, scheduler=None, autocast_dtype=None)
-        model.requires_grad_(True)  # SingleEngine freezes a model it gets no optimizer for: DeepSpeed owns it
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+        assert not self.ds.managed_gradient_accumulation()  # the version check above guarantees it
+        self.max_norm = job.optim.grad_clip
+        super().__init__(model, dims, optimizer=None, scheduler=None, frozen=False)  # DeepSpeed owns the optimizer
 
     @property
     def lr(self) -> float:
@@ -188,12 +203,13 @@ class ZeroEngine(SingleEngine):
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss * self.dims.dp_size, scale_wrt_gas=False)
 
-    def no_sync(self):
-        return contextlib.nullcontext()  # accumulation is local until optimizer_step (unmanaged mode)
-
     def optimizer_step(self, max_norm: float, loss: float) -> tuple[float, bool]:
-        """DeepSpeed's boundary: reduce, measure the norm, skip a non-finite one on every rank, clip
-        (at the config's gradient_clipping, which is optim.grad_clip), step, advance the schedule."""
+        """DeepSpeed's boundary: reduce, measure the norm, skip a non-finite one on every rank, clip (at the
+        config's gradient_clipping, which is optim.grad_clip), step, advance the schedule. The decision
+        comes from the gradient norm alone (a non-finite loss gives non-finite gradients)."""
+        if max_norm != self.max_norm:
+            raise ValueError(f"ZeRO clips at optim.grad_clip = {self.max_norm} (set when DeepSpeed was configured), "
+                             f"not at {max_norm}")
         self.ds.step()
         applied = bool(self.ds.was_step_applied())
         norm = self.ds.get_global_grad_norm()
@@ -202,14 +218,6 @@ class ZeroEngine(SingleEngine):
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return out
-
-    def unwrap(self) -> nn.Module:
-        return self.model
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -223,7 +231,10 @@ class ZeroEngine(SingleEngine):
             yield
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole fp32 tensors on rank 0 (the gather is a collective under ZeRO-3; other ranks get {})."""
         with self._gathered():
+            if not self.is_main:
+                return {}
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     @contextlib.contextmanager

@@ -113,7 +113,7 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
         return SingleEngine(model, *make_optimizer(model), autocast_dtype=autocast)
     if backend == "ddp":
         return DDPEngine(model, dims, make_optimizer, autocast_dtype=autocast)
-    return ZeroEngine(model, dims, job, autocast_dtype=autocast)
+    return ZeroEngine(model, dims, plan, job, autocast_dtype=autocast)
 
 
 @contextlib.contextmanager
@@ -180,9 +180,11 @@ def check_resumable(saved: JobConfig, job: JobConfig, where: Path) -> None:
     old_world, new_world = (c["parallel.dp_replicate"] * c["parallel.dp_shard"] * c["parallel.tp"] * c["parallel.cp"]
                             for c in (old, new))
     old_backend, new_backend = old["parallel.backend"], new["parallel.backend"]
-    if "zero" in old_backend[:4] + new_backend[:4] and (old_backend, old_world) != (new_backend, new_world):
+    zero = old_backend.startswith("zero") or new_backend.startswith("zero")
+    if zero and (old_backend, old_world) != (new_backend, new_world):
+        key = "parallel.backend" if old_backend != new_backend else "parallel.dp_shard' / 'parallel.dp_replicate"
         raise ConfigError(
-            f"config key 'parallel.backend': {where} was trained with {old_backend} on {old_world} rank(s), this "
+            f"config key '{key}': {where} was trained with {old_backend} on {old_world} rank(s), this "
             f"config asks for {new_backend} on {new_world}; a ZeRO run's optimizer state is DeepSpeed's, partitioned "
             f"by rank, so it resumes only under the same backend and world size (the other engines share one "
             f"resharding DCP format among themselves)")
@@ -341,7 +343,8 @@ class Trainer:
                 "tokens": tokens * self.dims.dp_size, "skipped": skipped}
 
     def save(self) -> Path:
-        """Every rank gathers (a sharding engine's state is spread over them); rank 0 writes; all wait."""
+        """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine
+        state; rank 0 writes the rest and renames the folder into place; all wait for it."""
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
                        "layout": self.dims.describe()}
         multi = self.dims.world_size > 1

@@ -8,6 +8,7 @@ checkpointing -> compile -> FSDP2 or ZeRO. Paths use `*` for every index of a Mo
     expert    the MoE experts module (dispatched with all-to-all over the ep group), or None
     context   the attention core swapped for ring attention / Ulysses over the cp group, or None
     head      the output projection (its weight may be tied to the embedding: kept in the root unit)
+    embedding the token embedding (the head's weight when tied; split by vocabulary under tensor parallel)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Plan:
     expert: str | None = None
     context: str | None = None
     head: str | None = None
+    embedding: str | None = None
 
 
 def plan_for(family: str) -> Plan:

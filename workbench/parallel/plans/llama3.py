@@ -22,4 +22,5 @@ PLAN = Plan(
     },
     context="layers.*.attention.core",
     head="output",
+    embedding="tok_embeddings",
 )

@@ -4,7 +4,8 @@
 is linear in the gradient, so two layouts that reduce gradients in a different order give weights equal to
 rounding, where AdamW's division by sqrt(v) amplifies that noise in coordinates with tiny gradients.
 
-Both apply decoupled weight decay to matrices only: norms' gains and embeddings are not decayed
+Weight decay applies to matrices only (AdamW's is decoupled; SGD's is torch's L2 term, added to the
+gradient and so carried by momentum): norms' gains and embeddings are not decayed
 (decaying a gain toward 0 fights the normalization it scales; decaying embeddings shrinks rare tokens).
 
 Schedules, as a multiplier on `lr` at step s (0-based, applied before the step's update):
