@@ -24,7 +24,8 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 mode=(--multi_gpu --gpu_ids all)  # one process in all: accelerate refuses --multi_gpu, and runs it plainly
 if (( NPROC * NNODES == 1 )); then mode=(); fi
-exec "$PYTHON" -m accelerate.commands.launch "${mode[@]}" --mixed_precision no --dynamo_backend no \
+# accelerate launch with its stores bound to MASTER_ADDR only (workbench/parallel/rendezvous.py)
+exec "$PYTHON" -m workbench.parallel.rendezvous accelerate "${mode[@]}" --mixed_precision no --dynamo_backend no \
     --num_processes $((NPROC * NNODES)) --num_machines "$NNODES" --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --rdzv_backend static \
     --num_cpu_threads_per_process "${OMP_NUM_THREADS:-1}" --module workbench.cli "$@"

@@ -6,9 +6,9 @@
 #   NPROC=8 launch/torchrun.sh train CONFIG --parallel.backend fsdp2 --parallel.dp_shard 8
 #
 # Several nodes: run the same command on every node with NNODES, NODE_RANK and RDZV_ENDPOINT (the host:port
-# of node 0, reachable from the others). The endpoint defaults to loopback, so the ranks meet on 127.0.0.1
-# unless you name an address. torch's rendezvous store binds all interfaces whatever the endpoint (a torch
-# limitation, docs/parallelism.md): on a shared network a firewall keeps its port private:
+# of node 0, reachable from the others). The endpoint defaults to loopback, so nothing listens beyond
+# 127.0.0.1 unless you name an address (the stores then listen on that address only;
+# WORKBENCH_RDZV_ALL_INTERFACES=1 is the explicit opt-in for every interface):
 #
 #   NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=10.0.0.1:29500 launch/torchrun.sh train CONFIG ...   # on 10.0.0.1
 #   NNODES=2 NODE_RANK=1 RDZV_ENDPOINT=10.0.0.1:29500 launch/torchrun.sh train CONFIG ...   # on the other
@@ -23,10 +23,11 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python3}
 if [[ "$NNODES" == 1 && "$RDZV_ENDPOINT" == 127.0.0.1:29500 ]]; then
-    rdzv=(--standalone)  # one node: ranks meet on loopback (the store still binds all interfaces: docs/parallelism.md)
+    rdzv=(--standalone)  # one node: a free port on loopback
 else
     rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
           --rdzv-id "${RDZV_ID:-workbench}")
 fi
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
+# torchrun with its stores bound to the endpoint's address only (workbench/parallel/rendezvous.py)
+exec "$PYTHON" -m workbench.parallel.rendezvous "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
     -m workbench.cli "$@"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from listeners import LOOPBACK, run_watching_listeners
 
 from workbench.checkpoint.run import latest_checkpoint, load_model_state
 from workbench.cli import build_parser, main
@@ -88,7 +89,10 @@ def launch(script: str, out: Path, data: Path) -> subprocess.CompletedProcess:
         env["HF_HOME"] = str(out / "hf")
     cmd = ["bash", str(ROOT / "launch" / script), "train", str(DEBUG_TOML), "--run.out_dir", str(out),
            "--data.dir", str(data), *PER_RANK]
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc, listened = run_watching_listeners(cmd, timeout=240, env=env, cwd=ROOT)
+    # S6: the launcher's stores and the ranks' sockets listen on loopback only
+    assert listened and all(ip in LOOPBACK for ip, _ in listened), listened
+    return proc
 
 
 def needs(module: str):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from listeners import LOOPBACK, run_watching_listeners
 
 from workbench.checkpoint.run import latest_checkpoint, load_model_state
 from workbench.train.trainer import Trainer
@@ -70,11 +71,14 @@ CASES, CASES_4 = {**with_sgd(LAYOUTS), **OPTIONS}, with_sgd(LAYOUTS_4)
 
 
 def launch(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2, timeout: float = 600):
-    """torchrun the worker on `cases`; the finished process."""
+    """torchrun (with its stores bound to loopback: workbench.parallel.rendezvous) the worker on `cases`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "workbench.parallel.rendezvous", "--standalone", "--nproc-per-node", str(nproc),
            *torchrun_args, str(WORKER), str(out), str(data), json.dumps(cases)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc, listened = run_watching_listeners(cmd, timeout=timeout, env=env)
+    # S6: torchrun's stores and the ranks' gloo sockets listen on loopback only
+    assert listened and all(ip in LOOPBACK for ip, _ in listened), listened
+    return proc
 
 
 def torchrun(out: Path, data: Path, cases: dict, *torchrun_args: str, nproc: int = 2) -> dict:

@@ -42,6 +42,7 @@ from workbench.models.base import DecoderOutput
 from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import Plan
+from workbench.parallel.rendezvous import bound_store
 from workbench.parallel.single import FULL, SingleEngine
 from workbench.parallel.tensor_parallel import apply_tensor_parallel, tp_logits
 
@@ -69,8 +70,11 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
             store = dist.PrefixStore(f"workbench/attempt-{attempt}", base)
             dist.init_process_group(backend, timeout=timeout, store=store, rank=int(os.environ["RANK"]),
                                     world_size=world)
-        else:
-            dist.init_process_group(backend, timeout=timeout)
+        else:  # rank 0 serves the store itself (deepspeed launcher, plain env): on MASTER_ADDR's address only
+            rank = int(os.environ["RANK"])
+            store = bound_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
+                                timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout, store=store, rank=rank, world_size=world)
     if "group" not in _monitor:
         _monitor["group"] = dist.new_group(backend="gloo")  # a side channel, untouched by a failed collective
     return dist.get_rank(), dist.get_world_size()
