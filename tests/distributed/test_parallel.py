@@ -1,7 +1,7 @@
 """Parallel engines on gloo ranks (torchrun) against the single-process run of the same global batch.
 
 Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; and fsdp2's
-options (per-block compile with blocks kept gathered after forward, selective checkpointing). One torchrun launch per world size trains every
+options (per-block compile with blocks kept gathered after forward, selective checkpointing with CPU offload). One torchrun launch per world size trains every
 case (tests/distributed/train_worker.py); the single-process reference trains here. Every layout runs twice:
 under AdamW (per-step losses and gradient norms equal to the single run, fp32, rtol 1e-5) and under SGD with
 momentum (`-sgd`), whose update is linear in the gradient, so the final weights must agree to rounding too
@@ -59,7 +59,9 @@ OPTIONS = {
     # per-block torch.compile (before fully_shard), blocks kept gathered between forward and backward
     "fsdp2-compiled-keep-gathered": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.compile", "true",
                                      "--parallel.reshard_after_forward", "false"],
-    "fsdp2-selective-ac": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.activation_checkpointing", "selective"],
+    # selective checkpointing, with shards and optimizer state kept on the host (a no-op move on CPU: the path runs)
+    "fsdp2-selective-ac-offload": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.activation_checkpointing",
+                                   "selective", "--parallel.cpu_offload", "true"],
 }
 
 

@@ -171,7 +171,7 @@ class FSDP2Engine(_DataParallelEngine):
             if autocast_dtype is not None:  # compute in bf16, reduce gradients in fp32 (replaces autocast)
                 kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
             if cpu_offload:
-                kw["offload_policy"] = CPUOffloadPolicy()
+                kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs CUDA
             for block in model.get_submodule(plan.blocks):
                 fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
             # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
