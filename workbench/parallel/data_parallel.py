@@ -20,9 +20,11 @@ one process.
 
 State. `model_state_dict` gives full tensors (under fsdp2 only rank 0 holds them, others get an empty dict); the
 optimizer state goes through torch.distributed.checkpoint (SingleEngine.save_state: each rank writes its own
-shards), which reshards on load, so a run saved on N ranks resumes on M. Generation: every rank runs the same greedy decode in lockstep under
-fsdp2 (each block all-gathers as in training); ddp decodes on its local replica; with tensor parallel every
-rank decodes a gathered whole copy (heads, and so the KV cache, are split across tp ranks).
+shards), which reshards on load, so a run saved on N ranks resumes on M.
+
+Generation: every rank runs the same greedy decode in lockstep under fsdp2 (each block all-gathers as in
+training); ddp decodes on its local replica; with tensor parallel every rank decodes a gathered whole copy
+(heads, and so the KV cache, are split across tp ranks).
 """
 
 from __future__ import annotations

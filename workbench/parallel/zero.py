@@ -68,7 +68,7 @@ MIN_VERSION = (0, 19, 8)  # the first release whose ZeRO 1-3 honour managed_grad
 
 def deepspeed_config(job, stage: int, dims: ParallelDims, bf16: bool) -> dict:
     """The DeepSpeed config for `job` at ZeRO `stage`, a user JSON (parallel.deepspeed_config) merged on top."""
-    from workbench.train.optim import optimizer_kwargs
+    from workbench.train.optim import TORCH_NAMES, optimizer_kwargs
 
     ours = {
         "train_micro_batch_size_per_gpu": job.train.micro_batch_size,
@@ -76,7 +76,7 @@ def deepspeed_config(job, stage: int, dims: ParallelDims, bf16: bool) -> dict:
         "train_batch_size": job.train.micro_batch_size * job.train.grad_accum * dims.dp_size,
         "managed_gradient_accumulation": False,
         "gradient_clipping": job.optim.grad_clip,
-        "optimizer": {"type": {"adamw": "AdamW", "sgd": "SGD"}[job.optim.name],
+        "optimizer": {"type": TORCH_NAMES[job.optim.name],
                       "params": {**optimizer_kwargs(job.optim), **({"torch_adam": True} if job.optim.name == "adamw"
                                                                      else {})}},
         "zero_optimization": {"stage": stage, "overlap_comm": False},

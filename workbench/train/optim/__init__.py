@@ -41,20 +41,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """`optim.name` over the model's parameter groups (see param_groups)."""
-    groups = param_groups(model, optim.weight_decay)
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused)
+TORCH_NAMES = {"adamw": "AdamW", "sgd": "SGD"}
+"""optim.name -> the torch.optim class (also the name a DeepSpeed config gives it)."""
 
 
 def optimizer_kwargs(optim) -> dict:
-    """The keyword arguments build_optimizer gives torch.optim.<name> (what a DeepSpeed config names)."""
+    """The hyperparameters of `optim.name` as torch.optim keyword arguments (a DeepSpeed config's too);
+    the weight decay is the default that param_groups sets per group anyway."""
     if optim.name == "sgd":
         return {"lr": optim.lr, "momentum": optim.momentum}
-    return {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    return {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    """`optim.name` over the model's parameter groups (see param_groups)."""
+    kwargs = optimizer_kwargs(optim)
+    if optim.name == "adamw":
+        kwargs["fused"] = next(model.parameters()).device.type == "cuda"
+    return getattr(torch.optim, TORCH_NAMES[optim.name])(param_groups(model, optim.weight_decay), **kwargs)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
