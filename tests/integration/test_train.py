@@ -37,6 +37,16 @@ def test_debug_run_learns_and_writes_a_complete_run_folder(tmp_path, debug_job):
         verify(c)
         assert (c / MARKER).is_file() and (c / "engine" / "dcp" / ".metadata").is_file()
         assert json.loads((c / "train_state.json").read_text())["cursor"]["position"] == int(c.name[5:]) * 8
+    # report.md, rewritten at each checkpoint and at the end: lists the kept checkpoints, embeds both plots
+    assert trainer.report_path == run / "report.md"
+    report = trainer.report_path.read_text()
+    assert report.startswith(f"# {run.name}\n") and "step 40 / 40" in report
+    assert "| 30 |" in report and "`checkpoints/step-30`" in report and "`checkpoints/step-40`" in report
+    assert "`checkpoints/step-20`" not in report  # removed by keep_last before the report was rewritten
+    for name in ("loss.png", "lr.png"):
+        assert f"]({name})" in report and (run / name).read_bytes().startswith(b"\x89PNG")
+    assert "- tokens/s: median " in report and "GFLOP/s: median " in report
+    assert f"parameters: {trainer.n_params:,}" in report and "parallel layout: single on 1 rank" in report
     assert trainer.sample("def ", 8)  # the trained model generates through the Generator
 
 

@@ -15,6 +15,9 @@
                     val bits-per-byte in a second panel when logged. Written atomically (loss.png.tmp,
                     then os.replace), so a reader never sees half a file.
 
+`plot_lr` draws lr.png (learning rate and gradient norm against step) the same way; the run report
+(workbench.train.report) draws it from metrics.jsonl. Both plots go through `save_png`.
+
 Resume. A resumed run restarts from its checkpoint at step `resume_step`; the steps after it run again
 and would be logged twice. So `RunLog(run_dir, resume_step=s)` first rewrites metrics.jsonl keeping
 only the records with step <= s (keeping them in memory too, so the plot covers the whole run), and
@@ -37,6 +40,7 @@ from pathlib import Path
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 PLOT_FILE = "loss.png"
+LR_PLOT_FILE = "lr.png"
 VAL_PREFIX = "val_"
 
 
@@ -74,7 +78,8 @@ def tb_tag(key: str) -> str:
     return "train/" + key
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to PATH.tmp, then rename it over `path`: a reader sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -99,7 +104,7 @@ class RunLog:
         self.resume_step = resume_step
         if resume_step is not None:
             self.records = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
             self._file = open(self.path, "a", encoding="utf-8")
         else:
             self.records = []
@@ -163,7 +168,6 @@ def plot_loss(records: Iterable[Mapping], out: str | Path, title: str = "",
     from matplotlib.figure import Figure
 
     records = list(records)
-    out = Path(out)
     train_steps, train_loss = _series(records, "loss")
     val_steps, val_loss = _series(records, "val_loss")
     bpb_steps, bpb = _series(records, "val_bpb")
@@ -198,10 +202,47 @@ def plot_loss(records: Iterable[Mapping], out: str | Path, title: str = "",
     else:
         ax.set_xlabel("step")
 
+    save_png(fig, out)
+
+
+def save_png(fig, out: str | Path) -> None:
+    """Save a matplotlib Figure (on an Agg canvas) as the PNG `out`, atomically: OUT.tmp, then os.replace."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     fig.savefig(tmp, format="png")
     os.replace(tmp, out)
+
+
+def plot_lr(records: Iterable[Mapping], out: str | Path, title: str = "") -> None:
+    """Write a PNG of the learning rate (top) and the gradient norm (bottom) against step, atomically.
+
+    Same canvas as `plot_loss`. The gradient norm goes on a log axis when it spans more than two decades
+    (early spikes would flatten the rest). With no records it still writes the two empty panels.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = list(records)
+    lr_steps, lr = _series(records, "lr")
+    gn_steps, grad_norm = _series(records, "grad_norm")
+
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_lr, ax_gn = fig.subplots(2, 1, sharex=True)
+    for ax, steps, values, label, color in ((ax_lr, lr_steps, lr, "learning rate", "C0"),
+                                            (ax_gn, gn_steps, grad_norm, "grad norm", "C3")):
+        if steps:
+            ax.plot(steps, values, color=color, linewidth=1.2)
+        else:
+            ax.text(0.5, 0.5, "no metrics yet", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    if grad_norm and min(grad_norm) > 0 and max(grad_norm) / min(grad_norm) > 100:
+        ax_gn.set_yscale("log")
+    ax_lr.set_title(title)
+    ax_gn.set_xlabel("step")
+    save_png(fig, out)
 
 
 class NullRunLog:

@@ -21,15 +21,17 @@ Measured along the way
     (ln 2 * their bytes), at the start, every `eval_every` steps and at the end, beside the unigram
     baseline: the validation loss of a model that knows only the train split's token frequencies
 
-The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl,
-tb/ (TensorBoard), loss.png and checkpoints/step-N (see workbench.checkpoint.run). A checkpoint is
-written every `ckpt_every` steps, at the end, and when SIGINT or SIGTERM arrives (after the step in
-flight; a second SIGINT stops at once). `resume=True` continues from the newest complete checkpoint
-(weights, optimizer and schedule state, the data cursor and stream position) and gives the same per-step
-losses as a run that was never stopped (a metrics record's mean starts again at the resume); it refuses
-config changes that would make it a different run (see RESUMABLE_CHANGES; the LAYOUT_CHANGES are allowed
-while the global batch stays the same) and a dataset that is not the one the run was reading. A step
-whose loss or gradient is not finite is not applied and does not advance the learning-rate schedule.
+The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl, tb/
+(TensorBoard), loss.png, checkpoints/step-N (see workbench.checkpoint.run) and report.md (with lr.png and
+run_info.json; see workbench.train.report), rewritten from those files after each checkpoint and at the
+end. A checkpoint is written every `ckpt_every` steps, at the end, and when SIGINT or SIGTERM arrives
+(after the step in flight; a second SIGINT stops at once). `resume=True` continues from the newest
+complete checkpoint (weights, optimizer and schedule state, the data cursor and stream position) and
+gives the same per-step losses as a run that was never stopped (a metrics record's mean starts again at
+the resume); it refuses config changes that would make it a different run (see RESUMABLE_CHANGES; the
+LAYOUT_CHANGES are allowed while the global batch stays the same) and a dataset that is not the one the
+run was reading. A step whose loss or gradient is not finite is not applied and does not advance the
+learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from workbench.parallel.zero import ZeroEngine
 from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_optimizer, build_scheduler
+from workbench.train.report import REPORT_FILE, write_run_report
 
 # Dense bf16 peak FLOP/s by CUDA device name (performance.md: the MFU convention); unknown cards show no MFU.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -206,6 +209,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.job, self.log = job, log if self.is_main else (lambda *a, **k: None)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(job.run.out_dir) / job.run.name
+        self.report_path = self.run_dir / REPORT_FILE
         self.device = pick_device(job.run.device)
         if self.device.type == "cuda" and world > 1:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -234,6 +238,7 @@ class Trainer:
                                 seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
                                 strict=job.data.strict, log=self.log, manifest=self.manifest)
         self.model = build_model(job.model, self.device)
+        self.n_params, self.flops_per_token = count_params(self.model), self.model.flops_per_token(job.data.seq_len)
         self.objective = LMObjective()
         self.cursor = DataCursor()
         self.step = 0
@@ -354,7 +359,20 @@ class Trainer:
         if multi:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is still being written
         self.saved_step = self.step
+        self.write_report()
         return path
+
+    def write_report(self) -> None:
+        """Rewrite report.md from the run folder (main rank). The report is derived and can be regenerated,
+        so a failure to write it is logged rather than allowed to end the run."""
+        if not self.is_main:
+            return
+        info = {"parameters": self.n_params, "flops_per_token": self.flops_per_token, "device": str(self.device),
+                "layout": self.dims.describe()}
+        try:
+            write_run_report(self.run_dir, info)
+        except Exception as e:
+            self.log(f"{self.report_path}: not written ({type(e).__name__}: {e})")
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -407,10 +425,8 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         job = self.job
-        n_params = count_params(self.model)
-        self.flops_per_token = self.model.flops_per_token(job.data.seq_len)
         self.peak = peak_flops(self.device)
-        self.log(f"model: {job.model.family} {job.model.flavor}, {n_params:,} parameters, "
+        self.log(f"model: {job.model.family} {job.model.flavor}, {self.n_params:,} parameters, "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}")
         self.log(f"run folder: {self.run_dir}")
         history: list[dict] = []
@@ -453,6 +469,7 @@ class Trainer:
         finally:
             bar.close()
             runlog.close()
+        self.write_report()
         return history
 
     def _record(self, runlog: RunLog, bar, window: list[dict], train_time: float) -> None:
