@@ -32,12 +32,14 @@ $(OPS): $(STAMP)
 ops: $(OPS)
 
 # The main job: the standard library's source -> tokenizer + shards (data/stdlib-4096), pretrain the ~2M
-# Llama 3 on them with validation, then sample from it.
+# Llama 3 on them with validation, sample from it, evaluate it on held-out text (perplexity, bits per byte,
+# finishing held-out lines), and end by printing the path of the run's report.md.
 # --resume: a second `make demo` continues (or, when finished, reuses) runs/llama3-demo instead of failing.
 demo: setup
 	$(BIN)/workbench data configs/llama3/demo.toml
 	$(BIN)/workbench train configs/llama3/demo.toml --resume
 	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def" --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
+	$(BIN)/workbench eval --task perplexity,exact_match --ckpt runs/llama3-demo
 
 # The whole suite (CPU). GPU tests skip themselves here, naming why.
 test: setup ops

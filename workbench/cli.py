@@ -8,6 +8,10 @@
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S]
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
+    workbench eval --task A,B (--ckpt RUN_DIR | --hf-dir DIR) [--out DIR] [--batch-size N] [--max-length N]
+                   [--TASK.key value ...]                                (task options, e.g. --reasoning.n 50)
+    workbench eval --list                                                (the tasks and their options)
+    workbench report RUN_DIR                                             (rewrite the run's report.md)
 
 Under a launcher, `--local_rank N` / `--local-rank=N` (which the deepspeed launcher adds before the command)
 is accepted and ignored: the LOCAL_RANK environment variable, which every launcher sets, is what counts.
@@ -20,9 +24,12 @@ everything else goes to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from workbench.errors import WorkbenchError
 
@@ -90,6 +97,7 @@ def _train(trainer, job, _log, main: bool) -> int:
         if main:
             print(job.train.sample_prompt + text)
     _log(f"run folder: {trainer.run_dir}")
+    _log(f"report: {trainer.report_path}")
     return 0
 
 
@@ -146,6 +154,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from evals import registry
+    from evals.runner import run_eval
+    from workbench.train.report import write_run_report
+
+    if args.list:
+        for name, task in registry.tasks().items():
+            print(f"{name:14s} {task.description}")
+            for f in dataclasses.fields(task.Config):
+                doc = f.metadata.get("doc", "")
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                print(f"    --{name}.{f.name} (default {default!r}){': ' + doc if doc else ''}")
+        return 0
+    if args.task is None:
+        raise WorkbenchError("eval: which tasks? give --task A,B (`workbench eval --list` names them)")
+    if not (args.ckpt or args.hf_dir):
+        raise WorkbenchError("eval: which model? give --ckpt RUN_DIR or --hf-dir DIR")
+    out = run_eval(args.task, ckpt=args.ckpt, hf_dir=args.hf_dir, out=args.out, options=overrides,
+                   batch_size=args.batch_size, max_length=args.max_length, device=args.device,
+                   dtype=_dtype(args.dtype), log=_log)
+    print(out / "report.md")
+    results = json.loads((out / "results.json").read_text())
+    if "run_dir" in results["source"]:  # the run's own report lists its evals
+        _log(f"run report: {write_run_report(results['source']['run_dir'])}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from workbench.checkpoint.load import run_dir_of
+    from workbench.train.report import write_run_report
+
+    run_dir = run_dir_of(Path(args.run_dir))
+    if not (run_dir / "config.toml").is_file():
+        raise WorkbenchError(f"report: {run_dir} is not a run folder (no config.toml)")
+    print(write_run_report(run_dir))
+    return 0
+
+
 def _add_local_rank(p: argparse.ArgumentParser) -> None:
     """`--local_rank=N`, as the deepspeed launcher appends it (and torch.distributed.launch); ignored."""
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -182,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", nargs=2, metavar=("FORMAT", "OUT"), help="`--to hf OUT`: the same as --out OUT")
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--max-shard-mb", type=float, default=None, help="split the weights into shards of this size")
+
+    p = sub.add_parser("eval", help="run eval tasks on a model; results.json + report.md (task options: --TASK.key value)")
+    _add_source(p, required=False)
+    p.add_argument("--task", metavar="A,B", help="comma-separated task names (see --list)")
+    p.add_argument("--list", action="store_true", help="list the tasks and their options")
+    p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/evals/step-N, or runs/evals/NAME for --hf-dir")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts or windows per forward")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest scoring window (default: the run's data.seq_len; 2048 for --hf-dir)")
+
+    p = sub.add_parser("report", help="rewrite a run folder's report.md (training runs write it at each checkpoint)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
@@ -190,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data"):
-            return {"train": cmd_train, "data": cmd_data}[args.command](args, rest)
+        if args.command in ("train", "data", "eval"):
+            return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"generate": cmd_generate, "export": cmd_export}[args.command](args)
+        return {"generate": cmd_generate, "export": cmd_export, "report": cmd_report}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)

@@ -12,7 +12,8 @@ raises `ConfigError` naming the dotted key and what was expected, e.g.
 
 Design choices
 - Types come from the annotations (int, float, bool, str, Literal[...], X | None, list[X], tuple[X, ...],
-  nested dataclasses). There is no `type=bool` trap: "false" on the command line is False.
+  nested dataclasses). There is no `type=bool` trap: "false" on the command line is False. A list of
+  strings may be given bare on the command line (`--reasoning.kinds add,mod`); other lists as TOML ([1, 2]).
 - Ranges live next to the field: `lr: float = field_(3e-4, gt=0)`.
 - Cross-field rules live in an optional `validate(self)` method on the dataclass; it raises
   `ConfigError` through `fail(key, message)` and the loader prefixes the section path.
@@ -166,7 +167,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         bad()
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, CLIValue):
-            value = _parse_cli_literal(value, key)
+            words = typing.get_args(tp) in ((str,), (str, Ellipsis))
+            # a list of strings may also be given bare: `--reasoning.kinds add,mod` or `[add, mod]`
+            value = _parse_cli_literal(value, key) if not words or _is_toml(value) else _split_words(value)
         if not isinstance(value, (list, tuple)):
             bad()
         args = typing.get_args(tp)
@@ -185,6 +188,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             bad()
         return dict(value)
     raise TypeError(f"config field {key}: unsupported annotation {tp!r}")
+
+
+def _is_toml(text: str) -> bool:
+    try:
+        tomllib.loads(f"v = {text}")
+        return True
+    except tomllib.TOMLDecodeError:
+        return False
+
+
+def _split_words(text: str) -> list[str]:
+    """'a,b' or '[a, b]' -> ['a', 'b'] (an empty text or '[]' -> [])."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [w.strip() for w in text.split(",") if w.strip()]
 
 
 def _parse_cli_literal(text: str, key: str) -> Any:

@@ -404,6 +404,24 @@ def test_wrong_type_on_cli(override, key, expected):
     assert expected in msg
 
 
+@dataclasses.dataclass
+class _Words:
+    names: list[str] = dataclasses.field(default_factory=list)
+    sizes: list[int] = dataclasses.field(default_factory=list)
+
+
+@pytest.mark.parametrize("text,want", [("a,b", ["a", "b"]), ("[a, b]", ["a", "b"]), ('["a", "b"]', ["a", "b"]),
+                                       ("a", ["a"]), ("[]", [])])
+def test_a_list_of_strings_may_be_given_bare_on_the_cli(text, want):
+    assert from_dict(_Words, {"names": CLIValue(text)}).names == want
+
+
+def test_other_lists_still_need_toml_on_the_cli():
+    assert from_dict(_Words, {"sizes": CLIValue("[1, 2]")}).sizes == [1, 2]
+    with pytest.raises(ConfigError, match="config key 'sizes': could not parse '1,x'"):
+        from_dict(_Words, {"sizes": CLIValue("1,x")})
+
+
 def test_bool_given_to_int_field():
     msg = _error({"train.steps": True})
     assert "config key 'train.steps'" in msg and "expected an integer" in msg and "True" in msg

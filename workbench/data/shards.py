@@ -42,7 +42,7 @@ import json
 import math
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,7 @@ class ShardRead:
     documents: list[tuple[str, np.ndarray]]
     dropped: list[str]
     reason: str = ""
+    texts: dict[str, str] = field(default_factory=dict)  # key -> the document's text (KEY.txt), delivered ones
 
 
 def read_shard(root: Path, info: ShardInfo, dtype: str, vocab_size: int) -> ShardRead:
@@ -207,7 +208,7 @@ def read_shard(root: Path, info: ShardInfo, dtype: str, vocab_size: int) -> Shar
         reason = f"unreadable tar ({e})"
 
     wanted = set(info.keys)
-    documents, bad = [], []
+    documents, bad, texts = [], [], {}
     item = np.dtype(dtype).newbyteorder("<")
     for key in info.keys:
         fields = samples.get(key)
@@ -223,6 +224,8 @@ def read_shard(root: Path, info: ShardInfo, dtype: str, vocab_size: int) -> Shar
             bad.append(key)
             continue
         documents.append((key, ids))
+        if "txt" in fields:
+            texts[key] = fields["txt"].decode("utf-8", errors="replace")
     delivered = {k for k, _ in documents}
     dropped = [k for k in info.keys if k not in delivered]
     extra = sorted(set(samples) - wanted)
@@ -231,7 +234,7 @@ def read_shard(root: Path, info: ShardInfo, dtype: str, vocab_size: int) -> Shar
             "the tar ended early (a reader stops silently at a bad header)"
     if extra:
         reason = (reason + "; " if reason else "") + f"{len(extra)} keys not in the manifest ignored"
-    return ShardRead(documents, dropped, reason)
+    return ShardRead(documents, dropped, reason, texts)
 
 
 def _json_or_none(raw: bytes | None) -> dict | None:
@@ -408,6 +411,24 @@ class ShardStream:
         self.epoch_start += windows
         self.epoch += 1
         self.done = {}
+
+
+def read_texts(root: str | Path, split: str, log: Callable[[str], None] = print,
+               manifest: Manifest | None = None) -> list[tuple[str, str]]:
+    """(key, text) of every document of a split in manifest order, each shard checked as the stream checks
+    it; a dropped document is logged (shard and keys), not returned. What evaluations read: text, so a
+    model with another tokenizer can score the same held-out documents."""
+    manifest = manifest or Manifest.load(root)
+    if split not in manifest.splits:
+        raise DataError(f"{manifest.root}: no split '{split}' (it has {', '.join(manifest.splits)})")
+    out = []
+    for info in manifest.splits[split]:
+        read = read_shard(manifest.root, info, manifest.dtype, manifest.vocab_size)
+        if read.dropped:
+            log(f"data ({split}): shard {info.file}: {read.reason}; {len(read.dropped)} of {len(info.keys)} "
+                f"documents dropped ({describe_keys(read.dropped)})")
+        out += [(key, read.texts[key]) for key, _ in read.documents if key in read.texts]
+    return out
 
 
 def unigram_loss(counts: list[int] | np.ndarray, labels: np.ndarray) -> float:

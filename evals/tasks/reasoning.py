@@ -1,0 +1,101 @@
+"""Reasoning accuracy: the answer inside `<answer>...</answer>` checked by a program.
+
+Problems are the verifiable kinds of `data_pipelines.reasoning` (arithmetic, comparison, modular
+arithmetic, counting, parity, sorting): generated from `seed` (a seed the training recipes do not use, so
+these are held out), or read from a jsonl of problems (`--reasoning.data FILE`, each with `kind` and
+`params`). The model's output, special tokens kept, is checked by recomputing the answer from the
+problem's parameters (`check`), never by trusting a stored answer.
+
+Metrics
+    accuracy   the answer in the last complete <answer> span is right
+    format     R1's format: a <think> block, then exactly one <answer> block
+    answered   some <answer> span exists (a model can be right without the <think> block)
+Chance is the mean over problems of 1 / |answer space| (every kind's answers are enumerable), the score
+of answering uniformly at random; per-kind accuracy and chance are plotted side by side.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from data_pipelines import reasoning as rz
+from evals.plots import bars
+from evals.registry import EvalContext, TaskResult, read_jsonl
+from evals.scoring import prefix_ids
+from workbench.config import fail, field_
+from workbench.errors import DataError
+from workbench.inference.generator import SamplingParams
+
+EVAL_SEED = 20261127  # held out: training recipes draw their problems from other seeds
+
+
+@dataclass
+class Config:
+    data: str | None = field_(None, doc="jsonl of problems (kind, params, prompt); default: generated from seed")
+    n: int = field_(120, gt=0, doc="problems (the first n of a file)")
+    seed: int = EVAL_SEED
+    kinds: list[str] = field_([], doc=f"generated kinds, from {', '.join(rz.KINDS)}; [] = all")
+    max_new_tokens: int = field_(64, gt=0)
+
+    def validate(self) -> None:
+        unknown = [k for k in self.kinds if k not in rz.KINDS]
+        if unknown:
+            fail("kinds", f"unknown kind {unknown[0]!r} (known: {', '.join(rz.KINDS)})")
+
+
+def score_outputs(problems: list[dict], outputs: list[str]) -> tuple[dict, dict, list[dict]]:
+    """(metrics, per-kind {accuracy, chance, n}, samples) of outputs against problems: the scorer alone,
+    so tests can validate it on oracle and random outputs."""
+    samples = []
+    for p, out in zip(problems, outputs):
+        samples.append({"id": p.get("id"), "kind": p["kind"], "prompt": p["prompt"], "output": out,
+                        "answer": rz.solution(p), "extracted": rz.extract_answer(out),
+                        "correct": rz.check(p, out), "format": rz.well_formed(out), "chance": rz.chance(p)})
+    n = len(samples)
+    metrics = {"accuracy": sum(s["correct"] for s in samples) / n, "format": sum(s["format"] for s in samples) / n,
+               "answered": sum(s["extracted"] is not None for s in samples) / n}
+    groups = defaultdict(list)
+    for s in samples:
+        groups[s["kind"]].append(s)
+    per_kind = {k: {"accuracy": sum(s["correct"] for s in g) / len(g), "chance": sum(s["chance"] for s in g) / len(g),
+                    "n": len(g)} for k, g in sorted(groups.items())}
+    return metrics, per_kind, samples
+
+
+class Reasoning:
+    name = "reasoning"
+    description = "accuracy of the <answer> on generated verifiable problems, checked by a program, beside chance"
+    Config = Config
+
+    def problems(self, cfg: Config) -> list[dict]:
+        if cfg.data is None:
+            return rz.make_problems(cfg.n, cfg.seed, cfg.kinds or None)
+        problems = read_jsonl(cfg.data, "reasoning.data", ("kind", "params", "prompt"))[: cfg.n]
+        for i, p in enumerate(problems, 1):
+            try:
+                rz.solution(p)
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{cfg.data}: problem {i}: {e}") from None
+        return problems
+
+    def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
+        problems = self.problems(cfg)
+        tok = ctx.tokenizer
+        prefix = prefix_ids(tok)
+        prompts = [prefix + tok.encode(p["prompt"], add_special_tokens=False) for p in problems]
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+        completions = ctx.generate(prompts, params, desc="reasoning")
+        # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop
+        outputs = [tok.decode(c.tokens, skip_special_tokens=False) for c in completions]
+        metrics, per_kind, samples = score_outputs(problems, outputs)
+        chance = sum(s["chance"] for s in samples) / len(samples)
+        plot = "reasoning.png"
+        bars(ctx.out_dir / plot, list(per_kind), [v["accuracy"] for v in per_kind.values()],
+             [v["chance"] for v in per_kind.values()], title=f"reasoning accuracy by kind ({len(samples)} problems)",
+             ylabel="accuracy")
+        return TaskResult(task=self.name, primary="accuracy", metrics=metrics, baselines={"chance": chance},
+                          n=len(samples), samples=samples, plots=[plot], details={"per_kind": per_kind})
+
+
+TASK = Reasoning()

@@ -1,0 +1,129 @@
+"""`workbench eval` end to end on a trained debug run and on a Hugging Face directory, and its bad input."""
+
+import json
+import shutil
+
+import pytest
+from conftest import DEBUG_TOML
+
+from workbench.checkpoint.run import MARKER
+from workbench.cli import main
+from workbench.config import load_config
+from workbench.job import JobConfig
+from workbench.train.trainer import Trainer
+
+SMALL = ["--exact_match.n", "6", "--reasoning.n", "6", "--reasoning.max_new_tokens", "8",
+         "--perplexity.max_documents", "3"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, debug_data):
+    """A debug run trained for 15 steps (its model is clearly better than uniform, not yet good)."""
+    out = tmp_path_factory.mktemp("runs")
+    job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--data.dir", str(debug_data),
+                                              "--train.sample_tokens", "0", "--train.steps", "15"])
+    trainer = Trainer(job, log=lambda *_: None)
+    trainer.fit()
+    return trainer.run_dir
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out.strip(), captured.err.strip().splitlines()
+
+
+def test_eval_writes_results_a_report_and_the_runs_report(capsys, run):
+    rc, out, err = cli(capsys, "eval", "--task", "perplexity,exact_match,reasoning", "--ckpt", run, *SMALL)
+    folder = run / "evals" / "step-15"
+    assert rc == 0 and out == str(folder / "report.md")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["source"]["step"] == 15 and list(results["tasks"]) == ["perplexity", "exact_match", "reasoning"]
+    ppl = results["tasks"]["perplexity"]
+    assert ppl["n"] == 3 and ppl["details"]["same_tokenizer_as_dataset"]
+    assert ppl["metrics"]["bits_per_byte"] < ppl["baselines"]["uniform"]
+    assert ppl["metrics"]["perplexity"] == pytest.approx(2.718281828 ** ppl["metrics"]["nll_per_token"])
+    assert results["tasks"]["exact_match"]["n"] == 6 and results["tasks"]["reasoning"]["n"] == 6
+    assert len((folder / "samples" / "reasoning.jsonl").read_text().splitlines()) == 6
+    assert len((folder / "exact_match.data.jsonl").read_text().splitlines()) == 6  # the mined pairs, kept
+    report = (folder / "report.md").read_text()
+    for name in ("perplexity", "exact_match", "reasoning"):
+        assert f"## {name}" in report and f"![{name}]({name}.png)" in report
+        assert (folder / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    run_report = (run / "report.md").read_text()
+    assert "[report](evals/step-15/report.md)" in run_report and "| reasoning | accuracy |" in run_report
+    assert any(line.startswith("run report:") for line in err)
+
+    # one task again: its entry is replaced, the others stay
+    rc, _, _ = cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.n", "3",
+                   "--reasoning.max_new_tokens", "4")
+    results = json.loads((folder / "results.json").read_text())
+    assert rc == 0 and list(results["tasks"]) == ["perplexity", "exact_match", "reasoning"]
+    assert results["tasks"]["reasoning"]["n"] == 3 and results["tasks"]["perplexity"]["n"] == 3
+
+
+def test_eval_of_a_hugging_face_directory_on_a_workbench_dataset(capsys, hf_llama_dir, debug_data, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = cli(capsys, "eval", "--task", "perplexity", "--hf-dir", hf_llama_dir, "--perplexity.data",
+                     debug_data, "--perplexity.max_documents", "2", "--max-length", "32")
+    folder = tmp_path / "runs" / "evals" / hf_llama_dir.name
+    assert rc == 0 and out == str(folder.relative_to(tmp_path) / "report.md")
+    task = json.loads((folder / "results.json").read_text())["tasks"]["perplexity"]
+    assert not task["details"]["same_tokenizer_as_dataset"] and "unigram" not in task["baselines"]
+    assert task["details"]["max_length"] == 32 and task["n"] == 2 and task["metrics"]["bits_per_byte"] > 0
+
+
+def test_eval_list_names_every_task_and_its_options(capsys):
+    rc, out, _ = cli(capsys, "eval", "--list")
+    assert rc == 0
+    for needle in ("perplexity", "exact_match", "reasoning", "--reasoning.kinds", "--exact_match.data"):
+        assert needle in out
+
+
+def one_error(rc, err, *needles):
+    assert rc == 2 and err[-1].startswith("error: "), err
+    for n in needles:
+        assert str(n) in err[-1], (n, err[-1])
+
+
+def test_eval_bad_input_names_the_problem(capsys, run, tmp_path):
+    one_error(*cli(capsys, "eval", "--task", "perplexity,nope", "--ckpt", run)[::2],
+              "unknown eval task 'nope'", "known tasks: exact_match, lm_eval, perplexity, reasoning")
+    one_error(*cli(capsys, "eval", "--ckpt", run)[::2], "--task")
+    one_error(*cli(capsys, "eval", "--task", "perplexity")[::2], "--ckpt RUN_DIR or --hf-dir DIR")
+
+    # a checkpoint whose write never finished is refused, named; a run with no complete one too
+    half_run = tmp_path / "half"
+    shutil.copytree(run, half_run, ignore=shutil.ignore_patterns("evals", "tb"))
+    broken = half_run / "checkpoints" / "step-15"
+    (broken / MARKER).unlink()
+    one_error(*cli(capsys, "eval", "--task", "perplexity", "--ckpt", broken)[::2], str(broken), "no COMPLETE marker")
+    one_error(*cli(capsys, "eval", "--task", "perplexity", "--ckpt", half_run)[::2], "no complete checkpoint")
+
+    # task data that is not there: the file or folder is named
+    missing = tmp_path / "nowhere.jsonl"
+    one_error(*cli(capsys, "eval", "--task", "exact_match", "--ckpt", run, "--exact_match.data", missing)[::2],
+              "exact_match.data", str(missing), "does not exist")
+    one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.data", missing)[::2],
+              str(missing))
+    one_error(*cli(capsys, "eval", "--task", "perplexity", "--ckpt", run, "--perplexity.data", tmp_path / "nodata")[::2],
+              "nodata", "does not exist")
+
+    # options: an unknown key, a bad value, a task not asked for
+    one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.bogus", "1")[::2],
+              "reasoning.bogus", "unknown key")
+    one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.n", "0")[::2],
+              "reasoning.n", "> 0")
+    one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.kinds", "[riddle]")[::2],
+              "reasoning.kinds", "riddle")
+    one_error(*cli(capsys, "eval", "--task", "perplexity", "--ckpt", run, "--reasoning.n", "3")[::2],
+              "--reasoning.n", "not among those asked for")
+
+    # results of one model never mix with another's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"format": "workbench-eval/1", "source": {"hf_dir": "/x"},
+                                                    "tasks": {}}))
+    one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--out", other, "--reasoning.n", "1")[::2],
+              str(other), "another model")
