@@ -44,7 +44,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
-from evals.scoring import generate, prefix_ids, rolling_nll, rolling_requests, score
+from evals.scoring import generate, prefix_ids, prompt_ids, rolling_nll, rolling_requests, score
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,7 @@ class WorkbenchLM(LM):
             context, gen_kwargs = req.args
             p = self.sampling_params(gen_kwargs)
             ignored |= set(gen_kwargs or {}) - _GREEDY_IRRELEVANT
-            room = self.max_length - p.max_new_tokens - len(self.prefix)
-            if room < 1:
-                raise ValueError(f"generate_until: max_gen_toks = {p.max_new_tokens} leaves no room for a "
-                                 f"context within max_length = {self.max_length}")
-            prompts.append(list(self.prefix) + self._encode(context)[-room:])
+            prompts.append(prompt_ids(self.tokenizer, context, self.max_length, p.max_new_tokens, self.prefix))
             params.append(p)
         if ignored:
             log.warning("generate_until: ignoring gen_kwargs %s (decoding is greedy)",

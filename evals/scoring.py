@@ -17,8 +17,10 @@ Rolling log-likelihood of a document (perplexity, bits per byte)
     perplexity task and lm-eval's bits_per_byte agree on the same text.
 
 Generation
-    `generate(generator, prompts, params, batch_size)` sends prompts through any `Generator` in batches
-    of similar length (less left padding), with a progress bar, and returns completions in prompt order.
+    `prompt_ids` encodes a prompt after the prefix and keeps its last tokens so that prompt + completion fit
+    in `max_length` (the window the model was trained on, for a run). `generate(generator, prompts, params,
+    batch_size)` sends prompts through any `Generator` in batches of similar length (less left padding),
+    with a progress bar, and returns completions in prompt order.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ def prefix_ids(tokenizer) -> list[int]:
             return [token]
     raise WorkbenchError("the tokenizer adds no bos and has neither a bos nor an eos id: no token to score "
                          "the first token of a document after")
+
+
+def prompt_ids(tokenizer, text: str, max_length: int, max_new_tokens: int, prefix: Sequence[int] | None = None,
+               ) -> list[int]:
+    """prefix + the tokens of `text`, keeping only its last ones so that prompt and completion fit in
+    `max_length` (a model asked past the window it was trained on answers from positions it never saw)."""
+    prefix = prefix_ids(tokenizer) if prefix is None else list(prefix)
+    room = max_length - max_new_tokens - len(prefix)
+    if room < 1:
+        raise WorkbenchError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt within the scoring "
+                             f"window of {max_length} tokens (--max-length)")
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return list(prefix) + ids[-room:]
 
 
 def rolling_requests(prefix: Sequence[int], tokens: Sequence[int], max_length: int) -> list[Request]:

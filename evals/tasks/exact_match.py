@@ -5,7 +5,8 @@ kept in the samples). Without one, pairs are mined from the held-out split of th
 line of code cut at a word boundary (data_pipelines.completions), written to the eval folder as
 `exact_match.data.jsonl` so the score can be reproduced and inspected.
 
-Scoring: the prompt is encoded as a document is (the tokenizer's bos first), decoded greedily up to
+Scoring: the prompt is encoded as a document is (the tokenizer's bos first; a prompt too long for the
+scoring window keeps its end, `evals.scoring.prompt_ids`), decoded greedily up to
 `max_new_tokens` or a stop string (default: end of line), and compared with the answer after stripping
 surrounding whitespace (`strip`). Chance: the accuracy of answering each prompt with an answer drawn at
 random from the file's own answers, sum_i count(answer_i) / N^2: it is what a model that has learned the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from data_pipelines.completions import line_completions
 from evals.plots import bars
 from evals.registry import EvalContext, TaskResult, read_jsonl
-from evals.scoring import prefix_ids
+from evals.scoring import prefix_ids, prompt_ids
 from workbench.config import field_
 from workbench.data.shards import read_texts
 from workbench.errors import DataError
@@ -68,7 +69,7 @@ class ExactMatch:
             if not isinstance(item["prompt"], str) or not isinstance(item["answer"], str):
                 raise DataError(f"exact_match: record {i + 1}: prompt and answer must be strings")
         prefix = prefix_ids(ctx.tokenizer)
-        prompts = [prefix + ctx.tokenizer.encode(it["prompt"], add_special_tokens=False) for it in items]
+        prompts = [prompt_ids(ctx.tokenizer, it["prompt"], ctx.max_length, cfg.max_new_tokens, prefix) for it in items]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop))
         outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match")]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from data_pipelines import reasoning as rz
 from evals.plots import bars
 from evals.registry import EvalContext, TaskResult, read_jsonl
-from evals.scoring import prefix_ids
+from evals.scoring import prefix_ids, prompt_ids
 from workbench.config import fail, field_
 from workbench.errors import DataError
 from workbench.inference.generator import SamplingParams
@@ -83,7 +83,7 @@ class Reasoning:
         problems = self.problems(cfg)
         tok = ctx.tokenizer
         prefix = prefix_ids(tok)
-        prompts = [prefix + tok.encode(p["prompt"], add_special_tokens=False) for p in problems]
+        prompts = [prompt_ids(tok, p["prompt"], ctx.max_length, cfg.max_new_tokens, prefix) for p in problems]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         completions = ctx.generate(prompts, params, desc="reasoning")
         # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop

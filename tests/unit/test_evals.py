@@ -12,8 +12,9 @@ from data_pipelines import reasoning as rz
 from data_pipelines.completions import line_completions
 from data_pipelines.tokenizer import byte_tokenizer
 from evals import registry
-from evals.scoring import prefix_ids, rolling_nll, rolling_requests, score
+from evals.scoring import prefix_ids, prompt_ids, rolling_nll, rolling_requests, score
 from evals.tasks import exact_match, reasoning
+from workbench.errors import WorkbenchError
 from workbench.inference.generator import Completion
 from workbench.models.base import DecoderOutput, ModelSection, build_model
 
@@ -41,7 +42,7 @@ class FakeGenerator:
 
 def context(tmp_path, generator, model=None):
     return registry.EvalContext(model=model, tokenizer=TOK, generator=generator, out_dir=tmp_path, source={},
-                                batch_size=7, max_length=64, log=lambda *_: None)
+                                batch_size=7, max_length=512, log=lambda *_: None)
 
 
 # ---- reasoning ------------------------------------------------------------------------------------
@@ -222,3 +223,11 @@ def test_score_equals_a_full_forward_and_truncates_from_the_left():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="at least one token"):
         score(model, [([], [1])])
+
+
+def test_prompts_keep_their_end_so_prompt_and_completion_fit_the_window():
+    ids = TOK.encode("0123456789", add_special_tokens=False)
+    assert prompt_ids(TOK, "0123456789", max_length=100, max_new_tokens=10) == [TOK.bos_id] + ids
+    assert prompt_ids(TOK, "0123456789", max_length=8, max_new_tokens=3) == [TOK.bos_id] + ids[-4:]
+    with pytest.raises(WorkbenchError, match="max_new_tokens = 7 leaves no room .* window of 8 tokens"):
+        prompt_ids(TOK, "0123456789", max_length=8, max_new_tokens=7)
