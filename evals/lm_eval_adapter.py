@@ -44,7 +44,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
-from evals.scoring import generate, prefix_ids, prompt_ids, rolling_nll, rolling_requests, score
+from evals.scoring import fit_prompts, generate, prefix_ids, rolling_nll, rolling_requests, score
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class WorkbenchLM(LM):
         model, tokenizer, _, job = load_source(None if ckpt is None else str(ckpt),
                                                None if hf_dir is None else str(hf_dir), device, _dtype(dtype))
         if max_length is None:
-            max_length = default_max_length(job)
+            max_length = default_max_length(job, model)
         return cls(model, tokenizer, batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks)
 
     @classmethod
@@ -200,7 +200,7 @@ class WorkbenchLM(LM):
             context, gen_kwargs = req.args
             p = self.sampling_params(gen_kwargs)
             ignored |= set(gen_kwargs or {}) - _GREEDY_IRRELEVANT
-            prompts.append(prompt_ids(self.tokenizer, context, self.max_length, p.max_new_tokens, self.prefix))
+            prompts.append(fit_prompts(self.tokenizer, [context], self.max_length, p.max_new_tokens, "max_gen_toks")[0][0])
             params.append(p)
         if ignored:
             log.warning("generate_until: ignoring gen_kwargs %s (decoding is greedy)",

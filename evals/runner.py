@@ -8,11 +8,13 @@ report.md lists them), else `runs/evals/<hf dir name>/`. The folder holds
                       its entry, other tasks' entries stay, so tasks can be run one at a time
     report.md         a table of every task's headline metric against its baselines, then per task its
                       metrics, plots and a few scored examples
-    samples/TASK.jsonl   every scored item (prompt, output, target, correct, ...)
+    samples/TASK.jsonl   every scored item (what the task scored and how: e.g. prompt, answer, output, correct)
     *.png             the tasks' plots
-A folder holding results of another model is refused rather than mixed. Everything is checked before the
-model is loaded (task names, options, explicit data files); a checkpoint without its COMPLETE marker, or
-whose files differ from its manifest, is refused by the loader.
+results.json and report.md are rewritten after each task, so a task that fails keeps the earlier ones; for
+a run's checkpoint evaluated into RUN_DIR/evals/, the run's report.md is regenerated at the end (also after
+a failure). A folder holding results of another model is refused rather than mixed. Task names, options
+and the data files named in options are checked before the model is loaded; a checkpoint without its
+COMPLETE marker, or whose files differ from its manifest, is refused by the loader.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import torch
 
 from evals import registry
 from evals.report import write_eval_report
-from workbench.config import from_dict, parse_overrides
+from workbench.config import from_dict, parse_overrides, to_dict
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.train.metrics import atomic_write_text
+from workbench.train.report import EVAL_FORMAT, write_run_report
 
-FORMAT = "workbench-eval/1"
-RESULTS = "results.json"
+FORMAT = EVAL_FORMAT + "1"
+RESULTS = "results.json"  # workbench.train.report reads it by this name
 HF_MAX_LENGTH = 2048  # the default scoring window for a Hugging Face model (its own limit may be 128K)
 
 
@@ -47,6 +50,11 @@ def parse_tasks(spec: str) -> list[str]:
 
 def task_configs(names: list[str], options: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """Each task's Config from the `--TASK.key value` options; an option for a task not asked for is an error."""
+    if isinstance(options, list):
+        stray = next((a for a in options if a.startswith("--") and "." not in a.split("=")[0]), None)
+        if stray is not None:
+            raise ConfigError(f"eval: unknown option {stray!r} (eval's own: --task, --ckpt, --hf-dir, --out, "
+                              f"--batch-size, --max-length, --device, --dtype; a task's: --TASK.key value)")
     flat = parse_overrides(options) if isinstance(options, list) else dict(options or {})
     raw: dict[str, dict] = {n: {} for n in names}
     for key, value in flat.items():
@@ -83,9 +91,13 @@ def load_source(ckpt: str | None, hf_dir: str | None, device: torch.device, dtyp
     return model, tokenizer, {"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)}, job
 
 
-def default_max_length(job) -> int:
-    """The scoring window: a run's training window (data.seq_len), HF_MAX_LENGTH for a Hugging Face model."""
-    return job.data.seq_len if job is not None else HF_MAX_LENGTH
+def default_max_length(job, model: torch.nn.Module) -> int:
+    """The scoring window: a run's training window (data.seq_len); for a Hugging Face model, its own limit
+    (max_position_embeddings) up to HF_MAX_LENGTH."""
+    if job is not None:
+        return job.data.seq_len
+    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    return min(HF_MAX_LENGTH, limit) if limit else HF_MAX_LENGTH
 
 
 def default_out(source: dict) -> Path:
@@ -135,31 +147,34 @@ def run_eval(
                              f"choose another folder")
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     if max_length is None:
-        max_length = default_max_length(job)
+        max_length = default_max_length(job, model)
     ctx = registry.EvalContext(model=model, tokenizer=tokenizer, generator=KVCacheGenerator(model, tokenizer),
                                out_dir=out_dir, source=source, job=job, batch_size=batch_size,
                                max_length=max_length, log=log)
     results = previous or {"format": FORMAT, "source": source, "tasks": {}}
-    for name in names:
-        task = registry.get(name)
-        log(f"eval {name}: {task.description}")
-        t0 = time.perf_counter()
-        result = task.run(ctx, configs[name])
-        summary = dict(result.summary(), elapsed_s=round(time.perf_counter() - t0, 2), config=_plain(configs[name]))
-        with open(out_dir / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s, default=str) + "\n" for s in result.samples)
-        results["tasks"][name] = summary
-        results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        atomic_write_text(out_dir / RESULTS, json.dumps(results, indent=1) + "\n")  # after each task: a crash later keeps what was measured
-        base = ", ".join(f"{k} {v:.4g}" for k, v in result.baselines.items())
-        log(f"eval {name}: {result.primary} = {result.metrics[result.primary]:.4g}"
-            f"{f' (baselines: {base})' if base else ''} over {result.n} items in {summary['elapsed_s']:.1f} s")
-    report = write_eval_report(out_dir, results)
-    log(f"eval report: {report}")
+    try:
+        for name in names:
+            task = registry.get(name)
+            log(f"eval {name}: {task.description}")
+            t0 = time.perf_counter()
+            result = task.run(ctx, configs[name])
+            summary = dict(result.summary(), elapsed_s=round(time.perf_counter() - t0, 2),
+                           config=to_dict(configs[name]))
+            with open(out_dir / "samples" / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(s, default=str) + "\n" for s in result.samples)
+            results["tasks"][name] = summary
+            results["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            # after each task, so a task that fails later leaves the measured ones written and reported
+            atomic_write_text(out_dir / RESULTS, json.dumps(results, indent=1) + "\n")
+            write_eval_report(out_dir, results)
+            base = ", ".join(f"{k} {v:.4g}" for k, v in result.baselines.items())
+            log(f"eval {name}: {result.primary} = {result.metrics[result.primary]:.4g}"
+                f"{f' (baselines: {base})' if base else ''} over {result.n} items in {summary['elapsed_s']:.1f} s")
+    finally:
+        run_dir = source.get("run_dir")
+        if run_dir is not None and out_dir.resolve().is_relative_to((Path(run_dir) / "evals").resolve()):
+            log(f"run report: {write_run_report(run_dir)}")  # the run's report lists its evals folders
+    log(f"eval report: {out_dir / 'report.md'}")
     return out_dir
 
 
-def _plain(cfg: Any) -> dict:
-    from workbench.config import to_dict
-
-    return to_dict(cfg)

@@ -17,8 +17,10 @@ Rolling log-likelihood of a document (perplexity, bits per byte)
     perplexity task and lm-eval's bits_per_byte agree on the same text.
 
 Generation
-    `prompt_ids` encodes a prompt after the prefix and keeps its last tokens so that prompt + completion fit
-    in `max_length` (the window the model was trained on, for a run). `generate(generator, prompts, params,
+    `fit_prompts` encodes prompts after the prefix so that prompt + completion fit in `max_length` (for a
+    run, the window it was trained on): a long prompt keeps its end, or is refused where its start matters.
+    (Scoring windows, by contrast, are cut like lm-eval's, the prefix included: there the prefix is only
+    context.) `generate(generator, prompts, params,
     batch_size)` sends prompts through any `Generator` in batches of similar length (less left padding),
     with a progress bar, and returns completions in prompt order.
 """
@@ -52,17 +54,24 @@ def prefix_ids(tokenizer) -> list[int]:
                          "the first token of a document after")
 
 
-def prompt_ids(tokenizer, text: str, max_length: int, max_new_tokens: int, prefix: Sequence[int] | None = None,
-               ) -> list[int]:
-    """prefix + the tokens of `text`, keeping only its last ones so that prompt and completion fit in
-    `max_length` (a model asked past the window it was trained on answers from positions it never saw)."""
-    prefix = prefix_ids(tokenizer) if prefix is None else list(prefix)
+def fit_prompts(tokenizer, texts: Sequence[str], max_length: int, max_new_tokens: int,
+                option: str = "max_new_tokens", truncate: bool = True) -> tuple[list[list[int]], int]:
+    """(prefix + tokens of each text, how many were cut): prompt and completion must fit in `max_length`
+    (a model asked past the window it was trained on answers from positions it never saw). With `truncate`
+    a long prompt keeps its end (the prefix stays: a prompt always starts a document); without, a prompt
+    that does not fit is an error (a question cut off its start cannot be answered)."""
+    prefix = prefix_ids(tokenizer)
     room = max_length - max_new_tokens - len(prefix)
     if room < 1:
-        raise WorkbenchError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt within the scoring "
-                             f"window of {max_length} tokens (--max-length)")
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    return list(prefix) + ids[-room:]
+        raise WorkbenchError(f"{option} = {max_new_tokens} leaves no room for a prompt within the scoring window "
+                             f"of {max_length} tokens: lower {option} or raise --max-length")
+    encoded = [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+    long = [len(ids) for ids in encoded if len(ids) > room]
+    if long and not truncate:
+        raise WorkbenchError(f"{len(long)} of {len(texts)} prompts (the longest {max(long)} tokens) do not fit "
+                             f"with {option} = {max_new_tokens} in the scoring window of {max_length} tokens: "
+                             f"lower {option} or raise --max-length")
+    return [prefix + ids[-room:] for ids in encoded], len(long)
 
 
 def rolling_requests(prefix: Sequence[int], tokens: Sequence[int], max_length: int) -> list[Request]:

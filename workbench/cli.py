@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -83,6 +82,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 def _train(trainer, job, _log, main: bool) -> int:
     history = trainer.fit()
     if trainer.stop_signal is not None and trainer.step < job.train.steps:
+        _log(f"report: {trainer.report_path}")
         return 128 + trainer.stop_signal  # the shell's convention for "ended by signal N", checkpoint saved
     if history:
         first, last = history[0]["loss"], history[-1]["loss"]
@@ -157,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from evals import registry
     from evals.runner import run_eval
-    from workbench.train.report import write_run_report
+    from workbench.train.report import REPORT_FILE
 
     if args.list:
         for name, task in registry.tasks().items():
@@ -174,10 +174,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     out = run_eval(args.task, ckpt=args.ckpt, hf_dir=args.hf_dir, out=args.out, options=overrides,
                    batch_size=args.batch_size, max_length=args.max_length, device=args.device,
                    dtype=_dtype(args.dtype), log=_log)
-    print(out / "report.md")
-    results = json.loads((out / "results.json").read_text())
-    if "run_dir" in results["source"]:  # the run's own report lists its evals
-        _log(f"run report: {write_run_report(results['source']['run_dir'])}")
+    print(out / REPORT_FILE)
     return 0
 
 
@@ -236,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="default: RUN_DIR/evals/step-N, or runs/evals/NAME for --hf-dir")
     p.add_argument("--batch-size", type=int, default=16, help="prompts or windows per forward")
     p.add_argument("--max-length", type=int, default=None,
-                   help="longest scoring window (default: the run's data.seq_len; 2048 for --hf-dir)")
+                   help="longest window (default: the run's data.seq_len; for --hf-dir the model's limit up to 2048)")
 
     p = sub.add_parser("report", help="rewrite a run folder's report.md (training runs write it at each checkpoint)")
     p.add_argument("run_dir", metavar="RUN_DIR")

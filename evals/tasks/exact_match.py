@@ -6,7 +6,7 @@ line of code cut at a word boundary (data_pipelines.completions), written to the
 `exact_match.data.jsonl` so the score can be reproduced and inspected.
 
 Scoring: the prompt is encoded as a document is (the tokenizer's bos first; a prompt too long for the
-scoring window keeps its end, `evals.scoring.prompt_ids`), decoded greedily up to
+scoring window keeps its end, `evals.scoring.fit_prompts`; the count is in the details), decoded greedily up to
 `max_new_tokens` or a stop string (default: end of line), and compared with the answer after stripping
 surrounding whitespace (`strip`). Chance: the accuracy of answering each prompt with an answer drawn at
 random from the file's own answers, sum_i count(answer_i) / N^2: it is what a model that has learned the
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from data_pipelines.completions import line_completions
 from evals.plots import bars
-from evals.registry import EvalContext, TaskResult, read_jsonl
-from evals.scoring import prefix_ids, prompt_ids
+from evals.registry import EvalContext, TaskResult, data_file, read_jsonl
+from evals.scoring import fit_prompts
 from workbench.config import field_
 from workbench.data.shards import read_texts
 from workbench.errors import DataError
@@ -37,6 +37,10 @@ class Config:
     max_new_tokens: int = field_(32, gt=0)
     stop: list[str] = field_(["\n"], doc="generation stops at any of these")
     strip: bool = field_(True, doc="compare with surrounding whitespace removed")
+
+    def validate(self) -> None:
+        if self.data is not None:
+            data_file(self.data, "exact_match.data")  # before the model loads
 
 
 def chance(answers: list[str]) -> float:
@@ -68,8 +72,8 @@ class ExactMatch:
         for i, item in enumerate(items):
             if not isinstance(item["prompt"], str) or not isinstance(item["answer"], str):
                 raise DataError(f"exact_match: record {i + 1}: prompt and answer must be strings")
-        prefix = prefix_ids(ctx.tokenizer)
-        prompts = [prompt_ids(ctx.tokenizer, it["prompt"], ctx.max_length, cfg.max_new_tokens, prefix) for it in items]
+        prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length, cfg.max_new_tokens,
+                                   "exact_match.max_new_tokens")
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop))
         outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match")]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)
@@ -81,7 +85,8 @@ class ExactMatch:
              ylabel="accuracy")
         return TaskResult(task=self.name, primary="exact_match", metrics={"exact_match": accuracy},
                           baselines={"chance": base}, n=len(samples), samples=samples, plots=[plot],
-                          details={"data": cfg.data or "mined from the val split: exact_match.data.jsonl"})
+                          details={"data": cfg.data or "mined from the val split: exact_match.data.jsonl",
+                                   "prompts_cut_to_fit": cut})
 
 
 TASK = ExactMatch()

@@ -41,6 +41,8 @@ class Config:
     include_path: str | None = field_(None, doc="a folder of extra lm-eval task YAMLs")
     num_fewshot: int | None = field_(None, ge=0, doc="default: each task's own")
     limit: int | None = field_(None, gt=0, doc="at most this many documents per task; default: all")
+    max_gen_toks: int | None = field_(None, gt=0, doc="generation budget when a task sets none; "
+                                                     "default: min(256, half the scoring window)")
 
     def validate(self) -> None:
         if not self.tasks:
@@ -124,11 +126,14 @@ class LmEval:
 
         manager = self.task_manager(cfg)
         self.check_names(manager, cfg.tasks)
-        lm = WorkbenchLM(ctx.model, ctx.tokenizer, ctx.batch_size, ctx.max_length)
+        budget = cfg.max_gen_toks or min(256, ctx.max_length // 2)
+        lm = WorkbenchLM(ctx.model, ctx.tokenizer, ctx.batch_size, ctx.max_length, max_gen_toks=budget)
         try:
             out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager,
                                           num_fewshot=cfg.num_fewshot, limit=cfg.limit, bootstrap_iters=0,
                                           log_samples=True)
+        except ValueError as e:  # the adapter's: sampling asked of a greedy-only model, bad gen_kwargs
+            raise WorkbenchError(f"lm_eval: {e}") from None
         except KeyError as e:  # lm-eval's own "not a registered task/group/tag name" (names of subtasks)
             if "registered" not in str(e):
                 raise

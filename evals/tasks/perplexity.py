@@ -37,6 +37,10 @@ class Config:
     split: str = "val"
     max_documents: int = field_(0, ge=0, doc="0 = every document of the split")
 
+    def validate(self) -> None:
+        if self.data is not None:
+            Manifest.load(self.data)  # the folder and its manifest, before the model loads
+
 
 class Perplexity:
     name = "perplexity"

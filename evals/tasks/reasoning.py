@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from data_pipelines import reasoning as rz
 from evals.plots import bars
-from evals.registry import EvalContext, TaskResult, read_jsonl
-from evals.scoring import prefix_ids, prompt_ids
+from evals.registry import EvalContext, TaskResult, data_file, read_jsonl
+from evals.scoring import fit_prompts
 from workbench.config import fail, field_
 from workbench.errors import DataError
 from workbench.inference.generator import SamplingParams
@@ -39,6 +39,8 @@ class Config:
     max_new_tokens: int = field_(64, gt=0)
 
     def validate(self) -> None:
+        if self.data is not None:
+            data_file(self.data, "reasoning.data")  # before the model loads
         unknown = [k for k in self.kinds if k not in rz.KINDS]
         if unknown:
             fail("kinds", f"unknown kind {unknown[0]!r} (known: {', '.join(rz.KINDS)})")
@@ -82,8 +84,8 @@ class Reasoning:
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         problems = self.problems(cfg)
         tok = ctx.tokenizer
-        prefix = prefix_ids(tok)
-        prompts = [prompt_ids(tok, p["prompt"], ctx.max_length, cfg.max_new_tokens, prefix) for p in problems]
+        prompts, _ = fit_prompts(tok, [p["prompt"] for p in problems], ctx.max_length, cfg.max_new_tokens,
+                                 "reasoning.max_new_tokens", truncate=False)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
         completions = ctx.generate(prompts, params, desc="reasoning")
         # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop

@@ -56,6 +56,7 @@ def test_resume_continues_bit_identically(tmp_path, debug_job):
     for _ in range(3):
         crashed.train_step()
     crashed.save()
+    assert "| 3 |" in (crashed.run_dir / "report.md").read_text()  # the report follows each checkpoint
     del crashed  # the process "dies" after its step-3 checkpoint
     resumed = Trainer(debug_job(tmp_path / "b", "--train.steps", "6"), resume=True, **QUIET)
     assert resumed.step == 3 and resumed.cursor.position == 24

@@ -12,7 +12,7 @@ from data_pipelines import reasoning as rz
 from data_pipelines.completions import line_completions
 from data_pipelines.tokenizer import byte_tokenizer
 from evals import registry
-from evals.scoring import prefix_ids, prompt_ids, rolling_nll, rolling_requests, score
+from evals.scoring import fit_prompts, prefix_ids, rolling_nll, rolling_requests, score
 from evals.tasks import exact_match, reasoning
 from workbench.errors import WorkbenchError
 from workbench.inference.generator import Completion
@@ -227,7 +227,16 @@ def test_score_equals_a_full_forward_and_truncates_from_the_left():
 
 def test_prompts_keep_their_end_so_prompt_and_completion_fit_the_window():
     ids = TOK.encode("0123456789", add_special_tokens=False)
-    assert prompt_ids(TOK, "0123456789", max_length=100, max_new_tokens=10) == [TOK.bos_id] + ids
-    assert prompt_ids(TOK, "0123456789", max_length=8, max_new_tokens=3) == [TOK.bos_id] + ids[-4:]
-    with pytest.raises(WorkbenchError, match="max_new_tokens = 7 leaves no room .* window of 8 tokens"):
-        prompt_ids(TOK, "0123456789", max_length=8, max_new_tokens=7)
+    assert fit_prompts(TOK, ["0123456789", ""], max_length=100, max_new_tokens=10) == ([[TOK.bos_id] + ids, [TOK.bos_id]], 0)
+    assert fit_prompts(TOK, ["0123456789"], max_length=8, max_new_tokens=3) == ([[TOK.bos_id] + ids[-4:]], 1)
+    with pytest.raises(WorkbenchError, match="opt = 7 leaves no room .* window of 8 tokens: lower opt"):
+        fit_prompts(TOK, ["0123456789"], max_length=8, max_new_tokens=7, option="opt")
+    with pytest.raises(WorkbenchError, match="1 of 2 prompts .the longest 10 tokens. do not fit with opt = 3"):
+        fit_prompts(TOK, ["0123456789", "0"], max_length=8, max_new_tokens=3, option="opt", truncate=False)
+
+
+def test_reasoning_refuses_questions_that_do_not_fit_instead_of_cutting_them(tmp_path):
+    ctx = context(tmp_path, FakeGenerator(lambda q: ""))
+    ctx.max_length = 64
+    with pytest.raises(WorkbenchError, match="prompts .* do not fit with reasoning.max_new_tokens = 40"):
+        reasoning.TASK.run(ctx, reasoning.Config(n=6, max_new_tokens=40))

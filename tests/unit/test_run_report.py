@@ -134,3 +134,18 @@ def test_an_empty_run_folder_gets_a_report_that_says_so(tmp_path):
 def test_numbers_have_four_significant_digits():
     assert [format_number(x) for x in (1.87312, 95.3, 0.000123456, 12345.6, 9999.7, 1234, True, None)] == [
         "1.873", "95.3", "0.0001235", "12,350", "10,000", "1,234", "True", "—"]
+
+
+def test_evals_are_ordered_by_step_and_a_foreign_model_is_named(tmp_path):
+    run = make_run(tmp_path / "my-run")
+    own = dict(RESULTS, source={"ckpt": str(run / "checkpoints" / "step-10"), "run_dir": str(run), "step": 10})
+    hf = dict(RESULTS, source={"hf_dir": "/models/llama-1b"})
+    for name, results in (("step-10", own), ("llama-1b", hf)):
+        (run / "evals" / name).mkdir()
+        (run / "evals" / name / "results.json").write_text(json.dumps(results))
+    evals = section(write_run_report(run).read_text(), "Evaluations")
+    assert evals.index("### step-2") < evals.index("### step-10")  # by step, not as strings
+    assert "Hugging Face directory `/models/llama-1b` (not this run's model)" in evals
+    step2 = evals.split("### step-2", 1)[1].split("###", 1)[0]
+    step10 = evals.split("### step-10", 1)[1].split("###", 1)[0]
+    assert "another run's model" in step2 and "another run's model" not in step10

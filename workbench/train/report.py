@@ -48,7 +48,7 @@ INFO_FILE = "run_info.json"
 CONFIG_FILE = "config.toml"
 EVALS_DIR = "evals"
 EVAL_RESULTS = "results.json"
-EVAL_FORMAT = "workbench-eval/"  # the major version this report reads: workbench-eval/1, /2, ...
+EVAL_FORMAT = "workbench-eval/"  # + the major version: what evals.runner writes and this report reads
 
 NONE = "—"
 
@@ -224,11 +224,15 @@ def _checkpoints_section(run_dir: Path) -> list[str]:
     return lines + markdown_table(["step", "size (MiB)", "written at", "path"], rows)
 
 
-def _eval_table(folder: Path, results: dict) -> list[str]:
+def _eval_table(folder: Path, results: dict, run_dir: Path) -> list[str]:
     source = results.get("source") if isinstance(results.get("source"), dict) else {}
     about = []
     if source.get("ckpt"):
         about.append(f"checkpoint `{source['ckpt']}`")
+    if source.get("hf_dir"):
+        about.append(f"Hugging Face directory `{source['hf_dir']}` (not this run's model)")
+    elif source.get("run_dir") and Path(source["run_dir"]).resolve() != run_dir.resolve():
+        about.append(f"**another run's model** (`{source['run_dir']}`)")
     if source.get("step") is not None:
         about.append(f"step {format_number(source['step'])}")
     if results.get("updated"):
@@ -271,14 +275,16 @@ def _load_eval(folder: Path) -> tuple[dict | None, str | None]:
 def _evals_section(run_dir: Path) -> list[str]:
     lines = ["## Evaluations", ""]
     root = run_dir / EVALS_DIR
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    # step-9 before step-10: by the step number in the name, then by name
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (step_of(p), p.name)) \
+        if root.is_dir() else []
     shown = 0
     for folder in folders:
         results, why = _load_eval(folder)
         if results is None:
             lines += [f"- skipped `{EVALS_DIR}/{folder.name}`: {why}", ""]
             continue
-        lines += _eval_table(folder, results) + [""]
+        lines += _eval_table(folder, results, run_dir) + [""]
         shown += 1
     if not shown:
         lines.append(f"no evaluation yet; run one with `workbench eval --task perplexity --ckpt {run_dir}`")
