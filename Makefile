@@ -40,6 +40,7 @@ demo: setup
 	$(BIN)/workbench train configs/llama3/demo.toml --resume
 	$(BIN)/workbench generate --ckpt runs/llama3-demo --prompt "def" --max-new-tokens 64 --temperature 0.8 --top-k 50 --seed 0
 	$(BIN)/workbench eval --task perplexity,exact_match --ckpt runs/llama3-demo
+	@echo "report: runs/llama3-demo/report.md"
 
 # The whole suite (CPU). GPU tests skip themselves here, naming why.
 test: setup ops

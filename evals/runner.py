@@ -170,11 +170,11 @@ def run_eval(
             base = ", ".join(f"{k} {v:.4g}" for k, v in result.baselines.items())
             log(f"eval {name}: {result.primary} = {result.metrics[result.primary]:.4g}"
                 f"{f' (baselines: {base})' if base else ''} over {result.n} items in {summary['elapsed_s']:.1f} s")
+        log(f"eval report: {out_dir / 'report.md'}")
     finally:
         run_dir = source.get("run_dir")
         if run_dir is not None and out_dir.resolve().is_relative_to((Path(run_dir) / "evals").resolve()):
             log(f"run report: {write_run_report(run_dir)}")  # the run's report lists its evals folders
-    log(f"eval report: {out_dir / 'report.md'}")
     return out_dir
 
 

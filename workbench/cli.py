@@ -157,7 +157,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from evals import registry
     from evals.runner import run_eval
-    from workbench.train.report import REPORT_FILE
 
     if args.list:
         for name, task in registry.tasks().items():
@@ -174,7 +173,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     out = run_eval(args.task, ckpt=args.ckpt, hf_dir=args.hf_dir, out=args.out, options=overrides,
                    batch_size=args.batch_size, max_length=args.max_length, device=args.device,
                    dtype=_dtype(args.dtype), log=_log)
-    print(out / REPORT_FILE)
+    print(out / "report.md")  # stdout: the eval's report, for scripts
     return 0
 
 
