@@ -49,14 +49,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.float32, max_shard_size=None,
-                      seed: int = 0, vocab_size: int = 384, init_std: float = 0.2):
-    """A small but real Hugging Face Llama directory: sharded safetensors, config, tokenizer files.
-
-    The tokenizer is a byte-level BPE trained on a slice of the standard library (with the reserved
-    tokens), saved through transformers' PreTrainedTokenizerFast exactly as a hub model would be.
-    A large init std keeps greedy decoding away from near-ties between logits.
-    """
+def save_test_tokenizer(path):
+    """A byte-level BPE trained on a slice of the standard library (with the reserved tokens), saved into
+    `path` through transformers' PreTrainedTokenizerFast exactly as a hub model would be; returns ours."""
     transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
     from data_pipelines.corpus import load_documents
     from data_pipelines.tokenizer import train_bpe
@@ -66,6 +61,40 @@ def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.flo
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, bos_token="<|bos|>",
                                                 eos_token="<|eos|>", pad_token="<|pad|>")
     fast.save_pretrained(path)
+    return tok
+
+
+def make_hf_mixtral_dir(path, *, dtype: torch.dtype = torch.float32, seed: int = 0, vocab_size: int = 384,
+                        init_std: float = 0.2, sliding_window: int | None = None):
+    """A small real Hugging Face Mixtral directory (4 experts, top-2) with the test tokenizer.
+
+    transformers 5 saves the experts under the hub's per-expert names (block_sparse_moe.experts.{e}.w1/w2/w3),
+    so this directory also exercises the adapter's 4.x import path.
+    """
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    tok = save_test_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        rms_norm_eps=1e-5, max_position_embeddings=256, initializer_range=init_std, sliding_window=sliding_window,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    model = transformers.MixtralForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.float32, max_shard_size=None,
+                      seed: int = 0, vocab_size: int = 384, init_std: float = 0.2):
+    """A small but real Hugging Face Llama directory: sharded safetensors, config, tokenizer files.
+
+    The tokenizer is a byte-level BPE trained on a slice of the standard library (with the reserved
+    tokens), saved through transformers' PreTrainedTokenizerFast exactly as a hub model would be.
+    A large init std keeps greedy decoding away from near-ties between logits.
+    """
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    tok = save_test_tokenizer(path)
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -37,6 +37,7 @@ from workbench.errors import CheckpointError
 
 FAMILIES: dict[str, str] = {
     "llama3": "workbench.models.llama3",
+    "mixtral": "workbench.models.mixtral",
 }
 
 

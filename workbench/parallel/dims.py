@@ -81,6 +81,10 @@ class ParallelDims:
             raise ConfigError(f"config key 'parallel.backend': {self.backend!r} needs several processes started by a "
                               f"launcher (launch/torchrun.sh, docs/parallelism.md); one process trains with 'single'")
         for name in _REFUSED[self.backend]:
+            if name == "ep" and self.ep != 1:  # plans declare `expert` (plans/mixtral.py); nothing applies it yet
+                raise ConfigError(f"config key 'parallel.ep': {self.ep} asks for expert parallelism, which is not "
+                                  f"built yet (backend {self.backend!r}); set parallel.ep = 1 (MoE experts then stay "
+                                  f"whole on every rank)")
             if degrees[name] != 1:
                 raise ConfigError(
                     f"config key 'parallel.{name}': {degrees[name]} does not compose with backend "

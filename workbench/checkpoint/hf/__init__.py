@@ -5,7 +5,7 @@ Import: `config.json` (architecture -> family, then the family adapter's `config
 ids of `generation_config.json`/`config.json`. Export writes the same files back; importing a directory
 and exporting it again reproduces every tensor bit for bit, in the dtype it was stored in.
 
-Each family has an adapter module here (`llama3.py`, ...) with `ARCHITECTURES`, `config_from_hf`,
+Each family has an adapter module here (`llama3.py`, `mixtral.py`, ...) with `ARCHITECTURES`, `config_from_hf`,
 `config_to_hf`, `state_dict_from_hf` and `state_dict_to_hf`. Only safetensors are read: `.bin` (pickle)
 checkpoints are refused.
 """
@@ -25,7 +25,7 @@ from workbench.data.tokenizer import Tokenizer, check_fits
 from workbench.errors import CheckpointError
 from workbench.models.base import ModelSection, build_model
 
-ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3"}
+ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3", "mixtral": "workbench.checkpoint.hf.mixtral"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 

@@ -1,0 +1,259 @@
+"""The shared MoE pieces (workbench.models.moe): dispatch paths, capacity, routing variants, bias balancing,
+and the reducibility of the aux sums that the balance loss is built from."""
+
+import math
+
+import pytest
+import torch
+
+from workbench.models.moe import Experts, MoE, Router, sum_aux, switch_balance_loss, z_loss
+
+D, F, E = 16, 32, 8
+
+
+def _experts(capacity_factor=None, use_grouped_mm=True, seed=0):
+    torch.manual_seed(seed)
+    ex = Experts(D, F, E, capacity_factor=capacity_factor, use_grouped_mm=use_grouped_mm)
+    ex.init_weights(0.2, 0.2)
+    return ex
+
+
+def _reference(ex, x, idx, w):
+    """Token by token: y_t = sum_j w_tj * down_e (SiLU(gate_e x) * up_e x)."""
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[t, j]
+            g, u = (ex.gate_up_proj[e] @ x[t]).chunk(2)
+            y[t] += w[t, j] * (ex.down_proj[e] @ (torch.nn.functional.silu(g) * u))
+    return y
+
+
+def _routing(n=24, k=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])
+    w = torch.rand(n, k, generator=g)
+    return x, idx, w
+
+
+def test_grouped_mm_path_equals_loop_path_and_the_reference():
+    x, idx, w = _routing()
+    idx[:, 0] = 0  # an overloaded expert
+    idx[idx == 5] = 6  # and an expert with no tokens
+    grouped, loop = _experts(use_grouped_mm=True), _experts(use_grouped_mm=False)
+    with torch.no_grad():
+        y_loop, d = loop(x, idx, w)
+        y_grouped, _ = grouped(x, idx, w)
+        ref = _reference(loop, x, idx, w)
+    assert d.item() == 0
+    torch.testing.assert_close(y_loop, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_grouped, y_loop, atol=1e-5, rtol=1e-5)
+    if hasattr(torch, "_grouped_mm"):  # the kernel itself, not a silent fallback, on the sorted slots
+        order = idx.reshape(-1).argsort(stable=True)
+        xs, counts = x[order // 2], torch.bincount(idx.reshape(-1), minlength=E)
+        with torch.no_grad():
+            torch.testing.assert_close(grouped._grouped(xs, counts), loop._loop(xs, counts), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_path_falls_back_when_strides_are_unaligned():
+    ex = Experts(6, 10, 3)  # 6 * 4 bytes rows: not 16-byte aligned, so the loop runs
+    ex.init_weights(0.2, 0.2)
+    x, idx, w = torch.randn(5, 6), torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1], [0, 1]]), torch.rand(5, 2)
+    with torch.no_grad():
+        y, _ = ex(x, idx, w)
+        ref = _reference(ex, x, idx, w)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_factor_drops_overflow_slots_and_counts_them():
+    n, k = 16, 2
+    x, idx, w = _routing(n, k)
+    idx[:, 0] = 3  # every token wants expert 3 in its first slot
+    idx[:, 1] = torch.arange(n) % 2  # and expert 0 or 1 in its second
+    cf = 1.0
+    cap = math.ceil(cf * n * k / E)  # 4
+    ex = _experts(capacity_factor=cf)
+    with torch.no_grad():
+        y, dropped = ex(x, idx, w)
+    # expert 3 keeps its first `cap` tokens, experts 0 and 1 keep `cap` of their 8 each
+    assert dropped.item() == (n - cap) + 2 * (n // 2 - cap)
+    keep = torch.zeros(n, k, dtype=torch.bool)
+    keep[:cap, 0] = True
+    for e in (0, 1):
+        rows = (idx[:, 1] == e).nonzero().flatten()[:cap]
+        keep[rows, 1] = True
+    with torch.no_grad():
+        ref = _reference(ex, x, idx, w * keep)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # a generous capacity drops nothing and equals dropless
+    with torch.no_grad():
+        y_big, d_big = _experts(capacity_factor=float(E))(x, idx, w)
+        y_free, _ = _experts()(x, idx, w)
+    assert d_big.item() == 0
+    torch.testing.assert_close(y_big, y_free)
+
+
+def test_softmax_topk_renormalise_equals_softmax_over_the_topk_logits():
+    torch.manual_seed(0)
+    r = Router(D, E, 2)
+    r.init_weights(0.5)
+    x = torch.randn(32, D)
+    with torch.no_grad():
+        logits, scores, w, idx = r(x)
+    torch.testing.assert_close(scores, logits.softmax(-1))
+    top = logits.gather(1, idx)  # (N, k)
+    torch.testing.assert_close(w, top.softmax(-1), atol=1e-6, rtol=1e-6)
+    assert torch.equal(idx, logits.topk(2).indices)
+    # without renormalisation the weights are the raw full-softmax probabilities (Qwen2-MoE style)
+    r.norm_topk_prob = False
+    with torch.no_grad():
+        _, scores2, w2, idx2 = r(x)
+    torch.testing.assert_close(w2, scores2.gather(1, idx2))
+    assert (w2.sum(-1) < 1).all()
+
+
+def test_sigmoid_routing_bias_changes_selection_but_not_weights():
+    torch.manual_seed(0)
+    r = Router(D, E, 2, scoring="sigmoid", norm_topk_prob=False, bias_balancing=True, routed_scaling=2.5)
+    r.init_weights(0.5)
+    assert "bias" in dict(r.named_buffers()) and "bias" in r.state_dict()
+    assert not any(n == "bias" for n, _ in r.named_parameters())
+    x = torch.randn(64, D)
+    with torch.no_grad():
+        _, scores, w0, idx0 = r(x)
+        torch.testing.assert_close(scores, torch.sigmoid(r.gate(x)))
+        torch.testing.assert_close(w0, 2.5 * scores.gather(1, idx0))
+        r.bias[5] = 10.0  # expert 5 now wins every selection ...
+        _, scores_b, w1, idx1 = r(x)
+    assert (idx1 == 5).any(-1).all() and not torch.equal(idx0, idx1)
+    torch.testing.assert_close(scores_b, scores)  # ... but the scores are untouched
+    torch.testing.assert_close(w1, 2.5 * scores.gather(1, idx1))  # and weights use them, not the bias
+
+
+def test_update_bias_moves_toward_balance():
+    torch.manual_seed(0)
+    r = Router(D, E, 2, scoring="sigmoid", bias_balancing=True)
+    r.init_weights(0.5)
+    with torch.no_grad():
+        r.gate.weight[2] += 0.5 * r.gate.weight.abs().max()  # make expert 2 popular: a skewed start
+    x = torch.randn(512, D)
+
+    def counts():
+        with torch.no_grad():
+            idx = r(x)[3]
+        return torch.bincount(idx.flatten(), minlength=E).float()
+
+    c0 = counts()
+    r.update_bias(c0, 0.01)
+    over, under = c0 > c0.mean(), c0 < c0.mean()
+    assert (r.bias[over] == -0.01).all() and (r.bias[under] == 0.01).all()
+    for _ in range(300):
+        r.update_bias(counts(), 0.01)
+    c1 = counts()
+    assert c1.std() < 0.5 * c0.std()  # the load evened out
+    with pytest.raises(RuntimeError, match="no balancing bias"):
+        Router(D, E, 2).update_bias(c0, 0.1)
+
+
+def test_group_limited_routing_stays_inside_the_chosen_groups():
+    torch.manual_seed(0)
+    G, TG = 4, 2
+    r = Router(D, E, 3, scoring="sigmoid", n_groups=G, topk_groups=TG, bias_balancing=True)
+    r.init_weights(1.0)
+    with torch.no_grad():
+        r.bias.normal_(0, 0.1)
+    x = torch.randn(200, D)
+    with torch.no_grad():
+        _, scores, w, idx = r(x)
+        choice = (scores + r.bias).view(200, G, E // G)
+        groups = choice.topk(2, dim=-1).values.sum(-1).topk(TG, dim=-1).indices  # (N, TG)
+    chosen_groups = idx // (E // G)  # (N, k)
+    assert (chosen_groups[..., None] == groups[:, None, :]).any(-1).all()
+    # and the result differs from unrestricted routing for some tokens (the restriction is real)
+    free = (scores + r.bias).topk(3, dim=-1).indices
+    assert not torch.equal(free.sort(-1).values, idx.sort(-1).values)
+
+
+def test_aux_sums_over_two_half_batches_equal_the_full_batch():
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, 2, n_shared=1)
+    moe.init_weights(0.3, 0.3)
+    x = torch.randn(4, 10, D)
+    with torch.no_grad():
+        y, full = moe(x)
+        y1, a1 = moe(x[:2])
+        y2, a2 = moe(x[2:])
+    torch.testing.assert_close(torch.cat([y1, y2]), y)
+    halves = sum_aux([a1, a2])
+    for key in ("router_prob_sum", "expert_counts", "tokens", "dropped", "z_sum"):
+        torch.testing.assert_close(halves[key], full[key], msg=key)
+    assert full["tokens"].item() == 40 and full["expert_counts"].sum().item() == 80
+    # the loss from the summed halves is the loss of the full batch (a mean of the halves' losses is not)
+    torch.testing.assert_close(switch_balance_loss(halves, E, 2), switch_balance_loss(full, E, 2))
+    torch.testing.assert_close(z_loss(halves), z_loss(full))
+    # uneven halves: the same holds, because nothing is averaged before the reduction
+    with torch.no_grad():
+        _, b1 = moe(x.reshape(1, 40, D)[:, :7])
+        _, b2 = moe(x.reshape(1, 40, D)[:, 7:])
+    torch.testing.assert_close(switch_balance_loss(sum_aux([b1, b2]), E, 2), switch_balance_loss(full, E, 2))
+
+
+def test_balance_loss_is_top_k_at_perfect_balance_and_has_router_gradients():
+    aux = {"expert_counts": torch.full((E,), 2 * 10 / E), "router_prob_sum": torch.full((E,), 10 / E),
+           "tokens": torch.tensor(10.0)}
+    assert switch_balance_loss(aux, E, 2).item() == pytest.approx(2.0)
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, 2)
+    moe.init_weights(0.3, 0.3)
+    _, a = moe(torch.randn(2, 5, D))
+    (switch_balance_loss(a, E, 2) + 1e-3 * z_loss(a)).backward()
+    assert moe.router.gate.weight.grad is not None and moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_token_mask_leaves_padding_out_of_the_sums():
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, 2)
+    moe.init_weights(0.3, 0.3)
+    x = torch.randn(1, 10, D)
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, :6] = True
+    with torch.no_grad():
+        _, masked = moe(x, mask)
+        _, real = moe(x[:, :6])
+    for key in ("router_prob_sum", "expert_counts", "tokens", "z_sum"):
+        torch.testing.assert_close(masked[key], real[key], msg=key)
+
+
+def test_mixtral_builds_on_meta_and_counts_active_flops():
+    from workbench.models.base import ModelSection, build_model
+    from workbench.models.mixtral import FLAVORS, Mixtral
+
+    with torch.device("meta"):
+        big = Mixtral(FLAVORS["8x22B"])
+    total = sum(p.numel() for p in big.parameters())
+    active_matmul = (big.flops_per_token(0)) / 6
+    assert 140e9 < total < 142e9 and 38e9 < active_matmul < 40e9  # 141B total, 39B active (published)
+    model = build_model(ModelSection.of("mixtral", "debug"))
+    out = model({"input_ids": torch.randint(0, 512, (2, 6))})
+    assert out.hidden.shape == (2, 6, 64) and out.aux["tokens"].item() == 2 * 2 * 6
+    assert out.aux["expert_counts_per_layer"].shape == (2, 4) and "router_logits" not in out.aux
+
+
+def test_expert_parallel_is_refused_by_name_and_the_mixtral_plan_declares_experts():
+    from workbench.errors import ConfigError
+    from workbench.models.mixtral import FLAVORS, Mixtral
+    from workbench.parallel.dims import ParallelDims
+    from workbench.parallel.plans import plan_for
+
+    plan = plan_for("mixtral")
+    model = Mixtral(FLAVORS["debug"])
+    assert plan.expert == "layers.*.moe.experts"
+    assert isinstance(model.get_submodule(plan.expert.replace("*", "0")), type(model.layers[0].moe.experts))
+    for path in plan.tensor:  # every tensor-parallel path exists, and none is inside the MoE
+        assert "moe" not in path
+        model.get_submodule(path.replace("*", "1"))
+    for backend in ("fsdp2", "zero3"):
+        with pytest.raises(ConfigError, match=r"'parallel.ep'.*expert parallelism, which is not built yet"):
+            ParallelDims(backend, 1, 4, 1, 1, 2, 4).validate(FLAVORS["debug"])
+    ParallelDims("fsdp2", 1, 4, 1, 1, 1, 4).validate(FLAVORS["debug"])  # ep = 1 is fine

@@ -1,0 +1,26 @@
+"""The Mixtral plan: blocks are `layers.*`; tensor parallel for attention only; experts declared for EP.
+
+Attention is split as in Llama 3 (wq, wk, wv colwise, wo rowwise; norms sequence-parallel). The MoE FFN is
+not tensor-parallel: its experts are the unit of expert parallelism (`expert`), which dispatches tokens
+with all-to-all over the ep group. Expert parallelism is not built yet: ParallelDims refuses ep > 1 by
+name, so this declaration changes nothing until it is.
+Under tp > 1 without ep the experts (and the router) stay replicated on every tp rank.
+"""
+
+from workbench.parallel.plans import Plan
+
+PLAN = Plan(
+    blocks="layers",
+    tensor={
+        "layers.*.attention.wq": "colwise",
+        "layers.*.attention.wk": "colwise",
+        "layers.*.attention.wv": "colwise",
+        "layers.*.attention.wo": "rowwise",
+        "layers.*.attention_norm": "sequence",
+        "layers.*.ffn_norm": "sequence",
+    },
+    expert="layers.*.moe.experts",
+    context="layers.*.attention.core",
+    head="output",
+    embedding="tok_embeddings",
+)
