@@ -194,3 +194,16 @@ def test_validation_loss_and_bits_per_byte_follow_their_definitions(tmp_path, de
     assert len(t.val_batches()) == 1 and t.val_batches()[0]["input_ids"].numel() == 512  # eval_tokens
     assert rec["val_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert rec["val_bpb"] == pytest.approx(text_nll / math.log(2) / text_bytes, rel=1e-5)
+
+
+def test_a_mixtral_run_optimizes_the_balance_loss_beside_the_lm_loss(tmp_path, debug_job):
+    j = debug_job(tmp_path, "--model.family", "mixtral", "--model.flavor", "debug", "--train.steps", "12",
+                  "--train.log_every", "4", "--train.grad_accum", "2", "--train.micro_batch_size", "4")
+    trainer = Trainer(j, **QUIET)
+    history = trainer.fit()
+    assert history[-1]["loss"] < history[0]["loss"] - 0.3
+    for h in history:  # Switch's loss is top_k = 2 at perfect balance; the load is max / mean >= 1
+        assert 1.9 < h["balance_loss"] < 4.0 and h["expert_load"] >= 1.0
+        assert h["aux_loss"] == pytest.approx(0.02 * h["balance_loss"], rel=1e-4)
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "balance_loss" in r] == [4, 8, 12]

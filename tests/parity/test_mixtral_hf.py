@@ -172,3 +172,30 @@ def test_generate_hf_dir_prints_transformers_greedy_text(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout == expected + "\n"
     assert len(expected) > 5  # a real continuation, not an immediate eos
+
+
+def test_training_loss_with_the_balance_term_equals_transformers_loss_and_gradients():
+    """The LM objective on one engine: cross-entropy + router_aux_loss_coef * balance loss, as transformers'
+    loss with labels and output_router_logits; the gradients agree too."""
+    from workbench.data.packed import IGNORE_INDEX
+    from workbench.parallel.single import SingleEngine
+    from workbench.train.objectives.lm import LMObjective
+
+    hf = make_hf(seed=3, router_aux_loss_coef=0.05)
+    ours = ours_from(hf, backend="math")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    hf.train()
+    ref = hf(input_ids=ids, labels=ids, output_router_logits=True)
+    ref.loss.backward()
+    objective, engine = LMObjective(), SingleEngine(ours, torch.optim.SGD(ours.parameters(), lr=0.0))
+    mb = {"input_ids": ids, "labels": labels}
+    objective.experience(0, {"policy": engine}, [mb])
+    out = objective.loss({"policy": engine}, mb, objective.units(mb))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert out.metrics["balance_loss"] == pytest.approx(float(ref.aux_loss.detach()), rel=1e-5)
+    assert out.metrics["aux_loss"] == pytest.approx(0.05 * float(ref.aux_loss.detach()), rel=1e-5)
+    hf_grads = dict(hf.named_parameters())
+    ours_gate = ours.layers[0].moe.router.gate.weight.grad
+    torch.testing.assert_close(ours_gate, hf_grads["model.layers.0.mlp.gate.weight"].grad, atol=1e-5, rtol=1e-4)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from workbench.models.moe import Experts, MoE, Router, sum_aux, switch_balance_loss, z_loss
+from workbench.models.moe import Experts, MoE, Router, balance_loss, sum_aux, switch_balance_loss, z_loss
 
 D, F, E = 16, 32, 8
 
@@ -257,3 +257,29 @@ def test_expert_parallel_is_refused_by_name_and_the_mixtral_plan_declares_expert
         with pytest.raises(ConfigError, match=r"'parallel.ep'.*expert parallelism, which is not built yet"):
             ParallelDims(backend, 1, 4, 1, 1, 2, 4).validate(FLAVORS["debug"])
     ParallelDims("fsdp2", 1, 4, 1, 1, 1, 4).validate(FLAVORS["debug"])  # ep = 1 is fine
+
+
+def test_per_rank_balance_shares_sum_to_the_whole_batch_loss_and_gradient():
+    """Two 'ranks' with uneven token counts: each forms its share with the reduced counts; the shares and
+    their gradients add up to the single-process loss over both halves, which a mean of per-rank losses misses."""
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, 2)
+    moe.init_weights(0.3, 0.3)
+    x = torch.randn(1, 30, D)
+    _, full = moe(x)
+    want = switch_balance_loss(full, E, 2)
+    (g_want,) = torch.autograd.grad(want, moe.router.gate.weight)
+
+    _, a1 = moe(x[:, :9])
+    _, a2 = moe(x[:, 9:])
+    with torch.no_grad():
+        reduced = {k: a1[k] + a2[k] for k in ("expert_counts", "tokens")}
+    reduce = lambda t: reduced["expert_counts"].clone() if t.shape == reduced["expert_counts"].shape \
+        else reduced["tokens"].clone()  # noqa: E731  (an all-reduce over the two ranks)
+    (s1, counts), (s2, _) = balance_loss(a1, reduce, E), balance_loss(a2, reduce, E)
+    torch.testing.assert_close(s1 + s2, want)
+    torch.testing.assert_close(counts, full["expert_counts"])
+    (g_shares,) = torch.autograd.grad(s1 + s2, moe.router.gate.weight)
+    torch.testing.assert_close(g_shares, g_want)
+    per_rank_mean = (switch_balance_loss(a1, E, 2) + switch_balance_loss(a2, E, 2)) / 2
+    assert abs(float(per_rank_mean.detach()) - float(want.detach())) > 1e-4

@@ -32,9 +32,10 @@ Differences from the reference
     None in the forward math: parity with `MixtralForCausalLM` (fp32, eager) is tested at atol 1e-5,
     including the chosen experts and the aux loss. Router jitter noise (training only, off on the hub
     configs) is not implemented. Initialization is GPT-2 style, as in llama3.py.
-    Not yet wired into training: the LM objective does not add the balance loss (which must be formed
-    from the aux sums reduced over micro-batches and ranks), so `workbench train` on a Mixtral today
-    optimizes the language-modelling loss alone; expert parallelism is declared in the plan but refused.
+    In training, the balance loss is computed per micro-batch over the tokens of every data-parallel rank
+    (`aux_loss`, which the LM objective adds with `router_aux_loss_coef`, averaged over the step's
+    micro-batches), so any data-parallel layout gives the single-process value for the same micro-batches.
+    Expert parallelism is declared in the plan but not built (ep > 1 is refused).
 
 Sources
     Jiang et al., "Mixtral of Experts", arXiv 2401.04088; mistralai/Mixtral-8x7B-v0.1 and 8x22B configs;
@@ -54,7 +55,7 @@ from torch import nn
 from workbench.config import fail, field_
 from workbench.models.base import DecoderOutput, select_positions
 from workbench.models.llama3 import Attention
-from workbench.models.moe import MoE, sum_aux
+from workbench.models.moe import MoE, balance_loss, sum_aux
 from workbench.nn.attention import MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.linear import Linear, linear
@@ -80,7 +81,7 @@ class Config:
     tie_embeddings: bool = False
     init_std: float = field_(0.02, gt=0)
     attn_backend: Literal["sdpa", "math"] = "sdpa"
-    router_aux_loss_coef: float = field_(0.02, ge=0, doc="weight of the Switch balance loss (objectives read it)")
+    router_aux_loss_coef: float = field_(0.02, ge=0, doc="weight of the Switch balance loss in training (aux_loss)")
     sliding_window: int | None = field_(None, doc="None = full causal attention; else the window in tokens")
 
     def validate(self) -> None:
@@ -222,6 +223,15 @@ class Mixtral(nn.Module):
             aux["router_logits"] = tuple(a["router_logits"] for a in layer_aux)  # L x (B*T, E)
         return DecoderOutput(hidden=self.norm(x), aux=aux,
                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+    def aux_loss(self, aux: dict, reduce=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
+        """router_aux_loss_coef * this rank's share of the batch's balance loss (`moe.balance_loss`; `reduce`
+        sums over data-parallel ranks), and for the log: the whole batch's balance loss and its expert load
+        (max / mean tokens per expert, summed over layers; 1 = perfectly even)."""
+        share, counts = balance_loss(aux, reduce, self.cfg.n_experts)
+        total = reduce(share.detach().clone())
+        return self.cfg.router_aux_loss_coef * share, {"balance_loss": float(total),
+                                                       "expert_load": float(counts.max() / counts.mean())}
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits for `hidden` (B, T, dim), or only at `positions` along T (see llama3.py)."""

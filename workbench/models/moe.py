@@ -37,7 +37,8 @@ The intuition and the design choices
         and z_sum. Data parallelism, gradient accumulation and context parallelism add these across ranks
         and micro-batches, which gives exactly the single-process sums; a mean of per-rank means would
         not (ranks hold different token counts, and f * P is not linear). The loss is formed once, from
-        the reduced sums: `switch_balance_loss`, `z_loss`.
+        the reduced sums: `switch_balance_loss`, `z_loss`; in training, `balance_loss` gives each rank its
+        share of the whole batch's loss (counts reduced, this rank's probability sums kept for the gradient).
 
 Switch balance loss, as transformers computes it (load_balancing_loss_func)
     f_e = counts_e / tokens     (summed over the k slots, so sum_e f_e = k),  P_e = prob_sum_e / tokens
@@ -278,6 +279,23 @@ def switch_balance_loss(aux: dict[str, torch.Tensor], n_experts: int, top_k: int
     f = aux["expert_counts"] / aux["tokens"]  # (E,)
     p = aux["router_prob_sum"] / aux["tokens"]  # (E,)
     return n_experts * (f * p).sum()
+
+
+def balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's share of the Switch balance loss over every rank's tokens, the reduced expert counts).
+
+        share_r = E * sum_e (C_e / N) * (S_e^r / N),   C, N: counts and tokens summed over ranks by `reduce`
+                                                        S^r:  this rank's probability sums (the gradient path)
+
+    Summed over ranks, the shares are `switch_balance_loss` of the whole batch, and so are their gradients,
+    because the loss is linear in S once C and N are fixed (they carry no gradient: top-k is not
+    differentiable). A loss formed per rank and averaged would be neither (a product of means is not the
+    mean of products). `reduce` sums a tensor over the ranks holding different data (the engine's
+    `all_reduce`; the identity in one process), so this file stays single-device.
+    """
+    counts = reduce(aux["expert_counts"].detach().clone())
+    tokens = reduce(aux["tokens"].detach().clone())
+    return n_experts * (counts / tokens * aux["router_prob_sum"] / tokens).sum(), counts
 
 
 def z_loss(aux: dict[str, torch.Tensor]) -> torch.Tensor:

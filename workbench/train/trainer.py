@@ -14,8 +14,9 @@ on first use when it does not exist; the train split streams through `ShardStrea
 the first `eval_tokens` of the validation split are the fixed validation set.
 
 Measured along the way
-    loss (the mean over the steps since the previous record; `loss_step` is the last step's alone), lr,
-    grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
+    loss (language modelling, the mean over the steps since the previous record; `loss_step` is the last
+    step's alone), for a mixture of experts the weighted auxiliary loss that was optimized beside it, the
+    balance loss and the expert load (max / mean tokens per expert), lr, grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
     per token follow the MFU convention (model.flops_per_token: 6 N + 12 L H Q T)
     validation loss (nats/token) and bits per byte = sum of -log p over the targets that are text /
     (ln 2 * their bytes), at the start, every `eval_every` steps and at the end, beside the unigram
@@ -73,6 +74,8 @@ from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_optimizer, build_scheduler
 from workbench.train.report import REPORT_FILE, write_run_report
+
+AUX_METRICS = ("aux_loss", "balance_loss", "expert_load")  # what a mixture of experts adds to a train record
 
 # Dense bf16 peak FLOP/s by CUDA device name (performance.md: the MFU convention); unknown cards show no MFU.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -328,15 +331,24 @@ class Trainer:
         total_units = int(total)
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
+        aux: dict[str, float] = {}  # a mixture of experts' terms, summed over the micro-batches
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.engine.no_sync(), self.engine.loss_context():
                 out = self.objective.loss(engines, mb, total_units)
                 self.engine.backward(out.loss)
-            loss = out.loss.detach()
+            loss = out.metrics.get("lm_loss", out.loss.detach())  # the logged loss: language modelling alone
             loss_sum += loss.to_local() if isinstance(loss, DTensor) else loss  # loss parallel: replicated
             tokens += out.units.get("tokens", 0)
+            for key in AUX_METRICS:
+                if key in out.metrics:
+                    aux[key] = aux.get(key, 0.0) + out.metrics[key]
         loss = float(self.engine.all_reduce(loss_sum))
+        if aux:
+            # aux_loss: this rank's share of each micro-batch's weighted term -> summed over ranks; balance
+            # loss and expert load: already whole-batch values per micro-batch -> their mean
+            aux["aux_loss"] = float(self.engine.all_reduce(torch.tensor(aux.get("aux_loss", 0.0), device=self.device)))
+            aux.update({k: v / len(micro_batches) for k, v in aux.items() if k != "aux_loss"})
         lr = self.engine.lr
         grad_norm, applied = self.engine.optimizer_step(self.job.optim.grad_clip, loss)
         skipped = not applied
@@ -345,7 +357,7 @@ class Trainer:
                      f"the update is not applied")
         self.step += 1
         return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens * self.dims.dp_size, "skipped": skipped}
+                "tokens": tokens * self.dims.dp_size, "skipped": skipped, **aux}
 
     def save(self) -> Path:
         """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine

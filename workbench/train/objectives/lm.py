@@ -3,7 +3,14 @@
     loss = - sum_{b,t : label != ignore} log softmax(logits[b, t])[label[b, t]]  /  N_step
 
 N_step is the number of target tokens in the whole step (all micro-batches, all ranks), so the loss is
-the mean per target token however the batch is split. Labels arrive already shifted by the collator;
+the mean per target token however the batch is split.
+
+A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce)`) adds its weighted auxiliary
+loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
+so the term is each rank's share of the whole micro-batch's value (see workbench.models.moe.balance_loss).
+`metrics["lm_loss"]` keeps the language-modelling part alone (what the trainer logs as `loss`, comparable
+with the validation loss); `aux_loss` and the model's own metrics (balance loss, expert load) are logged
+beside it. Labels arrive already shifted by the collator;
 document ids become a mask spec so attention stays inside each packed document. Logits are computed in
 float32 for the softmax (bf16 log-probs over a 100K vocabulary lose whole nats at the tail).
 """
@@ -23,27 +30,37 @@ class LMObjective:
     roles = {"policy": ModelRole(trainable=True)}
 
     def experience(self, step, models, data):
+        self.micro_batches = len(data)  # the auxiliary loss is averaged over them
         return data  # pretraining data is its own experience
 
     def units(self, micro_batch: dict) -> int:
         return int((micro_batch["labels"] != IGNORE_INDEX).sum())
 
-    def logits(self, models, micro_batch: dict) -> torch.Tensor:
-        """The policy's float32 logits (B, T, V) for the micro-batch, attention kept inside each document."""
+    def forward(self, models, micro_batch: dict):
+        """The policy's output (hidden states, aux) and float32 logits (B, T, V), attention kept inside
+        each document."""
         policy = models["policy"]
         mask = MaskSpec(document_ids=micro_batch.get("document_ids"))
         out = policy.forward({"input_ids": micro_batch["input_ids"], "positions": micro_batch.get("positions"),
                               "mask": mask})
-        return policy.logits(out.hidden).float()  # (B, T, V)
+        return out, policy.logits(out.hidden).float()  # (B, T, V)
+
+    def logits(self, models, micro_batch: dict) -> torch.Tensor:
+        return self.forward(models, micro_batch)[1]
 
     def loss(self, models, micro_batch: dict, total_units: int) -> LossOutput:
-        logits = self.logits(models, micro_batch)  # (B, T, V)
+        out, logits = self.forward(models, micro_batch)  # (B, T, V)
         labels = micro_batch["labels"]
         # sum of -log p(label) over the real targets
         nll_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         n = self.units(micro_batch)
-        return LossOutput(
-            loss=nll_sum / max(total_units, 1),
-            metrics={"nll_sum": float(nll_sum.detach()), "targets": n},
-            units={"tokens": int(labels.numel())},
-        )
+        lm_loss = nll_sum / max(total_units, 1)
+        metrics = {"nll_sum": float(nll_sum.detach()), "targets": n, "lm_loss": lm_loss.detach()}
+        loss = lm_loss
+        model = models["policy"].unwrap()
+        if out.aux and hasattr(model, "aux_loss"):
+            aux_loss, aux_metrics = model.aux_loss(out.aux, models["policy"].all_reduce)
+            aux_loss = aux_loss / getattr(self, "micro_batches", 1)
+            loss = loss + aux_loss
+            metrics.update(aux_metrics, aux_loss=float(aux_loss.detach()))
+        return LossOutput(loss=loss, metrics=metrics, units={"tokens": int(labels.numel())})
