@@ -1,6 +1,7 @@
 """Parallel engines on gloo ranks (torchrun) against the single-process run of the same global batch.
 
-Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; and fsdp2's
+Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; Mixtral under ddp
+and fsdp2 (its balance loss included); and fsdp2's
 options (per-block compile with blocks kept gathered after forward, selective checkpointing with CPU offload). One torchrun launch per world size trains every
 case (tests/distributed/train_worker.py); the single-process reference trains here. Every layout runs twice:
 under AdamW (per-step losses and gradient norms equal to the single run, fp32, rtol 1e-5) and under SGD with
@@ -65,6 +66,12 @@ OPTIONS = {
 }
 
 
+# a mixture of experts (Mixtral): its balance loss is formed from router counts all-reduced over the ranks, so
+# losses, gradient norms and the balance loss itself equal one process's (a per-rank loss would not)
+MIXTRAL = ["--model.family", "mixtral", "--model.flavor", "debug"]
+MOE_LAYOUTS = {"mixtral-ddp": [*LAYOUTS["ddp"], *MIXTRAL], "mixtral-fsdp2": [*LAYOUTS["fsdp2"], *MIXTRAL]}
+
+
 def with_sgd(layouts: dict) -> dict:
     return {**layouts, **{f"{name}-sgd": [*args, *SGD] for name, args in layouts.items()}}
 
@@ -121,7 +128,7 @@ def single_sgd(tmp_path_factory, debug_data):
 def launched(tmp_path_factory, debug_data, single):
     out = tmp_path_factory.mktemp("dp")
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
-    cases = dict(CASES, **{"from-single": [*CASES["fsdp2"], "--resume"],
+    cases = dict(CASES, **MOE_LAYOUTS, **{"from-single": [*CASES["fsdp2"], "--resume"],
                            "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"],
                            "zero1-nangrad": [*CASES["zero1"], "--fault=nangrad@3:1"],
                            "zero3-nangrad": [*CASES["zero3"], "--fault=nangrad@3:1"],
@@ -157,6 +164,26 @@ def test_parallel_layouts_match_single_process(case, launched, single, single_sg
             torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
         else:  # AdamW: rounding in a near-zero gradient moves a weight by up to ~1e-6 of lr 3e-3
             torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_mixtral(tmp_path_factory, debug_data):
+    out = tmp_path_factory.mktemp("single-mixtral")
+    return out / "single", train_single(out, "single", debug_data, *MIXTRAL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(MOE_LAYOUTS))
+def test_moe_layouts_match_single_process_balance_loss_included(case, launched, single_mixtral):
+    out, results = launched
+    single_dir, history = single_mixtral
+    got = results[case]
+    for key, ref_key in (("losses", "loss"), ("grad_norms", "grad_norm"), ("balance_losses", "balance_loss")):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor([r[ref_key] for r in history]),
+                                   rtol=1e-5, atol=0, msg=key)
+    ours, ref = load_model_state(latest_checkpoint(out / case)), load_model_state(latest_checkpoint(single_dir))
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_sgd_moves_the_weights_far_beyond_the_tolerance(single_sgd, tmp_path, debug_data):

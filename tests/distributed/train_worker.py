@@ -90,6 +90,7 @@ def main() -> None:
                          "skipped": [r["skipped"] for r in history], "steps": [r["step"] for r in history],
                          "world_size": trainer.dims.world_size,
                          "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                         "balance_losses": [r.get("balance_loss") for r in history],  # a mixture of experts
                          "sample": trainer.sample("def", 8)}  # every rank generates, as `workbench train` does
         (out / f"results-{trainer.rank}.json").write_text(json.dumps(results))
     if trainer is not None:

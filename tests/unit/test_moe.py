@@ -283,3 +283,18 @@ def test_per_rank_balance_shares_sum_to_the_whole_batch_loss_and_gradient():
     torch.testing.assert_close(g_shares, g_want)
     per_rank_mean = (switch_balance_loss(a1, E, 2) + switch_balance_loss(a2, E, 2)) / 2
     assert abs(float(per_rank_mean.detach()) - float(want.detach())) > 1e-4
+
+
+def test_tensor_parallel_with_experts_is_refused_by_name():
+    from pathlib import Path
+
+    from workbench.config import load_config
+    from workbench.errors import ConfigError
+    from workbench.job import JobConfig
+    from workbench.train.trainer import build_engine
+
+    debug = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
+    job = load_config(JobConfig, debug, ["--model.family", "mixtral", "--parallel.backend", "fsdp2",
+                                         "--parallel.tp", "2"])
+    with pytest.raises(ConfigError, match="parallel.tp.*'mixtral'.*mixture of experts is not built yet"):
+        build_engine(None, job, None, None)

@@ -108,6 +108,11 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
         return optimizer, build_scheduler(optimizer, job.optim, job.train.steps)
 
     backend, plan, par = job.parallel.backend, plan_for(job.model.family), job.parallel
+    if plan.expert is not None and par.tp > 1:
+        # the routers would count each tensor-parallel rank's sequence slice alone, and the experts are not split
+        raise ConfigError(f"config key 'parallel.tp': {par.tp} with model family {job.model.family!r}: tensor "
+                          f"parallelism for a mixture of experts is not built yet; use data parallelism "
+                          f"(fsdp2, ddp, zero) with parallel.tp = 1")
     if backend == "fsdp2":
         return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
                            reshard_after_forward=par.reshard_after_forward, cpu_offload=par.cpu_offload,

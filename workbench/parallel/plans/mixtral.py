@@ -4,7 +4,9 @@ Attention is split as in Llama 3 (wq, wk, wv colwise, wo rowwise; norms sequence
 not tensor-parallel: its experts are the unit of expert parallelism (`expert`), which dispatches tokens
 with all-to-all over the ep group. Expert parallelism is not built yet: ParallelDims refuses ep > 1 by
 name, so this declaration changes nothing until it is.
-Under tp > 1 without ep the experts (and the router) stay replicated on every tp rank.
+The trainer refuses tp > 1 for a plan with experts for now: under sequence parallelism each tp rank's router
+would count only its slice of the sequence, and the balance loss would miss the others; the tensor map
+above is what attention will use once the MoE side is built.
 """
 
 from workbench.parallel.plans import Plan
