@@ -1,14 +1,19 @@
-"""Workbench Llama 3 vs transformers' LlamaForCausalLM on CPU, same config, weights, dtype and threads.
+"""Workbench decoders vs transformers on CPU (LlamaForCausalLM, MixtralForCausalLM), same config, weights,
+dtype and threads.
 
     python benchmarks/llama_cpu.py                 # 20M and 124M-shaped, every case, 5 interleaved repeats
     python benchmarks/llama_cpu.py --flavors 20M --cases decode --repeats 7 --threads 2
-    python benchmarks/llama_cpu.py --smoke         # seconds: every case once on the debug flavor
+    python benchmarks/llama_cpu.py --flavors mixtral-small --cases train decode
+    python benchmarks/llama_cpu.py --smoke         # seconds: every case once on the debug flavors
 
 Models
     20M    the "20M" flavor (dim 384, 8 layers, 6 heads / 2 KV heads, ffn 1152, vocab 8192)
     124M   a GPT-2-small-shaped Llama: the 20M flavor with dim 768, 12 layers, 12 heads / 4 KV heads,
            ffn 2048, vocab 32000 (124.7M parameters, untied)
-    Any other name is a llama3 flavor as is.
+    mixtral-small   a Mixtral of dim 256, 4 layers, 8 heads / 2 KV heads, 8 experts of width 512, top-2,
+           vocab 8192; its training step includes the balance loss on both sides (ours: `aux_loss`;
+           transformers: output_router_logits=True)
+    FAMILY:FLAVOR is that family's flavor (mixtral:debug); any other name is a llama3 flavor as is.
 
 Cases (each timed for both implementations, alternating, median of the repeats)
     train   one AdamW step (forward, loss, backward, update) on random tokens; the batch shape is per model
@@ -34,13 +39,18 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from workbench.checkpoint.hf.llama3 import config_to_hf, state_dict_to_hf
+from workbench.checkpoint.hf import adapter_for
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.models.base import ModelSection, build_model, count_params
 
-# named shapes that are not llama3 flavors: (base flavor, overrides)
-SHAPES = {"124M": ("20M", dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000))}
-TRAIN_SHAPES = {"20M": (8, 256), "124M": (4, 256)}  # (batch, seq) of a training step; others: --batch x --seq
+# named shapes that are not flavors: (family, base flavor, overrides)
+SHAPES = {
+    "124M": ("llama3", "20M", dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000)),
+    "mixtral-small": ("mixtral", "debug", dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512,
+                                               n_experts=8, top_k=2, vocab_size=8192)),
+}
+TRAIN_SHAPES = {"20M": (8, 256), "124M": (4, 256), "mixtral-small": (8, 256)}  # (batch, seq); others: --batch x --seq
+HF_CLASSES = {"llama3": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
 TARGETS = {  # the benchmark issue's targets: (goal, bound) per case; bound None = the goal is the bound
     "train": (0.8, 1.05),  # time ratio, lower is better
     "decode": (1.3, None),  # speed ratio, higher is better
@@ -49,8 +59,9 @@ TARGETS = {  # the benchmark issue's targets: (goal, bound) per case; bound None
 
 
 def section_of(name: str) -> ModelSection:
-    flavor, over = SHAPES.get(name, (name, {}))
-    return ModelSection.of("llama3", flavor, **over)
+    family, _, flavor = name.rpartition(":")
+    family, flavor, over = SHAPES.get(name, (family or "llama3", flavor, {}))
+    return ModelSection.of(family, flavor, **over)
 
 
 def pair(name: str, seed: int = 0):
@@ -58,9 +69,14 @@ def pair(name: str, seed: int = 0):
     torch.manual_seed(seed)
     section = section_of(name)
     ours = build_model(section)
-    hf_cfg = transformers.LlamaConfig(**config_to_hf(section.config), attn_implementation="sdpa")
-    theirs = transformers.LlamaForCausalLM(hf_cfg)
-    theirs.load_state_dict(state_dict_to_hf(ours.state_dict()), strict=not section.config.tie_embeddings)
+    adapter = adapter_for(section.family)
+    config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[section.family])
+    hf = adapter.config_to_hf(section.config)
+    if section.family == "mixtral":
+        hf["output_router_logits"] = True  # its loss then adds the balance loss, as ours does
+    hf_cfg = config_cls(**hf, attn_implementation="sdpa")
+    theirs = model_cls(hf_cfg)
+    theirs.load_state_dict(adapter.state_dict_to_hf(ours.state_dict()), strict=not section.config.tie_embeddings)
     return ours, theirs, section
 
 
@@ -70,8 +86,10 @@ def train_steps(ours, theirs, batch: torch.Tensor):
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
     def step_ours():
-        logits = ours.logits(ours({"input_ids": inputs}).hidden)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        out = ours({"input_ids": inputs})
+        loss = F.cross_entropy(ours.logits(out.hidden).flatten(0, 1).float(), labels.flatten())
+        if hasattr(ours, "aux_loss"):  # a mixture of experts: + coef * balance loss, as transformers adds it
+            loss = loss + ours.aux_loss(out.aux)[0]
         loss.backward()
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
@@ -136,9 +154,13 @@ def memory_bandwidth(repeats: int = 5) -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every matrix but the embedding table (one row of it is
-    read), plus the table again when it is the tied output head."""
+    read), plus the table again when it is the tied output head; of stacked experts (E, ., .) only the
+    top_k a token is routed to."""
     total = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                 if p.ndim == 2 and "tok_embeddings" not in name)
+    cfg = model.cfg
+    active = getattr(cfg, "top_k", 1) / getattr(cfg, "n_experts", 1)
+    total += sum(int(p.numel() * p.element_size() * active) for p in model.parameters() if p.ndim == 3)
     if model.output is None:
         total += model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
     return total
@@ -181,7 +203,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="debug flavor, tiny shapes, one repeat")
     args = ap.parse_args()
     if args.smoke:
-        args.flavors, args.repeats, args.batch, args.seq = ["debug"], 1, 2, 32
+        args.flavors, args.repeats, args.batch, args.seq = ["debug", "mixtral:debug"], 1, 2, 32
         args.new_tokens, args.cache_tokens = 8, 8
     torch.set_num_threads(args.threads)
     print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "

@@ -16,6 +16,8 @@ def test_llama_cpu_benchmark_smoke():
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| debug")]
     assert len(rows) == 3 and "x time" in rows[0] and "x speed" in rows[1] and "KV cache" in rows[2]
+    moe = [line for line in res.stdout.splitlines() if line.startswith("| mixtral:debug")]
+    assert len(moe) == 2 and "x time" in moe[0] and "x speed" in moe[1]  # train and decode (cache: first only)
     assert "Targets:" in res.stdout
 
 
