@@ -128,6 +128,11 @@ class Attention(nn.Module):
         self.wo = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.core = AttentionCore(scale=self.head_dim**-0.5, backend=cfg.attn_backend)
 
+    def init_weights(self, std: float, out_std: float) -> None:
+        """wq, wk, wv: truncated N(0, std); wo (writes to the residual): truncated N(0, out_std); +-3 std."""
+        for lin, s in ((self.wq, std), (self.wk, std), (self.wv, std), (self.wo, out_std)):
+            nn.init.trunc_normal_(lin.weight, mean=0.0, std=s, a=-3 * s, b=3 * s)
+
     def forward(self, x, cos, sin, mask: MaskSpec, kv_cache: KVCache | None, layer_idx: int):
         B, T, _ = x.shape
         D = self.head_dim
@@ -196,9 +201,7 @@ class Llama3(nn.Module):
         for block in self.layers:
             block.attention_norm.init_weights()
             block.ffn_norm.init_weights()
-            attn = block.attention
-            for lin, s in ((attn.wq, std), (attn.wk, std), (attn.wv, std), (attn.wo, out_std)):
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=s, a=-3 * s, b=3 * s)
+            block.attention.init_weights(std, out_std)
             block.feed_forward.init_weights(std, out_std)
         self.norm.init_weights()
         if self.output is not None:

@@ -163,9 +163,7 @@ class Mixtral(nn.Module):
         for block in self.layers:
             block.attention_norm.init_weights()
             block.ffn_norm.init_weights()
-            attn = block.attention
-            for lin, s in ((attn.wq, std), (attn.wk, std), (attn.wv, std), (attn.wo, out_std)):
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=s, a=-3 * s, b=3 * s)
+            block.attention.init_weights(std, out_std)
             block.moe.init_weights(std, out_std)
         self.norm.init_weights()
         if self.output is not None:

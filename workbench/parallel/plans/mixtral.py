@@ -9,20 +9,13 @@ would count only its slice of the sequence, and the balance loss would miss the 
 above is what attention will use once the MoE side is built.
 """
 
-from workbench.parallel.plans import Plan
+import dataclasses
 
-PLAN = Plan(
-    blocks="layers",
-    tensor={
-        "layers.*.attention.wq": "colwise",
-        "layers.*.attention.wk": "colwise",
-        "layers.*.attention.wv": "colwise",
-        "layers.*.attention.wo": "rowwise",
-        "layers.*.attention_norm": "sequence",
-        "layers.*.ffn_norm": "sequence",
-    },
+from workbench.parallel.plans.llama3 import PLAN as LLAMA3
+
+# Llama 3's plan (the attention is its class), without the dense FFN's entries, plus the experts
+PLAN = dataclasses.replace(
+    LLAMA3,
+    tensor={path: style for path, style in LLAMA3.tensor.items() if ".feed_forward." not in path},
     expert="layers.*.moe.experts",
-    context="layers.*.attention.core",
-    head="output",
-    embedding="tok_embeddings",
 )
