@@ -85,6 +85,31 @@ def make_hf_mixtral_dir(path, *, dtype: torch.dtype = torch.float32, seed: int =
     return path
 
 
+def make_hf_deepseek_v3_dir(path, *, dtype: torch.dtype = torch.float32, seed: int = 0, vocab_size: int = 384,
+                            init_std: float = 0.2):
+    """A small real Hugging Face DeepSeek-V3 directory (MLA, 1 dense + 2 MoE layers of 8 experts in 4 groups,
+    top-2 + 1 shared, YaRN, a random selection bias) with the test tokenizer; experts saved one by one."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    tok = save_test_tokenizer(path)
+    torch.manual_seed(seed)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, rms_norm_eps=1e-6,
+        max_position_embeddings=256, initializer_range=init_std, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id, rope_scaling={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                               "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
 def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.float32, max_shard_size=None,
                       seed: int = 0, vocab_size: int = 384, init_std: float = 0.2):
     """A small but real Hugging Face Llama directory: sharded safetensors, config, tokenizer files.

@@ -38,6 +38,7 @@ from workbench.errors import CheckpointError
 FAMILIES: dict[str, str] = {
     "llama3": "workbench.models.llama3",
     "mixtral": "workbench.models.mixtral",
+    "deepseek_v3": "workbench.models.deepseek_v3",
 }
 
 

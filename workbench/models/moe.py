@@ -219,8 +219,9 @@ class MoE(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, n_shared: int = 0,
-                 capacity_factor: float | None = None, **router_kwargs):
+                 capacity_factor: float | None = None, sequence_stats: bool = False, **router_kwargs):
         super().__init__()
+        self.sequence_stats = sequence_stats
         self.router = Router(dim, n_experts, top_k, **router_kwargs)
         self.experts = Experts(dim, hidden_dim, n_experts, capacity_factor)
         self.shared_experts = SwiGLU(dim, n_shared * hidden_dim) if n_shared else None
@@ -252,6 +253,16 @@ class MoE(nn.Module):
             "dropped": dropped,
             "z_sum": (lse.square() if m is None else lse.square() * m).sum(),
         }
+        if self.sequence_stats:  # DeepSeek's sequence-wise balance loss needs per-sequence sums
+            seq = torch.arange(B, device=x.device).repeat_interleave(T)[:, None].expand_as(idx)  # (N, k)
+            with torch.no_grad():
+                aux["seq_counts"] = torch.zeros(B * E, dtype=torch.float32, device=x.device).scatter_add_(
+                    0, (seq * E + idx).reshape(-1), slot_w.reshape(-1)).view(B, E)  # (B, E)
+            # s' = s / sum_e s  (scores renormalised over all experts), summed over each sequence's tokens
+            norm = scores / scores.sum(-1, keepdim=True)
+            aux["seq_prob_sum"] = (norm if m is None else norm * m).view(B, T, E).sum(1)  # (B, E)
+            aux["seq_tokens"] = (torch.full((B,), float(T), device=x.device) if m is None
+                                 else m.view(B, T).sum(1))  # (B,)
         if return_logits:
             aux["router_logits"] = logits
         return y.view(B, T, D), aux
@@ -296,6 +307,25 @@ def balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int) -> tuple[
     counts = reduce(aux["expert_counts"].detach().clone())
     tokens = reduce(aux["tokens"].detach().clone())
     return n_experts * (counts / tokens * aux["router_prob_sum"] / tokens).sum(), counts
+
+
+def sequence_balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int, top_k: int) -> torch.Tensor:
+    """This rank's share of DeepSeek-V3's sequence-wise balance loss (before its coefficient alpha):
+
+        per sequence b and MoE layer l:  f_e = E / (K T_b) * c_{b,e},   P_e = (1 / T_b) sum_t s'_{t,e}
+        L = sum_l  mean_b  sum_e f_e P_e          (= number of MoE layers at perfect balance)
+
+    Needs aux["seq_counts"] and aux["seq_prob_sum"] of shape (L, B, E) and aux["seq_tokens"] (B,) (an MoE
+    built with sequence_stats=True, stacked over layers). A sequence lives on one rank, so each term is
+    local; only the number of sequences is summed over ranks (`reduce`), which makes the shares add up to
+    the mean over the whole batch.
+    """
+    counts, probs = aux["seq_counts"].detach(), aux["seq_prob_sum"]  # (L, B, E)
+    tokens = aux["seq_tokens"].clamp_min(1.0)[None, :, None]  # (1, B, 1)
+    f = n_experts / (top_k * tokens) * counts
+    p = probs / tokens
+    n_seq = reduce(torch.tensor(float(counts.shape[1]), device=counts.device))
+    return (f * p).sum() / n_seq
 
 
 def z_loss(aux: dict[str, torch.Tensor]) -> torch.Tensor:

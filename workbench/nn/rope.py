@@ -33,7 +33,16 @@ Scalings (how w_i is changed to reach longer contexts)
                otherwise               -> (1 - g) w_i / factor + g w_i,
                                           g = (L / lambda_i - low_freq_factor) / (high - low)
              Cos and sin are not rescaled (attention factor 1).
-    The long-context issue adds linear, NTK-aware, dynamic NTK, YaRN and LongRoPE beside these.
+    yarn     (Peng et al., 2023; DeepSeek-V3) with d = D the rotary width, s = factor, L = original context:
+               d(r) = d ln(L / (2 pi r)) / (2 ln theta)       the pair index that turns r times over L
+               lo, hi = floor(d(beta_fast)), ceil(d(beta_slow)), clamped to [0, d - 1]
+               ramp_i = clamp((i - lo) / (hi - lo), 0, 1)     0: fast pairs (extrapolate), 1: slow pairs
+               w_i' = w_i (1 - ramp_i) + (w_i / s) ramp_i
+             and cos, sin are multiplied by the attention factor
+               m(s, a) = 0.1 a ln(s) + 1 (s > 1, else 1);  factor = m(s, mscale) / m(s, mscale_all_dim)
+               when both are set (DeepSeek: 1.0 / 1.0 -> factor 1), else m(s, 1), unless set explicitly.
+             DeepSeek-V3 moves m(s, mscale_all_dim)^2 into the softmax scale instead (deepseek_v3.py).
+    The long-context issue adds linear, NTK-aware, dynamic NTK and LongRoPE beside these.
 
 Precision: angles and their cos/sin are computed in float32 (bf16 positions above 256 are not even
 exact integers) and cast to the activation dtype at the end.
@@ -54,11 +63,18 @@ from workbench.config import fail, field_
 @dataclass
 class RopeConfig:
     theta: float = field_(10000.0, gt=0, doc="base of the frequencies w_i = theta^(-2i/D)")
-    scaling: Literal["default", "llama3"] = "default"
-    factor: float = field_(1.0, ge=1.0, doc="context extension factor (llama3)")
+    scaling: Literal["default", "llama3", "yarn"] = "default"
+    factor: float = field_(1.0, ge=1.0, doc="context extension factor (llama3, yarn)")
     low_freq_factor: float = field_(1.0, gt=0)
     high_freq_factor: float = field_(4.0, gt=0)
-    original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3)")
+    original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3, yarn)")
+    beta_fast: float = field_(32.0, gt=0, doc="yarn: pairs turning more than this often over the original "
+                                             "context keep their frequency")
+    beta_slow: float = field_(1.0, gt=0, doc="yarn: pairs turning less than this often are fully interpolated")
+    mscale: float = field_(0.0, ge=0, doc="yarn: numerator coefficient of the attention factor (0 = unset)")
+    mscale_all_dim: float = field_(0.0, ge=0, doc="yarn: denominator coefficient of the attention factor "
+                                                 "(0 = unset); DeepSeek-V3 squares it into the softmax scale")
+    attention_factor: float | None = field_(None, doc="yarn: cos/sin multiplier; None = from factor and mscale")
 
     def validate(self) -> None:
         if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
@@ -73,7 +89,41 @@ def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None) -> torch.Tenso
         return inv_freq
     if cfg.scaling == "llama3":
         return _llama3_scaling(inv_freq, cfg)
+    if cfg.scaling == "yarn":
+        return _yarn_scaling(inv_freq, head_dim, cfg)
     raise ValueError(f"unknown rope scaling {cfg.scaling!r}")
+
+
+def yarn_mscale(factor: float, coefficient: float = 1.0) -> float:
+    """YaRN's m(s, a) = 0.1 a ln(s) + 1 for s > 1, else 1."""
+    return 0.1 * coefficient * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rope_attention_factor(cfg: RopeConfig) -> float:
+    """The multiplier applied to cos and sin (1 except under yarn)."""
+    if cfg.scaling != "yarn":
+        return 1.0
+    if cfg.attention_factor is not None:
+        return cfg.attention_factor
+    if cfg.mscale and cfg.mscale_all_dim:
+        return yarn_mscale(cfg.factor, cfg.mscale) / yarn_mscale(cfg.factor, cfg.mscale_all_dim)
+    return yarn_mscale(cfg.factor)
+
+
+def _yarn_scaling(inv_freq: torch.Tensor, head_dim: int, cfg: RopeConfig) -> torch.Tensor:
+    L, base = cfg.original_max_seq_len, cfg.theta
+
+    def pair_turning(rotations: float) -> float:  # d(r) = d ln(L / (2 pi r)) / (2 ln theta)
+        return head_dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(pair_turning(cfg.beta_fast)), 0)
+    hi = min(math.ceil(pair_turning(cfg.beta_slow)), head_dim - 1)
+    if lo == hi:
+        hi += 0.001  # a one-pair ramp would divide by zero
+    i = torch.arange(head_dim // 2, dtype=torch.float32, device=inv_freq.device)
+    ramp = ((i - lo) / (hi - lo)).clamp(0, 1)  # 0 for fast pairs (kept), 1 for slow pairs (interpolated)
+    # w' = w (1 - ramp) + (w / s) ramp
+    return inv_freq * (1 - ramp) + inv_freq / cfg.factor * ramp
 
 
 def _llama3_scaling(inv_freq: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
@@ -103,6 +153,7 @@ class RotaryEmbedding(nn.Module):
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim, self.cfg = head_dim, cfg
+        self.attention_factor = rope_attention_factor(cfg)
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
 
     def init_weights(self) -> None:
@@ -118,6 +169,8 @@ class RotaryEmbedding(nn.Module):
         # angles[b, t, i] = p[b, t] * w_i, in float32
         angles = positions.float()[..., None] * self.inv_freq.float()  # (B, T, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, D): pair i with i + D/2
+        if self.attention_factor != 1.0:  # yarn: cos and sin carry the attention factor
+            return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -25,7 +25,8 @@ from workbench.data.tokenizer import Tokenizer, check_fits
 from workbench.errors import CheckpointError
 from workbench.models.base import ModelSection, build_model
 
-ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3", "mixtral": "workbench.checkpoint.hf.mixtral"}
+ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3", "mixtral": "workbench.checkpoint.hf.mixtral",
+            "deepseek_v3": "workbench.checkpoint.hf.deepseek_v3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -75,12 +76,18 @@ def load_hf_dir(directory: str | Path, device: str | torch.device = "cpu", dtype
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
         raise CheckpointError(f"model directory {directory}: only .bin (pickle) weights; convert them to safetensors")
     hf_sd = read_dir(directory)
+    if hasattr(adapter, "fit_config"):  # parts a config may declare that the weights leave out (MTP)
+        section = ModelSection(family=section.family, flavor=section.flavor,
+                               config=adapter.fit_config(section.config, hf_sd))
     tokenizer = Tokenizer.from_hf_dir(directory)
     check_fits(tokenizer, section.config.vocab_size)
     sd = adapter.state_dict_from_hf(hf_sd, section.config, where=str(directory))
-    if dtype is None:
-        dtypes = {t.dtype for t in sd.values() if t.is_floating_point()}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if dtype is None:  # the dtype most weights are stored in (float32 routers beside bf16 weights are common)
+        sizes: dict[torch.dtype, int] = {}
+        for t in sd.values():
+            if t.is_floating_point():
+                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        dtype = max(sizes, key=sizes.get) if sizes else torch.float32
     model = build_model(section, device, dtype, state=sd, where=str(directory))
     return model.eval(), tokenizer, section
 
