@@ -75,7 +75,8 @@ from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_optimizer, build_scheduler
 from workbench.train.report import REPORT_FILE, write_run_report
 
-AUX_METRICS = ("aux_loss", "balance_loss", "expert_load")  # what a mixture of experts adds to a train record
+# what a mixture of experts (and DeepSeek-V3's multi-token prediction) adds to a train record
+AUX_METRICS = ("aux_loss", "balance_loss", "expert_load", "expert_load_max", "mtp_loss")
 
 # Dense bf16 peak FLOP/s by CUDA device name (performance.md: the MFU convention); unknown cards show no MFU.
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -356,6 +357,9 @@ class Trainer:
             aux.update({k: v / len(micro_batches) for k, v in aux.items() if k != "aux_loss"})
         lr = self.engine.lr
         grad_norm, applied = self.engine.optimizer_step(self.job.optim.grad_clip, loss)
+        post_step = getattr(self.engine.unwrap(), "post_step", None)
+        if post_step is not None:  # e.g. DeepSeek-V3's router bias update, from the step's reduced expert counts
+            aux.update(post_step(applied))
         skipped = not applied
         if skipped:
             self.log(f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "

@@ -5,8 +5,8 @@
 N_step is the number of target tokens in the whole step (all micro-batches, all ranks), so the loss is
 the mean per target token however the batch is split.
 
-A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce)`) adds its weighted auxiliary
-loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
+A model with auxiliary terms (a mixture of experts, multi-token prediction: `aux_loss(aux, reduce)`; the
+batch it sees carries the labels for the latter) adds its weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
 so the term is each rank's share of the whole micro-batch's value (see workbench.models.moe.balance_loss).
 `metrics["lm_loss"]` keeps the language-modelling part alone (what the trainer logs as `loss`, comparable
 with the validation loss); `aux_loss` and the model's own metrics (balance loss, expert load) are logged
@@ -41,8 +41,9 @@ class LMObjective:
         each document."""
         policy = models["policy"]
         mask = MaskSpec(document_ids=micro_batch.get("document_ids"))
+        # labels go along for models whose auxiliary terms need them (DeepSeek-V3's multi-token prediction)
         out = policy.forward({"input_ids": micro_batch["input_ids"], "positions": micro_batch.get("positions"),
-                              "mask": mask})
+                              "mask": mask, "labels": micro_batch.get("labels")})
         return out, policy.logits(out.hidden).float()  # (B, T, V)
 
     def logits(self, models, micro_batch: dict) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""DeepSeek-V3's training-side pieces against hand computations: the sequence-wise balance loss (and its
+rank shares), the multi-token-prediction loss, the post-step bias update, YaRN's frequencies, the
+config checks, and the KV cache it declares."""
+
+import math
+
+import pytest
+import torch
+
+from workbench.config import ConfigError
+from workbench.data.packed import IGNORE_INDEX
+from workbench.models.base import ModelSection, build_model
+from workbench.models.deepseek_v3 import FLAVORS, DeepSeekV3
+from workbench.models.moe import MoE, sequence_balance_loss
+from workbench.nn.rope import RopeConfig, rope_attention_factor, rope_frequencies
+
+
+def tiny(**over):
+    torch.manual_seed(0)
+    cfg = FLAVORS["debug"]
+    import dataclasses
+
+    return DeepSeekV3(dataclasses.replace(cfg, **over))
+
+
+def test_sequence_balance_loss_equals_the_paper_formula_per_sequence():
+    E, K, T = 4, 2, 6
+    torch.manual_seed(0)
+    moe = MoE(8, 16, E, K, sequence_stats=True, scoring="sigmoid")
+    x = torch.randn(3, T, 8)
+    _, aux = moe(x)
+    stacked = {k: aux[k][None] for k in ("seq_counts", "seq_prob_sum")} | {"seq_tokens": aux["seq_tokens"]}
+    got = sequence_balance_loss(stacked, lambda t: t, E, K)
+    # by hand: per sequence f_e = E / (K T) * count_e, P_e = mean_t s_te / sum_e s_te; mean over sequences
+    _, scores, _, idx = moe.router(x.reshape(-1, 8))
+    want = 0.0
+    for b in range(3):
+        rows = slice(b * T, (b + 1) * T)
+        counts = torch.bincount(idx[rows].reshape(-1), minlength=E).float()
+        f = E / (K * T) * counts
+        p = (scores[rows] / scores[rows].sum(-1, keepdim=True)).mean(0)
+        want += float((f * p).sum().detach()) / 3
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    assert aux["seq_counts"].sum().item() == 3 * T * K
+
+
+def test_sequence_balance_loss_shares_add_up_over_ranks():
+    """Two 'ranks' hold different sequences: each share over the reduced sequence count sums to the whole."""
+    E, K = 4, 2
+    torch.manual_seed(1)
+    moe = MoE(8, 16, E, K, sequence_stats=True, scoring="sigmoid")
+    x = torch.randn(4, 5, 8)
+
+    def stats(xs):
+        _, aux = moe(xs)
+        return {k: aux[k][None] for k in ("seq_counts", "seq_prob_sum")} | {"seq_tokens": aux["seq_tokens"]}
+
+    whole = sequence_balance_loss(stats(x), lambda t: t, E, K)
+    shares = [sequence_balance_loss(stats(half), lambda t: t * 2, E, K) for half in (x[:2], x[2:])]  # 2 + 2 seqs
+    assert (shares[0] + shares[1]).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_mtp_loss_is_the_next_next_token_cross_entropy_of_the_mtp_module():
+    model = tiny(mtp_layers=1).eval()
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    labels[0, 4] = IGNORE_INDEX
+    out = model({"input_ids": ids, "labels": labels})
+    # by hand: h'_i = W [enorm(emb(t_{i+1})); hnorm(h_i)], the block, the shared head -> predicts labels[i + 1]
+    m = model.mtp[0]
+    x = m.eh_proj(torch.cat([m.enorm(model.tok_embeddings(ids[:, 1:])), m.hnorm(out.hidden[:, :-1])], -1))
+    cos, sin = model.rope(torch.arange(1, 10).expand(2, 9), x.dtype)
+    from workbench.nn.attention import MaskSpec
+    from workbench.nn.rope import rope_tables
+
+    x, _ = m.block(x, *rope_tables(cos, sin), MaskSpec(), None, 0)
+    logits = model.logits(m.norm(x))
+    target = labels[:, 1:]
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+    assert out.aux["mtp_nll_sum"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.aux["mtp_targets"].item() == int((target != IGNORE_INDEX).sum()) == 15  # 2 x 9, less 3 ignored
+    loss, metrics = model.aux_loss(out.aux)
+    assert metrics["mtp_loss"] == pytest.approx(want.item() / 15, rel=1e-5)
+    loss.backward()
+    assert m.eh_proj.weight.grad.abs().sum() > 0  # the MTP module trains through the auxiliary loss
+    # without labels (generation, scoring) the module does not run
+    assert "mtp_nll_sum" not in model({"input_ids": ids}).aux
+
+
+def test_post_step_moves_each_bias_against_its_load_and_only_after_an_applied_step():
+    model = tiny(bias_update_rate=0.01)
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = model({"input_ids": ids})
+    model.aux_loss(out.aux)
+    counts = out.aux["expert_counts_per_layer"]  # (2 MoE layers, 8)
+    before = [b.moe.router.bias.clone() for b in model.layers if hasattr(b, "moe")]
+    model.post_step(applied=True)
+    for layer, (b0, block) in enumerate(zip(before, [b for b in model.layers if hasattr(b, "moe")])):
+        want = b0 + 0.01 * torch.sign(counts[layer].mean() - counts[layer])
+        assert torch.equal(block.moe.router.bias, want)
+    assert any((b.moe.router.bias != 0).any() for b in model.layers if hasattr(b, "moe"))
+    # a skipped step leaves the biases and clears the counts
+    model.aux_loss(model({"input_ids": ids}).aux)
+    snapshot = [b.moe.router.bias.clone() for b in model.layers if hasattr(b, "moe")]
+    assert model.post_step(applied=False) == {}
+    assert all(torch.equal(s, b.moe.router.bias) for s, b in zip(snapshot, [b for b in model.layers
+                                                                             if hasattr(b, "moe")]))
+    assert model._step_counts is None
+
+
+def test_the_bias_changes_selection_but_not_the_weights_of_a_chosen_expert():
+    torch.manual_seed(0)
+    moe = MoE(8, 16, 8, 2, scoring="sigmoid", bias_balancing=True, n_groups=4, topk_groups=2)
+    x = torch.randn(32, 8)
+    _, scores, w0, idx0 = moe.router(x)
+    moe.router.bias[idx0[:, 0].mode().values] = -1.0  # make the most popular first choice unattractive
+    _, _, w1, idx1 = moe.router(x)
+    assert not torch.equal(idx0, idx1)
+    # weights are the raw scores of whatever was chosen, normalised: never the bias
+    torch.testing.assert_close(w1, scores.gather(1, idx1) / scores.gather(1, idx1).sum(-1, keepdim=True))
+
+
+def test_yarn_frequencies_interpolate_slow_pairs_and_keep_fast_ones():
+    cfg = RopeConfig(theta=10000.0, scaling="yarn", factor=8.0, original_max_seq_len=4096)
+    base = rope_frequencies(64, RopeConfig(theta=10000.0))
+    yarn = rope_frequencies(64, cfg)
+    assert torch.equal(yarn[:4], base[:4])  # fast pairs (many turns over the context) unchanged
+    torch.testing.assert_close(yarn[-2:], base[-2:] / 8.0)  # slow pairs fully interpolated
+    assert rope_attention_factor(cfg) == pytest.approx(0.1 * math.log(8.0) + 1.0)
+    cfg.mscale, cfg.mscale_all_dim = 1.0, 1.0
+    assert rope_attention_factor(cfg) == 1.0  # DeepSeek's split: the factor moves into the softmax scale
+
+
+def test_flavors_build_on_meta_and_count_active_flops():
+    import dataclasses
+
+    with torch.device("meta"):
+        big = DeepSeekV3(dataclasses.replace(FLAVORS["671B"], mtp_layers=0))
+    n = sum(p.numel() for p in big.parameters())
+    assert 660e9 < n < 690e9, n  # 671B total with the MTP module (~14B) left out: ~657B + embeddings
+    active = big.flops_per_token(1) / 6
+    assert 35e9 < active < 40e9, active  # ~37B active parameters
+    model = build_model(ModelSection.of("deepseek_v3", "debug"))
+    assert model.layers[0].feed_forward is not None and not hasattr(model.layers[0], "moe")
+    assert model.layers[1].moe.router.bias is not None
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("n_groups", 3, "n_groups.*must divide n_experts"),
+    ("topk_groups", 5, "topk_groups.*must be <= n_groups"),
+    ("top_k", 6, "top_k.*exceeds"),
+    ("n_dense_layers", 9, "n_dense_layers.*must be <= n_layers"),
+    ("qk_rope_head_dim", 7, "qk_rope_head_dim.*even"),
+])
+def test_bad_configs_name_the_field(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelSection.of("deepseek_v3", "debug", **{field: value})
+
+
+def test_the_cache_holds_the_latent_and_the_rope_key_only():
+    model = tiny()
+    cache = model.make_kv_cache(2, 16)
+    cfg = model.cfg
+    assert len(cache.buffers) == cfg.n_layers
+    assert [tuple(b.shape) for b in cache.buffers[0]] == [(2, 16, cfg.kv_lora_rank), (2, 16, cfg.qk_rope_head_dim)]
