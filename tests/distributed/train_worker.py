@@ -5,7 +5,8 @@
 CASES_JSON maps a case name to its config overrides (on top of configs/llama3/debug.toml); each case trains
 in OUT_DIR/<name> with `Trainer` exactly as `workbench train` does, and every rank writes
 OUT_DIR/results-<rank>.json: {name: {"losses", "grad_norms", "skipped", "steps", "world_size", "restarts",
-"sample"}} (sample: 8 tokens generated after training through the engine's gather_for_generation).
+"balance_losses", "expert_parallel", "sample"}} (sample: 8 tokens generated after training through the engine's
+gather_for_generation; expert_parallel: the ep degree of each Experts module).
 
 Besides overrides a case may hold:
     --resume               continue OUT_DIR/<name> if it has a checkpoint (as `workbench train --resume`)
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from workbench.checkpoint.run import list_checkpoints, step_of
 from workbench.config import load_config
 from workbench.job import JobConfig
+from workbench.models.moe import Experts
 from workbench.train.trainer import Trainer
 
 DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
@@ -91,6 +93,9 @@ def main() -> None:
                          "world_size": trainer.dims.world_size,
                          "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
                          "balance_losses": [r.get("balance_loss") for r in history],  # a mixture of experts
+                         # the ep degree each experts module runs with (1: whole on every rank)
+                         "expert_parallel": [getattr(m, "ep_size", 1) for m in trainer.engine.unwrap().modules()
+                                             if isinstance(m, Experts)],
                          "sample": trainer.sample("def", 8)}  # every rank generates, as `workbench train` does
         (out / f"results-{trainer.rank}.json").write_text(json.dumps(results))
     if trainer is not None:

@@ -46,6 +46,12 @@ Switch balance loss, as transformers computes it (load_balancing_loss_func)
     Over several layers the sums are added across layers *before* dividing (tokens = L * N): the
     reference concatenates every layer's router logits along the token axis.
 
+DeepSeek's sequence-wise balance loss (a small complement to the bias, alpha ~ 1e-4)
+    per sequence b and layer: f_e = E / (K T_b) * count_{b,e},  P_e = mean_t s'_{t,e},  s' = s / sum_e s
+    L = sum_layers mean_b sum_e f_e P_e  (= 1 per layer at perfect balance). With `sequence_stats` the MoE
+    returns the per-sequence counts and probability sums; a sequence never spans data-parallel ranks, so
+    only the number of sequences is reduced (`sequence_balance_loss`).
+
 Sources
     Fedus et al., "Switch Transformers", arXiv 2101.03961 (eqs. 4-6, z-loss from ST-MoE arXiv 2202.08906);
     Jiang et al., "Mixtral of Experts", arXiv 2401.04088; DeepSeek-AI, "DeepSeek-V3 Technical Report",
@@ -160,24 +166,36 @@ class Experts(nn.Module):
         nn.init.trunc_normal_(self.gate_up_proj, mean=0.0, std=std, a=-3 * std, b=3 * std)
         nn.init.trunc_normal_(self.down_proj, mean=0.0, std=out_std, a=-3 * out_std, b=3 * out_std)
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's block
-        gu = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # (S, 2F)
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor | None = None,
+                 down: torch.Tensor | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj if gate_up is None else gate_up  # (E', 2F, D): all experts, or an ep slice
+        down = self.down_proj if down is None else down  # (E', D, F)
+        offs = counts.cumsum(0).to(torch.int32)  # (E',) end of each expert's block
+        gu = torch._grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs)  # (S, 2F)
         g, u = gu.chunk(2, dim=-1)
         # down_e (SiLU(gate_e x) * up_e x)
-        return torch._grouped_mm(F.silu(g) * u, self.down_proj.transpose(-2, -1), offs=offs)  # (S, D)
+        return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)  # (S, D)
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor | None = None,
+              down: torch.Tensor | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj if gate_up is None else gate_up
+        down = self.down_proj if down is None else down
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            g, u = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, F) each
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))  # (n, D)
+            g, u = F.linear(xs[start:start + n], gate_up[e]).chunk(2, dim=-1)  # (n, F) each
+            outs.append(F.linear(F.silu(g) * u, down[e]))  # (n, D)
             start += n
-        return torch.cat(outs) if outs else xs.new_zeros(0, self.down_proj.shape[1])
+        return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[1])
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+    def route(self, idx: torch.Tensor, weights: torch.Tensor):
+        """The (token, slot) pairs sorted by expert: (token (S,), w (S,), counts (E,), dropped ()).
+
+        token[s] is the token of sorted slot s, w[s] its routing weight, counts[e] how many sorted slots
+        expert e takes (after the capacity cut, when there is one). Shared with expert parallelism
+        (workbench/parallel/ep.py), which sends these sorted rows to the ranks holding their experts.
+        """
         N, k = idx.shape
         E = self.n_experts
         flat = idx.reshape(-1)  # (N*k,) expert of each (token, slot)
@@ -185,24 +203,35 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)  # (E,)
         token = order // k  # (S,) token of each sorted slot
         w = weights.reshape(-1)[order]  # (S,)
-        dropped = x.new_zeros((), dtype=torch.float32)
+        dropped = weights.new_zeros((), dtype=torch.float32)
         if self.capacity_factor is not None:
             cap = math.ceil(self.capacity_factor * N * k / E)
             start = counts.cumsum(0) - counts  # (E,) first sorted slot of each expert
-            rank = torch.arange(order.numel(), device=x.device) - start[flat[order]]  # (S,) rank in its expert
+            rank = torch.arange(order.numel(), device=idx.device) - start[flat[order]]  # (S,) rank in its expert
             keep = rank < cap
             dropped = (~keep).sum().float()
             token, w = token[keep], w[keep]
             counts = counts.clamp(max=cap)
-        xs = x[token]  # (S, D) sorted by expert
-        out = None
-        if self.use_grouped_mm and _grouped_ok(xs, self.down_proj):
+        return token, w, counts, dropped
+
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor | None = None,
+            down: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert_e(x) for rows xs (S, D) sorted by expert, counts (E',) rows per expert -> (S, D).
+
+        gate_up / down default to this module's stacked parameters; expert parallelism passes its local slice.
+        """
+        ref = self.down_proj if down is None else down
+        if self.use_grouped_mm and _grouped_ok(xs, ref):
             try:
-                out = self._grouped(xs, counts)
+                return self._grouped(xs, counts, gate_up, down)
             except (RuntimeError, NotImplementedError):  # dtype/device without a kernel: take the loop
-                out = None
-        if out is None:
-            out = self._loop(xs, counts)
+                pass
+        return self._loop(xs, counts, gate_up, down)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor):
+        token, w, counts, dropped = self.route(idx, weights)
+        xs = x[token]  # (S, D) sorted by expert
+        out = self.ffn(xs, counts)  # (S, D)
         # y_t = sum over t's slots of w * Expert(x_t)
         y = torch.zeros_like(x).index_add_(0, token, (out * w[:, None]).to(x.dtype))  # (N, D)
         return y, dropped

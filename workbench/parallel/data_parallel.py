@@ -5,8 +5,10 @@ Both are the single-process engine plus communication, so everything the trainer
     ddp     DistributedDataParallel over the world: every rank holds the whole model; backward all-reduces
             (averages) gradients bucket by bucket while it runs; `no_sync` skips that for all but the last
             micro-batch of a step.
-    fsdp2   tensor + sequence parallel first when parallel.tp > 1 (tensor_parallel.py), then activation
-            checkpointing, then (when there are data ranks to shard over) `fully_shard` on every block of the
+    fsdp2   tensor + sequence parallel first when parallel.tp > 1 (tensor_parallel.py), then expert parallel
+            when parallel.ep > 1 (ep.py: each ep rank holds E / ep experts, tokens travel by all-to-all; the
+            experts get their own FSDP unit over the ranks that hold the same experts, see below), then
+            activation checkpointing, then (when there are data ranks to shard over) `fully_shard` on every block of the
             plan and then on the root (embedding, final norm and the head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
             shard; a block's forward all-gathers its parameters and frees them after
             (`reshard_after_forward`), backward reduce-scatters the gradients. `logits` is registered as a
@@ -17,6 +19,11 @@ Loss scale. Both average gradients over the data-parallel ranks, while the train
 divided by the global token count of the step (summed over ranks); the engine multiplies the loss by the
 data-parallel world size before backward, so the gradient is the global sum / global count exactly as on
 one process.
+Expert parameters under ep > 1 are Shard(0) DTensors over the ep ranks, and their backward already sums every
+token of the ep group (the all-to-all carries the gradients home); FSDP2 reduces them over the ranks holding the
+same experts only (`ParallelDims.expert_fsdp_mesh`), dividing by the dense parameters' data-parallel size rather
+than that smaller mesh's (`set_gradient_divide_factor`), so they also end as the global sum / global count. The
+gradient norm adds the squared norms of the two meshes' gradients.
 
 State. `model_state_dict` gives full tensors (under fsdp2 only rank 0 holds them, others get an empty dict); the
 optimizer state goes through torch.distributed.checkpoint (SingleEngine.save_state: each rank writes its own
@@ -43,6 +50,7 @@ from workbench.errors import ConfigError
 from workbench.models.base import DecoderOutput
 from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
 from workbench.parallel.dims import ParallelDims
+from workbench.parallel.ep import apply_expert_parallel
 from workbench.parallel.plans import Plan
 from workbench.parallel.rendezvous import bound_store
 from workbench.parallel.single import FULL, SingleEngine
@@ -164,6 +172,8 @@ class FSDP2Engine(_DataParallelEngine):
         self._in_loss = False  # inside loss_context: logits stay split along the vocabulary
         if self.tp_mesh is not None:  # TP/SP first, then FSDP over the data ranks (DESIGN.md rule 2)
             apply_tensor_parallel(model, plan, self.tp_mesh)
+        # EP next: the experts become Shard(0) DTensors over the ep ranks, dispatched by all-to-all
+        experts = apply_expert_parallel(model, plan, dims.ep_mesh) if dims.ep > 1 else []
         apply_activation_checkpointing(model, plan, activation_checkpointing)
         apply_compile(model, plan, compile)
         self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over
@@ -174,6 +184,16 @@ class FSDP2Engine(_DataParallelEngine):
                 kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
             if cpu_offload:
                 kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs CUDA
+            for module in experts:  # their own unit, sharded over the ranks that hold the same experts
+                fully_shard(module, reshard_after_forward=reshard_after_forward,
+                            **{**kw, "mesh": dims.expert_fsdp_mesh})
+                # the loss carries the dense mesh's size (backward), so divide by that, not the smaller mesh's
+                module.set_gradient_divide_factor(float(mesh.size()))
+                # a custom factor is NCCL's PREMUL_SUM in the reduce-scatter; gloo has none, so there: SUM, then
+                # divide. Not with a 1-rank shard group: torch 2.13 skips the reduce-scatter there, divides while
+                # copying and would divide again after a forced sum
+                if dist.get_backend() != "nccl" and dims.expert_fsdp_mesh.size(-1) > 1:
+                    module.set_force_sum_reduction_for_comms(True)
             for block in model.get_submodule(plan.blocks):
                 fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
             # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
@@ -229,13 +249,21 @@ class FSDP2Engine(_DataParallelEngine):
             self.model.set_requires_gradient_sync(True)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
             return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # a DTensor: reduced over the shards
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # DTensors of one mesh at a time (expert parameters live on the expert mesh): ||g||^2 = sum of the parts
+        by_mesh: dict = {}
+        for p in params:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+        norms = []
+        for group in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)  # a DTensor: over the shards
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
         if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(list(self.model.parameters()), max_norm, norm, foreach=True)
+            for group in by_mesh.values():
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
         return norm
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

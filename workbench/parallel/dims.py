@@ -13,13 +13,20 @@ Later code asks for the sub-meshes it needs by name:
     "tp", "cp", "dp_replicate", "dp_shard"    the single dimensions
 
 Expert parallelism takes its ep ranks out of dp_shard x cp (experts are sharded over ranks that would
-otherwise hold the same expert weights), so ep must divide dp_shard * cp; `ep_mesh` is built when a MoE
-plan needs it.
+otherwise hold the same expert weights), so ep must divide dp_shard * cp. `expert_mesh` splits those ranks
+(torchtitan's layout) into
+
+    "dp_shard_mod_ep"  dp_shard x cp / ep     ranks holding the same experts: FSDP2 shards the experts here
+    "ep"               ep (innermost)         ranks holding different experts: the all-to-all group
+
+with dp_replicate kept outermost, so `ep_mesh` is expert_mesh["ep"] and the experts' FSDP mesh is
+"dp_shard_mod_ep" (with "dp_replicate" in front under HSDP). Both share the world mesh's root, so FSDP2 can
+stack its shard dimension on the ep one.
 
 Which backend takes which degrees
     single   every degree 1
     ddp      dp_replicate = world size (plain data parallel: replicas, nothing sharded)
-    fsdp2    dp_shard (and dp_replicate > 1 for HSDP), composes with tp
+    fsdp2    dp_shard (and dp_replicate > 1 for HSDP), composes with tp, and with ep (workbench/parallel/ep.py)
     zero1-3  DeepSpeed's data-parallel group is dp_shard (or dp_replicate): tp, cp and ep are refused
 Validation names the config field and what was expected, so a bad layout stops before a process group
 exists.
@@ -38,7 +45,7 @@ DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # mesh order, outermost first
 _REFUSED = {
     "single": ("dp_replicate", "dp_shard", "tp", "cp", "ep"),
     "ddp": ("dp_shard", "tp", "cp", "ep"),
-    "fsdp2": ("cp", "ep"),  # context and expert parallel arrive with the long-context and MoE issues
+    "fsdp2": ("cp",),  # context parallel arrives with the long-context issue
     "zero1": ("tp", "cp", "ep"),
     "zero2": ("tp", "cp", "ep"),
     "zero3": ("tp", "cp", "ep"),
@@ -81,10 +88,14 @@ class ParallelDims:
             raise ConfigError(f"config key 'parallel.backend': {self.backend!r} needs several processes started by a "
                               f"launcher (launch/torchrun.sh, docs/parallelism.md); one process trains with 'single'")
         for name in _REFUSED[self.backend]:
-            if name == "ep" and self.ep != 1:  # plans declare `expert` (plans/mixtral.py); nothing applies it yet
+            if name == "ep" and self.ep != 1:  # the all-to-all dispatch is wired into fsdp2 only (ep.py)
+                why = {"single": "one process has no ranks to split the experts over",
+                       "ddp": "DDP averages every gradient over all ranks, which would mix different experts"}.get(
+                    self.backend, "DeepSpeed-MoE's expert groups are not wired into the ZeRO engine")
                 raise ConfigError(f"config key 'parallel.ep': {self.ep} asks for expert parallelism, which is not "
-                                  f"built yet (backend {self.backend!r}); set parallel.ep = 1 (MoE experts then stay "
-                                  f"whole on every rank)")
+                                  f"built yet for backend {self.backend!r} ({why}), only for 'fsdp2'; use "
+                                  f"parallel.backend = 'fsdp2' with parallel.dp_shard a multiple of ep, or set "
+                                  f"parallel.ep = 1 (MoE experts then stay whole on every rank)")
             if degrees[name] != 1:
                 raise ConfigError(
                     f"config key 'parallel.{name}': {degrees[name]} does not compose with backend "
@@ -104,8 +115,11 @@ class ParallelDims:
                 if n is not None and n % self.tp:
                     raise ConfigError(f"config key 'parallel.tp': {self.tp} must divide model.config.{attr} = {n} "
                                       f"(each tensor-parallel rank holds whole heads)")
-            n_experts = getattr(model_cfg, "n_experts", None)
-            if self.ep > 1 and n_experts is not None and n_experts % self.ep:
+            n_experts = getattr(model_cfg, "n_experts", None)  # routed experts per MoE layer (every MoE family)
+            if self.ep > 1 and n_experts is None:
+                raise ConfigError(f"config key 'parallel.ep': {self.ep} asks for expert parallelism, but the model "
+                                  f"has no routed experts (model.config.n_experts); set parallel.ep = 1")
+            if self.ep > 1 and n_experts % self.ep:
                 raise ConfigError(f"config key 'parallel.ep': {self.ep} must divide model.config.n_experts "
                                   f"= {n_experts}")
         # context parallel (refused by every backend so far) will add: data.seq_len divisible by 2 x cp
@@ -135,6 +149,26 @@ class ParallelDims:
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         return mesh
+
+    @cached_property
+    def expert_mesh(self):
+        """(dp_replicate, dp_shard_mod_ep, ep, tp): the world's ranks arranged for the experts (module notes).
+
+        Built from the world mesh by splitting dp_shard x cp, so every sub-mesh shares the world's root."""
+        mesh = self.mesh
+        return mesh["dp_replicate", "dp_shard_cp", "tp"]._unflatten(
+            1, (self.dp_shard * self.cp // self.ep, self.ep), ("dp_shard_mod_ep", "ep"))
+
+    @property
+    def ep_mesh(self):
+        """The ep ranks (neighbours in the mesh): the all-to-all group of expert parallelism."""
+        return self.expert_mesh["ep"]
+
+    @property
+    def expert_fsdp_mesh(self):
+        """The ranks that hold the same experts: FSDP2 shards the expert parameters over them (HSDP: 2-D)."""
+        em = self.expert_mesh
+        return em["dp_shard_mod_ep"] if self.dp_replicate == 1 else em["dp_replicate", "dp_shard_mod_ep"]
 
     def describe(self) -> str:
         active = [f"{d}={getattr(self, d)}" for d in (*DIMS, "ep") if getattr(self, d) > 1]

@@ -5,7 +5,8 @@ checkpointing -> compile -> FSDP2 or ZeRO. Paths use `*` for every index of a Mo
 
     blocks    the ModuleList whose entries are the units of FSDP2 wrapping, ZeRO-3 and checkpointing
     tensor    path -> "colwise" | "rowwise" | "sequence" (DTensor styles for tensor + sequence parallel)
-    expert    the MoE experts module (dispatched with all-to-all over the ep group), or None
+    expert    the MoE experts modules (`workbench.models.moe.Experts`; sharded over the ep group and dispatched
+              with all-to-all by parallel/ep.py), or None
     context   the attention core swapped for ring attention / Ulysses over the cp group, or None
     head      the output projection (its weight may be tied to the embedding: kept in the root unit)
     embedding the token embedding (the head's weight when tied; split by vocabulary under tensor parallel)

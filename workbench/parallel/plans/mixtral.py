@@ -1,9 +1,11 @@
 """The Mixtral plan: blocks are `layers.*`; tensor parallel for attention only; experts declared for EP.
 
 Attention is split as in Llama 3 (wq, wk, wv colwise, wo rowwise; norms sequence-parallel). The MoE FFN is
-not tensor-parallel: its experts are the unit of expert parallelism (`expert`), which dispatches tokens
-with all-to-all over the ep group. Expert parallelism is not built yet: ParallelDims refuses ep > 1 by
-name, so this declaration changes nothing until it is.
+not tensor-parallel: its experts are the unit of expert parallelism (`expert`). Under fsdp2 with
+parallel.ep > 1, workbench/parallel/ep.py gives each ep rank E / ep of every layer's experts and dispatches
+tokens with all-to-all over the ep group; the router stays data parallel. EP finds the modules by this
+pattern and their type (`workbench.models.moe.Experts`), not by family, so DeepSeek-V3's MoE layers at the
+same path take it unchanged (its dense layers have no `moe` and are skipped).
 The trainer refuses tp > 1 for a plan with experts for now: under sequence parallelism each tp rank's router
 would count only its slice of the sequence, and the balance loss would miss the others; the tensor map
 above is what attention will use once the MoE side is built.
