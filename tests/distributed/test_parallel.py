@@ -1,7 +1,8 @@
 """Parallel engines on gloo ranks (torchrun) against the single-process run of the same global batch.
 
-Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; Mixtral under ddp
-and fsdp2 (its balance loss included); and fsdp2's
+Layouts: ddp, fsdp2, DeepSpeed zero1, zero2, zero3 and tp=2 on 2 ranks, fsdp2 x tp on 4; Mixtral under ddp,
+fsdp2 and zero1-3, and under fsdp2 with expert parallel (ep = 2 on 2 ranks, and on 4 ranks where FSDP2 also
+shards the experts over the 2 ranks holding the same ones), its balance loss included; and fsdp2's
 options (per-block compile with blocks kept gathered after forward, selective checkpointing with CPU offload). One torchrun launch per world size trains every
 case (tests/distributed/train_worker.py); the single-process reference trains here. Every layout runs twice:
 under AdamW (per-step losses and gradient norms equal to the single run, fp32, rtol 1e-5) and under SGD with
@@ -69,7 +70,18 @@ OPTIONS = {
 # a mixture of experts (Mixtral): its balance loss is formed from router counts all-reduced over the ranks, so
 # losses, gradient norms and the balance loss itself equal one process's (a per-rank loss would not)
 MIXTRAL = ["--model.family", "mixtral", "--model.flavor", "debug"]
-MOE_LAYOUTS = {"mixtral-ddp": [*LAYOUTS["ddp"], *MIXTRAL], "mixtral-fsdp2": [*LAYOUTS["fsdp2"], *MIXTRAL]}
+MOE_LAYOUTS = {"mixtral-ddp": [*LAYOUTS["ddp"], *MIXTRAL], "mixtral-fsdp2": [*LAYOUTS["fsdp2"], *MIXTRAL],
+               **{f"mixtral-zero{n}": [*LAYOUTS[f"zero{n}"], *MIXTRAL] for n in (1, 2, 3)},
+               # expert parallel: each rank holds 2 of the 4 experts, tokens travel by all-to-all
+               "mixtral-fsdp2-ep2": [*LAYOUTS["fsdp2"], *MIXTRAL, "--parallel.ep", "2"]}
+# DeepSeek-V3 (sigmoid routing with the bias update after every step, sequence-wise balance loss, MTP) under
+# expert parallel: the step's expert counts are reduced over the ranks, so every rank moves its biases alike
+DEEPSEEK = ["--model.family", "deepseek_v3", "--model.flavor", "debug", "--model.bias_update_rate", "0.01"]
+DEEPSEEK_LAYOUTS = {"deepseek-fsdp2-ep2": [*LAYOUTS["fsdp2"], *DEEPSEEK, "--parallel.ep", "2"]}
+# 4 ranks: dp_shard 4 = 2 (FSDP2 shards the experts over the ranks holding the same ones) x ep 2
+MOE_LAYOUTS_4 = {"mixtral-fsdp2-ep2-shard4": [*STEPS, "--train.micro_batch_size", "1", "--train.grad_accum", "2",
+                                              "--parallel.backend", "fsdp2", "--parallel.dp_shard", "4",
+                                              "--parallel.ep", "2", *MIXTRAL]}
 
 
 def with_sgd(layouts: dict) -> dict:
@@ -128,7 +140,7 @@ def single_sgd(tmp_path_factory, debug_data):
 def launched(tmp_path_factory, debug_data, single):
     out = tmp_path_factory.mktemp("dp")
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
-    cases = dict(CASES, **MOE_LAYOUTS, **{"from-single": [*CASES["fsdp2"], "--resume"],
+    cases = dict(CASES, **MOE_LAYOUTS, **DEEPSEEK_LAYOUTS, **{"from-single": [*CASES["fsdp2"], "--resume"],
                            "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"],
                            "zero1-nangrad": [*CASES["zero1"], "--fault=nangrad@3:1"],
                            "zero3-nangrad": [*CASES["zero3"], "--fault=nangrad@3:1"],
@@ -138,8 +150,8 @@ def launched(tmp_path_factory, debug_data, single):
                               for n in (1, 2, 3)}})
     results = torchrun(out, debug_data, cases)
     out4 = tmp_path_factory.mktemp("dp4")
-    results.update(torchrun(out4, debug_data, CASES_4, nproc=4))
-    for name in CASES_4:
+    results.update(torchrun(out4, debug_data, {**CASES_4, **MOE_LAYOUTS_4}, nproc=4))
+    for name in {**CASES_4, **MOE_LAYOUTS_4}:
         shutil.move(out4 / name, out / name)
     return out, results
 
@@ -172,12 +184,39 @@ def single_mixtral(tmp_path_factory, debug_data):
     return out / "single", train_single(out, "single", debug_data, *MIXTRAL)
 
 
+@pytest.fixture(scope="module")
+def single_deepseek(tmp_path_factory, debug_data):
+    out = tmp_path_factory.mktemp("single-deepseek")
+    return out / "single", train_single(out, "single", debug_data, *DEEPSEEK)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(MOE_LAYOUTS))
+@pytest.mark.parametrize("case", sorted(DEEPSEEK_LAYOUTS))
+def test_deepseek_v3_under_expert_parallel_matches_single_process_router_biases_included(case, launched,
+                                                                                       single_deepseek):
+    out, results = launched
+    single_dir, history = single_deepseek
+    got = results[case]
+    # the two MoE layers' experts split over 2 ranks; the MTP module's (outside the plan's `layers.*`) stay whole
+    assert got["expert_parallel"] == [2, 2, 1]
+    for key, ref_key in (("losses", "loss"), ("grad_norms", "grad_norm"), ("balance_losses", "balance_loss")):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor([r[ref_key] for r in history]),
+                                   rtol=1e-5, atol=0, msg=key)
+    ours, ref = load_model_state(latest_checkpoint(out / case)), load_model_state(latest_checkpoint(single_dir))
+    biases = [name for name in ref if name.endswith("router.bias")]
+    assert len(biases) == 3 and any(ref[name].abs().max() > 0 for name in biases)  # the update ran
+    for name in ref:  # weights and the router biases
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted({**MOE_LAYOUTS, **MOE_LAYOUTS_4}))
 def test_moe_layouts_match_single_process_balance_loss_included(case, launched, single_mixtral):
     out, results = launched
     single_dir, history = single_mixtral
     got = results[case]
+    assert got["world_size"] == (4 if case in MOE_LAYOUTS_4 else 2)
+    assert got["expert_parallel"] == [2 if "-ep2" in case else 1] * 2  # both layers' experts, split or whole
     for key, ref_key in (("losses", "loss"), ("grad_norms", "grad_norm"), ("balance_losses", "balance_loss")):
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor([r[ref_key] for r in history]),
                                    rtol=1e-5, atol=0, msg=key)
