@@ -1,4 +1,5 @@
-"""KV-cache decoding equals a full forward; left-padded batches equal single prompts."""
+"""KV-cache decoding equals a full forward; left-padded batches equal single prompts. For Llama 3 (K/V cache) and
+DeepSeek-V3 (MLA's latent cache, read by the absorbed and the expanded path)."""
 
 import pytest
 import torch
@@ -7,16 +8,23 @@ from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.models.base import ModelSection, build_model
 from workbench.nn.attention import MaskSpec
 
+FAMILIES = {"llama3": {}, "mla-absorb": {"mla_decode": "absorb"}, "mla-expand": {"mla_decode": "expand"}}
+SCALED_ROPE = {"llama3": {"scaling": "llama3", "factor": 4.0, "original_max_seq_len": 16},
+               "deepseek_v3": {"scaling": "yarn", "factor": 4.0, "original_max_seq_len": 16, "mscale": 0.707,
+                               "mscale_all_dim": 1.0}}
 
-def tiny(backend="sdpa", **over):
+
+def tiny(backend="sdpa", kind="llama3", **over):
     torch.manual_seed(0)
-    model = build_model(ModelSection.of("llama3", "debug", attn_backend=backend, **over)).eval()
+    family = "llama3" if kind == "llama3" else "deepseek_v3"
+    model = build_model(ModelSection.of(family, "debug", attn_backend=backend, **FAMILIES[kind], **over)).eval()
     return model
 
 
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_prefill_then_decode_equals_full_forward(backend):
-    model = tiny(backend, rope={"scaling": "llama3", "factor": 4.0, "original_max_seq_len": 16})
+def test_prefill_then_decode_equals_full_forward(backend, kind):
+    model = tiny(backend, kind, rope=SCALED_ROPE["llama3" if kind == "llama3" else "deepseek_v3"])
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model.logits(model({"input_ids": ids}).hidden)  # (B, T, V)
@@ -37,9 +45,10 @@ def test_cache_overflow_is_an_error():
         model({"input_ids": torch.zeros(1, 5, dtype=torch.long), "kv_cache": cache})
 
 
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_left_padded_batch_equals_single_prompts(backend):
-    model = tiny(backend)
+def test_left_padded_batch_equals_single_prompts(backend, kind):
+    model = tiny(backend, kind)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 13, 9)]
     # logits of the padded prefill at every real position equal the single-prompt forward
@@ -66,8 +75,9 @@ def test_left_padded_batch_equals_single_prompts(backend):
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
 
 
-def test_generation_equals_argmax_of_full_forward():
-    model = tiny()
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_generation_equals_argmax_of_full_forward(kind):
+    model = tiny(kind=kind)
     prompt = [5, 17, 300, 42]
     out = KVCacheGenerator(model, eos_ids=[]).generate([prompt], SamplingParams(max_new_tokens=8))[0]
     seq = list(prompt)

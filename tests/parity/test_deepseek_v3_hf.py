@@ -18,8 +18,13 @@ transformers = pytest.importorskip("transformers", reason="transformers (the dev
 from conftest import make_hf_deepseek_v3_dir  # noqa: E402
 
 from workbench.checkpoint.hf import export_hf_dir, load_hf_dir  # noqa: E402
-from workbench.checkpoint.hf.deepseek_v3 import (config_from_hf, config_to_hf, fit_config,  # noqa: E402
-                                                 state_dict_from_hf, state_dict_to_hf)
+from workbench.checkpoint.hf.deepseek_v3 import (  # noqa: E402
+    config_from_hf,
+    config_to_hf,
+    fit_config,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from workbench.checkpoint.safetensors_io import read_dir  # noqa: E402
 from workbench.models.deepseek_v3 import DeepSeekV3  # noqa: E402
 

@@ -3,7 +3,7 @@
 The interface is shared by every attention type, and each type decides *what* it stores:
 
     plain / GQA attention   k, v             each (B, T, KV, D)
-    MLA (DeepSeek-V3)       latent, k_rope   (B, T, kv_lora_rank), (B, T, rope_dim)
+    MLA (DeepSeek-V3)       latent, k_rope   (B, T, kv_lora_rank), (B, T, rope_dim)  (deepseek_v3.py)
     sliding window          k, v in a ring buffer of window slots
 
 A layer calls `update(layer_idx, *new)` with the tensors of its new tokens (time on dim 1), and gets
