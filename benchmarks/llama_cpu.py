@@ -1,9 +1,10 @@
-"""Workbench decoders vs transformers on CPU (LlamaForCausalLM, MixtralForCausalLM), same config, weights,
-dtype and threads.
+"""Workbench decoders vs transformers on CPU (LlamaForCausalLM, MixtralForCausalLM, DeepseekV3ForCausalLM),
+same config, weights, dtype and threads.
 
     python benchmarks/llama_cpu.py                 # 20M and 124M-shaped, every case, 5 interleaved repeats
     python benchmarks/llama_cpu.py --flavors 20M --cases decode --repeats 7 --threads 2
     python benchmarks/llama_cpu.py --flavors mixtral-small --cases train decode
+    python benchmarks/llama_cpu.py --flavors deepseek-small --cases train decode
     python benchmarks/llama_cpu.py --smoke         # seconds: every case once on the debug flavors
 
 Models
@@ -13,6 +14,10 @@ Models
     mixtral-small   a Mixtral of dim 256, 4 layers, 8 heads / 2 KV heads, 8 experts of width 512, top-2,
            vocab 8192; its training step includes the balance loss on both sides (ours: `aux_loss`;
            transformers: output_router_logits=True)
+    deepseek-small  DeepSeek-V3's "small" flavor (dim 128, 4 layers: 1 dense + 3 MoE of 16 experts of width
+           64, top-2 in 2 of 4 groups, 1 shared; MLA with q/kv ranks 64/32, vocab 4096) without the MTP
+           module and with no auxiliary loss (transformers' class has neither); decode is ours with the
+           absorbed MLA cache against transformers' expanded keys and values
     FAMILY:FLAVOR is that family's flavor (mixtral:debug); any other name is a llama3 flavor as is.
 
 Cases (each timed for both implementations, alternating, median of the repeats)
@@ -48,9 +53,11 @@ SHAPES = {
     "124M": ("llama3", "20M", dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048, vocab_size=32000)),
     "mixtral-small": ("mixtral", "debug", dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512,
                                                n_experts=8, top_k=2, vocab_size=8192)),
+    "deepseek-small": ("deepseek_v3", "small", {}),
 }
-TRAIN_SHAPES = {"20M": (8, 256), "124M": (4, 256), "mixtral-small": (8, 256)}  # (batch, seq); others: --batch x --seq
-HF_CLASSES = {"llama3": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM")}
+TRAIN_SHAPES = {"20M": (8, 256), "124M": (4, 256), "mixtral-small": (8, 256), "deepseek-small": (8, 256)}  # (batch, seq); others: --batch x --seq
+HF_CLASSES = {"llama3": ("LlamaConfig", "LlamaForCausalLM"), "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
 TARGETS = {  # the benchmark issue's targets: (goal, bound) per case; bound None = the goal is the bound
     "train": (0.8, 1.05),  # time ratio, lower is better
     "decode": (1.3, None),  # speed ratio, higher is better
@@ -61,6 +68,8 @@ TARGETS = {  # the benchmark issue's targets: (goal, bound) per case; bound None
 def section_of(name: str) -> ModelSection:
     family, _, flavor = name.rpartition(":")
     family, flavor, over = SHAPES.get(name, (family or "llama3", flavor, {}))
+    if family == "deepseek_v3":  # what transformers' class has: no MTP module, no auxiliary loss
+        over = {"mtp_layers": 0, "seq_aux_loss_coef": 0.0, **over}
     return ModelSection.of(family, flavor, **over)
 
 
@@ -203,7 +212,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="debug flavor, tiny shapes, one repeat")
     args = ap.parse_args()
     if args.smoke:
-        args.flavors, args.repeats, args.batch, args.seq = ["debug", "mixtral:debug"], 1, 2, 32
+        args.flavors, args.repeats, args.batch, args.seq = ["debug", "mixtral:debug", "deepseek_v3:debug"], 1, 2, 32
         args.new_tokens, args.cache_tokens = 8, 8
     torch.set_num_threads(args.threads)
     print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "

@@ -18,6 +18,8 @@ def test_llama_cpu_benchmark_smoke():
     assert len(rows) == 3 and "x time" in rows[0] and "x speed" in rows[1] and "KV cache" in rows[2]
     moe = [line for line in res.stdout.splitlines() if line.startswith("| mixtral:debug")]
     assert len(moe) == 2 and "x time" in moe[0] and "x speed" in moe[1]  # train and decode (cache: first only)
+    mla = [line for line in res.stdout.splitlines() if line.startswith("| deepseek_v3:debug")]
+    assert len(mla) == 2 and "x time" in mla[0] and "x speed" in mla[1]
     assert "Targets:" in res.stdout
 
 
@@ -27,3 +29,27 @@ def test_skinny_linear_benchmark_smoke():
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 20M wk")]
     assert len(rows) == 1 and rows[0].count("|") == 7 and "x |" in rows[0]
+
+
+def test_kv_bytes_benchmark_smoke():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kv_bytes.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in res.stdout.splitlines()
+            if line.startswith("| Llama") or line.startswith("| DeepSeek")}
+    assert set(rows) == {("Llama-3-8B", "MHA"), ("Llama-3-8B", "GQA"), ("DeepSeek-V3", "MHA"), ("DeepSeek-V3", "MLA")}
+    # debug widths: MLA stores latent 16 + rope 8 numbers of 2 bytes per layer
+    assert "| 48 |" in rows[("DeepSeek-V3", "MLA")] and "latent (16,), rope key (8,)" in rows[("DeepSeek-V3", "MLA")]
+
+
+def test_moe_balance_demo_smoke(tmp_path):
+    png = tmp_path / "balance.png"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_balance.py"), "--smoke", "--out",
+                          str(tmp_path / "runs"), "--plot", str(png)], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| gamma") or line.startswith("| off")]
+    assert len(rows) == 2
+    loads = [float(row.split("|")[3]) for row in rows]
+    assert all(1.0 <= x <= 4.0 for x in loads)  # max / mean of 8 experts, top-2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
