@@ -60,32 +60,42 @@ def test_sequence_balance_loss_shares_add_up_over_ranks():
     assert (shares[0] + shares[1]).item() == pytest.approx(whole.item(), rel=1e-6)
 
 
-def test_mtp_loss_is_the_next_next_token_cross_entropy_of_the_mtp_module():
-    model = tiny(mtp_layers=1).eval()
+def test_mtp_loss_is_the_next_next_token_cross_entropy_of_the_mtp_module_over_the_step_targets():
+    from workbench.parallel.single import SingleEngine
+    from workbench.train.objectives.lm import LMObjective
+
+    model = tiny(mtp_layers=1, seq_aux_loss_coef=0.0)
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
     labels[0, 4] = IGNORE_INDEX
-    out = model({"input_ids": ids, "labels": labels})
+    objective, engine = LMObjective(), SingleEngine(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    mb = {"input_ids": ids, "labels": labels}
+    objective.experience(0, {"policy": engine}, [mb])
+    total = objective.units(mb) + 7  # as if other micro-batches held 7 more targets: the step's count divides
+    out = objective.loss({"policy": engine}, mb, total)
     # by hand: h'_i = W [enorm(emb(t_{i+1})); hnorm(h_i)], the block, the shared head -> predicts labels[i + 1]
-    m = model.mtp[0]
-    x = m.eh_proj(torch.cat([m.enorm(model.tok_embeddings(ids[:, 1:])), m.hnorm(out.hidden[:, :-1])], -1))
-    cos, sin = model.rope(torch.arange(1, 10).expand(2, 9), x.dtype)
-    from workbench.nn.attention import MaskSpec
-    from workbench.nn.rope import rope_tables
+    with torch.no_grad():
+        hidden = model({"input_ids": ids}).hidden
+        m = model.mtp[0]
+        x = m.eh_proj(torch.cat([m.enorm(model.tok_embeddings(ids[:, 1:])), m.hnorm(hidden[:, :-1])], -1))
+        cos, sin = model.rope(torch.arange(1, 10).expand(2, 9), x.dtype)
+        from workbench.nn.attention import MaskSpec
+        from workbench.nn.rope import rope_tables
 
-    x, _ = m.block(x, *rope_tables(cos, sin), MaskSpec(), None, 0)
-    logits = model.logits(m.norm(x))
-    target = labels[:, 1:]
-    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
-    assert out.aux["mtp_nll_sum"].item() == pytest.approx(want.item(), rel=1e-5)
-    assert out.aux["mtp_targets"].item() == int((target != IGNORE_INDEX).sum()) == 15  # 2 x 9, less 3 ignored
-    loss, metrics = model.aux_loss(out.aux)
-    assert metrics["mtp_loss"] == pytest.approx(want.item() / 15, rel=1e-5)
-    loss.backward()
-    assert m.eh_proj.weight.grad.abs().sum() > 0  # the MTP module trains through the auxiliary loss
-    # without labels (generation, scoring) the module does not run
-    assert "mtp_nll_sum" not in model({"input_ids": ids}).aux
+        x, _ = m.block(x, *rope_tables(cos, sin), MaskSpec(), None, 0)
+        logits = model.logits(m.norm(x))
+        mtp_sum = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        lm_sum = torch.nn.functional.cross_entropy(model.logits(hidden).flatten(0, 1), labels.flatten(),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+    assert out.metrics["mtp_loss"] == pytest.approx(mtp_sum.item() / total, rel=1e-5)
+    want = lm_sum / total + 0.3 * mtp_sum / total  # lambda = 0.3, the paper's 1/T normalisation
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)
+    out.loss.backward()
+    assert m.eh_proj.weight.grad.abs().sum() > 0  # the MTP module trains through its loss
+    # without `mtp` in the batch (generation, scoring) the modules do not run
+    assert model({"input_ids": ids}).mtp_hidden is None
+    assert len(model({"input_ids": ids, "mtp": True}).mtp_hidden) == 1
 
 
 def test_post_step_moves_each_bias_against_its_load_and_only_after_an_applied_step():

@@ -12,6 +12,8 @@ The decoder interface (every family implements it; docs/architecture.md shows wh
     out.aux       dict of auxiliary terms as *sums and counts* (MoE token counts, router probability sums),
                   never finished means, so data/context parallelism and accumulation reduce them exactly
     out.hidden_states  tuple of (B, T, D): the embeddings and each block's output (if asked)
+    out.mtp_hidden     tuple of (B, T - d, D), d = 1..D: multi-token-prediction modules' final hidden states,
+                  row i predicting token i + d + 1 (DeepSeek-V3; only when the batch sets `mtp`)
     logits = model.logits(out.hidden, positions=idx)   only the rows an objective needs
 
 There is no loss inside a model: objectives own losses, and labels are shifted by the collator, which
@@ -47,6 +49,7 @@ class DecoderOutput:
     hidden: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    mtp_hidden: tuple[torch.Tensor, ...] | None = None
 
 
 def select_positions(hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

@@ -52,10 +52,11 @@ Design choices
     (coefficient `seq_aux_loss_coef`, DeepSeek's alpha = 1e-4) and accumulates the step's expert counts,
     reduced over data-parallel ranks, and `post_step()` (called by the trainer after each applied
     optimizer step) moves each layer's bias by `bias_update_rate` * sign(mean load - load_e).
-    MTP: `mtp_layers` modules; a forward whose batch carries `labels` (the LM objective passes them) runs
-    them and returns the MTP cross-entropy as a sum and a count in aux (targets are the labels shifted
-    once more), which `aux_loss` turns into lambda * mean. The MTP block reads the main model's final
-    hidden state *after* the final norm (its hnorm normalises again), as vLLM and SGLang feed it.
+    MTP: `mtp_layers` modules; a forward whose batch sets `mtp` (the LM objective does when training) runs
+    them and returns their final hidden states in `out.mtp_hidden`; the objective owns the loss, as for the
+    main head: lambda / D * sum_d CE(logits(h_d), labels shifted d more) / (the step's LM target count),
+    which is the paper's 1/T normalisation. The MTP block reads the main model's final hidden state
+    *after* the final norm (its hnorm normalises again), as vLLM and SGLang feed it.
 
 Differences from the reference
     None in the main forward math: parity with `DeepseekV3ForCausalLM` (fp32, eager) is tested at atol 1e-5
@@ -80,7 +81,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.config import fail, field_
@@ -92,8 +92,6 @@ from workbench.nn.linear import Linear, linear
 from workbench.nn.norm import RMSNorm
 from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables, yarn_mscale
 from workbench.nn.swiglu import SwiGLU
-
-IGNORE_INDEX = -100
 
 
 def _yarn_v3(factor: float = 40.0, original: int = 4096) -> RopeConfig:
@@ -415,11 +413,10 @@ class DeepSeekV3(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         hidden = self.norm(x)
-        aux = self._collect(layer_aux, want_logits)
-        labels = batch.get("labels")
-        if len(self.mtp) and labels is not None and kv_cache is None and batch.get("input_ids") is not None:
-            aux.update(self._mtp(hidden, batch["input_ids"], labels, positions, mask, token_mask))
-        return DecoderOutput(hidden=hidden, aux=aux,
+        mtp_hidden = None
+        if len(self.mtp) and batch.get("mtp") and kv_cache is None and batch.get("input_ids") is not None:
+            mtp_hidden = self._mtp(hidden, batch["input_ids"], positions, mask, token_mask)
+        return DecoderOutput(hidden=hidden, aux=self._collect(layer_aux, want_logits), mtp_hidden=mtp_hidden,
                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
     @staticmethod
@@ -435,10 +432,9 @@ class DeepSeekV3(nn.Module):
             aux["router_logits"] = tuple(a["router_logits"] for a in layer_aux)
         return aux
 
-    def _mtp(self, hidden, input_ids, labels, positions, mask, token_mask) -> dict:
-        """Depth d reads h^{d-1}_i and the embedding of t_{i+d}, predicts t_{i+d+1} (= labels[i + d])."""
-        nll_sum, targets = hidden.new_zeros((), dtype=torch.float32), hidden.new_zeros((), dtype=torch.float32)
-        h, T = hidden, hidden.shape[1]
+    def _mtp(self, hidden, input_ids, positions, mask, token_mask) -> tuple[torch.Tensor, ...]:
+        """Depth d reads h^{d-1}_i and the embedding of t_{i+d}; its output at row i predicts t_{i+d+1}."""
+        out, h, T = [], hidden, hidden.shape[1]
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
@@ -449,22 +445,16 @@ class DeepSeekV3(nn.Module):
                            key_padding=None if mask.key_padding is None else mask.key_padding[:, d:])
             tm = None if token_mask is None else token_mask[:, d:]
             x, _ = self._run_blocks([module.block], x, positions[:, d:], sub, None, tm, False, None, 0)
-            h = module.norm(x)  # (B, T-d, dim)
-            logits = self.logits(h).float()  # (B, T-d, V)
-            target = labels[:, d:]  # t_{i+d+1}
-            nll_sum = nll_sum + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                                reduction="sum")
-            targets = targets + (target != IGNORE_INDEX).sum()
-        return {"mtp_nll_sum": nll_sum, "mtp_targets": targets}
+            h = module.norm(x)  # (B, T-d, dim): shared_head.norm; the head itself is the main model's
+            out.append(h)
+        return tuple(out)
 
     def aux_loss(self, aux: dict, reduce=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
-        """The auxiliary training terms, as this rank's share (`reduce` sums over data-parallel ranks):
-
-            seq_aux_loss_coef * sequence-wise balance loss  +  mtp_loss_weight / D * MTP cross-entropy mean
-
-        and, for the log, the balance loss, the MTP loss and the expert load: max / mean tokens per expert
-        of each MoE layer, averaged over layers (`expert_load`) and the worst layer (`expert_load_max`).
-        Also accumulates the step's reduced per-layer counts for `post_step`.
+        """seq_aux_loss_coef * this rank's share of the sequence-wise balance loss (`reduce` sums over
+        data-parallel ranks) and, for the log, the balance loss and the expert load: max / mean tokens per
+        expert of each MoE layer, averaged over layers (`expert_load`) and the worst layer (`expert_load_max`).
+        Also accumulates the step's reduced per-layer counts for `post_step`. (The MTP loss is the objective's:
+        `out.mtp_hidden`.)
         """
         cfg, metrics = self.cfg, {}
         total = torch.zeros((), device=self.tok_embeddings.weight.device)
@@ -476,10 +466,6 @@ class DeepSeekV3(nn.Module):
             load = counts.max(-1).values / counts.mean(-1).clamp_min(1e-9)  # (L_moe,)
             metrics.update(balance_loss=float(reduce(share.detach().clone())), expert_load=float(load.mean()),
                            expert_load_max=float(load.max()))
-        if "mtp_nll_sum" in aux:
-            n = reduce(aux["mtp_targets"].detach().clone()).clamp_min(1.0)
-            total = total + cfg.mtp_loss_weight / max(cfg.mtp_layers, 1) * aux["mtp_nll_sum"] / n
-            metrics["mtp_loss"] = float(reduce(aux["mtp_nll_sum"].detach().clone()) / n)
         return total, metrics
 
     @torch.no_grad()

@@ -353,8 +353,11 @@ class Trainer:
         if aux:
             # aux_loss: this rank's share of each micro-batch's weighted term -> summed over ranks; balance
             # loss and expert load: already whole-batch values per micro-batch -> their mean
-            aux["aux_loss"] = float(self.engine.all_reduce(torch.tensor(aux.get("aux_loss", 0.0), device=self.device)))
-            aux.update({k: v / len(micro_batches) for k, v in aux.items() if k != "aux_loss"})
+            # (the MTP loss, like the LM loss, is each micro-batch's share of the step: summed the same way)
+            shares = ["aux_loss", *(["mtp_loss"] if "mtp_loss" in aux else [])]
+            for k in shares:
+                aux[k] = float(self.engine.all_reduce(torch.tensor(aux.get(k, 0.0), device=self.device)))
+            aux.update({k: v / len(micro_batches) for k, v in aux.items() if k not in shares})
         lr = self.engine.lr
         grad_norm, applied = self.engine.optimizer_step(self.job.optim.grad_clip, loss)
         post_step = getattr(self.engine.unwrap(), "post_step", None)

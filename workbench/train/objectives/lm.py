@@ -5,8 +5,14 @@
 N_step is the number of target tokens in the whole step (all micro-batches, all ranks), so the loss is
 the mean per target token however the batch is split.
 
-A model with auxiliary terms (a mixture of experts, multi-token prediction: `aux_loss(aux, reduce)`; the
-batch it sees carries the labels for the latter) adds its weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
+A model with multi-token-prediction modules (DeepSeek-V3: `out.mtp_hidden`, asked for with `mtp` in the batch)
+adds their loss, normalised like the main one (the paper's 1/T):
+
+    loss_mtp = lambda / D * sum_d sum_{b,t : label_d != ignore} -log softmax(logits(h_d[b, t]))[label_d]  /  N_step,
+    label_d[b, t] = labels[b, t + d]   (row t of depth d predicts the token after next, for d = 1)
+
+with lambda = model.cfg.mtp_loss_weight, logged as `mtp_loss` (the step's value, lambda left out).
+A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce)`) adds its weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
 so the term is each rank's share of the whole micro-batch's value (see workbench.models.moe.balance_loss).
 `metrics["lm_loss"]` keeps the language-modelling part alone (what the trainer logs as `loss`, comparable
 with the validation loss); `aux_loss` and the model's own metrics (balance loss, expert load) are logged
@@ -41,9 +47,9 @@ class LMObjective:
         each document."""
         policy = models["policy"]
         mask = MaskSpec(document_ids=micro_batch.get("document_ids"))
-        # labels go along for models whose auxiliary terms need them (DeepSeek-V3's multi-token prediction)
+        # `mtp`: models with multi-token-prediction modules run them (their loss is added in `loss`)
         out = policy.forward({"input_ids": micro_batch["input_ids"], "positions": micro_batch.get("positions"),
-                              "mask": mask, "labels": micro_batch.get("labels")})
+                              "mask": mask, "mtp": torch.is_grad_enabled()})
         return out, policy.logits(out.hidden).float()  # (B, T, V)
 
     def logits(self, models, micro_batch: dict) -> torch.Tensor:
@@ -59,6 +65,16 @@ class LMObjective:
         metrics = {"nll_sum": float(nll_sum.detach()), "targets": n, "lm_loss": lm_loss.detach()}
         loss = lm_loss
         model = models["policy"].unwrap()
+        if out.mtp_hidden:
+            mtp_sum = torch.zeros((), device=logits.device)
+            for d, h in enumerate(out.mtp_hidden, start=1):
+                # depth d, row t predicts labels[:, t + d]
+                mtp_logits = models["policy"].logits(h).float()  # (B, T - d, V)
+                mtp_sum = mtp_sum + F.cross_entropy(mtp_logits.flatten(0, 1), labels[:, d:].flatten(),
+                                                    ignore_index=IGNORE_INDEX, reduction="sum")
+            mtp_loss = mtp_sum / max(total_units, 1)
+            loss = loss + model.cfg.mtp_loss_weight / len(out.mtp_hidden) * mtp_loss
+            metrics["mtp_loss"] = float(mtp_loss.detach()) / len(out.mtp_hidden)  # a share: summed over the step
         if out.aux and hasattr(model, "aux_loss"):
             aux_loss, aux_metrics = model.aux_loss(out.aux, models["policy"].all_reduce)
             aux_loss = aux_loss / getattr(self, "micro_batches", 1)
