@@ -15,7 +15,9 @@ Rows
     Llama-3-8B  MHA   32 KV heads of 128 (the 8B shape with n_kv_heads = n_heads: what GQA saves against)
     Llama-3-8B  GQA    8 KV heads of 128 (the real model)
     DeepSeek-V3 MHA  128 heads, keys of 192 (128 nope + 64 rope) and values of 128: what the expanded MLA
-                     path materialises per token, as a plain multi-head cache would store it
+                     path materialises per token, as a plain multi-head cache would store it. No layer of
+                     the workbench caches this, so the row is the size of a StaticKVCache of those shapes,
+                     not a measured forward
     DeepSeek-V3 MLA  the latent kv_norm(c_KV) (512) and the shared rotated RoPE key (64): what ours stores
 """
 

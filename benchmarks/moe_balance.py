@@ -4,12 +4,13 @@
     python benchmarks/moe_balance.py --steps 400 --rates 0.001 0.0003 0
     python benchmarks/moe_balance.py --smoke              # the debug flavor and data, a few steps (CI)
 
-Each rate trains the config's model from the same seed on the same batches (runs/moe-balance/gamma-RATE),
+Each rate trains the config's model from the same seed on the same batches (runs/moe-balance/gamma-RATE;
+`--report-only` prints the tables and redraws the plot from those runs without training),
 with the sequence-wise balance loss off, so the bias update is the only balancing force. Every logged step
-records the expert load of the training batch: per MoE layer, max / mean (token, slot) assignments over
+records the expert load of the training batch: per MoE layer (the MTP module's included), max / mean (token, slot) assignments over
 the experts (1 = perfectly even; E / k = every token on the same k experts), averaged over the layers
 (`expert_load`) and the worst layer (`expert_load_max`). The script prints a table (load early, at the end,
-and the LM loss at the end) and writes a plot, docs/images/moe-balance.png by default; docs/moe.md
+and the LM loss at the end; the peak, the range at the end and the largest bias) and writes a plot, docs/images/moe-balance.png by default; docs/moe.md
 records the numbers with the machine.
 """
 
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "moe-balance")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "moe-balance.png")
     ap.add_argument("--smoke", action="store_true", help="debug flavor and data, a few steps")
+    ap.add_argument("--report-only", action="store_true", help="no training: tables and plot from the runs in --out")
     args = ap.parse_args()
     extra: list[str] = []
     if args.smoke:
@@ -86,7 +88,11 @@ def main() -> None:
         extra = ["--model.flavor", "debug", "--data.dir", str(args.out / "data"), "--data.max_bytes", "300000",
                  "--data.vocab_size", "512", "--data.seq_len", "64", "--train.micro_batch_size", "4",
                  "--train.log_every", "2", "--train.eval_every", "0", "--train.ckpt_every", "0"]
-    results = {rate: train(args.config, rate, args.steps, args.out, extra) for rate in args.rates}
+    if args.report_only:  # the tables and the plot again, from the runs already under --out
+        results = {rate: [r for r in read_metrics(args.out / f"gamma-{rate:g}" / "metrics.jsonl")
+                          if "expert_load" in r] for rate in args.rates}
+    else:
+        results = {rate: train(args.config, rate, args.steps, args.out, extra) for rate in args.rates}
     print("\n| router bias update | expert load, first 20% of steps | expert load, last 20% | worst layer, last 20% "
           "| LM loss, last 20% |")
     print("|---|---|---|---|---|")
@@ -95,6 +101,16 @@ def main() -> None:
         print(f"| {label} | {window_mean(recs, 'expert_load', True):.2f} | "
               f"{window_mean(recs, 'expert_load', False):.2f} | {window_mean(recs, 'expert_load_max', False):.2f} | "
               f"{window_mean(recs, 'loss', False):.3f} |")
+    print("\n| router bias update | peak expert load (step) | expert load range, last 20% | largest router bias "
+          "at the end |")
+    print("|---|---|---|---|")
+    for rate, recs in results.items():
+        label = f"gamma = {rate:g}" if rate else "off"
+        peak = max(recs, key=lambda r: r["expert_load"])
+        last = recs[-max(1, len(recs) // 5):]
+        bias = recs[-1].get("router_bias_absmax", 0.0)
+        print(f"| {label} | {peak['expert_load']:.2f} ({peak['step']}) | {min(r['expert_load'] for r in last):.2f} "
+              f"to {max(r['expert_load'] for r in last):.2f} | {bias:.2f} |")
     plot(results, args.plot, f"DeepSeek-V3 '{'debug' if args.smoke else 'small'}': expert load with and without "
                              f"the bias update")
     print(f"\nplot: {args.plot}")

@@ -209,25 +209,34 @@ def test_a_mixtral_run_optimizes_the_balance_loss_beside_the_lm_loss(tmp_path, d
     assert [r["step"] for r in records if "balance_loss" in r] == [4, 8, 12]
 
 
-def test_a_deepseek_v3_run_trains_mtp_and_moves_the_router_biases_which_the_checkpoint_keeps(tmp_path, debug_job):
+def test_a_deepseek_v3_run_trains_mtp_and_moves_the_router_biases_which_a_resume_continues(tmp_path, debug_job):
+    import shutil
+
     from safetensors.torch import load_file
 
     j = debug_job(tmp_path, "--model.family", "deepseek_v3", "--model.flavor", "debug", "--train.steps", "8",
                   "--train.log_every", "4", "--train.grad_accum", "2", "--train.micro_batch_size", "4",
-                  "--model.bias_update_rate", "0.01", "--train.ckpt_every", "8")
+                  "--model.bias_update_rate", "0.01", "--train.ckpt_every", "4")
     trainer = Trainer(j, **QUIET)
     history = trainer.fit()
     assert history[-1]["loss"] < history[0]["loss"]
     for h in history:
-        # at perfect balance the sequence-wise loss is 1 per MoE layer (2 here); the load max / mean is >= 1
-        assert 1.0 < h["balance_loss"] < 4.0 and 1.0 <= h["expert_load"] <= h["expert_load_max"]
+        # at perfect balance the sequence-wise loss is 1 per MoE layer (3 here, the MTP block's included)
+        assert 1.0 < h["balance_loss"] < 6.0 and 1.0 <= h["expert_load"] <= h["expert_load_max"]
         assert 3.0 < h["mtp_loss"] < 8.0  # the MTP head's cross-entropy, near ln(512) = 6.2 this early
         # each step moves every bias by -gamma, 0 or +gamma
         assert 0.0 < h["router_bias_absmax"] <= 0.01 * h["step"] + 1e-6
         assert h["aux_loss"] > 0
-    model = trainer.engine.unwrap()
-    bias = model.layers[1].moe.router.bias
-    steps = torch.round(bias / 0.01)
-    torch.testing.assert_close(bias, steps * 0.01)  # whole multiples of gamma
+    bias = trainer.engine.unwrap().layers[1].moe.router.bias
+    torch.testing.assert_close(bias, torch.round(bias / 0.01) * 0.01)  # whole multiples of gamma
     saved = load_file(str(trainer.run_dir / "checkpoints" / "step-8" / "model.safetensors"))
-    assert torch.equal(saved["layers.1.moe.router.bias"], bias)  # the balancing state survives a resume
+    assert torch.equal(saved["layers.1.moe.router.bias"], bias)  # the balancing state is in the checkpoint
+    assert all(saved[k].abs().max() >= 0.02 for k in saved if k.endswith("router.bias"))  # every router, MTP's too
+    # a run stopped at step 4 and resumed ends with the same biases (and weights) as the uninterrupted one
+    again = tmp_path / "again"
+    shutil.copytree(trainer.run_dir, again)
+    shutil.rmtree(again / "checkpoints" / "step-8")
+    Trainer(j, run_dir=again, resume=True, **QUIET).fit()
+    resumed = load_file(str(again / "checkpoints" / "step-8" / "model.safetensors"))
+    for name in saved:
+        assert torch.equal(resumed[name], saved[name]), name

@@ -225,6 +225,12 @@ def test_exported_directory_loads_in_transformers_with_equal_logits(tmp_path):
     again, _, _ = load_hf_dir(out)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+    # a bf16 export casts the weights but keeps the router biases in float32, as the hub checkpoints do
+    stored = read_dir(export_hf_dir(model, section, tokenizer, tmp_path / "bf16", dtype=torch.bfloat16))
+    assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+    half, _, _ = load_hf_dir(tmp_path / "bf16")
+    assert half.tok_embeddings.weight.dtype == torch.bfloat16  # the weights' dtype, not the biases'
 
 
 def test_generate_hf_dir_prints_transformers_greedy_text(tmp_path):

@@ -110,6 +110,14 @@ def test_post_step_moves_each_bias_against_its_load_and_only_after_an_applied_st
         want = b0 + 0.01 * torch.sign(counts[layer].mean() - counts[layer])
         assert torch.equal(block.moe.router.bias, want)
     assert any((b.moe.router.bias != 0).any() for b in model.layers if hasattr(b, "moe"))
+    for layer, block in enumerate([b for b in model.layers if hasattr(b, "moe")]):  # the direction, plainly
+        busiest, idlest = counts[layer].argmax(), counts[layer].argmin()
+        assert block.moe.router.bias[busiest] == -0.01 and block.moe.router.bias[idlest] == 0.01
+    # a training forward (mtp) also counts the MTP module's router, whose bias then moves too
+    model.aux_loss(model({"input_ids": ids, "mtp": True}).aux)
+    assert model._step_counts.shape == (3, 8)
+    model.post_step(applied=True)
+    assert (model.mtp[0].block.moe.router.bias != 0).any()
     # a skipped step leaves the biases and clears the counts
     model.aux_loss(model({"input_ids": ids}).aux)
     snapshot = [b.moe.router.bias.clone() for b in model.layers if hasattr(b, "moe")]
@@ -174,3 +182,36 @@ def test_the_cache_holds_the_latent_and_the_rope_key_only():
     cfg = model.cfg
     assert len(cache.buffers) == cfg.n_layers
     assert [tuple(b.shape) for b in cache.buffers[0]] == [(2, 16, cfg.kv_lora_rank), (2, 16, cfg.qk_rope_head_dim)]
+
+
+def test_a_second_mtp_depth_reads_the_first_ones_block_output_before_its_head_norm():
+    model = tiny(mtp_layers=2).eval()
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    from workbench.nn.attention import MaskSpec
+    from workbench.nn.rope import rope_tables
+
+    with torch.no_grad():
+        out = model({"input_ids": ids, "mtp": True})
+        assert [tuple(h.shape) for h in out.mtp_hidden] == [(2, 9, 64), (2, 8, 64)]
+        h, want = out.hidden, []
+        for d, m in enumerate(model.mtp, start=1):
+            x = m.eh_proj(torch.cat([m.enorm(model.tok_embeddings(ids[:, d:])), m.hnorm(h[:, : 10 - d])], -1))
+            cos, sin = model.rope(torch.arange(d, 10).expand(2, 10 - d), x.dtype)
+            h, _ = m.block(x, *rope_tables(cos, sin), MaskSpec(), None, 0)  # h^d: the block output
+            want.append(m.norm(h))
+    for got, ref in zip(out.mtp_hidden, want):
+        torch.testing.assert_close(got, ref)
+    assert out.aux["seq_tokens"].tolist() == [[10.0, 10.0]] * 2 + [[9.0, 9.0], [8.0, 8.0]]  # 2 layers + 2 depths
+
+
+def test_padding_stays_out_of_the_sequence_balance_statistics():
+    torch.manual_seed(2)
+    moe = MoE(8, 16, 4, 2, sequence_stats=True, scoring="sigmoid")
+    x = torch.randn(2, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # row 1 holds 4 real tokens
+    _, padded = moe(x, mask)
+    _, alone = moe(x[1:, :4])
+    for key in ("seq_counts", "seq_prob_sum", "seq_tokens"):
+        torch.testing.assert_close(padded[key][1], alone[key][0], msg=key)
+    assert padded["seq_tokens"].tolist() == [7.0, 4.0]

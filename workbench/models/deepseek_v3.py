@@ -48,23 +48,24 @@ Design choices
     attention_norm, ffn_norm, feed_forward.w1/w2/w3 for the dense layers, output), and moe.py's for the
     MoE (layers.i.moe.router/experts/shared_experts), so the parallel plans and the HF adapter read
     like the other families'.
-    Balancing: the routers carry the selection bias; `aux_loss` adds the sequence-wise balance loss
-    (coefficient `seq_aux_loss_coef`, DeepSeek's alpha = 1e-4) and accumulates the step's expert counts,
-    reduced over data-parallel ranks, and `post_step()` (called by the trainer after each applied
-    optimizer step) moves each layer's bias by `bias_update_rate` * sign(mean load - load_e).
+    Balancing: the routers (the MTP modules' included) carry the selection bias; `aux_loss` adds the
+    sequence-wise balance loss (coefficient `seq_aux_loss_coef`, DeepSeek's alpha = 1e-4) and accumulates
+    the step's expert counts, reduced over data-parallel ranks, and `post_step()` (called by the trainer
+    after each applied optimizer step) moves each layer's bias by `bias_update_rate` * sign(mean - load_e).
     MTP: `mtp_layers` modules; a forward whose batch sets `mtp` (the LM objective does when training) runs
     them and returns their final hidden states in `out.mtp_hidden`; the objective owns the loss, as for the
     main head: lambda / D * sum_d CE(logits(h_d), labels shifted d more) / (the step's LM target count),
-    which is the paper's 1/T normalisation. The MTP block reads the main model's final hidden state
-    *after* the final norm (its hnorm normalises again), as vLLM and SGLang feed it.
+    which is the paper's 1/T normalisation. The first MTP block reads the main model's final hidden state
+    *after* the final norm (its hnorm normalises again), as vLLM and SGLang feed it; depth d + 1 reads
+    depth d's block output before its shared_head norm (h^d in the paper). In packed batches the objective
+    also ignores the targets of rows whose token i and token i + d sit in different documents.
 
 Differences from the reference
     None in the main forward math: parity with `DeepseekV3ForCausalLM` (fp32, eager) is tested at atol 1e-5
     on logits, hidden states and chosen experts, with a random selection bias, YaRN and without. HF's
     router computes in float32 from a float32 gate; here the gate has the model's dtype and its logits are
     upcast (equal in fp32). The MTP module is not in HF's class (it drops `model.layers.61.*`); ours loads and
-    saves it under the official names when present. In packed training the MTP targets follow the
-    labels (ignored where they are ignored); a target across a document boundary is not masked further.
+    saves it under the official names when present.
     Training-time node-limited routing is the group limit here (one group per device group in the paper).
     Initialization is GPT-2 style, as in llama3.py.
 
@@ -415,9 +416,17 @@ class DeepSeekV3(nn.Module):
         hidden = self.norm(x)
         mtp_hidden = None
         if len(self.mtp) and batch.get("mtp") and kv_cache is None and batch.get("input_ids") is not None:
-            mtp_hidden = self._mtp(hidden, batch["input_ids"], positions, mask, token_mask)
+            # the MTP blocks are MoE layers too: their router statistics join the main layers' (balance
+            # loss, expert load, bias update)
+            mtp_hidden, mtp_aux = self._mtp(hidden, batch["input_ids"], positions, mask, token_mask, want_logits)
+            layer_aux += mtp_aux
         return DecoderOutput(hidden=hidden, aux=self._collect(layer_aux, want_logits), mtp_hidden=mtp_hidden,
                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+    def moe_blocks(self) -> list[Block]:
+        """The blocks with routed experts, in the order of `aux["expert_counts_per_layer"]`: the MoE layers,
+        then the MTP modules' blocks (their rows are there when the forward ran them)."""
+        return [b for b in self.layers if hasattr(b, "moe")] + [m.block for m in self.mtp if hasattr(m.block, "moe")]
 
     @staticmethod
     def _collect(layer_aux: list[dict], want_logits: bool) -> dict:
@@ -427,14 +436,18 @@ class DeepSeekV3(nn.Module):
         aux["expert_counts_per_layer"] = torch.stack([a["expert_counts"] for a in layer_aux])  # (L_moe, E)
         for key in ("seq_counts", "seq_prob_sum"):
             aux[key] = torch.stack([a[key] for a in layer_aux])  # (L_moe, B, E)
-        aux["seq_tokens"] = layer_aux[0]["seq_tokens"]  # (B,)
+        aux["seq_tokens"] = torch.stack([a["seq_tokens"] for a in layer_aux])  # (L_moe, B): MTP rows are shorter
         if want_logits:
             aux["router_logits"] = tuple(a["router_logits"] for a in layer_aux)
         return aux
 
-    def _mtp(self, hidden, input_ids, positions, mask, token_mask) -> tuple[torch.Tensor, ...]:
-        """Depth d reads h^{d-1}_i and the embedding of t_{i+d}; its output at row i predicts t_{i+d+1}."""
-        out, h, T = [], hidden, hidden.shape[1]
+    def _mtp(self, hidden, input_ids, positions, mask, token_mask, want_logits=False):
+        """Depth d reads h^{d-1}_i and the embedding of t_{i+d}; its output at row i predicts t_{i+d+1}.
+
+        Returns (each depth's hidden states after shared_head.norm, ready for the head; the router aux of
+        each depth's block). The next depth reads the block output *before* that norm (h^d in the paper).
+        """
+        out, auxes, h, T = [], [], hidden, hidden.shape[1]
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
@@ -444,10 +457,10 @@ class DeepSeekV3(nn.Module):
             sub = MaskSpec(document_ids=None if mask.document_ids is None else mask.document_ids[:, d:],
                            key_padding=None if mask.key_padding is None else mask.key_padding[:, d:])
             tm = None if token_mask is None else token_mask[:, d:]
-            x, _ = self._run_blocks([module.block], x, positions[:, d:], sub, None, tm, False, None, 0)
-            h = module.norm(x)  # (B, T-d, dim): shared_head.norm; the head itself is the main model's
-            out.append(h)
-        return tuple(out)
+            h, aux = self._run_blocks([module.block], x, positions[:, d:], sub, None, tm, want_logits, None, 0)
+            auxes += aux
+            out.append(module.norm(h))  # (B, T-d, dim): shared_head.norm; the head itself is the main model's
+        return tuple(out), auxes
 
     def aux_loss(self, aux: dict, reduce=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
         """seq_aux_loss_coef * this rank's share of the sequence-wise balance loss (`reduce` sums over
@@ -476,8 +489,8 @@ class DeepSeekV3(nn.Module):
         counts, self._step_counts = self._step_counts, None
         if counts is None or not applied or self.cfg.bias_update_rate == 0:
             return {}
-        moe_blocks = [b for b in self.layers if hasattr(b, "moe")]
-        for block, c in zip(moe_blocks, counts):
+        moe_blocks = self.moe_blocks()
+        for block, c in zip(moe_blocks, counts):  # the MTP blocks' rows only if their forward ran
             block.moe.router.update_bias(c, self.cfg.bias_update_rate)
         return {"router_bias_absmax": max(float(b.moe.router.bias.abs().max()) for b in moe_blocks)}
 

@@ -344,13 +344,13 @@ def sequence_balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int, 
         per sequence b and MoE layer l:  f_e = E / (K T_b) * c_{b,e},   P_e = (1 / T_b) sum_t s'_{t,e}
         L = sum_l  mean_b  sum_e f_e P_e          (= number of MoE layers at perfect balance)
 
-    Needs aux["seq_counts"] and aux["seq_prob_sum"] of shape (L, B, E) and aux["seq_tokens"] (B,) (an MoE
-    built with sequence_stats=True, stacked over layers). A sequence lives on one rank, so each term is
+    Needs aux["seq_counts"] and aux["seq_prob_sum"] of shape (L, B, E) and aux["seq_tokens"] (L, B) or (B,)
+    (an MoE built with sequence_stats=True, stacked over layers). A sequence lives on one rank, so each term is
     local; only the number of sequences is summed over ranks (`reduce`), which makes the shares add up to
     the mean over the whole batch.
     """
     counts, probs = aux["seq_counts"].detach(), aux["seq_prob_sum"]  # (L, B, E)
-    tokens = aux["seq_tokens"].clamp_min(1.0)[None, :, None]  # (1, B, 1)
+    tokens = aux["seq_tokens"].clamp_min(1.0)[..., None]  # (L, B, 1) or (B, 1)
     f = n_experts / (top_k * tokens) * counts
     p = probs / tokens
     n_seq = reduce(torch.tensor(float(counts.shape[1]), device=counts.device))

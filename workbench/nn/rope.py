@@ -77,6 +77,8 @@ class RopeConfig:
     attention_factor: float | None = field_(None, doc="yarn: cos/sin multiplier; None = from factor and mscale")
 
     def validate(self) -> None:
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            fail("attention_factor", f"must be > 0 or unset, got {self.attention_factor}")
         if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             fail("high_freq_factor", f"must be > low_freq_factor ({self.low_freq_factor}) for llama3 scaling")
 

@@ -119,7 +119,8 @@ def export_hf_dir(
     except OSError as e:
         raise CheckpointError(f"export directory {out}: cannot be created ({e.strerror})") from None
     adapter = adapter_for(section.family)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+    params = {name for name, _ in model.named_parameters()}  # buffers keep their dtype (fp32 router biases)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k in params else v)
              for k, v in model.state_dict().items()}
     hf_sd = adapter.state_dict_to_hf(state)
     write_dir(hf_sd, tmp, max_shard_bytes=max_shard_bytes)

@@ -9,7 +9,8 @@ A model with multi-token-prediction modules (DeepSeek-V3: `out.mtp_hidden`, aske
 adds their loss, normalised like the main one (the paper's 1/T):
 
     loss_mtp = lambda / D * sum_d sum_{b,t : label_d != ignore} -log softmax(logits(h_d[b, t]))[label_d]  /  N_step,
-    label_d[b, t] = labels[b, t + d]   (row t of depth d predicts the token after next, for d = 1)
+    label_d[b, t] = labels[b, t + d]   (row t of depth d predicts the token after next, for d = 1;
+                                        ignored where tokens t and t + d belong to different documents)
 
 with lambda = model.cfg.mtp_loss_weight, logged as `mtp_loss` (the step's value, lambda left out).
 A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce)`) adds its weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
@@ -67,10 +68,14 @@ class LMObjective:
         model = models["policy"].unwrap()
         if out.mtp_hidden:
             mtp_sum = torch.zeros((), device=logits.device)
+            docs = micro_batch.get("document_ids")
             for d, h in enumerate(out.mtp_hidden, start=1):
-                # depth d, row t predicts labels[:, t + d]
+                # depth d, row t predicts labels[:, t + d]; not across a document boundary of a packed row
+                target = labels[:, d:]
+                if docs is not None:
+                    target = target.masked_fill(docs[:, :-d] != docs[:, d:], IGNORE_INDEX)
                 mtp_logits = models["policy"].logits(h).float()  # (B, T - d, V)
-                mtp_sum = mtp_sum + F.cross_entropy(mtp_logits.flatten(0, 1), labels[:, d:].flatten(),
+                mtp_sum = mtp_sum + F.cross_entropy(mtp_logits.flatten(0, 1), target.flatten(),
                                                     ignore_index=IGNORE_INDEX, reduction="sum")
             mtp_loss = mtp_sum / max(total_units, 1)
             loss = loss + model.cfg.mtp_loss_weight / len(out.mtp_hidden) * mtp_loss
