@@ -44,12 +44,13 @@ def test_kv_bytes_benchmark_smoke():
 
 def test_moe_balance_demo_smoke(tmp_path):
     png = tmp_path / "balance.png"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_balance.py"), "--smoke", "--out",
-                          str(tmp_path / "runs"), "--plot", str(png)], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_balance.py"), "--smoke", "--rates", "0.01",
+                          "0", "--out", str(tmp_path / "runs"), "--plot", str(png)], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| gamma") or line.startswith("| off")]
-    assert len(rows) == 2
-    loads = [float(row.split("|")[3]) for row in rows]
+    assert len(rows) == 4  # two tables, a row per rate in each
+    loads = [float(row.split("|")[3]) for row in rows[:2]]
     assert all(1.0 <= x <= 4.0 for x in loads)  # max / mean of 8 experts, top-2
+    assert rows[3].startswith("| off") and rows[3].endswith("| 0.00 |")  # no update: the biases stay 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
