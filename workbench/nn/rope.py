@@ -26,6 +26,8 @@ Layout: half-split vs interleaved
 
 Scalings (how w_i is changed to reach longer contexts)
     default  w_i unchanged.
+    linear   (position interpolation, Chen et al. 2023) w_i / factor: positions are squeezed into the
+             trained range, every pair alike.
     llama3   (Llama 3.1) with wavelength lambda_i = 2 pi / w_i, L = original context,
              lambda_high = L / high_freq_factor, lambda_low = L / low_freq_factor:
                lambda_i < lambda_high  -> w_i               (high frequencies: local order, keep)
@@ -42,7 +44,7 @@ Scalings (how w_i is changed to reach longer contexts)
                m(s, a) = 0.1 a ln(s) + 1 (s > 1, else 1);  factor = m(s, mscale) / m(s, mscale_all_dim)
                when both are set (DeepSeek: 1.0 / 1.0 -> factor 1), else m(s, 1), unless set explicitly.
              DeepSeek-V3 moves m(s, mscale_all_dim)^2 into the softmax scale instead (deepseek_v3.py).
-    The long-context issue adds linear, NTK-aware, dynamic NTK and LongRoPE beside these.
+    The long-context issue adds NTK-aware, dynamic NTK and LongRoPE beside these.
 
 Precision: angles and their cos/sin are computed in float32 (bf16 positions above 256 are not even
 exact integers) and cast to the activation dtype at the end.
@@ -63,8 +65,8 @@ from workbench.config import fail, field_
 @dataclass
 class RopeConfig:
     theta: float = field_(10000.0, gt=0, doc="base of the frequencies w_i = theta^(-2i/D)")
-    scaling: Literal["default", "llama3", "yarn"] = "default"
-    factor: float = field_(1.0, ge=1.0, doc="context extension factor (llama3, yarn)")
+    scaling: Literal["default", "linear", "llama3", "yarn"] = "default"
+    factor: float = field_(1.0, ge=1.0, doc="context extension factor (linear, llama3, yarn)")
     low_freq_factor: float = field_(1.0, gt=0)
     high_freq_factor: float = field_(4.0, gt=0)
     original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3, yarn)")
@@ -89,6 +91,8 @@ def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None) -> torch.Tenso
     inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if cfg.scaling == "default":
         return inv_freq
+    if cfg.scaling == "linear":
+        return inv_freq / cfg.factor  # w_i / s
     if cfg.scaling == "llama3":
         return _llama3_scaling(inv_freq, cfg)
     if cfg.scaling == "yarn":

@@ -36,6 +36,7 @@ import re
 import torch
 
 from workbench.checkpoint.hf import llama3 as _llama
+from workbench.checkpoint.hf.rope import rope_from_hf, rope_to_hf
 from workbench.config import from_dict
 from workbench.errors import CheckpointError, ConfigError
 from workbench.models.deepseek_v3 import Config
@@ -83,31 +84,6 @@ _HF_CONFIG_NAMES = {
     "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
     "init_std": "initializer_range", "mtp_layers": "num_nextn_predict_layers",
 }
-_YARN_KEYS = {"beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
-              "mscale_all_dim": "mscale_all_dim", "attention_factor": "attention_factor"}
-
-
-def _rope_from_hf(hf: dict, where: str) -> dict:
-    params = hf.get("rope_parameters") or {}
-    legacy = hf.get("rope_scaling") or {}
-    src = params if params.get("rope_type", "default") != "default" else legacy
-    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    if kind == "default" and src is legacy and (legacy.get("rope_type") or legacy.get("type")):
-        kind = legacy.get("rope_type") or legacy.get("type")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if kind not in ("default", "yarn"):
-        raise CheckpointError(f"{where}: rope type {kind!r} is not supported by deepseek_v3 (default, yarn)")
-    rope = {"theta": float(theta), "scaling": kind}
-    if kind == "yarn":
-        original = src.get("original_max_position_embeddings")
-        if original is None:
-            raise CheckpointError(f"{where}: yarn rope scaling needs 'original_max_position_embeddings'")
-        factor = src.get("factor") or hf["max_position_embeddings"] / original
-        rope.update(factor=float(factor), original_max_seq_len=int(original))
-        for ours, theirs in _YARN_KEYS.items():
-            if src.get(theirs) is not None:
-                rope[ours] = float(src[theirs])
-    return rope
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
@@ -146,7 +122,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             "v_head_dim": hf["v_head_dim"],
             "vocab_size": hf["vocab_size"],
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "rope": _rope_from_hf(hf, where),
+            "rope": rope_from_hf(hf, where, "deepseek_v3", supported=("default", "yarn")),
             "rope_interleave": bool(hf.get("rope_interleave", True)),
             "max_seq_len": hf.get("max_position_embeddings", 4096),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
@@ -176,13 +152,6 @@ def fit_config(cfg: Config, hf_sd: dict[str, torch.Tensor]) -> Config:
 
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
                  pad_id: int | None = None) -> dict:
-    rope = {"rope_type": cfg.rope.scaling, "rope_theta": cfg.rope.theta}
-    if cfg.rope.scaling == "yarn":
-        rope.update(factor=cfg.rope.factor, original_max_position_embeddings=cfg.rope.original_max_seq_len,
-                    beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow)
-        for key in ("mscale", "mscale_all_dim", "attention_factor"):  # 0 / None = unset
-            if getattr(cfg.rope, key):
-                rope[key] = getattr(cfg.rope, key)
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -213,7 +182,7 @@ def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int]
         "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "rms_norm_eps": cfg.norm_eps,
         "rope_interleave": cfg.rope_interleave,
-        "rope_parameters": rope,
+        "rope_parameters": rope_to_hf(cfg.rope),
         "routed_scaling_factor": cfg.routed_scaling,
         "scoring_func": "sigmoid",
         "tie_word_embeddings": cfg.tie_embeddings,

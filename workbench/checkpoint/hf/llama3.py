@@ -11,7 +11,7 @@ Names (ours, Meta's naming  <->  HF)
 
 No tensor is permuted: HF stores q/k rows in the half-split RoPE layout that this project uses too.
 Both the transformers 5 config (`rope_parameters`) and the 4.x one (`rope_theta` + `rope_scaling`) are
-read; export writes the transformers 5 form.
+read (rope types default, linear, llama3 and yarn: `hf/rope.py`); export writes the transformers 5 form.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import re
 
 import torch
 
+from workbench.checkpoint.hf.rope import rope_from_hf, rope_to_hf
 from workbench.config import from_dict
 from workbench.errors import CheckpointError, ConfigError
 from workbench.models.llama3 import Config
-from workbench.nn.rope import RopeConfig
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -51,21 +51,7 @@ _LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     """Our Config from a parsed HF config.json (transformers 4.x or 5.x)."""
     try:
-        rope_params = hf.get("rope_parameters") or {}
-        legacy = hf.get("rope_scaling") or {}
-        theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = rope_params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-        src = rope_params if rope_params.get("rope_type", "default") != "default" else legacy
-        if scaling not in ("default", "llama3"):
-            raise CheckpointError(f"{where}: rope type {scaling!r} is not supported by llama3 (default, llama3)")
-        rope = {"theta": float(theta), "scaling": scaling}
-        if scaling == "llama3":
-            rope.update(
-                factor=float(src["factor"]),
-                low_freq_factor=float(src["low_freq_factor"]),
-                high_freq_factor=float(src["high_freq_factor"]),
-                original_max_seq_len=int(src["original_max_position_embeddings"]),
-            )
+        rope = rope_from_hf(hf, where, "llama3")
         n_heads = hf["num_attention_heads"]
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise CheckpointError(f"{where}: attention_bias/mlp_bias models are not Llama 3 (no biases)")
@@ -111,12 +97,7 @@ _HF_CONFIG_NAMES = {
 
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
                  pad_id: int | None = None) -> dict:
-    rope: RopeConfig = cfg.rope
-    rope_parameters = {"rope_type": rope.scaling, "rope_theta": rope.theta}
-    if rope.scaling == "llama3":
-        rope_parameters.update(factor=rope.factor, low_freq_factor=rope.low_freq_factor,
-                               high_freq_factor=rope.high_freq_factor,
-                               original_max_position_embeddings=rope.original_max_seq_len)
+    rope_parameters = rope_to_hf(cfg.rope)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -26,6 +26,7 @@ import re
 import torch
 
 from workbench.checkpoint.hf import llama3 as _llama
+from workbench.checkpoint.hf.rope import rope_from_hf, rope_to_hf
 from workbench.config import from_dict
 from workbench.errors import CheckpointError, ConfigError
 from workbench.models.mixtral import Config
@@ -56,11 +57,7 @@ _HF_CONFIG_NAMES = {**_llama._HF_CONFIG_NAMES, "n_experts": "num_local_experts",
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     """Our Config from a parsed HF config.json (transformers 4.x or 5.x)."""
     try:
-        rope_params = hf.get("rope_parameters") or {}
-        theta = rope_params.get("rope_theta", hf.get("rope_theta", 1000000.0))
-        scaling = rope_params.get("rope_type") or (hf.get("rope_scaling") or {}).get("rope_type") or "default"
-        if scaling != "default":
-            raise CheckpointError(f"{where}: rope type {scaling!r} is not supported by mixtral (default)")
+        rope = rope_from_hf(hf, where, "mixtral", default_theta=1000000.0)
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
         n_heads = hf["num_attention_heads"]
@@ -75,7 +72,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             "top_k": hf["num_experts_per_tok"],
             "vocab_size": hf["vocab_size"],
             "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
-            "rope": {"theta": float(theta), "scaling": "default"},
+            "rope": rope,
             "max_seq_len": hf.get("max_position_embeddings", 32768),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "init_std": float(hf.get("initializer_range", 0.02)),
@@ -116,7 +113,7 @@ def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int]
         "num_local_experts": cfg.n_experts,
         "output_router_logits": False,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope.theta},
+        "rope_parameters": rope_to_hf(cfg.rope),
         "router_aux_loss_coef": cfg.router_aux_loss_coef,
         "router_jitter_noise": 0.0,
         "sliding_window": cfg.sliding_window,
