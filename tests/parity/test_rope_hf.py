@@ -1,8 +1,10 @@
 """RoPE scalings against transformers' rope-initialisation functions, and Hugging Face models that use them.
 
-Each scaling's frequencies and attention factor equal `ROPE_INIT_FUNCTIONS[kind]` for the same parameters;
-a Llama (and a Mixtral) config.json with that rope type imports through the shared adapter
-(`workbench/checkpoint/hf/rope.py`) and gives transformers' logits on a prompt three times the original window.
+Each scaling's frequencies (at the original length and at three times it) and attention factor equal
+`ROPE_INIT_FUNCTIONS[kind]` for the same parameters; a Llama (and a Mixtral) config.json with that rope type
+imports through the shared adapter (`workbench/checkpoint/hf/rope.py`) and gives transformers' logits on a
+prompt three times the original window; for the length-dependent ones (dynamic NTK, LongRoPE) greedy
+generation from inside the window to far past it gives transformers' tokens.
 """
 
 import pytest
@@ -28,13 +30,18 @@ SCALINGS = {
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
     "yarn-mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": ORIGINAL,
                     "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.707, "mscale_all_dim": 1.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "longrope": {"rope_type": "longrope", "original_max_position_embeddings": ORIGINAL,
+                 "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0],
+                 "long_factor": [1.0, 1.2, 1.6, 2.2, 3.0, 4.0, 5.5, 7.0]},
 }
 
 
 def llama_config(kind: str, theta: float = 10000.0):
     return transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4 * ORIGINAL, initializer_range=0.1,
+        num_key_value_heads=2, head_dim=16, initializer_range=0.1,
+        max_position_embeddings=ORIGINAL if kind == "dynamic" else 4 * ORIGINAL,  # dynamic scales against it
         rope_parameters={"rope_theta": theta, **SCALINGS[kind]}, attn_implementation="eager")
 
 
@@ -45,7 +52,11 @@ def test_frequencies_and_attention_factor_equal_transformers(kind):
     ours = RopeConfig(**rope_from_hf(hf.to_dict(), "config.json", "llama3"))
     torch.testing.assert_close(rope_frequencies(16, ours), inv_freq, rtol=1e-6, atol=0)
     assert rope_attention_factor(ours) == pytest.approx(factor, rel=1e-12)
-    back = rope_from_hf({"rope_parameters": rope_to_hf(ours), "max_position_embeddings": 64}, "x", "llama3")
+    for seq_len in (ORIGINAL, 3 * ORIGINAL):  # dynamic and longrope depend on the sequence's length
+        theirs, _ = ROPE_INIT_FUNCTIONS[SCALINGS[kind]["rope_type"]](hf, seq_len=seq_len)
+        torch.testing.assert_close(rope_frequencies(16, ours, seq_len=seq_len), theirs, rtol=1e-6, atol=0)
+    back = rope_from_hf({"rope_parameters": rope_to_hf(ours), "max_position_embeddings": hf.max_position_embeddings},
+                        "x", "llama3")
     assert RopeConfig(**back) == ours  # written and read back unchanged
 
 
@@ -82,10 +93,32 @@ def test_a_mixtral_with_yarn_gives_transformers_logits():
 
 
 def test_unsupported_or_incomplete_rope_settings_are_refused_by_name():
-    with pytest.raises(CheckpointError, match="rope type 'longrope' is not supported by llama3"):
-        rope_from_hf({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "c.json", "llama3")
+    with pytest.raises(CheckpointError, match="rope type 'mrope' is not supported by llama3"):
+        rope_from_hf({"rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}}, "c.json", "llama3")
+    with pytest.raises(CheckpointError, match="rope type 'longrope' needs the field 'short_factor'"):
+        rope_from_hf({"rope_parameters": {"rope_type": "longrope", "original_max_position_embeddings": 16},
+                      "max_position_embeddings": 64}, "c.json", "llama3")
     with pytest.raises(CheckpointError, match="rope type 'linear' needs the field 'factor'"):
         rope_from_hf({"rope_scaling": {"type": "linear"}, "rope_theta": 1e4}, "c.json", "llama3")
     with pytest.raises(CheckpointError, match="not supported by deepseek_v3 \\(default, yarn\\)"):
         rope_from_hf({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "c.json", "deepseek_v3",
                      supported=("default", "yarn"))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "longrope"])
+def test_greedy_generation_across_the_original_window_equals_transformers(kind):
+    """The length-dependent scalings change their frequencies during generation: the tokens still agree."""
+    from workbench.inference.generator import KVCacheGenerator, SamplingParams
+
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(llama_config(kind)).eval()
+    cfg = llama_adapter.config_from_hf(hf.config.to_dict())
+    ours = Llama3(cfg).eval()
+    ours.load_state_dict(llama_adapter.state_dict_from_hf(hf.state_dict(), cfg), strict=True)
+    prompt = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    n = 3 * ORIGINAL  # from inside the original window to far past it
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, 10:].tolist()
+    mine = KVCacheGenerator(ours, eos_ids=[]).generate([prompt[0].tolist()], SamplingParams(max_new_tokens=n))[0]
+    assert mine.tokens == theirs

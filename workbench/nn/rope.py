@@ -35,6 +35,14 @@ Scalings (how w_i is changed to reach longer contexts)
                otherwise               -> (1 - g) w_i / factor + g w_i,
                                           g = (L / lambda_i - low_freq_factor) / (high - low)
              Cos and sin are not rescaled (attention factor 1).
+    dynamic  (dynamic NTK) the base grows with the longest sequence seen, L = original context, S = that length:
+               theta' = theta * (s S / L - (s - 1))^(D / (D - 2))   when S > L (else theta)
+             `RotaryEmbedding` keeps transformers' state: the frequencies follow the largest S seen, and go
+             back to the original ones when a sequence shorter than L comes after a longer one. Keys already
+             in a KV cache keep the rotation they were stored with, in transformers as here.
+    longrope (Phi-3) per-pair rescale factors found by search: w_i / short_factor_i for sequences up to L,
+             w_i / long_factor_i beyond (chosen per forward from the longest position), and cos, sin times
+             sqrt(1 + ln(s) / ln(L)) unless `attention_factor` is set.
     yarn     (Peng et al., 2023; DeepSeek-V3) with d = D the rotary width, s = factor, L = original context:
                d(r) = d ln(L / (2 pi r)) / (2 ln theta)       the pair index that turns r times over L
                lo, hi = floor(d(beta_fast)), ceil(d(beta_slow)), clamped to [0, d - 1]
@@ -44,7 +52,6 @@ Scalings (how w_i is changed to reach longer contexts)
                m(s, a) = 0.1 a ln(s) + 1 (s > 1, else 1);  factor = m(s, mscale) / m(s, mscale_all_dim)
                when both are set (DeepSeek: 1.0 / 1.0 -> factor 1), else m(s, 1), unless set explicitly.
              DeepSeek-V3 moves m(s, mscale_all_dim)^2 into the softmax scale instead (deepseek_v3.py).
-    The long-context issue adds NTK-aware, dynamic NTK and LongRoPE beside these.
 
 Precision: angles and their cos/sin are computed in float32 (bf16 positions above 256 are not even
 exact integers) and cast to the activation dtype at the end.
@@ -65,8 +72,8 @@ from workbench.config import fail, field_
 @dataclass
 class RopeConfig:
     theta: float = field_(10000.0, gt=0, doc="base of the frequencies w_i = theta^(-2i/D)")
-    scaling: Literal["default", "linear", "llama3", "yarn"] = "default"
-    factor: float = field_(1.0, ge=1.0, doc="context extension factor (linear, llama3, yarn)")
+    scaling: Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"] = "default"
+    factor: float = field_(1.0, ge=1.0, doc="context extension factor (linear, dynamic, llama3, yarn, longrope)")
     low_freq_factor: float = field_(1.0, gt=0)
     high_freq_factor: float = field_(4.0, gt=0)
     original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3, yarn)")
@@ -76,21 +83,36 @@ class RopeConfig:
     mscale: float = field_(0.0, ge=0, doc="yarn: numerator coefficient of the attention factor (0 = unset)")
     mscale_all_dim: float = field_(0.0, ge=0, doc="yarn: denominator coefficient of the attention factor "
                                                  "(0 = unset); DeepSeek-V3 squares it into the softmax scale")
-    attention_factor: float | None = field_(None, doc="yarn: cos/sin multiplier; None = from factor and mscale")
+    attention_factor: float | None = field_(None, doc="yarn, longrope: cos/sin multiplier; None = from factor")
+    short_factor: list[float] | None = field_(None, doc="longrope: per-pair divisors up to the original context")
+    long_factor: list[float] | None = field_(None, doc="longrope: per-pair divisors beyond it")
 
     def validate(self) -> None:
         if self.attention_factor is not None and self.attention_factor <= 0:
             fail("attention_factor", f"must be > 0 or unset, got {self.attention_factor}")
+        if self.scaling == "longrope" and (not self.short_factor or not self.long_factor
+                                           or len(self.short_factor) != len(self.long_factor)):
+            fail("short_factor", "longrope needs short_factor and long_factor, one value per rotary pair each")
         if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             fail("high_freq_factor", f"must be > low_freq_factor ({self.low_freq_factor}) for llama3 scaling")
 
 
-def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None) -> torch.Tensor:
-    """The D/2 angular frequencies w_i (float32), after the configured scaling."""
+def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None, seq_len: int | None = None) -> torch.Tensor:
+    """The D/2 angular frequencies w_i (float32), after the configured scaling; `seq_len` (the longest
+    sequence of the forward) matters to dynamic and longrope only."""
+    theta = cfg.theta
+    if cfg.scaling == "dynamic":
+        L, S = cfg.original_max_seq_len, max(seq_len or 0, cfg.original_max_seq_len)
+        # theta' = theta * (s S / L - (s - 1))^(D / (D - 2))
+        theta = theta * ((cfg.factor * S / L) - (cfg.factor - 1)) ** (head_dim / (head_dim - 2))
     # w_i = theta^(-2i/D)
-    inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    if cfg.scaling == "default":
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if cfg.scaling in ("default", "dynamic"):
         return inv_freq
+    if cfg.scaling == "longrope":
+        long = seq_len is not None and seq_len > cfg.original_max_seq_len
+        ext = torch.tensor(cfg.long_factor if long else cfg.short_factor, dtype=torch.float32, device=device)
+        return inv_freq / ext  # w_i / f_i
     if cfg.scaling == "linear":
         return inv_freq / cfg.factor  # w_i / s
     if cfg.scaling == "llama3":
@@ -107,10 +129,12 @@ def yarn_mscale(factor: float, coefficient: float = 1.0) -> float:
 
 def rope_attention_factor(cfg: RopeConfig) -> float:
     """The multiplier applied to cos and sin (1 except under yarn)."""
-    if cfg.scaling != "yarn":
+    if cfg.scaling not in ("yarn", "longrope"):
         return 1.0
     if cfg.attention_factor is not None:
         return cfg.attention_factor
+    if cfg.scaling == "longrope":  # sqrt(1 + ln s / ln L)
+        return math.sqrt(1 + math.log(cfg.factor) / math.log(cfg.original_max_seq_len)) if cfg.factor > 1 else 1.0
     if cfg.mscale and cfg.mscale_all_dim:
         return yarn_mscale(cfg.factor, cfg.mscale) / yarn_mscale(cfg.factor, cfg.mscale_all_dim)
     return yarn_mscale(cfg.factor)
@@ -160,12 +184,28 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
         self.head_dim, self.cfg = head_dim, cfg
         self.attention_factor = rope_attention_factor(cfg)
+        self.seen_len = cfg.original_max_seq_len  # dynamic: the length the frequencies were made for
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
 
     def init_weights(self) -> None:
         self.inv_freq = rope_frequencies(self.head_dim, self.cfg, device=self.inv_freq.device)
+        self.seen_len = self.cfg.original_max_seq_len  # dynamic: the length the frequencies were made for
+
+    def _follow_length(self, positions: torch.Tensor) -> None:
+        """dynamic / longrope: frequencies for this forward's longest sequence (transformers' rules)."""
+        seq_len, L = int(positions.max()) + 1, self.cfg.original_max_seq_len
+        if self.cfg.scaling == "longrope":
+            self.inv_freq = rope_frequencies(self.head_dim, self.cfg, self.inv_freq.device, seq_len)
+        elif seq_len > self.seen_len:  # dynamic, growing
+            self.inv_freq = rope_frequencies(self.head_dim, self.cfg, self.inv_freq.device, seq_len)
+            self.seen_len = seq_len
+        elif seq_len < L < self.seen_len:  # dynamic, back within the original context: the original ones
+            self.inv_freq = rope_frequencies(self.head_dim, self.cfg, self.inv_freq.device)
+            self.seen_len = L
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.scaling in ("dynamic", "longrope"):
+            self._follow_length(positions)
         if torch.is_autocast_enabled(positions.device.type):
             with torch.autocast(device_type=positions.device.type, enabled=False):
                 return self._cos_sin(positions, dtype)

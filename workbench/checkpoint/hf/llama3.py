@@ -11,7 +11,7 @@ Names (ours, Meta's naming  <->  HF)
 
 No tensor is permuted: HF stores q/k rows in the half-split RoPE layout that this project uses too.
 Both the transformers 5 config (`rope_parameters`) and the 4.x one (`rope_theta` + `rope_scaling`) are
-read (rope types default, linear, llama3 and yarn: `hf/rope.py`); export writes the transformers 5 form.
+read (rope types default, linear, dynamic, llama3, yarn and longrope: `hf/rope.py`); export writes the transformers 5 form.
 """
 
 from __future__ import annotations
