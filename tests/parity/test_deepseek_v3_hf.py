@@ -90,6 +90,10 @@ def ours_chosen_experts(model, ids):
 CASES = {
     "default": {},
     "yarn": {"rope_scaling": YARN},
+    # a length-dependent scaling: the 40-token prompt runs past max_position_embeddings (16), so the
+    # frequencies grow with it (tests/parity/test_rope_hf.py covers generation across the window)
+    "dynamic": {"rope_scaling": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+                "max_position_embeddings": 16},
     "plain-q": {"q_lora_rank": None},
     "half-split": {"rope_interleave": False},
 }
@@ -205,8 +209,8 @@ def test_config_round_trip_and_refusals():
     good = make_hf().config.to_dict()
     with pytest.raises(Exception, match="num_key_value_heads"):
         config_from_hf({**good, "num_key_value_heads": 2})
-    with pytest.raises(Exception, match="rope type 'longrope'"):
-        config_from_hf({**good, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}})
+    with pytest.raises(Exception, match="rope type 'mrope'"):
+        config_from_hf({**good, "rope_parameters": {"rope_type": "mrope", "rope_theta": 1e4}})
     with pytest.raises(Exception, match="n_group"):
         config_from_hf({**good, "n_group": 3})
 

@@ -122,3 +122,14 @@ def test_greedy_generation_across_the_original_window_equals_transformers(kind):
                              pad_token_id=0)[0, 10:].tolist()
     mine = KVCacheGenerator(ours, eos_ids=[]).generate([prompt[0].tolist()], SamplingParams(max_new_tokens=n))[0]
     assert mine.tokens == theirs
+
+
+def test_static_ntk_equals_transformers_dynamic_ntk_where_the_two_coincide():
+    """theta * s^(D/(D-2)) is dynamic NTK's base at S = L (2s - 1) / s (there s S / L - (s - 1) = s)."""
+    s, L = 4.0, ORIGINAL
+    hf = llama_config("dynamic", theta=500000.0)
+    theirs, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf, seq_len=L * (2 * s - 1) / s)
+    ours = rope_frequencies(16, RopeConfig(theta=500000.0, scaling="ntk", factor=s))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    base = rope_frequencies(16, RopeConfig(theta=500000.0))
+    assert ours[0] == base[0] and ours[-1] < base[-1] / 3  # the fastest pair kept, the slowest slowed ~s-fold

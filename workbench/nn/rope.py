@@ -35,6 +35,9 @@ Scalings (how w_i is changed to reach longer contexts)
                otherwise               -> (1 - g) w_i / factor + g w_i,
                                           g = (L / lambda_i - low_freq_factor) / (high - low)
              Cos and sin are not rescaled (attention factor 1).
+    ntk      (NTK-aware, static) theta' = theta * s^(D / (D - 2)): the lowest frequency is interpolated by s
+             while the highest stays nearly unchanged (a change of base spreads the stretch over the pairs).
+             Not a transformers rope type (their `dynamic` equals it at S = L (2s - 1) / s); set in our configs.
     dynamic  (dynamic NTK) the base grows with the longest sequence seen, L = original context, S = that length:
                theta' = theta * (s S / L - (s - 1))^(D / (D - 2))   when S > L (else theta)
              `RotaryEmbedding` keeps transformers' state: the frequencies follow the largest S seen, and go
@@ -72,8 +75,8 @@ from workbench.config import fail, field_
 @dataclass
 class RopeConfig:
     theta: float = field_(10000.0, gt=0, doc="base of the frequencies w_i = theta^(-2i/D)")
-    scaling: Literal["default", "linear", "dynamic", "llama3", "yarn", "longrope"] = "default"
-    factor: float = field_(1.0, ge=1.0, doc="context extension factor (linear, dynamic, llama3, yarn, longrope)")
+    scaling: Literal["default", "linear", "ntk", "dynamic", "llama3", "yarn", "longrope"] = "default"
+    factor: float = field_(1.0, ge=1.0, doc="context extension factor (every scaling but default)")
     low_freq_factor: float = field_(1.0, gt=0)
     high_freq_factor: float = field_(4.0, gt=0)
     original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3, yarn)")
@@ -101,13 +104,15 @@ def rope_frequencies(head_dim: int, cfg: RopeConfig, device=None, seq_len: int |
     """The D/2 angular frequencies w_i (float32), after the configured scaling; `seq_len` (the longest
     sequence of the forward) matters to dynamic and longrope only."""
     theta = cfg.theta
+    if cfg.scaling == "ntk":  # theta' = theta * s^(D / (D - 2))
+        theta = theta * cfg.factor ** (head_dim / (head_dim - 2))
     if cfg.scaling == "dynamic":
         L, S = cfg.original_max_seq_len, max(seq_len or 0, cfg.original_max_seq_len)
         # theta' = theta * (s S / L - (s - 1))^(D / (D - 2))
         theta = theta * ((cfg.factor * S / L) - (cfg.factor - 1)) ** (head_dim / (head_dim - 2))
     # w_i = theta^(-2i/D)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    if cfg.scaling in ("default", "dynamic"):
+    if cfg.scaling in ("default", "ntk", "dynamic"):
         return inv_freq
     if cfg.scaling == "longrope":
         long = seq_len is not None and seq_len > cfg.original_max_seq_len

@@ -122,7 +122,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
             "v_head_dim": hf["v_head_dim"],
             "vocab_size": hf["vocab_size"],
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "rope": rope_from_hf(hf, where, "deepseek_v3", supported=("default", "yarn")),
+            "rope": rope_from_hf(hf, where, "deepseek_v3"),
             "rope_interleave": bool(hf.get("rope_interleave", True)),
             "max_seq_len": hf.get("max_position_embeddings", 4096),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
