@@ -461,7 +461,7 @@ def test_out_of_range_in_toml(tmp_path: Path):
     (["--optim.schedule", "linear"], "optim.schedule", ("'constant'", "'cosine'")),
     (["--parallel.backend", "megatron"], "parallel.backend", ("'single'", "'fsdp2'", "'zero3'")),
     (["--model.attn_backend", "flash"], "model.attn_backend", ("'sdpa'", "'math'")),
-    (["--model.rope.scaling", "ntk"], "model.rope.scaling", ("'default'", "'llama3'", "'yarn'")),
+    (["--model.rope.scaling", "rescaled"], "model.rope.scaling", ("'default'", "'ntk'", "'longrope'")),
     (["--objective.name", "dpo"], "objective.name", ("'lm'",)),
     (["--run.device", "CPU"], "run.device", ("'cpu'",)),
 ])
