@@ -73,15 +73,21 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         }
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e.args[0]!r} for a Llama config") from None
+    return config_in_hf_terms(Config, data, where, _HF_CONFIG_NAMES)
+
+
+def config_in_hf_terms(cls, data: dict, where: str, names: dict[str, str]):
+    """`cls` from `data`, a checked config; a ConfigError is reported as a CheckpointError naming the
+    config.json field (`names`: our field -> theirs; `rope.x` -> `rope_parameters.x`). Shared by the adapters."""
     try:
-        return from_dict(Config, data, "hf")
-    except ConfigError as e:  # report the field under its Hugging Face name
+        return from_dict(cls, data, "hf")
+    except ConfigError as e:
         m = re.match(r"config key 'hf\.([\w.]+)': (.*)", str(e))
         if not m:
             raise
         ours, rest = m.group(1), m.group(2)
-        name = _HF_CONFIG_NAMES.get(ours, ours.replace("rope.", "rope_parameters."))
-        for our_name, hf_name in _HF_CONFIG_NAMES.items():
+        name = names.get(ours, ours.replace("rope.", "rope_parameters."))
+        for our_name, hf_name in names.items():
             rest = re.sub(rf"\b{our_name}\b", hf_name, rest)
         raise CheckpointError(f"{where}: field '{name}': {rest}") from None
 

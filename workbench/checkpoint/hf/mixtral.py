@@ -27,8 +27,7 @@ import torch
 
 from workbench.checkpoint.hf import llama3 as _llama
 from workbench.checkpoint.hf.rope import rope_from_hf, rope_to_hf
-from workbench.config import from_dict
-from workbench.errors import CheckpointError, ConfigError
+from workbench.errors import CheckpointError
 from workbench.models.mixtral import Config
 
 ARCHITECTURES = ("MixtralForCausalLM",)
@@ -81,14 +80,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
         }
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e.args[0]!r} for a Mixtral config") from None
-    try:
-        return from_dict(Config, data, "hf")
-    except ConfigError as e:  # report the field under its Hugging Face name
-        m = re.match(r"config key 'hf\.([\w.]+)': (.*)", str(e))
-        if not m:
-            raise
-        ours, rest = m.group(1), m.group(2)
-        raise CheckpointError(f"{where}: field '{_HF_CONFIG_NAMES.get(ours, ours)}': {rest}") from None
+    return _llama.config_in_hf_terms(Config, data, where, _HF_CONFIG_NAMES)
 
 
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
