@@ -79,7 +79,8 @@ class RopeConfig:
     factor: float = field_(1.0, ge=1.0, doc="context extension factor (every scaling but default)")
     low_freq_factor: float = field_(1.0, gt=0)
     high_freq_factor: float = field_(4.0, gt=0)
-    original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (llama3, yarn)")
+    original_max_seq_len: int = field_(8192, gt=0, doc="context the model was pretrained on (every scaling but "
+                                                     "default, linear and ntk)")
     beta_fast: float = field_(32.0, gt=0, doc="yarn: pairs turning more than this often over the original "
                                              "context keep their frequency")
     beta_slow: float = field_(1.0, gt=0, doc="yarn: pairs turning less than this often are fully interpolated")
