@@ -85,10 +85,15 @@ def make_hf_mixtral_dir(path, *, dtype: torch.dtype = torch.float32, seed: int =
     return path
 
 
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
 def make_hf_deepseek_v3_dir(path, *, dtype: torch.dtype = torch.float32, seed: int = 0, vocab_size: int = 384,
-                            init_std: float = 0.2):
+                            init_std: float = 0.2, rope: dict | None = None, max_positions: int = 256):
     """A small real Hugging Face DeepSeek-V3 directory (MLA, 1 dense + 2 MoE layers of 8 experts in 4 groups,
-    top-2 + 1 shared, YaRN, a random selection bias) with the test tokenizer; experts saved one by one."""
+    top-2 + 1 shared, YaRN unless `rope` says otherwise, a random selection bias) with the test tokenizer;
+    experts saved one by one."""
     transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
     tok = save_test_tokenizer(path)
     torch.manual_seed(seed)
@@ -97,10 +102,8 @@ def make_hf_deepseek_v3_dir(path, *, dtype: torch.dtype = torch.float32, seed: i
         first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, rms_norm_eps=1e-6,
-        max_position_embeddings=256, initializer_range=init_std, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-        pad_token_id=tok.pad_id, rope_scaling={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                               "original_max_position_embeddings": 64, "beta_fast": 32.0,
-                                               "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+        max_position_embeddings=max_positions, initializer_range=init_std, bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, rope_scaling=rope or DEEPSEEK_YARN)
     model = transformers.DeepseekV3ForCausalLM(cfg)
     with torch.no_grad():
         for name, b in model.named_buffers():
@@ -110,8 +113,13 @@ def make_hf_deepseek_v3_dir(path, *, dtype: torch.dtype = torch.float32, seed: i
     return path
 
 
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
 def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.float32, max_shard_size=None,
-                      seed: int = 0, vocab_size: int = 384, init_std: float = 0.2):
+                      seed: int = 0, vocab_size: int = 384, init_std: float = 0.2, rope: dict | None = None,
+                      max_positions: int = 256):
     """A small but real Hugging Face Llama directory: sharded safetensors, config, tokenizer files.
 
     The tokenizer is a byte-level BPE trained on a slice of the standard library (with the reserved
@@ -124,10 +132,9 @@ def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.flo
     cfg = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        max_position_embeddings=256, tie_word_embeddings=tie, initializer_range=init_std,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie, initializer_range=init_std,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        rope_parameters=rope or LLAMA31_ROPE)
     model = transformers.LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
