@@ -117,7 +117,7 @@ def one_error(rc, err, *needles):
 
 def test_eval_bad_input_names_the_problem(capsys, run, tmp_path):
     one_error(*cli(capsys, "eval", "--task", "perplexity,nope", "--ckpt", run)[::2],
-              "unknown eval task 'nope'", "known tasks: exact_match, lm_eval, perplexity, reasoning")
+              "unknown eval task 'nope'", "known tasks: ", *(f"{t}, " for t in ("exact_match", "passkey", "perplexity")))
     one_error(*cli(capsys, "eval", "--ckpt", run)[::2], "--task")
     one_error(*cli(capsys, "eval", "--task", "perplexity")[::2], "--ckpt RUN_DIR or --hf-dir DIR")
 
@@ -155,3 +155,29 @@ def test_eval_bad_input_names_the_problem(capsys, run, tmp_path):
                                                     "tasks": {}}))
     one_error(*cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--out", other, "--reasoning.n", "1")[::2],
               str(other), "another model")
+
+
+def test_long_context_evals_run_past_the_window_and_write_their_plots(capsys, run, tmp_path):
+    """`workbench eval --task passkey --ckpt RUN_DIR` (and niah's heatmap): lengths past the run's 64-token
+    window run as asked (the report, results and plots are written), and `past_window false` refuses them."""
+    out = tmp_path / "lc"
+    rc, report, err = cli(capsys, "eval", "--task", "passkey,niah", "--ckpt", run, "--out", out,
+                          "--passkey.lengths", "[80, 160]", "--passkey.depths", "[0, 1]", "--passkey.n", "2",
+                          "--niah.lengths", "[200, 260]", "--niah.depths", "[0, 0.5, 1]", "--niah.n", "1")
+    assert rc == 0 and report == str(out / "report.md")
+    results = json.loads((out / "results.json").read_text())["tasks"]
+    pk, nh = results["passkey"], results["niah"]
+    assert pk["n"] == 8 and pk["baselines"]["chance"] == pytest.approx(1 / 90000)
+    assert pk["details"]["trained_window"] == 64 and pk["details"]["by_length"]["160"]["past_window"]
+    assert 0 <= pk["metrics"]["accuracy"] <= pk["metrics"]["digit_accuracy"] <= 1
+    assert nh["n"] == 6 and len(nh["details"]["grid"]) == 3 and len(nh["details"]["grid"][0]) == 2
+    assert nh["details"]["haystack"].endswith(":val")  # the run's held-out text
+    samples = [json.loads(line) for line in (out / "samples" / "passkey.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["n_tokens"] <= s["length"] for s in samples)
+    text = (out / "report.md").read_text()
+    for name in ("passkey", "niah"):
+        assert f"## {name}" in text and f"![{name}]({name}.png)" in text
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert any("past the trained window of 64 tokens" in line for line in err)
+    one_error(*cli(capsys, "eval", "--task", "passkey", "--ckpt", run, "--out", out, "--passkey.lengths", "[160]",
+                   "--passkey.past_window", "false")[::2], "passkey.lengths", "160", "past_window true")
