@@ -54,3 +54,16 @@ def test_moe_balance_demo_smoke(tmp_path):
     assert all(1.0 <= x <= 4.0 for x in loads)  # max / mean of 8 experts, top-2
     assert rows[3].startswith("| off") and rows[3].endswith("| 0.00 |")  # no update: the biases stay 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_patterns_benchmark_smoke(tmp_path):
+    png = tmp_path / "patterns.png"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_patterns.py"), "--smoke", "--plot",
+                          str(png)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| 128 ")
+            or line.startswith("| 256 ")]
+    assert [r[1].strip() for r in rows[:4]] == ["dense-sdpa", "dense-math", "window-block", "moba-block"]
+    assert len(rows) == 8 and all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)
+    assert rows[0][7].strip() == "1.00x"  # ratios are against dense-sdpa at the same length
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -87,3 +87,20 @@ def test_generation_equals_argmax_of_full_forward(kind):
             assert tok == int(logits.argmax())
             assert abs(lp - float(torch.log_softmax(logits, -1)[tok])) < 1e-5
             seq.append(tok)
+
+
+@pytest.mark.parametrize("pattern", [{"moba_block_size": 4, "moba_topk": 2, "moba_full_last_layers": 1},
+                                     {"sliding_window": 6}], ids=["moba-hybrid", "window"])
+@pytest.mark.parametrize("backend", ["math", "block"])
+def test_attention_patterns_prefill_then_decode_equals_full_forward(backend, pattern):
+    """MoBA and a sliding window through the cache: prefill, chunked prefill at an offset, 1-token decode."""
+    model = tiny(backend, **pattern)
+    ids = torch.randint(0, 512, (2, 26), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model.logits(model({"input_ids": ids}).hidden)  # (B, T, V)
+        cache = model.make_kv_cache(2, 26)
+        pieces = [model.logits(model({"input_ids": ids[:, :9], "kv_cache": cache}).hidden)]
+        pieces.append(model.logits(model({"input_ids": ids[:, 9:15], "kv_cache": cache}).hidden))
+        for t in range(15, 26):
+            pieces.append(model.logits(model({"input_ids": ids[:, t : t + 1], "kv_cache": cache}).hidden))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)

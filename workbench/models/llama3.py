@@ -30,6 +30,9 @@ Design choices
     (same matmul time, plus a weight copy per forward and strided elementwise ops on the split outputs).
     `__init__` allocates nothing when built under `torch.device("meta")`; `init_weights()` is the only
     initializer and also rebuilds the RoPE buffer, so a model can be materialized after sharding.
+    Attention patterns are config, not code: `sliding_window` or MoBA (`moba_block_size`, `moba_topk`,
+    `moba_full_last_layers` for the hybrid that keeps the last layers full) are added to each layer's mask
+    spec in `layer_masks`; `attn_backend = "block"` or `"flex"` runs them block-sparse (workbench.nn.moba).
     Tied embeddings have no `output` module at all: `logits()` reads `tok_embeddings.weight`, so the tie
     survives `to_empty()`, sharding and state-dict round trips.
 
@@ -44,6 +47,7 @@ Sources
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,7 +60,9 @@ from workbench.models.base import DecoderOutput, select_positions
 from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.linear import Linear, linear
+from workbench.nn.moba import MobaSpec
 from workbench.nn.norm import RMSNorm
+from workbench.nn.qk_clip import record_max_logits
 from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables
 from workbench.nn.swiglu import SwiGLU
 
@@ -75,11 +81,25 @@ class Config:
     max_seq_len: int = field_(8192, gt=0, doc="longest context the model is meant for (not enforced)")
     tie_embeddings: bool = False
     init_std: float = field_(0.02, gt=0)
-    attn_backend: Literal["sdpa", "math"] = "sdpa"
+    attn_backend: Literal["sdpa", "math", "flex", "block"] = "sdpa"
+    # NEW: block-sparse attention patterns (workbench.nn.moba; docs/attention-patterns.md)
+    sliding_window: int | None = field_(None, doc="None = full causal attention; else each layer's window in tokens")
+    moba_block_size: int | None = field_(None, doc="MoBA: keys per block; None = MoBA off")
+    moba_topk: int = field_(3, gt=0, doc="MoBA: key blocks per query, the query's own block included")
+    moba_full_last_layers: int = field_(0, ge=0, doc="MoBA hybrid: the last N layers keep full attention")
 
     def validate(self) -> None:
         if self.n_heads % self.n_kv_heads:
             fail("n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            fail("sliding_window", f"must be > 0 or unset, got {self.sliding_window}")
+        if self.moba_block_size is not None and self.moba_block_size <= 0:
+            fail("moba_block_size", f"must be > 0 or unset, got {self.moba_block_size}")
+        if self.moba_block_size is not None and self.sliding_window is not None:
+            fail("moba_block_size", f"cannot be combined with sliding_window ({self.sliding_window}): "
+                                    f"set one of them, got {self.moba_block_size}")
+        if self.moba_full_last_layers > self.n_layers:
+            fail("moba_full_last_layers", f"must be <= n_layers ({self.n_layers}), got {self.moba_full_last_layers}")
         if not self.head_dim and self.dim % self.n_heads:
             fail("n_heads", f"must divide dim ({self.dim}) when head_dim is not set, got {self.n_heads}")
         if self.hd % 2:
@@ -119,6 +139,15 @@ FLAVORS: dict[str, Config] = {
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. QK-Clip (workbench.train.optim.muon): with `qk_clip_record` set, a training
+    forward records each query head's largest logit (workbench.nn.qk_clip); `qk_clip_rows` is the clipping
+    rule: MHA scales head h's rows of wq and wk by sqrt(gamma_h); under GQA a key head is shared by its
+    group, so, as K2 does with MLA's shared rotary key, the key stays and head h's wq rows take all of gamma_h
+    (every head's logits scale by exactly its own gamma; a head below tau is untouched)."""
+
+    qk_clip_record = False  # set on the instance by enable_qk_clip
+    qk_max_logit: torch.Tensor | None = None  # (H,) running max since the last post-step hook
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.hd
@@ -146,10 +175,21 @@ class Attention(nn.Module):
         if kv_cache is not None:
             q_offset = kv_cache.seen
             k, v = kv_cache.update(layer_idx, k, v)  # (B, Tk, KV, D), earlier tokens included
+        if self.qk_clip_record and self.training:  # S_max^h = max_{b,i,j allowed} q_i^h . k_j^h * scale
+            record_max_logits(self, q, k, mask, q_offset, self.core.scale)
         # (B, H, T, D) layout for the core
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q_offset)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
         return self.wo(out)
+
+    def qk_clip_rows(self, gamma: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(weight, per-row factor) pairs that scale head h's logits by gamma_h (H,), gamma <= 1."""
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if KV == H:  # MHA: W_q^h, W_k^h *= sqrt(gamma_h)
+            rows = gamma.sqrt().repeat_interleave(D)  # (H * D,)
+            return [(self.wq.weight, rows), (self.wk.weight, rows)]
+        # GQA: W_q^h *= gamma_h, the shared W_k^g untouched
+        return [(self.wq.weight, gamma.repeat_interleave(D))]
 
 
 class Block(nn.Module):
@@ -238,16 +278,29 @@ class Llama3(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + T, device=x.device).expand(B, T)
         mask = batch.get("mask") or MaskSpec()
+        masks = self.layer_masks(mask)  # NEW: per-layer patterns (sliding window, MoBA hybrid)
         cos, sin = rope_tables(*self.rope(positions, x.dtype))  # (B, T, 1, D) each: cos, signed sin
         hidden_states = [x] if batch.get("output_hidden_states") else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_cache, i)
+            x = layer(x, cos, sin, masks[i], kv_cache, i)
             if hidden_states is not None:
                 hidden_states.append(x)
         if kv_cache is not None:
             kv_cache.advance(T)
         return DecoderOutput(hidden=self.norm(x), aux={},
                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+    def layer_masks(self, mask: MaskSpec) -> list[MaskSpec]:
+        """The batch's spec with this config's pattern added, per layer (a window or MoBA set by the
+        batch's spec wins). With MoBA the last `moba_full_last_layers` layers keep the plain spec."""
+        cfg = self.cfg
+        if cfg.sliding_window is not None and mask.sliding_window is None and mask.moba is None:
+            return [dataclasses.replace(mask, sliding_window=cfg.sliding_window)] * cfg.n_layers
+        if cfg.moba_block_size is not None and mask.moba is None and mask.sliding_window is None:
+            moba = dataclasses.replace(mask, moba=MobaSpec(cfg.moba_block_size, cfg.moba_topk))
+            n_moba = cfg.n_layers - cfg.moba_full_last_layers
+            return [moba] * n_moba + [mask] * cfg.moba_full_last_layers
+        return [mask] * cfg.n_layers
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Vocabulary logits for `hidden` (B, T, dim), or only at `positions` along T.
