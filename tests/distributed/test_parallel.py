@@ -80,6 +80,12 @@ DEEPSEEK = ["--model.family", "deepseek_v3", "--model.flavor", "debug", "--model
 DEEPSEEK_LAYOUTS = {"deepseek-fsdp2-ep2": [*LAYOUTS["fsdp2"], *DEEPSEEK, "--parallel.ep", "2"],
                     # ZeRO-3 partitions the weights, not the bias buffers, which every rank updates alike
                     "deepseek-zero3": [*LAYOUTS["zero3"], *DEEPSEEK]}
+# MuonClip (train/optim/muon.py) on Kimi K2's structure under fsdp2 + ep 2: Muon orthogonalises each sharded 2-D
+# momentum whole (full_tensor) and the expert stacks shard by shard; QK-Clip (a tau below the debug model's logits,
+# so heads are clipped every step) MAX-reduces the heads' logits and scales DTensor rows
+MUON_K2 = ["--model.family", "deepseek_v3", "--model.flavor", "kimi-k2-debug", "--optim.name", "muon",
+           "--optim.qk_clip_tau", "0.02"]
+MUON_LAYOUTS = {"k2-muon-fsdp2-ep2": [*LAYOUTS["fsdp2"], *MUON_K2, "--parallel.ep", "2"]}
 # 4 ranks: dp_shard 4 = 2 (FSDP2 shards the experts over the ranks holding the same ones) x ep 2
 MOE_LAYOUTS_4 = {"mixtral-fsdp2-ep2-shard4": [*STEPS, "--train.micro_batch_size", "1", "--train.grad_accum", "2",
                                               "--parallel.backend", "fsdp2", "--parallel.dp_shard", "4",
@@ -142,7 +148,7 @@ def single_sgd(tmp_path_factory, debug_data):
 def launched(tmp_path_factory, debug_data, single):
     out = tmp_path_factory.mktemp("dp")
     back_to_step_3(single[0], out / "from-single")  # resumed on 2 ranks under fsdp2 in the same launch
-    cases = dict(CASES, **MOE_LAYOUTS, **DEEPSEEK_LAYOUTS, **{"from-single": [*CASES["fsdp2"], "--resume"],
+    cases = dict(CASES, **MOE_LAYOUTS, **DEEPSEEK_LAYOUTS, **MUON_LAYOUTS, **{"from-single": [*CASES["fsdp2"], "--resume"],
                            "nangrad": [*CASES["ddp"], "--fault=nangrad@3:1"],
                            "zero1-nangrad": [*CASES["zero1"], "--fault=nangrad@3:1"],
                            "zero3-nangrad": [*CASES["zero3"], "--fault=nangrad@3:1"],
@@ -184,6 +190,30 @@ def test_parallel_layouts_match_single_process(case, launched, single, single_sg
 def single_mixtral(tmp_path_factory, debug_data):
     out = tmp_path_factory.mktemp("single-mixtral")
     return out / "single", train_single(out, "single", debug_data, *MIXTRAL)
+
+
+@pytest.fixture(scope="module")
+def single_muon_k2(tmp_path_factory, debug_data):
+    out = tmp_path_factory.mktemp("single-muon-k2")
+    return out / "single", train_single(out, "single", debug_data, *MUON_K2)
+
+
+@pytest.mark.slow
+def test_muonclip_under_fsdp2_and_expert_parallel_matches_single_process(launched, single_muon_k2):
+    out, results = launched
+    single_dir, history = single_muon_k2
+    got = results["k2-muon-fsdp2-ep2"]
+    assert history[0]["qk_clip_heads"] > 0  # QK-Clip acts (from the first step on)
+    assert got["qk_clip_heads"] == [h["qk_clip_heads"] for h in history]  # on the same heads
+    # measured: equal to ~1e-7 relative (reduction order only)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in history]),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor([r["grad_norm"] for r in history]),
+                               rtol=1e-5, atol=0)
+    ours, ref = load_model_state(latest_checkpoint(out / "k2-muon-fsdp2-ep2")), load_model_state(
+        latest_checkpoint(single_dir))
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.fixture(scope="module")

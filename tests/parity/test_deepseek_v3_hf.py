@@ -251,3 +251,44 @@ def test_generate_hf_dir_prints_transformers_greedy_text(tmp_path):
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.decode("utf-8") == expected + "\n"
     assert len(expected) > 5  # a real continuation, not an immediate eos
+
+
+def test_kimi_k2_flavor_matches_transformers_deepseek_v3_and_its_config_json_imports():
+    """Kimi K2 is DeepseekV3ForCausalLM with other numbers: the kimi-k2-debug flavor (no group-limited routing,
+    routed scaling 2.827, one dense layer, YaRN with beta_fast = beta_slow = 1, theta 5e4, no MTP) loads into
+    transformers' class and gives its logits past the YaRN window; its config.json in K2's own form
+    (model_type "kimi_k2", the older rope_scaling dict) reads back to the same Config."""
+    import dataclasses
+
+    from workbench.models.deepseek_v3 import FLAVORS
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(FLAVORS["kimi-k2-debug"], init_std=0.1)
+    ours = DeepSeekV3(cfg).eval()
+    with torch.no_grad():  # random norms and selection biases, as in make_hf
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+        for block in ours.moe_blocks():
+            block.moe.router.bias.uniform_(-0.1, 0.1)
+    hf_json = config_to_hf(cfg, 1, 2, None)
+    k2_json = {k: v for k, v in hf_json.items() if k != "rope_parameters"}
+    rope = dict(hf_json["rope_parameters"])
+    k2_json.update(model_type="kimi_k2", rope_theta=rope.pop("rope_theta"),
+                   rope_scaling={"type": rope.pop("rope_type"), **rope})
+    assert k2_json["rope_scaling"]["beta_fast"] == k2_json["rope_scaling"]["beta_slow"] == 1.0
+    assert config_from_hf(k2_json) == cfg
+    with pytest.raises(Exception, match="model_type"):
+        config_from_hf({**k2_json, "model_type": "qwen2"})
+    kw = {k: v for k, v in hf_json.items() if k not in ("architectures", "model_type")}
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw, attn_implementation="eager")).eval()
+    assert (hf.config.n_group, hf.config.topk_group, hf.config.routed_scaling_factor) == (1, 1, 2.827)
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(ours.state_dict()), strict=False)
+    assert not unexpected and all("rotary_emb" in k for k in missing)
+    ids = torch.randint(0, cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))  # window: 64
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        mine = ours.logits(ours({"input_ids": ids}).hidden)
+    torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
+    theirs, chosen = hf_chosen_experts(hf, ids), ours_chosen_experts(ours, ids)
+    assert all(torch.equal(a, b) for a, b in zip(chosen, theirs)) and len(chosen) == cfg.n_layers - 1

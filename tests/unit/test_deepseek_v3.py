@@ -164,6 +164,32 @@ def test_flavors_build_on_meta_and_count_active_flops():
     assert model.layers[1].moe.router.bias is not None
 
 
+def test_kimi_k2_has_about_1_04t_total_and_32b_active_parameters_on_meta():
+    cfg = FLAVORS["kimi-k2"]
+    with torch.device("meta"):
+        k2 = DeepSeekV3(cfg)
+    n = sum(p.numel() for p in k2.parameters())
+    assert 1.00e12 < n < 1.05e12, n  # measured 1.026e12 (the model card's "1T" / the report's 1.04T)
+    # active: everything but the routed experts a token does not use (embedding and head included)
+    per_expert = 3 * cfg.dim * cfg.moe_ffn_dim
+    active = n - (cfg.n_layers - cfg.n_dense_layers) * (cfg.n_experts - cfg.top_k) * per_expert
+    assert 31e9 < active < 34e9, active  # measured 32.9e9 (32B active)
+    assert 31e9 < k2.flops_per_token(1) / 6 < 33e9  # the matmul weights a token runs through
+    # what differs from V3 (models/deepseek_v3.py notes) and the structure the debug flavor keeps
+    v3 = FLAVORS["671B"]
+    for name in ("kimi-k2", "kimi-k2-debug"):
+        c = FLAVORS[name]
+        c.validate()
+        assert (c.n_groups, c.topk_groups, c.routed_scaling, c.mtp_layers, c.n_dense_layers) == (1, 1, 2.827, 0, 1)
+        assert (c.rope.scaling, c.rope.beta_fast, c.rope.beta_slow, c.rope.theta) == ("yarn", 1.0, 1.0, 50000.0)
+    assert (cfg.n_experts, cfg.n_heads, cfg.vocab_size, cfg.rope.factor, cfg.max_seq_len) == (384, 64, 163840, 32.0,
+                                                                                               131072)
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_head_dim, cfg.v_head_dim, cfg.moe_ffn_dim, cfg.ffn_dim) == (
+        v3.q_lora_rank, v3.kv_lora_rank, v3.qk_head_dim, v3.v_head_dim, v3.moe_ffn_dim, v3.ffn_dim)
+    out = DeepSeekV3(FLAVORS["kimi-k2-debug"])({"input_ids": torch.randint(0, 512, (2, 80))})  # past its 64-token window
+    assert out.hidden.shape == (2, 80, 64) and torch.isfinite(out.hidden).all() and out.mtp_hidden is None
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("n_groups", 3, "n_groups.*must divide n_experts"),
     ("topk_groups", 5, "topk_groups.*must be <= n_groups"),

@@ -69,6 +69,23 @@ Differences from the reference
     Training-time node-limited routing is the group limit here (one group per device group in the paper).
     Initialization is GPT-2 style, as in llama3.py.
 
+Kimi K2 (flavors "kimi-k2" and "kimi-k2-debug"; Moonshot AI, 2025)
+    The same architecture with other numbers (DESIGN.md rule 1: a flavor, not a file); K2's checkpoints load
+    with transformers' DeepseekV3 classes (config.json says model_type "kimi_k2"). Against V3: 384 routed
+    experts instead of 256 (sparsity 48, still 8 per token plus 1 shared), 64 attention heads instead of 128
+    (fewer heads: cheaper long-context inference at a small quality cost, the K2 report's ablation), one
+    leading dense layer instead of 3, no group-limited routing (n_group = topk_group = 1), routed scaling
+    2.827 instead of 2.5, a 163840-token vocabulary, no MTP module, RoPE theta 5e4 and YaRN factor 32 over
+    4096 positions with beta_fast = beta_slow = 1 (131072 positions), rms_norm_eps 1e-5 (unverified: config
+    copies disagree, 1e-5 and 1e-6), init 0.02. MLA ranks and head widths, the dense and expert widths,
+    sigmoid routing and the bias balancing are V3's. The code differences are QK-Clip's hooks only (`# NEW:`):
+    K2 trains with MuonClip (workbench/train/optim/muon.py), whose QK-Clip rescales, after an optimizer step,
+    the heads whose largest logit S_max^h exceeded tau: gamma_h = tau / S_max^h; head h's nope query rows of
+    wq_b and key rows of wkv_b times sqrt(gamma_h), its rope query rows times gamma_h (its logit
+    q^n.k^n + q^r.k^R then scales by gamma_h), the shared rotary key k^R (wkv_a) untouched since every head
+    reads it. Sources: Kimi Team, "Kimi K2: Open Agentic Intelligence", arXiv 2507.20534;
+    moonshotai/Kimi-K2-Instruct config.json.
+
 Sources
     DeepSeek-AI, "DeepSeek-V3 Technical Report", arXiv 2412.19437 (MLA from DeepSeek-V2, arXiv 2405.04434;
     MTP section 2.2; auxiliary-loss-free balancing section 2.1.2); deepseek-ai/DeepSeek-V3 inference/model.py
@@ -91,12 +108,20 @@ from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.linear import Linear, linear
 from workbench.nn.norm import RMSNorm
+from workbench.nn.qk_clip import record_max_logits
 from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables, yarn_mscale
 from workbench.nn.swiglu import SwiGLU
 
 
 def _yarn_v3(factor: float = 40.0, original: int = 4096) -> RopeConfig:
     return RopeConfig(theta=10000.0, scaling="yarn", factor=factor, original_max_seq_len=original, beta_fast=32.0,
+                      beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+
+
+def _yarn_k2(factor: float = 32.0, original: int = 4096, theta: float = 50000.0) -> RopeConfig:
+    # NEW: Kimi K2's YaRN: theta 5e4 and beta_fast = beta_slow = 1 (a hard cut between the interpolated and the
+    # extrapolated frequency pairs instead of V3's ramp over beta 32..1)
+    return RopeConfig(theta=theta, scaling="yarn", factor=factor, original_max_seq_len=original, beta_fast=1.0,
                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
 
 
@@ -188,6 +213,14 @@ FLAVORS: dict[str, Config] = {
                     vocab_size=4096, max_seq_len=1024),
     # the published shape (inference/configs/config_671B.json)
     "671B": Config(),
+    # NEW: Kimi K2 (moonshotai/Kimi-K2-Instruct config.json; 1.04T total, 32B active): the V3 shape with 384
+    # experts, 64 heads, one dense layer, no group-limited routing, no MTP and its own vocabulary and YaRN
+    "kimi-k2": Config(n_dense_layers=1, n_experts=384, n_groups=1, topk_groups=1, routed_scaling=2.827, n_heads=64,
+                      vocab_size=163840, norm_eps=1e-5, rope=_yarn_k2(), max_seq_len=131072, mtp_layers=0,
+                      init_std=0.02),
+    # the same structure at CPU-test size (K2's groups, scaling, YaRN with beta 1/1 over a 64-token window)
+    "kimi-k2-debug": _small(n_experts=12, top_k=2, n_groups=1, topk_groups=1, routed_scaling=2.827, norm_eps=1e-5,
+                            rope=_yarn_k2(factor=4.0, original=64), max_seq_len=256, mtp_layers=0),
 }
 
 
@@ -197,7 +230,13 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention. The cache (if any) stores (kv_norm(c_KV), rotated k^R) per token."""
+    """Multi-head latent attention. The cache (if any) stores (kv_norm(c_KV), rotated k^R) per token.
+
+    QK-Clip (workbench.train.optim.muon): with `qk_clip_record` set, a training forward records each head's
+    largest logit; `qk_clip_rows` gives K2's MLA rule (see the module notes)."""
+
+    qk_clip_record = False  # NEW (Kimi K2's QK-Clip): set on the instance by enable_qk_clip
+    qk_max_logit: torch.Tensor | None = None  # (H,) running max since the last post-step hook
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -255,8 +294,21 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, Tk, H, dn), (B, Tk, H, dv)
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)  # (B, Tk, H, dn + dr)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, dn + dr)
+        if self.qk_clip_record and self.training:  # NEW: S_max^h = max_{b,i,j allowed} score_ij^h
+            record_max_logits(self, q, k, mask, q_offset, self.core.scale)
         out = self.core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, q_offset)  # (B, H, T, dv)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def qk_clip_rows(self, gamma: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """NEW (K2's MLA rule): (weight, per-row factor) pairs that scale head h's logits by gamma_h (H,):
+        head h's nope query rows and its key rows of wkv_b by sqrt(gamma_h), its rope query rows by gamma_h;
+        the values (wkv_b's v rows) and the shared rotary key k^R (wkv_a's last d_r rows) stay as they are."""
+        dn, dr, dv = self.nope, self.rope_dim, self.v_dim
+        root = gamma.sqrt()[:, None]  # (H, 1)
+        q_rows = torch.cat([root.expand(-1, dn), gamma[:, None].expand(-1, dr)], dim=1).reshape(-1)  # (H (dn+dr),)
+        kv_rows = torch.cat([root.expand(-1, dn), torch.ones_like(root).expand(-1, dv)], dim=1).reshape(-1)
+        wq = self.wq_b if self.cfg.q_lora_rank else self.wq
+        return [(wq.weight, q_rows), (self.wkv_b.weight, kv_rows)]
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, q_offset):
         """Attention over the latent cache itself: one 'KV head' of width r + dr, values of width r."""

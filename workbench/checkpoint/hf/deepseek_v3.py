@@ -26,6 +26,10 @@ the embedding and the head (`model.layers.{L+d}.embed_tokens`, `shared_head.head
 (they are the main model's), export writes them back so the layout stays the official one.
 transformers' class has no MTP module and ignores `model.layers.{L+d}.*`; a directory without those
 tensors imports with `mtp_layers = 0` whatever `num_nextn_predict_layers` says (`fit_config`).
+
+Kimi K2 directories (config.json: architectures DeepseekV3ForCausalLM, model_type "kimi_k2", its own remote
+code that reuses the DeepSeek-V3 classes) import through this adapter unchanged: K2 is a flavor of the same
+model. Export always writes model_type "deepseek_v3", which transformers loads without remote code.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from workbench.errors import CheckpointError
 from workbench.models.deepseek_v3 import Config
 
 ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+MODEL_TYPES = ("deepseek_v3", "kimi_k2")  # K2 reuses the DeepSeek-V3 classes (models/deepseek_v3.py, flavor kimi-k2)
 
 _LAYER_MAP = {
     "attention_norm.weight": "input_layernorm.weight",
@@ -88,6 +93,9 @@ _HF_CONFIG_NAMES = {
 def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     """Our Config from a parsed HF config.json (transformers 4.x or 5.x)."""
     try:
+        if hf.get("model_type", "deepseek_v3") not in MODEL_TYPES:
+            raise CheckpointError(f"{where}: field 'model_type': {hf['model_type']!r} is not a DeepSeek-V3 model "
+                                  f"(expected one of {', '.join(MODEL_TYPES)})")
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
         if hf.get("attention_bias"):

@@ -1,6 +1,8 @@
 """Optimizers and learning-rate schedules built from the `[optim]` section.
 
-`optim.name`: AdamW (the default) or SGD with optional momentum. SGD is there for layout tests: its update
+`optim.name`: AdamW (the default), SGD with optional momentum, or Muon (muon.py: Newton-Schulz-orthogonalised
+momentum for hidden matrices, AdamW for embeddings, the head, norms and biases; with `qk_clip_tau > 0` it is
+Kimi K2's MuonClip, whose QK-Clip hook the trainer calls after each step). SGD is there for layout tests: its update
 is linear in the gradient, so two layouts that reduce gradients in a different order give weights equal to
 rounding, where AdamW's division by sqrt(v) amplifies that noise in coordinates with tiny gradients.
 
@@ -54,7 +56,16 @@ def optimizer_kwargs(optim) -> dict:
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """`optim.name` over the model's parameter groups (see param_groups)."""
+    """`optim.name` over the model's parameter groups (see param_groups; Muon's own in muon.py). With
+    `optim.qk_clip_tau > 0` it also turns on the attention modules' logit recording for QK-Clip."""
+    from workbench.train.optim.muon import Muon, enable_qk_clip, muon_param_groups
+
+    if getattr(optim, "qk_clip_tau", 0) > 0 and not enable_qk_clip(model):
+        raise ValueError(f"optim.qk_clip_tau = {optim.qk_clip_tau}: {type(model).__name__} has no attention module "
+                         f"that supports QK-Clip")
+    if optim.name == "muon":
+        return Muon(muon_param_groups(model, optim.weight_decay), lr=optim.lr, momentum=optim.muon_momentum,
+                    ns_steps=optim.ns_steps, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     kwargs = optimizer_kwargs(optim)
     if optim.name == "adamw":
         kwargs["fused"] = next(model.parameters()).device.type == "cuda"
