@@ -46,15 +46,28 @@ class DataSection:
     seq_len: int = field_(256, gt=0)
     shuffle_windows: int = field_(1024, gt=0, doc="samples are shuffled in blocks of this many (1 = stream order)")
     strict: bool = field_(False, doc="a dropped shard or sample stops the run instead of being logged")
+    passkey_fraction: float = field_(
+        0.0, ge=0, lt=1, doc="share of the text (characters) that is synthetic passkey documents (data_pipelines."
+                             "long_context.passkey_document), mixed evenly among the corpus's documents in both "
+                             "splits; the tokenizer is trained on the corpus alone; 0 = none")
+    passkey_filler: list[int] = field_(
+        [8, 40], doc="[min, max] filler sentences per passkey document, drawn uniformly; choose them so a "
+                     "document fits data.seq_len (`workbench data` logs the documents' token lengths)")
+    passkey_digits: int = field_(5, ge=1, le=12, doc="digits of each passkey")
 
     def validate(self) -> None:
         if not self.extensions or not all(isinstance(e, str) and e.startswith(".") for e in self.extensions):
             fail("extensions", f"expected a non-empty list of suffixes like '.py', got {self.extensions!r}")
+        f = self.passkey_filler
+        ints = all(isinstance(n, int) and not isinstance(n, bool) for n in f)
+        if len(f) != 2 or not ints or not 0 <= f[0] <= f[1]:
+            fail("passkey_filler", f"expected [min, max] filler sentences with 0 <= min <= max, got {f!r}")
 
 
 @dataclass
 class OptimSection:
-    name: Literal["adamw", "sgd"] = field_("adamw", doc="sgd: plain SGD with optional momentum (layout tests)")
+    name: Literal["adamw", "sgd", "muon"] = field_(
+        "adamw", doc="sgd: plain SGD with optional momentum (layout tests); muon: Muon + AdamW (train/optim/muon.py)")
     lr: float = field_(3e-3, gt=0)
     min_lr_ratio: float = field_(0.1, ge=0, le=1, doc="final lr of cosine and wsd, as a fraction of lr")
     warmup_steps: int = field_(20, ge=0)
@@ -65,6 +78,9 @@ class OptimSection:
     weight_decay: float = field_(0.1, ge=0, doc="applied to matrices only (not norms, not embeddings)")
     grad_clip: float = field_(1.0, ge=0, doc="max global grad norm; 0 = off")
     momentum: float = field_(0.0, ge=0, lt=1, doc="sgd only")
+    muon_momentum: float = field_(0.95, ge=0, lt=1, doc="muon: mu of M_t = mu M_(t-1) + G_t")
+    ns_steps: int = field_(5, gt=0, doc="muon: Newton-Schulz iterations")
+    qk_clip_tau: float = field_(0.0, ge=0, doc="QK-Clip: rescale heads whose max logit exceeds this; 0 = off (K2: 100)")
 
     def validate(self) -> None:
         if self.name == "adamw" and self.momentum:
@@ -86,6 +102,10 @@ class TrainSection:
     keep_last: int = field_(2, gt=0, doc="checkpoints kept in the run folder")
     sample_prompt: str = "def"
     sample_tokens: int = field_(64, ge=0, doc="tokens generated after training; 0 = none")
+    init_from: str = field_(
+        "", doc="a run folder or checkpoint folder whose model weights (model.safetensors) start this run: a new "
+                "run (step 0, fresh optimizer and schedule), whose model config may differ in anything that "
+                "keeps the tensor shapes (RoPE scaling, max_seq_len: context extension); empty = random init")
 
 
 @dataclass
@@ -96,6 +116,8 @@ class ParallelSection:
     tp: int = field_(1, gt=0)
     cp: int = field_(1, gt=0)
     ep: int = field_(1, gt=0)
+    cp_method: Literal["ring", "ulysses"] = field_(
+        "ring", doc="context parallel attention (parallel.cp > 1): K/V passed around a ring, or heads by all-to-all")
     timeout_s: float = field_(600.0, gt=0, doc="a collective waiting longer than this ends every rank with an error")
     reshard_after_forward: bool = field_(True, doc="fsdp2: free gathered parameters after each block's forward")
     cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
@@ -129,6 +151,18 @@ class JobConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
     def validate(self) -> None:
+        if self.parallel.cp > 1 and self.data.seq_len % (2 * self.parallel.cp):
+            fail("data.seq_len", f"{self.data.seq_len} must be divisible by 2 x parallel.cp = {2 * self.parallel.cp} "
+                                 f"(context parallel splits each sequence into 2 x cp chunks, two per rank)")
+        backend = self.parallel.backend
+        if backend.startswith("zero") and (self.optim.name == "muon" or self.optim.qk_clip_tau):
+            what = "optim.name = 'muon'" if self.optim.name == "muon" else "optim.qk_clip_tau > 0 (QK-Clip)"
+            fail("optim.name" if self.optim.name == "muon" else "optim.qk_clip_tau",
+                 f"{what} does not compose with parallel.backend = {backend!r}: DeepSpeed ZeRO owns the optimizer "
+                 f"and its fp32 partitions; use parallel.backend fsdp2, ddp or single")
+        if self.optim.qk_clip_tau and (self.parallel.tp > 1 or self.parallel.cp > 1):
+            fail("optim.qk_clip_tau", "QK-Clip with parallel.tp > 1 or parallel.cp > 1 is not built (heads or keys "
+                                      "are split across ranks, so a rank's recorded logits are partial)")
         model_vocab = self.model.config.vocab_size
         if not self.data.tokenizer and self.data.vocab_size > model_vocab:
             fail("data.vocab_size", f"the tokenizer to train ({self.data.vocab_size} tokens) must fit "

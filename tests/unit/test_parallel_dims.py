@@ -19,7 +19,9 @@ def dims(world: int, **degrees) -> ParallelDims:
     (4, {"backend": "fsdp2", "dp_shard": 2}, "parallel.dp_replicate", "= 2, but the world size is 4"),
     (2, {"backend": "ddp", "dp_shard": 2}, "parallel.dp_shard", "does not compose with backend 'ddp'"),
     (2, {"backend": "zero2", "tp": 2}, "parallel.tp", "does not compose with backend 'zero2'"),
-    (2, {"backend": "fsdp2", "cp": 2}, "parallel.cp", "does not compose with backend 'fsdp2'"),
+    (2, {"backend": "zero2", "cp": 2}, "parallel.cp", "does not compose with backend 'zero2' yet"),
+    (4, {"backend": "fsdp2", "cp": 2, "tp": 2}, "parallel.cp", "with tensor parallel (2) is not built"),
+    (8, {"backend": "fsdp2", "cp": 8, "cp_method": "ulysses"}, "parallel.cp", "must divide model.config.n_heads"),
     (2, {"backend": "single", "dp_shard": 2}, "parallel.dp_shard", "does not compose with backend 'single'"),
     (4, {"backend": "zero3", "dp_replicate": 2, "dp_shard": 2}, "parallel.dp_replicate", "one data-parallel group"),
     (3, {"backend": "fsdp2", "tp": 3}, "parallel.tp", "must divide model.config.n_heads"),
@@ -124,3 +126,19 @@ def test_a_resume_may_change_the_layout_only_with_the_same_global_batch(tmp_path
     with pytest.raises(ConfigError, match="'optim.lr'"):  # anything else still may not change
         check_resumable(saved, debug_job(tmp_path, "--train.micro_batch_size", "4", "--train.grad_accum", "2",
                                          "--optim.lr", "1e-2"), tmp_path)
+
+
+def test_context_parallel_layouts_and_refusals(tmp_path, debug_job):
+    d = dims(4, backend="fsdp2", dp_shard=2, cp=2)
+    # cp ranks are neighbours (mesh order dp_replicate, dp_shard, cp, tp) and read the same data
+    assert [d.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and [d.cp_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert dims(2, backend="ddp", cp=2, cp_method="ulysses").dp_size == 1
+    assert dims(8, backend="fsdp2", cp=8).cp == 8  # ring has no head constraint
+    from workbench.models.mixtral import FLAVORS as MOE
+
+    with pytest.raises(ConfigError, match=r"'parallel.cp': 2 with a mixture of experts"):
+        ParallelDims.from_config(ParallelSection(backend="fsdp2", cp=2), 2, MOE["debug"])
+    with pytest.raises(ConfigError, match=r"'data.seq_len': 64 must be divisible by 2 x parallel.cp = 6"):
+        debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.cp", "3")
+    with pytest.raises(ConfigError, match=r"parallel.cp_method"):
+        debug_job(tmp_path, "--parallel.cp_method", "stripes")

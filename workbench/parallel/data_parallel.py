@@ -8,17 +8,18 @@ Both are the single-process engine plus communication, so everything the trainer
     fsdp2   tensor + sequence parallel first when parallel.tp > 1 (tensor_parallel.py), then expert parallel
             when parallel.ep > 1 (ep.py: each ep rank holds E / ep experts, tokens travel by all-to-all; the
             experts get their own FSDP unit over the ranks that hold the same experts, see below), then
-            activation checkpointing, then (when there are data ranks to shard over) `fully_shard` on every block of the
+            context parallel when parallel.cp > 1 (cp.py: the attention cores become ring / Ulysses cores, each
+            rank holding a zig-zag slice of every sequence), then activation checkpointing, then (when there are data ranks to shard over) `fully_shard` on every block of the
             plan and then on the root (embedding, final norm and the head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
             shard; a block's forward all-gathers its parameters and frees them after
             (`reshard_after_forward`), backward reduce-scatters the gradients. `logits` is registered as a
             forward method so it gathers the head too. On a GPU, parameters compute in bf16 and gradients
             reduce in fp32 (`MixedPrecisionPolicy`); `cpu_offload` keeps shards and optimizer state on the host.
 
-Loss scale. Both average gradients over the data-parallel ranks, while the trainer's loss is already
-divided by the global token count of the step (summed over ranks); the engine multiplies the loss by the
-data-parallel world size before backward, so the gradient is the global sum / global count exactly as on
-one process.
+Loss scale. Both average gradients over the data-parallel ranks (and the cp ranks, which hold slices of the
+same samples), while the trainer's loss is already divided by the global token count of the step (summed over
+ranks); the engine multiplies the loss by dp x cp before backward, so the gradient is the global sum / global
+count exactly as on one process.
 Expert parameters under ep > 1 are Shard(0) DTensors over the ep ranks, and their backward already sums every
 token of the ep group (the all-to-all carries the gradients home); FSDP2 reduces them over the ranks holding the
 same experts only (`ParallelDims.expert_fsdp_mesh`), dividing by the dense parameters' data-parallel size rather
@@ -49,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from workbench.errors import ConfigError
 from workbench.models.base import DecoderOutput
 from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
+from workbench.parallel.cp import apply_context_parallel, context_parallel_disabled
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.ep import apply_expert_parallel
 from workbench.parallel.plans import Plan
@@ -123,8 +125,9 @@ class _DataParallelEngine(SingleEngine):
         return self.rank == 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        # the wrappers average gradients over the data-parallel ranks; the loss is normalized globally
-        (loss * self.dims.dp_size).backward()
+        # the wrappers average gradients over the data-parallel ranks, cp ranks included (each holds a slice of
+        # the same samples, so its gradient is a share of theirs); the loss is normalized globally
+        (loss * self.dims.dp_size * self.dims.cp).backward()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Over the ranks that hold different data (tensor-parallel ranks share one loss: counted once)."""
@@ -135,6 +138,12 @@ class _DataParallelEngine(SingleEngine):
 
     def unwrap(self) -> nn.Module:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+
+    @contextlib.contextmanager
+    def gather_for_generation(self):
+        # context parallel cores run as plain cores: every rank decodes the whole sequence (cp.py)
+        with context_parallel_disabled(self.unwrap()), super().gather_for_generation() as model:
+            yield model
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
@@ -174,6 +183,8 @@ class FSDP2Engine(_DataParallelEngine):
             apply_tensor_parallel(model, plan, self.tp_mesh)
         # EP next: the experts become Shard(0) DTensors over the ep ranks, dispatched by all-to-all
         experts = apply_expert_parallel(model, plan, dims.ep_mesh) if dims.ep > 1 else []
+        if dims.cp > 1:  # CP next: the attention cores become ring / Ulysses cores over the cp ranks
+            apply_context_parallel(model, plan, dims.mesh["cp"].get_group(), dims.cp_method)
         apply_activation_checkpointing(model, plan, activation_checkpointing)
         apply_compile(model, plan, compile)
         self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over

@@ -26,8 +26,12 @@ stack its shard dimension on the ep one.
 Which backend takes which degrees
     single   every degree 1
     ddp      dp_replicate = world size (plain data parallel: replicas, nothing sharded)
-    fsdp2    dp_shard (and dp_replicate > 1 for HSDP), composes with tp, and with ep (workbench/parallel/ep.py)
+    fsdp2    dp_shard (and dp_replicate > 1 for HSDP), composes with tp, with ep (workbench/parallel/ep.py) and
+             with cp (workbench/parallel/cp.py: FSDP2 shards over dp_shard x cp)
+    ddp      also with cp: dp_replicate x cp = world size (gradients are averaged over all of them)
     zero1-3  DeepSpeed's data-parallel group is dp_shard (or dp_replicate): tp, cp and ep are refused
+Context parallel (cp > 1) is refused for a mixture of experts (the routers' balance terms would need their
+counts summed over the cp ranks; not built yet), and Ulysses needs cp to divide model.config.n_heads.
 Validation names the config field and what was expected, so a bad layout stops before a process group
 exists.
 """
@@ -44,8 +48,8 @@ DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # mesh order, outermost first
 # what each backend supports: degrees that must stay 1
 _REFUSED = {
     "single": ("dp_replicate", "dp_shard", "tp", "cp", "ep"),
-    "ddp": ("dp_shard", "tp", "cp", "ep"),
-    "fsdp2": ("cp",),  # context parallel arrives with the long-context issue
+    "ddp": ("dp_shard", "tp", "ep"),
+    "fsdp2": (),
     "zero1": ("tp", "cp", "ep"),
     "zero2": ("tp", "cp", "ep"),
     "zero3": ("tp", "cp", "ep"),
@@ -61,12 +65,13 @@ class ParallelDims:
     cp: int
     ep: int
     world_size: int
+    cp_method: str = "ring"
 
     @classmethod
     def from_config(cls, parallel, world_size: int, model_cfg=None) -> ParallelDims:
         """Checked degrees from a `ParallelSection`; `model_cfg` adds the head and expert divisibility checks."""
         dims = cls(parallel.backend, parallel.dp_replicate, parallel.dp_shard, parallel.tp, parallel.cp,
-                   parallel.ep, world_size)
+                   parallel.ep, world_size, getattr(parallel, "cp_method", "ring"))
         dims.validate(model_cfg)
         return dims
 
@@ -96,13 +101,23 @@ class ParallelDims:
                                   f"built yet for backend {self.backend!r} ({why}), only for 'fsdp2'; use "
                                   f"parallel.backend = 'fsdp2' with parallel.dp_shard a multiple of ep, or set "
                                   f"parallel.ep = 1 (MoE experts then stay whole on every rank)")
+            if name == "cp" and self.cp != 1 and self.backend.startswith("zero"):
+                raise ConfigError(f"config key 'parallel.cp': {self.cp} asks for context parallel, which does not "
+                                  f"compose with backend {self.backend!r} yet (DeepSpeed's data-parallel group would "
+                                  f"have to leave out the cp ranks while its loss reduction includes them); use "
+                                  f"parallel.backend = 'fsdp2' (or 'ddp') with parallel.cp, or set parallel.cp = 1")
             if degrees[name] != 1:
                 raise ConfigError(
                     f"config key 'parallel.{name}': {degrees[name]} does not compose with backend "
                     f"{self.backend!r} (it needs parallel.{name} = 1; docs/parallelism.md lists what composes)")
-        if self.backend == "ddp" and self.dp_replicate != self.world_size:
+        if self.backend == "ddp" and self.dp_replicate * self.cp != self.world_size:
             raise ConfigError(f"config key 'parallel.dp_replicate': backend 'ddp' replicates the model on every "
-                              f"rank, so it must equal the world size {self.world_size}")
+                              f"rank, so dp_replicate x cp must equal the world size {self.world_size}")
+        if self.cp > 1 and self.tp > 1:
+            raise ConfigError(f"config keys 'parallel.cp' and 'parallel.tp': context parallel ({self.cp}) with tensor "
+                              f"parallel ({self.tp}) is not built or tested yet; set one of them to 1")
+        if self.cp_method not in ("ring", "ulysses"):
+            raise ConfigError(f"config key 'parallel.cp_method': {self.cp_method!r} (expected 'ring' or 'ulysses')")
         if self.backend.startswith("zero") and self.dp_replicate > 1 and self.dp_shard > 1:
             raise ConfigError("config keys 'parallel.dp_replicate' and 'parallel.dp_shard': ZeRO has one "
                               "data-parallel group; set one of them to the world size and the other to 1")
@@ -122,7 +137,17 @@ class ParallelDims:
             if self.ep > 1 and n_experts % self.ep:
                 raise ConfigError(f"config key 'parallel.ep': {self.ep} must divide model.config.n_experts "
                                   f"= {n_experts}")
-        # context parallel (refused by every backend so far) will add: data.seq_len divisible by 2 x cp
+            if self.cp > 1 and n_experts is not None:
+                raise ConfigError(f"config key 'parallel.cp': {self.cp} with a mixture of experts "
+                                  f"(model.config.n_experts = {n_experts}) is not built yet: the balance losses and "
+                                  f"expert counts are formed per rank's slice of each sequence and would need "
+                                  f"summing over the cp ranks; set parallel.cp = 1")
+            n_heads = getattr(model_cfg, "n_heads", None)
+            if self.cp > 1 and self.cp_method == "ulysses" and n_heads is not None and n_heads % self.cp:
+                raise ConfigError(f"config key 'parallel.cp': Ulysses splits the heads over the cp ranks, so "
+                                  f"parallel.cp = {self.cp} must divide model.config.n_heads "
+                                  f"= {n_heads}; use parallel.cp_method = 'ring' or another cp")
+        # data.seq_len must be divisible by 2 x cp: checked by JobConfig.validate (workbench.parallel.cp)
 
     # ------------------------------------------------------------------------------------------------ sizes
 
@@ -134,6 +159,10 @@ class ParallelDims:
     def dp_rank(self, rank: int) -> int:
         """This global rank's index among the data-parallel ranks (mesh order: tp and cp are innermost)."""
         return rank // (self.cp * self.tp)
+
+    def cp_rank(self, rank: int) -> int:
+        """This global rank's index in its cp group (which slice of each sequence it holds)."""
+        return rank // self.tp % self.cp
 
     # ------------------------------------------------------------------------------------------------ meshes
 

@@ -31,7 +31,9 @@ complete checkpoint (weights, optimizer and schedule state, the data cursor and 
 gives the same per-step losses as a run that was never stopped (a metrics record's mean starts again at
 the resume); it refuses config changes that would make it a different run (see RESUMABLE_CHANGES; the
 LAYOUT_CHANGES are allowed while the global batch stays the same) and a dataset that is not the one the
-run was reading. A step whose loss or gradient is not finite is not applied and does not advance the
+run was reading. `train.init_from` instead starts a new run from another run's weights alone, under a model
+config that may differ where the shapes allow (context extension: `load_init_weights`). A step whose loss
+or gradient is not finite is not applied and does not advance the
 learning-rate schedule.
 """
 
@@ -49,6 +51,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_checkpoint, sha256_file
+from workbench.checkpoint.safetensors_io import read_file
 from workbench.config import dumps_toml, flatten, load_config, to_dict
 from workbench.data.cursor import DataCursor
 from workbench.data.packed import IGNORE_INDEX, collate
@@ -59,6 +62,7 @@ from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
 from workbench.parallel.checkpointing import apply_activation_checkpointing, apply_compile
+from workbench.parallel.cp import apply_context_parallel, cp_all_reduce, shard_batch
 from workbench.parallel.data_parallel import (
     DDPEngine,
     FSDP2Engine,
@@ -73,6 +77,7 @@ from workbench.parallel.zero import ZeroEngine
 from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
 from workbench.train.optim import build_optimizer, build_scheduler
+from workbench.train.optim.muon import qk_clip_
 from workbench.train.report import REPORT_FILE, write_run_report
 
 # what a mixture of experts (and DeepSeek-V3's multi-token prediction) adds to a train record
@@ -119,6 +124,8 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
                            reshard_after_forward=par.reshard_after_forward, cpu_offload=par.cpu_offload,
                            activation_checkpointing=par.activation_checkpointing, compile=par.compile,
                            loss_parallel=par.loss_parallel)
+    if dims.cp > 1:  # ddp (zero refuses cp in ParallelDims): the attention cores become ring / Ulysses cores
+        apply_context_parallel(model, plan, dims.mesh["cp"].get_group(), dims.cp_method)
     apply_activation_checkpointing(model, plan, par.activation_checkpointing)
     apply_compile(model, plan, par.compile)
     if backend == "single":
@@ -156,6 +163,31 @@ def prepare_data(job: JobConfig, log=print) -> Manifest:
     from data_pipelines.shards import build_dataset
 
     return build_dataset(job.data, log=log)
+
+
+def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer_sha256: str, check: bool = True,
+                      log=print) -> Path:
+    """`train.init_from`: the model weights (not the optimizer, schedule or step) of a run folder's newest
+    complete checkpoint, or of a checkpoint folder, loaded into `model`, whose config may differ from the
+    one that trained them in anything that keeps every tensor's name and shape (a RoPE scaling, max_seq_len:
+    what context extension changes). The checkpoint's manifest is verified first (`check`); the run that
+    wrote it must have used this dataset's tokenizer. Returns the checkpoint folder."""
+    from workbench.checkpoint.load import run_dir_of
+    from workbench.checkpoint.run import load_model_state, resolve_checkpoint
+    from workbench.models.base import load_state_strict
+
+    try:
+        ckpt = resolve_checkpoint(init_from)
+    except WorkbenchError as e:
+        raise ConfigError(f"config key 'train.init_from': {e}") from e
+    tokenizer = run_dir_of(ckpt) / "tokenizer.json"
+    if tokenizer.is_file() and sha256_file(tokenizer) != tokenizer_sha256:
+        raise DataError(f"config key 'train.init_from': {tokenizer} is not the tokenizer of this run's dataset; "
+                        f"token ids would mean other things (set data.tokenizer = \"{tokenizer}\")")
+    state = load_model_state(ckpt) if check else read_file(ckpt / "model.safetensors")
+    load_state_strict(model, state, f"config key 'train.init_from' ({ckpt / 'model.safetensors'})")
+    log(f"init_from: model weights of {ckpt} (a new run: step 0, fresh optimizer)")
+    return ckpt
 
 
 # What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
@@ -247,6 +279,10 @@ class Trainer:
                                 seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
                                 strict=job.data.strict, log=self.log, manifest=self.manifest)
         self.model = build_model(job.model, self.device)
+        if job.train.init_from and self.resume_from is None:  # a resumed run has its own weights
+            with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
+                load_init_weights(self.model, job.train.init_from, self.manifest.tokenizer_sha256,
+                                  check=self.is_main, log=self.log)
         self.n_params, self.flops_per_token = count_params(self.model), self.model.flops_per_token(job.data.seq_len)
         self.objective = LMObjective()
         self.cursor = DataCursor()
@@ -283,6 +319,8 @@ class Trainer:
         for _ in range(self.job.train.grad_accum):
             idx = self.cursor.take(self.job.train.micro_batch_size, self.dims.dp_rank(self.rank), self.dims.dp_size)
             batch = collate([self.data.sample(i) for i in idx])
+            # context parallel: the cp ranks read the same samples, each keeps its zig-zag slice of them
+            batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))
             out.append({k: v.to(self.device) for k, v in batch.items()})
         return out
 
@@ -313,6 +351,7 @@ class Trainer:
         nll_sum, targets, text_nll, text_bytes = 0.0, 0, 0.0, 0.0
         engines = {"policy": self.engine}
         for batch in self.val_batches():
+            batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))  # context parallel: a slice
             mb = {k: v.to(self.device) for k, v in batch.items()}
             logits = self.objective.logits(engines, mb)  # (B, T, V)
             keep = mb["labels"] != IGNORE_INDEX
@@ -324,6 +363,9 @@ class Trainer:
             targets += len(labels)
             text_nll += float(nll[n_bytes > 0].sum())
             text_bytes += float(n_bytes.sum())
+        if self.dims.cp > 1:  # each cp rank scored its slice of the same windows
+            nll_sum, targets, text_nll, text_bytes = cp_all_reduce([nll_sum, targets, text_nll, text_bytes],
+                                                                   self.dims.mesh["cp"].get_group())
         return {"step": self.step, "val_loss": nll_sum / max(targets, 1),
                 "val_bpb": text_nll / (math.log(2) * text_bytes) if text_bytes else float("nan")}
 
@@ -363,13 +405,16 @@ class Trainer:
         post_step = getattr(self.engine.unwrap(), "post_step", None)
         if post_step is not None:  # e.g. DeepSeek-V3's router bias update, from the step's reduced expert counts
             aux.update(post_step(applied))
+        if self.job.optim.qk_clip_tau > 0:  # QK-Clip (MuonClip): the heads' max logits, MAX-reduced over the ranks
+            aux.update(qk_clip_(self.engine.unwrap(), self.job.optim.qk_clip_tau, applied,
+                                reduce=lambda t: self.engine.all_reduce(t, op="max")))
         skipped = not applied
         if skipped:
             self.log(f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                      f"the update is not applied")
         self.step += 1
         return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens * self.dims.dp_size, "skipped": skipped, **aux}
+                "tokens": tokens * self.dims.dp_size * self.dims.cp, "skipped": skipped, **aux}
 
     def save(self) -> Path:
         """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine
