@@ -12,6 +12,8 @@
                    [--TASK.key value ...]                                (task options, e.g. --reasoning.n 50)
     workbench eval --list                                                (the tasks and their options)
     workbench report RUN_DIR                                             (rewrite the run's report.md)
+    workbench plan-context [--model llama3:8B] [--seq-len 128k,1M,4M] [--cp 1,8,32] [--pattern dense]
+                           [--ac full] [--dp-shard N] [--measure]      (per-rank memory and FLOPs, long context)
 
 Under a launcher, `--local_rank N` / `--local-rank=N` (which the deepspeed launcher adds before the command)
 is accepted and ignored: the LOCAL_RANK environment variable, which every launcher sets, is what counts.
@@ -188,6 +190,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_context(args: argparse.Namespace) -> int:
+    from workbench.parallel.memory_plan import run_cli
+
+    default = ("256,512,1024,2048" if args.measure else "128k,1M,4M")
+    print(run_cli(args.model, args.seq_len or default, args.cp, args.pattern, args.ac, args.dp_shard, args.tp,
+                  args.ep, args.micro_batch, args.precision, args.kernel, measure_mode=args.measure))
+    return 0
+
+
 def _add_local_rank(p: argparse.ArgumentParser) -> None:
     """`--local_rank=N`, as the deepspeed launcher appends it (and torch.distributed.launch); ignored."""
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -236,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rewrite a run folder's report.md (training runs write it at each checkpoint)")
     p.add_argument("run_dir", metavar="RUN_DIR")
+
+    p = sub.add_parser("plan-context", help="per-rank memory and attention FLOPs of long-context training "
+                                            "(comma-separated values give one row each; see docs/context-memory.md)")
+    p.add_argument("--model", default="llama3:8B", help="FAMILY:FLAVOR, e.g. llama3:8B, deepseek_v3:671B, kimi-k2")
+    p.add_argument("--seq-len", default=None, help="tokens per sequence, k/M suffixes (default 128k,1M,4M; "
+                                                   "with --measure 256,512,1024,2048)")
+    p.add_argument("--cp", default="1", help="context-parallel degrees")
+    p.add_argument("--pattern", default="dense", help="dense | sliding:W | moba:B:k")
+    p.add_argument("--ac", default="none", help="activation checkpointing: none | full | selective")
+    p.add_argument("--dp-shard", default="1", help="FSDP / ZeRO-3 degree (parameters shard over dp_shard * cp)")
+    p.add_argument("--tp", default="1")
+    p.add_argument("--ep", default="1")
+    p.add_argument("--micro-batch", default="1", help="sequences per micro-batch")
+    p.add_argument("--precision", default="bf16", help="bf16 (fp32 master and Adam moments) | fp32")
+    p.add_argument("--kernel", default="flash", help="flash (no T x T scores kept) | eager (T x T probabilities kept)")
+    p.add_argument("--measure", action="store_true",
+                   help="check the formulas against memory measured on small CPU models instead")
     return parser
 
 
@@ -248,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"generate": cmd_generate, "export": cmd_export, "report": cmd_report}[args.command](args)
+        return {"generate": cmd_generate, "export": cmd_export, "report": cmd_report,
+                "plan-context": cmd_plan_context}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
