@@ -330,3 +330,34 @@ def test_the_kimi_k2_pretrain_config_runs(tmp_path, debug_data):
     assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
     # a tau below the initial logits: some MLA heads are clipped on the first step
     assert history[0]["qk_clip_max_logit"] > 0.05 and history[0]["qk_clip_heads"] > 0
+
+
+def test_validation_batches_feed_no_qk_clip_record(tmp_path, debug_job):
+    """The trainer validates in eval mode: held-out batches never count toward a step's S_max."""
+    from workbench.train.trainer import Trainer
+
+    trainer = Trainer(debug_job(tmp_path, "--optim.qk_clip_tau", "100", "--train.eval_tokens", "256"), **QUIET)
+    modules = qk_clip_modules(trainer.model)
+    assert modules and all(m.qk_clip_record and m.qk_max_logit is None for m in modules)
+    trainer.evaluate()
+    assert all(m.qk_max_logit is None for m in modules) and trainer.model.training
+    trainer.train_step()  # a training step records, and its hook clears the records again
+    assert all(m.qk_max_logit is None for m in modules)
+
+
+def test_the_recorded_max_logit_under_moba_counts_only_the_picked_blocks():
+    from workbench.nn.attention import MaskSpec, repeat_kv
+    from workbench.nn.moba import MobaSpec, moba_mask
+    from workbench.nn.qk_clip import head_max_logits
+
+    torch.manual_seed(7)
+    B, T, H, KV, D, scale = 2, 29, 4, 2, 8, 0.3
+    q, k = torch.randn(B, H, T, D), torch.randn(B, KV, T, D)
+    spec = MaskSpec(moba=MobaSpec(block_size=4, topk=2))
+    scores = torch.matmul(q, repeat_kv(k, H // KV).transpose(2, 3)) * scale  # (B, H, T, T)
+    allowed = moba_mask(q, k, spec, 0)  # (B, H, T, T)
+    expected = scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+    got = head_max_logits(q.transpose(1, 2), k.transpose(1, 2), spec, 0, scale, max_elements=300)  # 3 row blocks
+    torch.testing.assert_close(got, expected)
+    causal = scores.masked_fill(~MaskSpec().dense(T, T), float("-inf")).amax(dim=(0, 2, 3))
+    assert (got <= causal).all() and (got < causal).any()  # the blocks MoBA skipped held larger logits

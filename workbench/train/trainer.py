@@ -190,6 +190,17 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer_sha256: 
     return ckpt
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model.eval()` inside the block, its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 # What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
 RESUMABLE_CHANGES = frozenset({
     "run.name", "run.out_dir", "run.device", "data.strict",
@@ -350,19 +361,20 @@ class Trainer:
         """
         nll_sum, targets, text_nll, text_bytes = 0.0, 0, 0.0, 0.0
         engines = {"policy": self.engine}
-        for batch in self.val_batches():
-            batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))  # context parallel: a slice
-            mb = {k: v.to(self.device) for k, v in batch.items()}
-            logits = self.objective.logits(engines, mb)  # (B, T, V)
-            keep = mb["labels"] != IGNORE_INDEX
-            labels = mb["labels"][keep]  # (N,)
-            # -log p(label) per target
-            nll = F.cross_entropy(logits[keep], labels, reduction="none").double().cpu()
-            n_bytes = self._token_bytes[labels.cpu()]
-            nll_sum += float(nll.sum())
-            targets += len(labels)
-            text_nll += float(nll[n_bytes > 0].sum())
-            text_bytes += float(n_bytes.sum())
+        with eval_mode(self.engine.unwrap()):  # held-out batches feed no training-only record (QK-Clip)
+            for batch in self.val_batches():
+                batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))  # context parallel: a slice
+                mb = {k: v.to(self.device) for k, v in batch.items()}
+                logits = self.objective.logits(engines, mb)  # (B, T, V)
+                keep = mb["labels"] != IGNORE_INDEX
+                labels = mb["labels"][keep]  # (N,)
+                # -log p(label) per target
+                nll = F.cross_entropy(logits[keep], labels, reduction="none").double().cpu()
+                n_bytes = self._token_bytes[labels.cpu()]
+                nll_sum += float(nll.sum())
+                targets += len(labels)
+                text_nll += float(nll[n_bytes > 0].sum())
+                text_bytes += float(n_bytes.sum())
         if self.dims.cp > 1:  # each cp rank scored its slice of the same windows
             nll_sum, targets, text_nll, text_bytes = cp_all_reduce([nll_sum, targets, text_nll, text_bytes],
                                                                    self.dims.mesh["cp"].get_group())
