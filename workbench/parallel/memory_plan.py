@@ -16,7 +16,11 @@ Degrees (workbench/parallel/dims.py)
     FSDP / ZeRO-3 shards over S = dp_shard * cp ranks (context-parallel ranks hold the same weights, so they
     shard them too: the "dp_shard_cp" mesh); experts over the same S ranks (ep borrows them, so ep must divide
     S); tp splits every non-expert matrix and, with sequence parallelism, every saved activation. A cp rank
-    holds T / cp tokens of each sequence; ring attention's K/V blocks in flight are transient and not counted.
+    holds T / cp tokens of each sequence. Under cp the flash kernel means a fused ring kernel (flash attention
+    per K/V block, each received block freed after its hop), which is what production ring attention does and
+    what the tables assume; the ring core of workbench/parallel/cp.py is a correctness-first eager one (it
+    keeps every received K/V block and each sub-block's scores for the backward), so its memory is closer to
+    `kernel = "eager"` with T / cp queries per rank.
 
 Bytes per parameter (p = parameter count on the rank)
     bf16   weights 2 p, gradients 2 p, optimizer 12 p (fp32 master 4 + Adam m 4 + v 4)   (the ZeRO paper's 16)
