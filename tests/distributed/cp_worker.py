@@ -8,8 +8,10 @@ slice, the slices of the output and of the gradients of q, k, v are gathered and
 AttentionCore (math) on the whole tensors. Rank 0 writes OUT_DIR/cp-results.json:
 {case: {"out", "dq", "dk", "dv": max |cp - full| / max |full|, "ok": all close (rtol 1e-5, atol 1e-6),
 "blocks": sub-blocks each rank computed (ring)}}.
-Training cases: as train_worker.py (llama3 debug overrides per case), {name: {"losses", "grad_norms", "val_loss",
-"sample"}} in OUT_DIR/train-results.json.
+Training cases: as train_worker.py (llama3 debug overrides per case; mixture-of-experts cases override the model
+family), {name: {"losses", "grad_norms", "val_loss", "sample", and per step each logged MoE metric present
+("aux_loss", "balance_loss", "expert_load"), "router_biases": the final DeepSeek-V3 routing biases (or None)}}
+in OUT_DIR/train-results.json.
 """
 
 import json
@@ -47,6 +49,15 @@ SPECS = {
     "bidirectional-docs": (4, 2, 8, 8, {"causal": False}, True),
     "soft-cap": (4, 4, 8, 8, {"soft_cap": 5.0}, False),
 }
+
+
+MOE_METRICS = ("aux_loss", "balance_loss", "expert_load")
+
+
+def router_biases(model) -> list[list[float]] | None:
+    """DeepSeek-V3's selection biases after training (every MoE layer), or None for a model without them."""
+    blocks = model.moe_blocks() if hasattr(model, "moe_blocks") else []
+    return [b.moe.router.bias.tolist() for b in blocks] or None
 
 
 def attention_case(method: str, spec: tuple, group, P: int, r: int) -> dict:
@@ -100,7 +111,9 @@ def main() -> None:
         trainer = Trainer(job, log=lambda *a, **k: None)
         history = trainer.fit()
         train[name] = {"losses": [r["loss"] for r in history], "grad_norms": [r["grad_norm"] for r in history],
-                       "val_loss": trainer.evaluate()["val_loss"], "sample": trainer.sample("def", 8)}
+                       "val_loss": trainer.evaluate()["val_loss"], "sample": trainer.sample("def", 8),
+                       **{k: [r[k] for r in history] for k in MOE_METRICS if k in history[0]},
+                       "router_biases": router_biases(trainer.engine.unwrap())}
     if r == 0:
         (out / "train-results.json").write_text(json.dumps(train))
     if trainer is not None:

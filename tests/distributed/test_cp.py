@@ -5,7 +5,11 @@ output and the gradients of q, k and v (fp32, rtol 1e-5), for causal, packed doc
 sliding windows, GQA (one KV head too: Ulysses replicates it), MLA's smaller value head, bidirectional documents
 and a soft-cap; and the zig-zag split gives both ranks the same causal work (2P + 1 sub-blocks each).
 Training: llama3 debug under fsdp2 (ring and Ulysses) and ddp (ring) with cp = 2 gives the per-step losses,
-gradient norms and validation loss of one process on the same global batch.
+gradient norms and validation loss of one process on the same global batch. Mixtures of experts too: Mixtral
+debug (fsdp2 ring, ddp ring) and Kimi K2 debug (DeepSeek-V3 without MTP; fsdp2 ring, Ulysses, and ring with
+ep = 2 borrowing the cp ranks), whose logged aux loss, balance loss (Kimi: the sequence-wise one, per-sequence
+counts summed over the cp ranks) and expert load, and Kimi's router biases after three bias updates, equal the
+single-process run's.
 """
 
 from __future__ import annotations
@@ -34,6 +38,19 @@ TRAIN_CASES = {
     "fsdp2-cp2-ulysses": [*RUN, *CP, "--parallel.backend", "fsdp2", "--parallel.cp_method", "ulysses"],
     "ddp-cp2-ring": [*RUN, *CP, "--parallel.backend", "ddp", "--parallel.cp_method", "ring"],
 }
+MIXTRAL = ["--model.family", "mixtral", "--model.flavor", "debug"]
+# both Kimi K2 balancing terms, strong enough to show: the sequence-wise loss and the router bias update
+KIMI = ["--model.family", "deepseek_v3", "--model.flavor", "kimi-k2-debug", "--model.seq_aux_loss_coef", "0.01",
+        "--model.bias_update_rate", "0.01"]
+MOE_CASES = {
+    "mixtral-fsdp2-cp2-ring": (MIXTRAL, [*RUN, *CP, "--parallel.backend", "fsdp2", "--parallel.cp_method", "ring"]),
+    "mixtral-ddp-cp2-ring": (MIXTRAL, [*RUN, *CP, "--parallel.backend", "ddp", "--parallel.cp_method", "ring"]),
+    "kimi-fsdp2-cp2-ring": (KIMI, [*RUN, *CP, "--parallel.backend", "fsdp2", "--parallel.cp_method", "ring"]),
+    "kimi-fsdp2-cp2-ulysses": (KIMI, [*RUN, *CP, "--parallel.backend", "fsdp2", "--parallel.cp_method", "ulysses"]),
+    "kimi-fsdp2-cp2-ep2-ring": (KIMI, [*RUN, *CP, "--parallel.backend", "fsdp2", "--parallel.cp_method", "ring",
+                                       "--parallel.ep", "2"]),
+}
+TRAIN_CASES.update({name: [*model, *args] for name, (model, args) in MOE_CASES.items()})
 ATTENTION = ["causal", "causal-docs", "sliding-window", "sliding-window-docs", "gqa-docs", "gqa-one-kv-head",
              "mla-value-dim", "bidirectional-docs", "soft-cap"]
 
@@ -50,14 +67,33 @@ def launched(tmp_path_factory, debug_data):
     return (json.loads((out / "cp-results.json").read_text()), json.loads((out / "train-results.json").read_text()))
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, debug_data):
-    out = tmp_path_factory.mktemp("cp-single")
+def train_single(out: Path, data: Path, *model: str):
+    """One process on the same global batch: (history, validation loss, router biases or None)."""
     job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--run.name", "single", "--data.dir",
-                                              str(debug_data), "--train.sample_tokens", "0", *RUN])
+                                              str(data), "--train.sample_tokens", "0", *RUN, *model])
     trainer = Trainer(job, log=lambda *a, **k: None)
     history = trainer.fit()
-    return history, trainer.evaluate()["val_loss"]
+    model = trainer.engine.unwrap()
+    biases = [b.moe.router.bias.tolist() for b in model.moe_blocks()] if hasattr(model, "moe_blocks") else None
+    return history, trainer.evaluate()["val_loss"], biases
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, debug_data):
+    return train_single(tmp_path_factory.mktemp("cp-single"), debug_data)[:2]
+
+
+@pytest.fixture(scope="module")
+def single_moe(tmp_path_factory, debug_data):
+    """The single-process runs of the MoE models, trained once each when first asked for."""
+    runs = {}
+
+    def get(model: tuple[str, ...]):
+        if model not in runs:
+            runs[model] = train_single(tmp_path_factory.mktemp("cp-single-moe"), debug_data, *model)
+        return runs[model]
+
+    return get
 
 
 @pytest.mark.parametrize("method", ["ring", "ulysses"])
@@ -75,7 +111,7 @@ def test_zigzag_balances_causal_work_and_skips_masked_blocks(launched):
     assert sum(results["ring-causal-docs"]["blocks"]) < 10  # other documents' blocks are skipped too
 
 
-@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+@pytest.mark.parametrize("case", sorted(set(TRAIN_CASES) - set(MOE_CASES)))
 def test_training_under_context_parallel_matches_single_process(case, launched, single):
     history, val_loss = single
     got = launched[1][case]
@@ -86,3 +122,23 @@ def test_training_under_context_parallel_matches_single_process(case, launched, 
                                rtol=1e-5, atol=0)
     assert got["val_loss"] == pytest.approx(val_loss, rel=1e-5)  # the validation slices, summed over cp ranks
     assert isinstance(got["sample"], str) and got["sample"]  # generation runs with the cp cores set aside
+
+
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_mixture_of_experts_under_context_parallel_matches_single_process(case, launched, single_moe):
+    history, val_loss, biases = single_moe(tuple(MOE_CASES[case][0]))
+    got = launched[1][case]
+    keys = {"losses": "loss", "grad_norms": "grad_norm", "aux_loss": "aux_loss", "balance_loss": "balance_loss",
+            "expert_load": "expert_load"}
+    assert all(k in got for k in keys) and all(k in history[0] for k in keys.values()), sorted(got)
+    assert all(r["aux_loss"] > 0 and r["balance_loss"] > 0 for r in history)  # the balance term is trained
+    for key, ref_key in keys.items():
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor([r[ref_key] for r in history]),
+                                   rtol=1e-5, atol=0, msg=key)
+    assert got["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+    if case.startswith("kimi"):  # three bias updates from the step's expert counts, summed over dp x cp
+        assert biases is not None and max(abs(b) for layer in biases for b in layer) > 0
+        torch.testing.assert_close(torch.tensor(got["router_biases"]), torch.tensor(biases), rtol=0, atol=0)
+    else:
+        assert got["router_biases"] is None and biases is None
+

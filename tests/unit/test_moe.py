@@ -285,6 +285,43 @@ def test_per_rank_balance_shares_sum_to_the_whole_batch_loss_and_gradient():
     assert abs(float(per_rank_mean.detach()) - float(want.detach())) > 1e-4
 
 
+def test_sequence_balance_shares_of_cp_slices_sum_to_the_whole_sequences_loss_and_gradient():
+    """Context parallel: two 'cp ranks' each hold a zig-zag slice of every sequence (padding masked unevenly).
+    With the per-sequence counts and tokens summed over the cp group and each sequence counted once, the two
+    shares and their gradients add up to the sequence-wise loss of the whole sequences; summing only the
+    number of sequences (the data-parallel rule) misses it."""
+    from workbench.models.moe import sequence_balance_loss
+    from workbench.parallel.cp import shard_sequence
+
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, 2, sequence_stats=True, scoring="sigmoid", bias_balancing=True)
+    moe.init_weights(0.3, 0.3)
+    B, T, P = 3, 16, 2
+    x = torch.randn(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, -5:] = False  # padding: the per-sequence token counts T_b differ
+
+    def stats(aux):  # one MoE layer, stacked as DeepSeek-V3 does (L, B, E)
+        return {k: aux[k][None] for k in ("seq_counts", "seq_prob_sum", "seq_tokens")}
+
+    whole = sequence_balance_loss(stats(moe(x, mask)[1]), lambda t: t, E, 2)
+    (g_whole,) = torch.autograd.grad(whole, moe.router.gate.weight)
+    ranks = [stats(moe(shard_sequence(x, P, r), shard_sequence(mask, P, r))[1]) for r in range(P)]
+    assert ranks[0]["seq_tokens"].sum() != ranks[1]["seq_tokens"].sum()  # uneven slices
+
+    def reduce_seq(t):  # an all-reduce over the cp group, found by shape (counts (L, B, E), tokens (L, B))
+        key = "seq_counts" if t.dim() == 3 else "seq_tokens"
+        return sum(r[key].detach() for r in ranks)
+
+    reduce = lambda t: t * P  # noqa: E731  (the world is the cp group here: both ranks hold the same B)
+    shares = [sequence_balance_loss(r, reduce, E, 2, reduce_seq, seq_split=P) for r in ranks]
+    torch.testing.assert_close(sum(shares), whole)
+    (g_shares,) = torch.autograd.grad(sum(shares), moe.router.gate.weight)
+    torch.testing.assert_close(g_shares, g_whole)
+    data_parallel_rule = sum(sequence_balance_loss(r, reduce, E, 2) for r in ranks)  # slices taken as sequences
+    assert abs(float(data_parallel_rule.detach()) - float(whole.detach())) > 1e-3
+
+
 def test_tensor_parallel_with_experts_is_refused_by_name():
     from pathlib import Path
 

@@ -134,10 +134,20 @@ def test_context_parallel_layouts_and_refusals(tmp_path, debug_job):
     assert [d.dp_rank(r) for r in range(4)] == [0, 0, 1, 1] and [d.cp_rank(r) for r in range(4)] == [0, 1, 0, 1]
     assert dims(2, backend="ddp", cp=2, cp_method="ulysses").dp_size == 1
     assert dims(8, backend="fsdp2", cp=8).cp == 8  # ring has no head constraint
+    from workbench.models.deepseek_v3 import FLAVORS as DEEPSEEK
     from workbench.models.mixtral import FLAVORS as MOE
 
-    with pytest.raises(ConfigError, match=r"'parallel.cp': 2 with a mixture of experts"):
-        ParallelDims.from_config(ParallelSection(backend="fsdp2", cp=2), 2, MOE["debug"])
+    # a mixture of experts composes with cp (router sums reduced over dp x cp, per-sequence ones over cp), ep too
+    assert ParallelDims.from_config(ParallelSection(backend="fsdp2", cp=2), 2, MOE["debug"]).cp == 2
+    assert ParallelDims.from_config(ParallelSection(backend="fsdp2", cp=2, ep=2), 2, DEEPSEEK["kimi-k2-debug"]).ep == 2
+    assert ParallelDims.from_config(ParallelSection(backend="ddp", cp=2), 2, DEEPSEEK["kimi-k2-debug"]).cp == 2
+    # multi-token prediction reads token t + d from another rank's slice: refused by name
+    assert DEEPSEEK["debug"].mtp_layers == 1
+    with pytest.raises(ConfigError, match=r"'parallel.cp' and 'model.config.mtp_layers'.*mtp_layers = 1"):
+        ParallelDims.from_config(ParallelSection(backend="fsdp2", cp=2), 2, DEEPSEEK["debug"])
+    job = debug_job(tmp_path, "--model.family", "deepseek_v3", "--parallel.backend", "fsdp2", "--parallel.cp", "2")
+    with pytest.raises(ConfigError, match=r"'model.config.mtp_layers'"):  # as the trainer checks a job's layout
+        ParallelDims.from_config(job.parallel, 2, job.model.config)
     with pytest.raises(ConfigError, match=r"'data.seq_len': 64 must be divisible by 2 x parallel.cp = 6"):
         debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.cp", "3")
     with pytest.raises(ConfigError, match=r"parallel.cp_method"):

@@ -514,17 +514,20 @@ class DeepSeekV3(nn.Module):
             out.append(module.norm(h))  # (B, T-d, dim): shared_head.norm; the head itself is the main model's
         return tuple(out), auxes
 
-    def aux_loss(self, aux: dict, reduce=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
-        """seq_aux_loss_coef * this rank's share of the sequence-wise balance loss (`reduce` sums over
-        data-parallel ranks) and, for the log, the balance loss and the expert load: max / mean tokens per
-        expert of each MoE layer, averaged over layers (`expert_load`) and the worst layer (`expert_load_max`).
-        Also accumulates the step's reduced per-layer counts for `post_step`. (The MTP loss is the objective's:
-        `out.mtp_hidden`.)
+    def aux_loss(self, aux: dict, reduce=lambda t: t, reduce_seq=None,
+                 seq_split: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
+        """seq_aux_loss_coef * this rank's share of the sequence-wise balance loss (`reduce` sums over the
+        ranks holding different data; `reduce_seq` over the `seq_split` context-parallel ranks holding slices
+        of the same sequences: see `moe.sequence_balance_loss`) and, for the log, the balance loss and the
+        expert load: max / mean tokens per expert of each MoE layer, averaged over layers (`expert_load`) and
+        the worst layer (`expert_load_max`). Also accumulates the step's reduced per-layer counts for
+        `post_step`. (The MTP loss is the objective's: `out.mtp_hidden`.)
         """
         cfg, metrics = self.cfg, {}
         total = torch.zeros((), device=self.tok_embeddings.weight.device)
         if "seq_counts" in aux:
-            share = sequence_balance_loss(aux, reduce, cfg.n_experts, cfg.top_k)
+            # under context parallel the per-sequence counts are summed over the cp ranks
+            share = sequence_balance_loss(aux, reduce, cfg.n_experts, cfg.top_k, reduce_seq, seq_split)
             total = total + cfg.seq_aux_loss_coef * share
             counts = reduce(aux["expert_counts_per_layer"].detach().clone())  # (L_moe, E)
             self._step_counts = counts if self._step_counts is None else self._step_counts + counts

@@ -222,10 +222,13 @@ class Mixtral(nn.Module):
         return DecoderOutput(hidden=self.norm(x), aux=aux,
                              hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
-    def aux_loss(self, aux: dict, reduce=lambda t: t) -> tuple[torch.Tensor, dict[str, float]]:
+    def aux_loss(self, aux: dict, reduce=lambda t: t, reduce_seq=None,
+                 seq_split: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
         """router_aux_loss_coef * this rank's share of the batch's balance loss (`moe.balance_loss`; `reduce`
-        sums over data-parallel ranks), and for the log: the whole batch's balance loss and its expert load
-        (max / mean tokens per expert, summed over layers; 1 = perfectly even)."""
+        sums over the ranks holding different data, context-parallel ranks included), and for the log: the
+        whole batch's balance loss and its expert load (max / mean tokens per expert, summed over layers;
+        1 = perfectly even). The Switch loss is formed from token sums, so `reduce_seq` and `seq_split` (the
+        per-sequence reduction DeepSeek-V3's sequence-wise loss needs under context parallelism) are unused."""
         share, counts = balance_loss(aux, reduce, self.cfg.n_experts)
         total = reduce(share.detach().clone())
         return self.cfg.router_aux_loss_coef * share, {"balance_loss": float(total),

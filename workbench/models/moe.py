@@ -49,8 +49,12 @@ Switch balance loss, as transformers computes it (load_balancing_loss_func)
 DeepSeek's sequence-wise balance loss (a small complement to the bias, alpha ~ 1e-4)
     per sequence b and layer: f_e = E / (K T_b) * count_{b,e},  P_e = mean_t s'_{t,e},  s' = s / sum_e s
     L = sum_layers mean_b sum_e f_e P_e  (= 1 per layer at perfect balance). With `sequence_stats` the MoE
-    returns the per-sequence counts and probability sums; a sequence never spans data-parallel ranks, so
-    only the number of sequences is reduced (`sequence_balance_loss`).
+    returns the per-sequence counts and probability sums. A sequence never spans data-parallel ranks, but
+    under context parallelism its tokens are spread over the cp ranks: `sequence_balance_loss` then sums
+    c_{b,e} and T_b over the cp group only (other data-parallel ranks hold other sequences), counts each
+    sequence once in the number of sequences, and keeps this rank's probability sums for the gradient. The
+    loss is linear in them once f and T_b are fixed, so the cp ranks' shares add up to the loss of the whole
+    sequences and so do their gradients: no differentiable all-reduce is needed.
 
 Sources
     Fedus et al., "Switch Transformers", arXiv 2101.03961 (eqs. 4-6, z-loss from ST-MoE arXiv 2202.08906);
@@ -338,22 +342,33 @@ def balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int) -> tuple[
     return n_experts * (counts / tokens * aux["router_prob_sum"] / tokens).sum(), counts
 
 
-def sequence_balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int, top_k: int) -> torch.Tensor:
+def sequence_balance_loss(aux: dict[str, torch.Tensor], reduce, n_experts: int, top_k: int, reduce_seq=None,
+                          seq_split: int = 1) -> torch.Tensor:
     """This rank's share of DeepSeek-V3's sequence-wise balance loss (before its coefficient alpha):
 
         per sequence b and MoE layer l:  f_e = E / (K T_b) * c_{b,e},   P_e = (1 / T_b) sum_t s'_{t,e}
         L = sum_l  mean_b  sum_e f_e P_e          (= number of MoE layers at perfect balance)
 
     Needs aux["seq_counts"] and aux["seq_prob_sum"] of shape (L, B, E) and aux["seq_tokens"] (L, B) or (B,)
-    (an MoE built with sequence_stats=True, stacked over layers). A sequence lives on one rank, so each term is
-    local; only the number of sequences is summed over ranks (`reduce`), which makes the shares add up to
-    the mean over the whole batch.
+    (an MoE built with sequence_stats=True, stacked over layers). `reduce` sums over the ranks holding
+    different data (dp x cp); `reduce_seq` sums over the ranks holding slices of the same sequences (the cp
+    group; the identity without context parallelism) and `seq_split` is their number. The counts c_{b,e}
+    and tokens T_b are summed by `reduce_seq` (whole sequences); the probability sums stay this rank's slice:
+
+        share_r = sum_l sum_b sum_e f_e (S^r_{b,e} / T_b) / n_seq,   n_seq = reduce(B / seq_split)
+
+    Summed over the ranks the shares are L over the whole batch, and so are their gradients (linear in S^r;
+    f and T_b carry no gradient).
     """
-    counts, probs = aux["seq_counts"].detach(), aux["seq_prob_sum"]  # (L, B, E)
-    tokens = aux["seq_tokens"].clamp_min(1.0)[..., None]  # (L, B, 1) or (B, 1)
+    reduce_seq = (lambda t: t) if reduce_seq is None else reduce_seq
+    counts = reduce_seq(aux["seq_counts"].detach().clone())  # (L, B, E): whole sequences
+    tokens = reduce_seq(aux["seq_tokens"].detach().clone()).clamp_min(1.0)[..., None]  # (L, B, 1) or (B, 1)
+    # f_{b,e} = E / (K T_b) * c_{b,e}
     f = n_experts / (top_k * tokens) * counts
-    p = probs / tokens
-    n_seq = reduce(torch.tensor(float(counts.shape[1]), device=counts.device))
+    # this rank's part of P_{b,e} = (1 / T_b) sum_t s'_{t,e}
+    p = aux["seq_prob_sum"] / tokens
+    # every sequence counted once, although seq_split ranks each hold a slice of it
+    n_seq = reduce(torch.tensor(counts.shape[1] / seq_split, device=counts.device))
     return (f * p).sum() / n_seq
 
 

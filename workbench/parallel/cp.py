@@ -51,6 +51,10 @@ Design choices
       the core does (the document ids and key padding are all-gathered into natural order).
     - The ring core refuses by name what it does not implement: prefix-LM (`prefix_len`), key padding,
       and any extra mask field it does not know (MoBA's block selection needs the whole key set).
+    - A mixture of experts routes each rank's tokens unchanged; its router statistics cross ranks as sums:
+      token-level ones over dp x cp (the engine's `all_reduce`), DeepSeek-V3's per-sequence ones over the cp
+      group (`all_reduce_cp`; workbench/models/moe.py). Multi-token prediction (DeepSeek-V3's `mtp_layers`) is
+      refused by ParallelDims: it pairs token t with t + d, which sits on another rank's slice.
     - Generation with a KV cache is out of scope: `context_parallel_disabled(model)` turns every cp core back
       into the plain core (each rank then decodes the whole sequence, as every engine's generation does).
 

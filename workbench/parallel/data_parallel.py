@@ -136,6 +136,19 @@ class _DataParallelEngine(SingleEngine):
         dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
         return out
 
+    @property
+    def cp_size(self) -> int:
+        return self.dims.cp
+
+    def all_reduce_cp(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A sum over the cp group: the ranks holding slices of the same sequences (per-sequence statistics,
+        e.g. DeepSeek-V3's sequence-wise balance loss); the tensor itself without context parallel."""
+        if self.dims.cp == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.dims.mesh["cp"].get_group())
+        return out
+
     def unwrap(self) -> nn.Module:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 

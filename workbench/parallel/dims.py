@@ -30,8 +30,11 @@ Which backend takes which degrees
              with cp (workbench/parallel/cp.py: FSDP2 shards over dp_shard x cp)
     ddp      also with cp: dp_replicate x cp = world size (gradients are averaged over all of them)
     zero1-3  DeepSpeed's data-parallel group is dp_shard (or dp_replicate): tp, cp and ep are refused
-Context parallel (cp > 1) is refused for a mixture of experts (the routers' balance terms would need their
-counts summed over the cp ranks; not built yet), and Ulysses needs cp to divide model.config.n_heads.
+Context parallel (cp > 1) composes with a mixture of experts (and with ep, which borrows cp ranks): token-level
+router sums reduce over dp x cp like data parallel, and DeepSeek-V3's sequence-wise balance loss sums its
+per-sequence counts over the cp group (workbench/models/moe.py). It is refused with multi-token prediction
+(model.config.mtp_layers > 0: the MTP modules shift tokens along the sequence, across the zig-zag slices), and
+Ulysses needs cp to divide model.config.n_heads.
 Validation names the config field and what was expected, so a bad layout stops before a process group
 exists.
 """
@@ -137,11 +140,13 @@ class ParallelDims:
             if self.ep > 1 and n_experts % self.ep:
                 raise ConfigError(f"config key 'parallel.ep': {self.ep} must divide model.config.n_experts "
                                   f"= {n_experts}")
-            if self.cp > 1 and n_experts is not None:
-                raise ConfigError(f"config key 'parallel.cp': {self.cp} with a mixture of experts "
-                                  f"(model.config.n_experts = {n_experts}) is not built yet: the balance losses and "
-                                  f"expert counts are formed per rank's slice of each sequence and would need "
-                                  f"summing over the cp ranks; set parallel.cp = 1")
+            mtp_layers = getattr(model_cfg, "mtp_layers", 0)  # DeepSeek-V3's multi-token prediction modules
+            if self.cp > 1 and mtp_layers:
+                raise ConfigError(f"config keys 'parallel.cp' and 'model.config.mtp_layers': context parallel "
+                                  f"({self.cp}) with multi-token prediction (model.config.mtp_layers = "
+                                  f"{mtp_layers}) is not built: the MTP modules read token t + d beside token t, "
+                                  f"which lives on another cp rank's zig-zag slice; set model.mtp_layers = 0 "
+                                  f"(Kimi K2's flavors have none) or parallel.cp = 1")
             n_heads = getattr(model_cfg, "n_heads", None)
             if self.cp > 1 and self.cp_method == "ulysses" and n_heads is not None and n_heads % self.cp:
                 raise ConfigError(f"config key 'parallel.cp': Ulysses splits the heads over the cp ranks, so "

@@ -16,6 +16,9 @@ parameters and gathers them per block), and those differences stay inside the en
                                          norm is not finite (the same decision on every rank), zero_grad
     zero_grad()
     all_reduce(tensor, op)               sum/max over the data-parallel ranks (loss normalization, metrics)
+    all_reduce_cp(tensor), cp_size       sum over the cp group (the ranks holding slices of the same
+                                         sequences: per-sequence statistics) and its size; identity and 1
+                                         without context parallel
     unwrap() -> nn.Module                the plain model (for reading config and non-forward methods)
     model_state_dict()                   consolidated full weights (what model.safetensors holds)
     save_state(folder) / load_state(folder)
@@ -67,6 +70,11 @@ class Engine(Protocol):
     def zero_grad(self) -> None: ...
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+
+    @property
+    def cp_size(self) -> int: ...
+
+    def all_reduce_cp(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
     def unwrap(self) -> nn.Module: ...
 

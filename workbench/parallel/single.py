@@ -116,6 +116,11 @@ class SingleEngine:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return tensor  # one rank: the sum and the max are the value itself
 
+    cp_size = 1  # ranks holding slices of the same sequences (context parallel): one process holds them whole
+
+    def all_reduce_cp(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # no context parallel: every sequence is whole here
+
     def unwrap(self) -> nn.Module:
         return self.model
 

@@ -13,8 +13,12 @@ adds their loss, normalised like the main one (the paper's 1/T):
                                         ignored where tokens t and t + d belong to different documents)
 
 with lambda = model.cfg.mtp_loss_weight, logged as `mtp_loss` (the step's value, lambda left out).
-A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce)`) adds its weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over data-parallel ranks,
-so the term is each rank's share of the whole micro-batch's value (see workbench.models.moe.balance_loss).
+A model with auxiliary terms (a mixture of experts: `aux_loss(aux, reduce, reduce_seq, seq_split)`) adds its
+weighted auxiliary loss, averaged over the step's micro-batches; `reduce` is the engine's all-reduce over the
+ranks holding different data (data-parallel and context-parallel ranks), so the term is each rank's share of
+the whole micro-batch's value (see workbench.models.moe.balance_loss); `reduce_seq` sums over the `seq_split`
+context-parallel ranks holding slices of the same sequences (the engine's `all_reduce_cp` and `cp_size`), for
+per-sequence terms (workbench.models.moe.sequence_balance_loss).
 `metrics["lm_loss"]` keeps the language-modelling part alone (what the trainer logs as `loss`, comparable
 with the validation loss); `aux_loss` and the model's own metrics (balance loss, expert load) are logged
 beside it. Labels arrive already shifted by the collator;
@@ -81,7 +85,8 @@ class LMObjective:
             loss = loss + model.cfg.mtp_loss_weight / len(out.mtp_hidden) * mtp_loss
             metrics["mtp_loss"] = float(mtp_loss.detach()) / len(out.mtp_hidden)  # a share: summed over the step
         if out.aux and hasattr(model, "aux_loss"):
-            aux_loss, aux_metrics = model.aux_loss(out.aux, models["policy"].all_reduce)
+            engine = models["policy"]
+            aux_loss, aux_metrics = model.aux_loss(out.aux, engine.all_reduce, engine.all_reduce_cp, engine.cp_size)
             aux_loss = aux_loss / getattr(self, "micro_batches", 1)
             loss = loss + aux_loss
             metrics.update(aux_metrics, aux_loss=float(aux_loss.detach()))
