@@ -163,6 +163,10 @@ class JobConfig:
         if self.optim.qk_clip_tau and (self.parallel.tp > 1 or self.parallel.cp > 1):
             fail("optim.qk_clip_tau", "QK-Clip with parallel.tp > 1 or parallel.cp > 1 is not built (heads or keys "
                                       "are split across ranks, so a rank's recorded logits are partial)")
+        if (self.parallel.cp > 1 and self.parallel.cp_method == "ring"
+                and getattr(self.model.config, "moba_block_size", None) is not None):
+            fail("parallel.cp_method", "ring attention does not run MoBA (each query picks blocks from the whole "
+                                       "sequence, which no rank holds); use parallel.cp_method = 'ulysses'")
         model_vocab = self.model.config.vocab_size
         if not self.data.tokenizer and self.data.vocab_size > model_vocab:
             fail("data.vocab_size", f"the tokenizer to train ({self.data.vocab_size} tokens) must fit "

@@ -7,7 +7,7 @@ Attention cases: the same random q, k, v on every rank; each rank runs the ring 
 slice, the slices of the output and of the gradients of q, k, v are gathered and compared with the plain
 AttentionCore (math) on the whole tensors. Rank 0 writes OUT_DIR/cp-results.json:
 {case: {"out", "dq", "dk", "dv": max |cp - full| / max |full|, "ok": all close (rtol 1e-5, atol 1e-6),
-"blocks": sub-blocks each rank computed (ring)}}.
+"blocks": sub-blocks each rank computed (ring), "expected_blocks": those with an allowed pair in the dense mask}}.
 Training cases: as train_worker.py (llama3 debug overrides per case; mixture-of-experts cases override the model
 family), {name: {"losses", "grad_norms", "val_loss", "sample", and per step each logged MoE metric present
 ("aux_loss", "balance_loss", "expert_load"), "router_biases": the final DeepSeek-V3 routing biases (or None)}}
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from workbench.config import load_config
 from workbench.job import JobConfig
 from workbench.nn.attention import AttentionCore, MaskSpec
+from workbench.nn.moba import MobaSpec
 from workbench.parallel.cp import RingAttention, UlyssesAttention, shard_sequence, unshard_sequence
 from workbench.train.trainer import Trainer
 
@@ -49,6 +50,8 @@ SPECS = {
     "bidirectional-docs": (4, 2, 8, 8, {"causal": False}, True),
     "soft-cap": (4, 4, 8, 8, {"soft_cap": 5.0}, False),
 }
+# Ulysses only: MoBA picks each query's blocks from the whole sequence (the ring core refuses it by name)
+ULYSSES_SPECS = {"moba-docs": (4, 2, 8, 8, {"moba": MobaSpec(block_size=4, topk=2)}, True)}
 
 
 MOE_METRICS = ("aux_loss", "balance_loss", "expert_load")
@@ -92,7 +95,22 @@ def attention_case(method: str, spec: tuple, group, P: int, r: int) -> dict:
     blocks = torch.tensor([getattr(core, "blocks_computed", -1)])
     parts = [torch.empty_like(blocks) for _ in range(P)]
     dist.all_gather(parts, blocks, group=group)
-    return {**result, "ok": ok, "blocks": [int(b) for b in parts]}
+    return {**result, "ok": ok, "blocks": [int(b) for b in parts],
+            "expected_blocks": [nonempty_sub_blocks(MaskSpec(document_ids=doc_ids, **opts), T, P, rank)
+                                for rank in range(P)] if method == "ring" else None}
+
+
+def nonempty_sub_blocks(mask: MaskSpec, T: int, P: int, rank: int) -> int:
+    """(query chunk, key chunk) pairs of `rank` over the P ring steps that hold at least one allowed pair, counted
+    on the whole sequence's dense mask: rank r holds chunks r and 2P-1-r of 2P and meets every rank's K/V once."""
+    allowed = mask.dense(T, T)  # (B|1, 1, T, T)
+    c = T // (2 * P)
+    n = 0
+    for src in range(P):
+        for qc in (rank, 2 * P - 1 - rank):
+            for kc in (src, 2 * P - 1 - src):
+                n += bool(allowed[..., qc * c:(qc + 1) * c, kc * c:(kc + 1) * c].any())
+    return n
 
 
 def main() -> None:
@@ -102,6 +120,13 @@ def main() -> None:
     group = dist.new_group(list(range(P)))
     results = {f"{method}-{name}": attention_case(method, spec, group, P, r)
                for method in ("ring", "ulysses") for name, spec in SPECS.items()}
+    results.update({f"ulysses-{name}": attention_case("ulysses", spec, group, P, r)
+                    for name, spec in ULYSSES_SPECS.items()})
+    try:
+        attention_case("ring", ULYSSES_SPECS["moba-docs"], group, P, r)
+        results["ring-moba-refused"] = ""
+    except NotImplementedError as e:
+        results["ring-moba-refused"] = str(e)
     if r == 0:
         (out / "cp-results.json").write_text(json.dumps(results))
     train, trainer = {}, None

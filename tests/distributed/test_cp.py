@@ -104,11 +104,21 @@ def test_context_parallel_attention_equals_full_attention(method, case, launched
     assert max(got[k] for k in ("out", "dq", "dk", "dv")) < 1e-5, got
 
 
+def test_ulysses_runs_moba_exactly_and_the_ring_refuses_it_by_name(launched):
+    got = launched[0]["ulysses-moba-docs"]
+    assert got["ok"] and max(got[k] for k in ("out", "dq", "dk", "dv")) < 1e-5, got
+    assert "does not support the mask feature(s) moba" in launched[0]["ring-moba-refused"]
+
+
 def test_zigzag_balances_causal_work_and_skips_masked_blocks(launched):
     results = launched[0]
     # P = 2: 4 chunks, 10 of the 16 (query, key) chunk pairs are causal; each rank computes 2P + 1 = 5 of them
-    assert results["ring-causal"]["blocks"] == [5, 5]
-    assert sum(results["ring-causal-docs"]["blocks"]) < 10  # other documents' blocks are skipped too
+    assert results["ring-causal"]["blocks"] == results["ring-causal"]["expected_blocks"] == [5, 5]
+    # with packed documents exactly the sub-blocks holding an allowed pair are computed, fewer than causal's
+    docs = results["ring-causal-docs"]
+    assert docs["blocks"] == docs["expected_blocks"] and sum(docs["blocks"]) < 10
+    for case in ("ring-sliding-window-docs", "ring-gqa-docs", "ring-bidirectional-docs"):
+        assert results[case]["blocks"] == results[case]["expected_blocks"], case
 
 
 @pytest.mark.parametrize("case", sorted(set(TRAIN_CASES) - set(MOE_CASES)))

@@ -85,3 +85,15 @@ def test_the_plan_context_cores_are_swapped_and_set_aside_for_generation():
     with pytest.raises(ConfigError, match=r"'parallel.cp_method': 'stripes'"):
         apply_context_parallel(model, plan_for("llama3"), None, "stripes")
     assert UlyssesAttention.method == "ulysses"
+
+
+def test_a_moba_model_under_ring_attention_is_refused_when_the_job_is_validated():
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+
+    args = ["--model.moba_block_size", "16", "--parallel.backend", "fsdp2", "--parallel.cp", "2",
+            "--data.seq_len", "64"]
+    with pytest.raises(ConfigError, match="parallel.cp_method.*ring attention does not run MoBA.*ulysses"):
+        load_config(JobConfig, None, args)
+    job = load_config(JobConfig, None, [*args, "--parallel.cp_method", "ulysses"])
+    assert job.parallel.cp_method == "ulysses"

@@ -48,9 +48,11 @@ Design choices
       would recompute them. No overlap of the hop with compute yet.
     - The partial attention is the math formula in float32 (any device), not a fused kernel.
     - Ulysses calls the layer's original core on the whole (head-sharded) sequence, so it supports every mask
-      the core does (the document ids and key padding are all-gathered into natural order).
+      the core does (the document ids and key padding are all-gathered into natural order), MoBA included
+      (its per-query block choice sees every key; tested in tests/distributed/test_cp.py).
     - The ring core refuses by name what it does not implement: prefix-LM (`prefix_len`), key padding,
-      and any extra mask field it does not know (MoBA's block selection needs the whole key set).
+      and any extra mask field it does not know (MoBA's block selection needs the whole key set; a config
+      with MoBA and cp_method = 'ring' is refused when the job is validated).
     - A mixture of experts routes each rank's tokens unchanged; its router statistics cross ranks as sums:
       token-level ones over dp x cp (the engine's `all_reduce`), DeepSeek-V3's per-sequence ones over the cp
       group (`all_reduce_cp`; workbench/models/moe.py). Multi-token prediction (DeepSeek-V3's `mtp_layers`) is
@@ -252,14 +254,16 @@ class _ContextParallelCore(nn.Module):
             raise NotImplementedError(f"context parallel ({self.method}) attention runs whole training sequences; "
                                       f"KV-cache decoding (q_offset {q_offset}) goes through "
                                       f"context_parallel_disabled (the engines' gather_for_generation)")
-        extra = [f.name for f in dataclasses.fields(mask) if f.name not in _KNOWN_MASK_FIELDS
+        # Ulysses runs the layer's own core on whole sequences, so MoBA's per-query block choice stays exact there
+        known = _KNOWN_MASK_FIELDS | ({"moba"} if kv_fields_ok else set())
+        extra = [f.name for f in dataclasses.fields(mask) if f.name not in known
                  and getattr(mask, f.name) is not None and getattr(mask, f.name) is not False]
         refused = extra + ([] if kv_fields_ok else [n for n in ("prefix_len", "key_padding")
                                                     if getattr(mask, n) is not None])
         if refused:
             raise NotImplementedError(f"parallel.cp_method = {self.method!r} does not support the mask "
                                       f"feature(s) {', '.join(refused)}; use parallel.cp = 1"
-                                      + ("" if extra or self.method != "ring" else
+                                      + ("" if set(extra) - {"moba"} or self.method != "ring" else
                                          " or parallel.cp_method = 'ulysses'"))
 
     def extra_repr(self) -> str:
