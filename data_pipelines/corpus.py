@@ -122,3 +122,43 @@ def _read_documents(files: list[tuple[str, Path]], max_bytes: int | None) -> Ite
         total += len(data)
         if max_bytes is not None and total >= max_bytes:
             return
+
+
+def passkey_documents(n_chars: int, filler: Sequence[int], digits: int = 5, seed: int = 0,
+                      prefix: str = "passkey", min_documents: int = 2) -> list[Document]:
+    """Synthetic passkey documents (`data_pipelines.long_context.passkey_document`: filler sentences, a
+    key at a uniform depth, the question and the answer) holding at least `n_chars` characters in all, and
+    at least `min_documents` of them (2: one for each split).
+
+    Each has a uniform number of filler sentences in [filler[0], filler[1]], and the path
+    `{prefix}/{index:08d}.txt`; the same arguments give the same documents (one `random.Random(seed)`).
+    """
+    import random
+
+    from data_pipelines.long_context import passkey_document
+
+    rng, docs, total = random.Random(seed), [], 0
+    while total < n_chars or len(docs) < min_documents:
+        text = passkey_document(rng, rng.randint(filler[0], filler[1]), digits=digits)
+        docs.append(Document(f"{prefix}/{len(docs):08d}.txt", text))
+        total += len(text)
+    return docs
+
+
+def interleave(a: list[Document], b: list[Document]) -> list[Document]:
+    """`a` and `b` merged so that both advance through their text at the same pace: at every point of
+    the result, the share of `a`'s characters written is the share of `b`'s (to within one document).
+    Each keeps its own order. Shards are cut in this order, so a mixture stays a mixture in every shard."""
+    size_a, size_b = max(1, sum(len(d.text) for d in a)), max(1, sum(len(d.text) for d in b))
+    out, i, j, done_a, done_b = [], 0, 0, 0, 0
+    while i < len(a) or j < len(b):
+        # take from the list that is behind: compare (chars written)/(total) of each
+        if j >= len(b) or (i < len(a) and done_a / size_a <= done_b / size_b):
+            out.append(a[i])
+            done_a += len(a[i].text)
+            i += 1
+        else:
+            out.append(b[j])
+            done_b += len(b[j].text)
+            j += 1
+    return out

@@ -6,6 +6,9 @@
                 is favoured; at least one document lands on each side
     tokenizer   byte-level BPE (data_pipelines.tokenizer) trained on the train split only, so the
                 validation text is never seen, or `data.tokenizer` when given
+    passkeys    with `data.passkey_fraction` > 0, synthetic passkey documents (data_pipelines.corpus.
+                passkey_documents) make up that share of the text: split like the corpus, then interleaved
+                evenly with each split's documents (after the tokenizer, which stays the corpus's own)
     shards      per split, documents in path order, a new tar once the current one holds `shard_bytes`
                 of text; each document is the sample KEY with KEY.ids (token ids, little-endian),
                 KEY.txt and KEY.json; tars are written deterministically (fixed mtime, owner, order),
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines.corpus import Document, load_documents, stdlib_root
+from data_pipelines.corpus import Document, interleave, load_documents, passkey_documents, stdlib_root
 from workbench.checkpoint.run import sha256_file
 from workbench.data.shards import MANIFEST, Manifest, ShardInfo, token_dtype, unigram_loss
 from workbench.data.tokenizer import Tokenizer
@@ -50,9 +53,31 @@ def build_settings(data) -> dict:
     """The settings that decide a dataset's content; a folder built from others is a different dataset."""
     source = str(Path(data.source).resolve()) if data.source else f"stdlib:{stdlib_root()}"
     tokenizer = sha256_file(Path(data.tokenizer)) if data.tokenizer and Path(data.tokenizer).is_file() else ""
-    return {"source": source, "extensions": sorted(data.extensions), "max_bytes": data.max_bytes,
-            "tokenizer": tokenizer, "vocab_size": 0 if data.tokenizer else data.vocab_size,
-            "val_fraction": data.val_fraction, "shard_bytes": data.shard_bytes}
+    settings = {"source": source, "extensions": sorted(data.extensions), "max_bytes": data.max_bytes,
+                "tokenizer": tokenizer, "vocab_size": 0 if data.tokenizer else data.vocab_size,
+                "val_fraction": data.val_fraction, "shard_bytes": data.shard_bytes}
+    if getattr(data, "passkey_fraction", 0.0):  # only when on, so folders built before these keys stay valid
+        settings.update(passkey_fraction=data.passkey_fraction, passkey_filler=list(data.passkey_filler),
+                        passkey_digits=data.passkey_digits)
+    return settings
+
+
+def mix_passkeys(data, train: list[Document], val: list[Document], tokenizer: Tokenizer,
+                 log: Callable[[str], None] = print) -> tuple[list[Document], list[Document]]:
+    """(train, val) with synthetic passkey documents making up `data.passkey_fraction` of the text: the
+    documents are split like the corpus (val_fraction of their text to validation) and interleaved evenly
+    with each split's corpus documents (`data_pipelines.corpus.interleave`)."""
+    corpus = sum(len(d.text) for d in train) + sum(len(d.text) for d in val)
+    # fraction f of the mixture: f / (1 - f) characters of passkeys per character of corpus
+    wanted = data.passkey_fraction / (1 - data.passkey_fraction) * corpus
+    keys = passkey_documents(int(wanted), data.passkey_filler, data.passkey_digits)
+    key_train, key_val = split_documents(keys, data.val_fraction)
+    lengths = sorted(len(ids) + 1 for ids in tokenizer.encode_batch([d.text for d in keys]))  # + eos
+    over = sum(n > data.seq_len for n in lengths)
+    log(f"data: {len(keys)} passkey documents ({len(key_train)} train, {len(key_val)} validation; "
+        f"{data.passkey_fraction:.0%} of the text), {lengths[0]}-{lengths[-1]} tokens each (median "
+        f"{lengths[len(lengths) // 2]}); {over} longer than data.seq_len = {data.seq_len}")
+    return interleave(train, key_train), interleave(val, key_val)
 
 
 def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
@@ -116,6 +141,8 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
         log(f"data: training a byte-level BPE tokenizer of {data.vocab_size} tokens on the train split")
         tokenizer = train_bpe((d.text for d in train), data.vocab_size, show_progress=True)
     tokenizer.require_reserved()
+    if getattr(data, "passkey_fraction", 0.0):  # after the tokenizer: it is the corpus's alone
+        train, val = mix_passkeys(data, train, val, tokenizer, log)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
