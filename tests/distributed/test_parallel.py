@@ -51,9 +51,11 @@ LAYOUTS = {
     # tensor + sequence parallel alone: both ranks read the same data, so each takes the whole global batch
     "tp": [*SINGLE, "--parallel.backend", "fsdp2", "--parallel.tp", "2"],
 }
-# 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D), the loss on vocabulary-split logits
+# 4 ranks: fsdp2 over 2 data ranks x tp 2 (2-D), the loss on vocabulary-split logits; and 2 data ranks x cp 2
 LAYOUTS_4 = {"fsdp2-tp": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.tp", "2",
-                          "--parallel.activation_checkpointing", "full", "--parallel.loss_parallel", "true"]}
+                          "--parallel.activation_checkpointing", "full", "--parallel.loss_parallel", "true"],
+             # 2 data ranks x context parallel 2 (ring): the loss scale dp x cp, FSDP2 over dp_shard x cp
+             "fsdp2-cp2": [*PER_RANK, "--parallel.backend", "fsdp2", "--parallel.cp", "2"]}
 
 
 # options of a layout rather than layouts: AdamW only
