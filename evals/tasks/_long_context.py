@@ -119,10 +119,18 @@ def tail(text: str, chars: int = 160) -> str:
     return text if len(text) <= chars else "\u2026" + text[-chars:]
 
 
-def fitted(task: str, length: int, make: Callable[..., dict], *args, **kwargs) -> dict:
-    """make(*args, **kwargs) (a sample fitted to `length` tokens) + its length; a length too short for the
-    needles and the question is an error naming the option."""
-    try:
-        return {**make(*args, **kwargs), "length": length}
-    except ValueError as e:
-        raise WorkbenchError(f"{task}.lengths: {length} tokens is too short ({e})") from None
+def fitted_items(task: str, seed: int, lengths: Sequence[int], depths: Sequence[float | None], n: int,
+                 make: Callable[[random.Random, int, float | None], dict]) -> list[dict]:
+    """`n` samples per (length, depth) cell, each make(rng, length, depth) fitted to `length` tokens, plus its
+    length. The rng is the cell's (`sample_rng` over (length, depth, i), or (length, i) where depths is
+    [None]); a length too short for the needles and the question is an error naming the option."""
+    items = []
+    for length in lengths:
+        for depth in depths:
+            for i in range(n):
+                cell = (length, i) if depth is None else (length, depth, i)
+                try:
+                    items.append({**make(sample_rng(task, seed, *cell), length, depth), "length": length})
+                except ValueError as e:
+                    raise WorkbenchError(f"{task}.lengths: {length} tokens is too short ({e})") from None
+    return items

@@ -70,14 +70,10 @@ class Niah:
               hay: lc.Haystack | None = None) -> list[dict]:
         hay = hay or common.haystack(ctx, self.name, cfg.haystack, cfg.data, cfg.split)
         count = common.counter(ctx.tokenizer)
-        items = []
-        for length in lengths or sorted(set(cfg.lengths)):
-            for depth in cfg.depths:
-                for i in range(cfg.n):
-                    spec = lc.niah_spec(common.sample_rng(self.name, cfg.seed, length, depth, i), depth, cfg.digits)
-                    items.append(common.fitted(self.name, length,
-                                               lc.fit_sample, lc.NIAH, spec, hay, length, count))
-        return items
+        return common.fitted_items(
+            self.name, cfg.seed, lengths or sorted(set(cfg.lengths)), cfg.depths, cfg.n,
+            lambda rng, length, depth: lc.fit_sample(lc.NIAH, lc.niah_spec(rng, depth, cfg.digits), hay, length,
+                                                     count))
 
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         lengths = common.check_lengths(ctx, self.name, cfg.lengths, cfg.past_window)

@@ -72,14 +72,9 @@ class Passkey:
 
     def items(self, ctx: EvalContext, cfg: Config, lengths: list[int] | None = None) -> list[dict]:
         count = common.counter(ctx.tokenizer)
-        items = []
-        for length in lengths or sorted(set(cfg.lengths)):
-            for depth in cfg.depths:
-                for i in range(cfg.n):
-                    rng = common.sample_rng(self.name, cfg.seed, length, depth, i)
-                    items.append(common.fitted(self.name, length, lc.fit_passkey,
-                                               rng, ctx.tokenizer, length, depth, cfg.digits, count=count))
-        return items
+        return common.fitted_items(
+            self.name, cfg.seed, lengths or sorted(set(cfg.lengths)), cfg.depths, cfg.n,
+            lambda rng, length, depth: lc.fit_passkey(rng, ctx.tokenizer, length, depth, cfg.digits, count=count))
 
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         lengths = common.check_lengths(ctx, self.name, cfg.lengths, cfg.past_window)

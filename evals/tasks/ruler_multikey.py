@@ -78,14 +78,10 @@ class RulerMultikey:
               hay: lc.Haystack | None = None) -> list[dict]:
         hay = hay or common.haystack(ctx, self.name, cfg.haystack, cfg.data, cfg.split)
         count = common.counter(ctx.tokenizer)
-        items = []
-        for length in lengths or sorted(set(cfg.lengths)):
-            for i in range(cfg.n):
-                spec = lc.multikey_spec(common.sample_rng(self.name, cfg.seed, length, i), cfg.n_keys, cfg.n_values,
-                                        cfg.digits)
-                items.append(common.fitted(self.name, length,
-                                           lc.fit_sample, lc.MULTIKEY, spec, hay, length, count))
-        return items
+        return common.fitted_items(
+            self.name, cfg.seed, lengths or sorted(set(cfg.lengths)), [None], cfg.n,
+            lambda rng, length, _: lc.fit_sample(lc.MULTIKEY, lc.multikey_spec(rng, cfg.n_keys, cfg.n_values,
+                                                                               cfg.digits), hay, length, count))
 
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         lengths = common.check_lengths(ctx, self.name, cfg.lengths, cfg.past_window)
