@@ -32,6 +32,17 @@ def _one_process_is_meant():
         yield
 
 
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """`model.eval()` inside the block (generation, validation), its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
 class SingleEngine:
     def __init__(
         self,
@@ -157,10 +168,5 @@ class SingleEngine:
 
     @contextlib.contextmanager
     def gather_for_generation(self):
-        model = self.unwrap()
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(self.unwrap()) as model:
             yield model
-        finally:
-            model.train(was_training)

@@ -72,7 +72,7 @@ from workbench.parallel.data_parallel import (
 )
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.plans import plan_for
-from workbench.parallel.single import SingleEngine
+from workbench.parallel.single import SingleEngine, eval_mode
 from workbench.parallel.zero import ZeroEngine
 from workbench.train.metrics import NullRunLog, RunLog
 from workbench.train.objectives.lm import LMObjective
@@ -188,17 +188,6 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer_sha256: 
     load_state_strict(model, state, f"config key 'train.init_from' ({ckpt / 'model.safetensors'})")
     log(f"init_from: model weights of {ckpt} (a new run: step 0, fresh optimizer)")
     return ckpt
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """`model.eval()` inside the block, its previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 # What a resumed run may change: nothing that shapes the model, the data order or the optimizer's state.
