@@ -1,13 +1,16 @@
 """The trainer: one loop for every pipeline, talking only to Engines and an Objective.
 
 One step
-    1. read grad_accum micro-batches for this rank at the global data cursor
+    1. read grad_accum micro-batches for this rank at the global data cursor (under context parallelism the
+       cp ranks read the same samples and each keeps its zig-zag slice: workbench.parallel.cp.shard_batch)
     2. micro_batches = objective.experience(step, engines, data)
     3. N = all_reduce(sum of objective.units(mb))           the step's global count of loss terms
     4. for each micro-batch: loss = objective.loss(engines, mb, N); engine.backward(loss)
        (inside engine.no_sync() for all but the last, so data-parallel engines reduce once)
     5. engine.optimizer_step(grad_clip, loss): grad norm (clipped), then the update unless the loss or the
        norm is not finite (the log says which step); zero_grad
+    6. post-step hooks, outside the gradient: the model's `post_step` (DeepSeek-V3's router-bias update)
+       and, with optim.qk_clip_tau > 0, QK-Clip from the heads' max logits MAX-reduced over the ranks
 
 Data. The dataset folder `data.dir` (webdataset shards + manifest, see data_pipelines.shards) is built
 on first use when it does not exist; the train split streams through `ShardStream` at the global cursor,
@@ -19,7 +22,7 @@ Measured along the way
     balance loss and the expert load (max / mean tokens per expert), lr, grad norm, tokens/s, and the model's achieved GFLOP/s (CPU) or MFU (CUDA), where the FLOPs
     per token follow the MFU convention (model.flops_per_token: 6 N + 12 L H Q T)
     validation loss (nats/token) and bits per byte = sum of -log p over the targets that are text /
-    (ln 2 * their bytes), at the start, every `eval_every` steps and at the end, beside the unigram
+    (ln 2 * their bytes), computed in eval mode, at the start, every `eval_every` steps and at the end, beside the unigram
     baseline: the validation loss of a model that knows only the train split's token frequencies
 
 The run folder (out_dir/name) holds config.toml (the resolved config), tokenizer.json, metrics.jsonl, tb/
