@@ -151,9 +151,9 @@ class JobConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
     def validate(self) -> None:
-        if self.parallel.cp > 1 and self.data.seq_len % (2 * self.parallel.cp):
-            fail("data.seq_len", f"{self.data.seq_len} must be divisible by 2 x parallel.cp = {2 * self.parallel.cp} "
-                                 f"(context parallel splits each sequence into 2 x cp chunks, two per rank)")
+        from workbench.parallel.cp import check_seq_len
+
+        check_seq_len(self.data.seq_len, self.parallel.cp)  # 2 x cp zig-zag chunks per sequence
         backend = self.parallel.backend
         if backend.startswith("zero") and (self.optim.name == "muon" or self.optim.qk_clip_tau):
             what = "optim.name = 'muon'" if self.optim.name == "muon" else "optim.qk_clip_tau > 0 (QK-Clip)"
