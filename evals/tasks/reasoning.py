@@ -1,17 +1,19 @@
 """Reasoning accuracy: the answer inside `<answer>...</answer>` checked by a program.
 
-Problems are the verifiable kinds of `data_pipelines.reasoning` (arithmetic, comparison, modular
-arithmetic, counting, parity, sorting): generated from `seed` (a seed the training recipes do not use, so
-these are held out), or read from a jsonl of problems (`--reasoning.data FILE`, each with `kind` and
-`params`). The model's output, special tokens kept, is checked by recomputing the answer from the
-problem's parameters (`check`), never by trusting a stored answer.
+Problems are the verifiable kinds of `data_pipelines.reasoning`: generated from `seed` (a seed the training
+recipes do not use, so these are held out), by default of its DEFAULT_KINDS (arithmetic, comparison, modular
+arithmetic, counting, parity, sorting; the default set never changes), or of the kinds named
+(`--reasoning.kinds chain,linear,boolean,poly`, its multi-step ones); or read from a jsonl of problems
+(`--reasoning.data FILE`, each with `kind` and `params`, which the maker's SFT records `val.jsonl` also
+are). The model's output, special tokens kept, is checked by recomputing the answer from the problem's
+parameters (`check`), never by trusting a stored answer.
 
 Metrics
     accuracy   the answer in the last complete <answer> span is right
     format     R1's format: a <think> block, then exactly one <answer> block
     answered   some <answer> span exists (a model can be right without the <think> block)
-Chance is the mean over problems of 1 / |answer space| (every kind's answers are enumerable), the score
-of answering uniformly at random; per-kind accuracy and chance are plotted side by side.
+Chance is the mean over problems of 1 / |answer space| (`rz.chance`: every kind's space has a known size),
+the score of answering uniformly at random; per-kind accuracy and chance are plotted side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Config:
     data: str | None = field_(None, doc="jsonl of problems (kind, params, prompt); default: generated from seed")
     n: int = field_(120, gt=0, doc="problems (the first n of a file)")
     seed: int = EVAL_SEED
-    kinds: list[str] = field_([], doc=f"generated kinds, from {', '.join(rz.KINDS)}; [] = all")
+    kinds: list[str] = field_([], doc=f"generated kinds, from {', '.join(rz.KINDS)}; [] = {','.join(rz.DEFAULT_KINDS)}")
     max_new_tokens: int = field_(64, gt=0)
 
     def validate(self) -> None:

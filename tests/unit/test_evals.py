@@ -49,7 +49,9 @@ def context(tmp_path, generator, model=None):
 
 
 def test_every_kind_checks_its_worked_answer_and_rejects_others():
-    problems = rz.make_problems(300, seed=3)
+    problems = rz.make_problems(300, seed=3)  # the default kinds
+    assert {p["kind"] for p in problems} == set(rz.DEFAULT_KINDS)
+    problems += rz.make_problems(120, seed=3, kinds=rz.MULTI_STEP)
     assert {p["kind"] for p in problems} == set(rz.KINDS)
     for p in problems:
         out = rz.worked_output(p)
