@@ -107,6 +107,7 @@ from workbench.models.moe import MoE, sequence_balance_loss, sum_aux
 from workbench.nn.attention import AttentionCore, MaskSpec
 from workbench.nn.kv_cache import KVCache, StaticKVCache
 from workbench.nn.linear import Linear, linear
+from workbench.nn.lora import effective_weight
 from workbench.nn.norm import RMSNorm
 from workbench.nn.qk_clip import record_max_logits
 from workbench.nn.rope import RopeConfig, RotaryEmbedding, apply_rope_tables, rope_tables, yarn_mscale
@@ -313,7 +314,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, q_offset):
         """Attention over the latent cache itself: one 'KV head' of width r + dr, values of width r."""
         B, T, H, _ = q_nope.shape
-        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)  # (H, dn + dv, r)
+        w = effective_weight(self.wkv_b).view(H, self.nope + self.v_dim, self.rank)  # (H, dn + dv, r)
         w_uk, w_uv = w[:, :self.nope], w[:, self.nope:]  # (H, dn, r), (H, dv, r)
         # q~_i = W_UK_i^T q_i^n, so q~_i . c_KV = q_i^n . k_i^n
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
