@@ -90,9 +90,11 @@ def _train(trainer, job, _log, main: bool) -> int:
         first, last = history[0]["loss"], history[-1]["loss"]
         _log(f"loss: {first:.3f} at step {history[0]['step']} -> {last:.3f} at step {history[-1]['step']}")
     if trainer.last_val is not None:
+        from workbench.train.trainer import describe_validation
+
         v = trainer.last_val
-        _log(f"validation at step {v['step']}: {v['val_loss']:.3f} nats/token, {v['val_bpb']:.3f} bits/byte; "
-             f"unigram baseline {trainer.baseline:.3f} nats/token; curve: {trainer.run_dir / 'loss.png'}")
+        _log(f"validation at step {v['step']}: {describe_validation(v, trainer.baseline)}; "
+             f"curve: {trainer.run_dir / 'loss.png'}")
     if job.train.sample_tokens:
         text = trainer.sample(job.train.sample_prompt, job.train.sample_tokens, seed=job.run.seed)
         _log(f"sample ({job.train.sample_tokens} tokens after {job.train.sample_prompt!r}):")

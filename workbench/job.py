@@ -10,7 +10,8 @@ from which `--ckpt RUN_DIR` rebuilds the model later. See `workbench.config` for
     [optim]     AdamW and the learning-rate schedule
     [train]     steps, batch, accumulation, logging and checkpoint cadence, the closing sample
     [parallel]  backend and degrees (workbench/parallel/dims.py says what composes)
-    [objective] which objective trains the policy
+    [objective] which objective trains the policy, and its options (sft, dpo, distill)
+    [lora]      LoRA / DoRA adapters on the policy (workbench.nn.lora); r = 0 is off
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 from data_pipelines.corpus import DEFAULT_EXTENSIONS
 from workbench.config import fail, field_
 from workbench.models.base import ModelSection
+from workbench.nn.lora import LoraConfig
 
 
 @dataclass
@@ -54,6 +56,15 @@ class DataSection:
         [8, 40], doc="[min, max] filler sentences per passkey document, drawn uniformly; choose them so a "
                      "document fits data.seq_len (`workbench data` logs the documents' token lengths)")
     passkey_digits: int = field_(5, ge=1, le=12, doc="digits of each passkey")
+    train_file: str = field_(
+        "", doc="a jsonl of examples for objective sft, dpo or distill: conversations ({messages} or {prompt, "
+                "response}) or preference pairs ({prompt, chosen, rejected}); empty = data.dir's packed windows "
+                "(data.dir still gives the tokenizer)")
+    val_file: str = field_("", doc="held-out examples in data.train_file's format; empty = no validation set")
+    pack: bool = field_(False, doc="conversations: pack them into rows of data.seq_len with document masks "
+                                   "(otherwise each is a row, right-padded to the longest of its micro-batch)")
+    train_on: Literal["assistant", "last"] = field_(
+        "assistant", doc="conversations: which assistant turns are targets (every one, or the last)")
 
     def validate(self) -> None:
         if not self.extensions or not all(isinstance(e, str) and e.startswith(".") for e in self.extensions):
@@ -135,9 +146,49 @@ class ParallelSection:
                             f"compiled blocks are untested); use fsdp2, ddp or single")
 
 
+# which objective each [objective] field belongs to (a field set for another objective is an error)
+OBJECTIVE_FIELDS = {
+    "dpo": ("beta", "loss_type", "label_smoothing", "reference", "precompute_reference", "precompute_batch",
+            "logprob_chunk"),
+    "distill": ("teacher", "divergence", "temperature", "alpha", "jsd_beta"),
+}
+
+
 @dataclass
 class ObjectiveSection:
-    name: Literal["lm"] = "lm"
+    name: Literal["lm", "sft", "dpo", "distill"] = field_(
+        "lm", doc="lm: pretraining on data.dir's windows; sft: conversations of data.train_file, loss on the "
+                  "assistant's tokens; dpo: preference pairs of data.train_file; distill: a student matching "
+                  "objective.teacher")
+    # dpo (workbench/train/objectives/dpo.py)
+    beta: float = field_(0.1, gt=0, doc="dpo: the strength of the anchor to the reference (TRL's default 0.1)")
+    loss_type: Literal["sigmoid", "ipo"] = field_("sigmoid", doc="dpo: sigmoid (DPO, cDPO with label_smoothing) or ipo")
+    label_smoothing: float = field_(0.0, ge=0, lt=0.5, doc="dpo, sigmoid: the assumed share of flipped labels (cDPO)")
+    reference: str = field_("", doc="dpo: run folder or checkpoint of the frozen reference; empty = train.init_from's "
+                                    "weights, or with LoRA the policy with its adapters off")
+    precompute_reference: bool = field_(
+        False, doc="dpo: compute every training pair's reference log-probs once before the first step, then drop "
+                   "the reference model (memory for a pass over the data)")
+    precompute_batch: int = field_(16, gt=0, doc="dpo: pairs per forward when precomputing the reference")
+    logprob_chunk: int = field_(
+        1024, ge=0, doc="dpo: target tokens per chunk of the head (each chunk's logits recomputed in backward "
+                        "instead of kept); 0 = all at once")
+    # distill (workbench/train/objectives/distill.py)
+    teacher: str = field_("", doc="distill: run folder or checkpoint of the teacher (the dataset's tokenizer)")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field_(
+        "forward_kl", doc="distill: KL(teacher || student) (Hinton), KL(student || teacher), or generalised JSD")
+    temperature: float = field_(1.0, gt=0, doc="distill: both distributions are softened by z / T; the divergence x T^2")
+    alpha: float = field_(0.5, ge=0, le=1, doc="distill: weight of the divergence; 1 - alpha weighs the label CE")
+    jsd_beta: float = field_(0.5, gt=0, lt=1, doc="distill, jsd: M = beta p_teacher + (1 - beta) p_student")
+
+    def validate(self) -> None:
+        defaults = ObjectiveSection.__dataclass_fields__
+        for owner, names in OBJECTIVE_FIELDS.items():
+            for n in names:
+                if owner != self.name and getattr(self, n) != defaults[n].default:
+                    fail(n, f"is an option of objective.name = '{owner}', but objective.name is '{self.name}'")
+        if self.name == "distill" and not self.teacher:
+            fail("teacher", "objective.name = 'distill' needs a teacher: a run folder or checkpoint folder")
 
 
 @dataclass
@@ -149,6 +200,7 @@ class JobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> None:
         from workbench.parallel.cp import check_seq_len
@@ -167,7 +219,39 @@ class JobConfig:
                 and getattr(self.model.config, "moba_block_size", None) is not None):
             fail("parallel.cp_method", "ring attention does not run MoBA (each query picks blocks from the whole "
                                        "sequence, which no rank holds); use parallel.cp_method = 'ulysses'")
+        self._validate_objective()
         model_vocab = self.model.config.vocab_size
         if not self.data.tokenizer and self.data.vocab_size > model_vocab:
             fail("data.vocab_size", f"the tokenizer to train ({self.data.vocab_size} tokens) must fit "
                                     f"model.vocab_size ({model_vocab})")
+
+    def _validate_objective(self) -> None:
+        """What each objective needs from the data and the layout (post-training: workbench/train/objectives)."""
+        name, data, par = self.objective.name, self.data, self.parallel
+        if name == "lm" and (data.train_file or data.val_file):
+            fail("data.train_file", "objective.name = 'lm' trains on data.dir's shards; examples files are for "
+                                    "sft, dpo and distill (set objective.name)")
+        if name in ("sft", "dpo") and not data.train_file:
+            fail("data.train_file", f"objective.name = '{name}' needs a jsonl of "
+                                    f"{'conversations' if name == 'sft' else 'preference pairs'}")
+        if data.val_file and not data.train_file:
+            fail("data.val_file", "is the held-out part of data.train_file, which is empty")
+        if name == "dpo" and not (self.objective.reference or self.train.init_from):
+            fail("objective.reference", "DPO needs a reference model: set train.init_from (the model to improve, "
+                                        "usually the SFT run) or objective.reference")
+        if self.lora.enabled:
+            if not self.train.init_from:
+                fail("lora.r", "LoRA adapts a trained model: set train.init_from (a run folder or checkpoint)")
+            if self.optim.name == "muon" or self.optim.qk_clip_tau:
+                fail("optim.name" if self.optim.name == "muon" else "optim.qk_clip_tau",
+                     "Muon and QK-Clip are not built for LoRA adapters (QK-Clip rescales the frozen base weights)")
+            if par.tp > 1:
+                fail("parallel.tp", "LoRA with tensor parallelism is not built (the adapters are not split)")
+        if name != "lm":
+            for key in ("tp", "cp"):
+                if getattr(par, key) > 1:
+                    fail(f"parallel.{key}", f"objective.name = '{name}' runs under data parallelism (ddp, fsdp2, "
+                                            f"zero1-3); parallel.{key} > 1 is built for language modelling only")
+            if name in ("dpo", "distill") and par.ep > 1:
+                fail("parallel.ep", f"objective.name = '{name}' has a frozen second model, which is not laid out "
+                                    f"for expert parallelism; use parallel.ep = 1")

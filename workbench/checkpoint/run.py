@@ -170,10 +170,12 @@ def save_checkpoint(
     keep_last: int | None = None,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint `step` of a run. Every rank calls this; `write_engine_state(folder)` runs on every
-    rank (a collective: each writes its shards), the rest on rank 0 (`is_main`) alone. `barrier` waits for
-    all ranks (a no-op in one process)."""
+    rank (a collective: each writes its shards), the rest on rank 0 (`is_main`) alone, `write_extra(folder)`
+    included (more files inside the checkpoint, e.g. LoRA adapters; the manifest covers them). `barrier` waits
+    for all ranks (a no-op in one process)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
@@ -193,6 +195,8 @@ def save_checkpoint(
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1) + "\n")
+    if write_extra is not None:
+        write_extra(tmp)
     _write_manifest(tmp)
     _fsync_tree(tmp)
     (tmp / MARKER).write_text(f"step {step}\n")

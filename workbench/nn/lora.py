@@ -435,11 +435,13 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, meta: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, meta: dict | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter.safetensors` (the adapter tensors) and `adapter_config.json` (every LoraConfig field,
     the adapted module paths and `meta`, e.g. the base model's family, flavor and tokenizer sha256) to
     `folder`; returns the folder. Take it while no layer is merged (the tensors do not change, but the
-    base weights a consumer pairs them with must be W0)."""
+    base weights a consumer pairs them with must be W0). `state`: the adapter tensors when the model's own
+    are shards (a sharded run passes the consolidated ones, e.g. from `split_state`)."""
     from safetensors.torch import save_file
 
     paths = [p for p, _ in lora_modules(model)]
@@ -447,7 +449,7 @@ def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, meta: di
         raise ValueError("save_adapter: the model has no LoRA adapters")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state or lora_state_dict(model)).items()}
     _write_atomic(folder / ADAPTER_FILE, lambda p: save_file(tensors, str(p)))
     doc = {"lora": dataclasses.asdict(cfg), "modules": paths, "meta": meta or {}}
     _write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(doc, indent=2) + "\n"))

@@ -12,9 +12,25 @@ One step
     6. post-step hooks, outside the gradient: the model's `post_step` (DeepSeek-V3's router-bias update)
        and, with optim.qk_clip_tau > 0, QK-Clip from the heads' max logits MAX-reduced over the ranks
 
+Objectives. `objective.name` picks the pipeline (workbench.train.objectives: lm, sft, dpo, distill). Each
+declares its roles: the policy gets the engine of `parallel.backend` with the optimizer; a frozen role (DPO's
+reference, distillation's teacher) gets an engine without one (`build_frozen_engine`: FSDP2-sharded under
+fsdp2, a replica on every rank otherwise), loaded from a run folder whose tokenizer must be the dataset's. The
+objective computes everything else: its experience phase, its loss and its held-out metrics
+(`validation_sums` / `validation_metrics`), so a new pipeline is a new objective file, not a new loop.
+Per-unit quantities an objective reports as sums (`LossOutput.sums`: DPO's reward accuracy, a divergence)
+are added over micro-batches and ranks and divided by the step's unit count, like the loss.
+
 Data. The dataset folder `data.dir` (webdataset shards + manifest, see data_pipelines.shards) is built
-on first use when it does not exist; the train split streams through `ShardStream` at the global cursor,
-the first `eval_tokens` of the validation split are the fixed validation set.
+on first use when it does not exist, and always gives the tokenizer. Language modelling (and distillation
+without `data.train_file`) streams the train split through `ShardStream` at the global cursor, and the first
+`eval_tokens` of the validation split are the fixed validation set; sft, dpo and distill on examples read
+`data.train_file` / `data.val_file` through `workbench.data.examples.ExampleSet` at the same global cursor.
+
+LoRA (`[lora]`, workbench.nn.lora): adapters are injected into the policy after its starting weights
+(`train.init_from`, needed) are loaded, and only they train. A checkpoint's `model.safetensors` holds the
+merged weights (what every consumer reads), `adapter/` the adapters alone; resume reloads the base from
+`train.init_from` and the adapters from the checkpoint, so it stays bit-identical.
 
 Measured along the way
     loss (language modelling, the mean over the steps since the previous record; `loss_step` is the last
@@ -49,7 +65,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -57,6 +72,7 @@ from workbench.checkpoint.run import latest_checkpoint, load_for_resume, save_ch
 from workbench.checkpoint.safetensors_io import read_file
 from workbench.config import dumps_toml, flatten, load_config, to_dict
 from workbench.data.cursor import DataCursor
+from workbench.data.examples import build_example_sets
 from workbench.data.packed import IGNORE_INDEX, collate
 from workbench.data.shards import Manifest, ShardStream, unigram_loss
 from workbench.data.tokenizer import Tokenizer, check_fits
@@ -78,10 +94,12 @@ from workbench.parallel.plans import plan_for
 from workbench.parallel.single import SingleEngine, eval_mode
 from workbench.parallel.zero import ZeroEngine
 from workbench.train.metrics import NullRunLog, RunLog
-from workbench.train.objectives.lm import LMObjective
+from workbench.train.objectives import build_objective
 from workbench.train.optim import build_optimizer, build_scheduler
 from workbench.train.optim.muon import qk_clip_
 from workbench.train.report import REPORT_FILE, write_run_report
+
+ADAPTER_DIR = "adapter"  # LoRA adapters inside a checkpoint folder (workbench.nn.lora.save_adapter)
 
 # what a mixture of experts (and DeepSeek-V3's multi-token prediction) adds to a train record
 AUX_METRICS = ("aux_loss", "balance_loss", "expert_load", "expert_load_max", "mtp_loss")
@@ -96,6 +114,18 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def describe_validation(rec: dict, baseline: float | None = None) -> str:
+    """One line of held-out metrics: the loss (with bits per byte and the unigram baseline when known), then
+    the objective's other val_ metrics."""
+    parts = [f"val loss {rec['val_loss']:.3f}"]
+    if "val_bpb" in rec:
+        parts[0] += f" nats/token, {rec['val_bpb']:.3f} bits/byte"
+    if baseline is not None:
+        parts.append(f"unigram baseline on these tokens {baseline:.3f} nats/token")
+    parts += [f"{k[4:]} {v:.4g}" for k, v in rec.items() if k.startswith("val_") and k not in ("val_loss", "val_bpb")]
+    return "; ".join(parts)
 
 
 def pick_device(name: str, what: str = "config key 'run.device'") -> torch.device:
@@ -136,6 +166,34 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
     if backend == "ddp":
         return DDPEngine(model, dims, make_optimizer, autocast_dtype=autocast)
     return ZeroEngine(model, dims, plan, job, autocast_dtype=autocast)
+
+
+def build_frozen_engine(model: torch.nn.Module, family: str, job: JobConfig, dims: ParallelDims,
+                        autocast: torch.dtype | None):
+    """An engine without an optimizer for a frozen role (a DPO reference, a distillation teacher): under fsdp2
+    the model is sharded like the policy (its forward gathers block by block); under the other backends every
+    rank holds a replica (DeepSpeed engines own an optimizer, and a replica needs no communication)."""
+    if job.parallel.backend == "fsdp2" and dims.dp_replicate * dims.dp_shard > 1:
+        return FSDP2Engine(model, dims, plan_for(family), None, autocast_dtype=autocast)
+    return SingleEngine(model, autocast_dtype=autocast)
+
+
+def load_frozen_model(path: str, key: str, tokenizer_sha256: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """(model, family) of a run folder or checkpoint named by config key `key`, in eval mode; the run must have
+    used this dataset's tokenizer (token ids would mean other things)."""
+    from workbench.checkpoint.load import load_run, run_dir_of
+    from workbench.checkpoint.run import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(path)
+        tokenizer = run_dir_of(ckpt) / "tokenizer.json"
+        if tokenizer.is_file() and sha256_file(tokenizer) != tokenizer_sha256:
+            raise DataError(f"{tokenizer} is not the tokenizer of this run's dataset (data.dir); teacher, reference "
+                            f"and student must share one tokenizer")
+        model, _, section = load_run(ckpt, device)
+    except WorkbenchError as e:
+        raise type(e)(f"config key '{key}': {e}") from e
+    return model, section.family
 
 
 @contextlib.contextmanager
@@ -278,27 +336,42 @@ class Trainer:
                             f"({train_tokens} tokens); lower it or give more data (data.source, data.max_bytes)")
         self.tokenizer = Tokenizer.from_file(self.manifest.tokenizer_path)
         check_fits(self.tokenizer, job.model.config.vocab_size)
-        self.data = ShardStream(job.data.dir, "train", job.data.seq_len, eos_id=self.tokenizer.eos_id,
-                                seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
-                                strict=job.data.strict, log=self.log, manifest=self.manifest)
+        self.objective = build_objective(job.objective)
+        self.objective.setup(job, self.tokenizer)
+        self._build_data()  # a validation set too small for one sample stops here, before any file is written
+        bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
+        autocast = torch.bfloat16 if bf16 else None
         self.model = build_model(job.model, self.device)
-        if job.train.init_from and self.resume_from is None:  # a resumed run has its own weights
+        lora = job.lora.enabled
+        # the starting weights: a new run's, and under LoRA also a resumed run's base (only adapters are saved apart)
+        if job.train.init_from and (self.resume_from is None or lora):
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
                 load_init_weights(self.model, job.train.init_from, self.manifest.tokenizer_sha256,
                                   check=self.is_main, log=self.log)
         self.n_params, self.flops_per_token = count_params(self.model), self.model.flops_per_token(job.data.seq_len)
-        self.objective = LMObjective()
+        self.lora_report = None
+        if lora:
+            from workbench.nn.lora import format_report, inject_lora, trainable_report
+
+            inject_lora(self.model, job.lora)  # the adapters' init draws from the RNG seeded alike on every rank
+            self.lora_report = trainable_report(self.model)
+            self.log(format_report(self.lora_report))
         self.cursor = DataCursor()
         self.step = 0
-        self._val_batches: list[dict] | None = None
-        self.val_batches()  # a validation split too small for one sample stops here, before any file is written
         train_state = engine_dir = None
         if self.resume_from is not None:  # weights go into the plain model, before any wrapper shards it
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
                 model_state, train_state, engine_dir = load_for_resume(self.resume_from, check=self.is_main)
-            self.model.load_state_dict(model_state)
-        bf16 = job.run.precision == "bf16" or (job.run.precision == "auto" and self.device.type == "cuda")
-        self.engine = build_engine(self.model, job, self.dims, torch.bfloat16 if bf16 else None)
+            if lora:
+                from workbench.checkpoint.safetensors_io import read_file as read_tensors
+                from workbench.nn.lora import load_lora_state
+
+                adapter = self.resume_from / ADAPTER_DIR / "adapter.safetensors"
+                load_lora_state(self.model, read_tensors(adapter), str(adapter))
+            else:
+                self.model.load_state_dict(model_state)
+        self.engine = build_engine(self.model, job, self.dims, autocast)
+        self.engines = {"policy": self.engine, **self._frozen_engines(autocast)}
         if self.resume_from is not None:
             self.engine.load_state(engine_dir)
             self.cursor.load_state_dict(train_state["cursor"])
@@ -310,6 +383,9 @@ class Trainer:
             self.tokenizer.save(run_tokenizer)
         if self.is_main:
             (self.run_dir / "config.toml").write_text(dumps_toml(job))
+        self.objective.prepare(self.engines, self.data, self._val_batches, log=self.log)
+        if job.objective.name == "dpo" and job.objective.precompute_reference:
+            self.engines.pop("reference", None)  # its log-probs are in the objective's table now
         self.saved_step = self.step
         self.last_val: dict | None = None
         self.stop_signal: int | None = None  # set when every rank has agreed to stop (see _agree_on_stop)
@@ -317,66 +393,86 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ data
 
-    def next_micro_batches(self) -> list[dict]:
-        out = []
-        for _ in range(self.job.train.grad_accum):
-            idx = self.cursor.take(self.job.train.micro_batch_size, self.dims.dp_rank(self.rank), self.dims.dp_size)
-            batch = collate([self.data.sample(i) for i in idx])
-            # context parallel: the cp ranks read the same samples, each keeps its zig-zag slice of them
-            batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))
-            out.append({k: v.to(self.device) for k, v in batch.items()})
-        return out
-
-    def val_batches(self) -> list[dict]:
-        """The fixed validation set: the first eval_tokens of the val split, as micro-batches."""
-        if self._val_batches is None:
-            job = self.job
+    def _build_data(self) -> None:
+        """The training data (`self.data`, read at the global cursor, and `self.collate`) and the fixed validation
+        micro-batches, as the objective asks: the dataset's packed windows, or examples files."""
+        job = self.job
+        mbs = job.train.micro_batch_size
+        self.baseline = None  # the unigram model's validation loss (windows only)
+        if self.objective.data == "windows":
+            self.data = ShardStream(job.data.dir, "train", job.data.seq_len, eos_id=self.tokenizer.eos_id,
+                                    seed=job.run.seed, shuffle_windows=job.data.shuffle_windows,
+                                    strict=job.data.strict, log=self.log, manifest=self.manifest)
+            self.collate = collate
             stream = ShardStream(job.data.dir, "val", job.data.seq_len, eos_id=self.tokenizer.eos_id,
                                  shuffle=False, strict=job.data.strict, log=self.log, manifest=self.manifest)
             windows = stream.windows(max(1, job.train.eval_tokens // job.data.seq_len))
             if not windows:
                 raise DataError(f"the validation split of {job.data.dir} has fewer than data.seq_len + 1 = "
                                 f"{job.data.seq_len + 1} tokens; lower data.seq_len or raise data.val_fraction")
-            mbs = job.train.micro_batch_size
-            self._val_batches = [collate(windows[i : i + mbs]) for i in range(0, len(windows), mbs)]
-            labels = torch.cat([b["labels"].flatten() for b in self._val_batches])
+            val = [collate(windows[i : i + mbs]) for i in range(0, len(windows), mbs)]
+            labels = torch.cat([b["labels"].flatten() for b in val])
             self.baseline = unigram_loss(self.manifest.unigram_counts, labels[labels != IGNORE_INDEX].numpy())
-            self._token_bytes = torch.tensor(self.tokenizer.token_bytes(), dtype=torch.float64)
+        else:
+            self.data, val_set = build_example_sets(job, self.objective.data, self.tokenizer, log=self.log)
+            self.collate = self.data.collate
+            val = val_set.batches(mbs) if val_set is not None else []
+        # context parallel: each cp rank scores its slice of the same windows
+        self._val_batches = [{k: v.to(self.device) for k, v in shard_batch(b, self.dims.cp, self.dims.cp_rank(self.rank)).items()}
+                             for b in val]
+
+    def _frozen_engines(self, autocast) -> dict:
+        """Engines of the objective's frozen roles: distillation's teacher (objective.teacher); DPO's reference
+        (objective.reference, else train.init_from's weights; none under LoRA, whose base model is the
+        reference)."""
+        job, obj = self.job, self.job.objective
+        paths = {}
+        if "teacher" in self.objective.roles:
+            paths["teacher"] = (obj.teacher, "objective.teacher")
+        if "reference" in self.objective.roles and (obj.reference or not job.lora.enabled):
+            paths["reference"] = ((obj.reference, "objective.reference") if obj.reference
+                                  else (job.train.init_from, "train.init_from"))
+        engines = {}
+        for role, (path, key) in paths.items():
+            model, family = load_frozen_model(path, key, self.manifest.tokenizer_sha256, self.device)
+            check_fits(self.tokenizer, model.cfg.vocab_size, f"{role} ({key})")
+            engines[role] = build_frozen_engine(model, family, job, self.dims, autocast)
+            self.log(f"{role}: {path} ({family}, {count_params(model):,} parameters, frozen)")
+        return engines
+
+    def next_micro_batches(self) -> list[dict]:
+        out = []
+        for _ in range(self.job.train.grad_accum):
+            idx = self.cursor.take(self.job.train.micro_batch_size, self.dims.dp_rank(self.rank), self.dims.dp_size)
+            batch = self.collate([self.data.sample(i) for i in idx])
+            # context parallel: the cp ranks read the same samples, each keeps its zig-zag slice of them
+            batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))
+            out.append({k: v.to(self.device) for k, v in batch.items()})
+        return out
+
+    def val_batches(self) -> list[dict]:
+        """The fixed validation micro-batches (on the device): the first eval_tokens of the val split, or every
+        example of data.val_file; empty when there is no validation set."""
         return self._val_batches
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (nats/token, every target) and bits per byte over the fixed validation set.
-
-        bits per byte = sum of -log2 p over the targets that stand for text / the bytes of that text; the
-        special tokens (eos between documents) are 0 bytes and stay out of both sums.
-        """
-        nll_sum, targets, text_nll, text_bytes = 0.0, 0, 0.0, 0.0
-        engines = {"policy": self.engine}
+        """The objective's held-out metrics over the fixed validation set (`val_loss` in its own units: nats per
+        target token for lm, sft and distill, with bits per byte; the DPO loss per pair, with reward accuracy
+        and margin). Every rank scores every batch (a sharded model runs in lockstep)."""
+        sums: dict[str, float] = {}
         with eval_mode(self.engine.unwrap()):  # held-out batches feed no training-only record (QK-Clip)
             for batch in self.val_batches():
-                batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))  # context parallel: a slice
-                mb = {k: v.to(self.device) for k, v in batch.items()}
-                logits = self.objective.logits(engines, mb)  # (B, T, V)
-                keep = mb["labels"] != IGNORE_INDEX
-                labels = mb["labels"][keep]  # (N,)
-                # -log p(label) per target
-                nll = F.cross_entropy(logits[keep], labels, reduction="none").double().cpu()
-                n_bytes = self._token_bytes[labels.cpu()]
-                nll_sum += float(nll.sum())
-                targets += len(labels)
-                text_nll += float(nll[n_bytes > 0].sum())
-                text_bytes += float(n_bytes.sum())
+                for k, v in self.objective.validation_sums(self.engines, batch).items():
+                    sums[k] = sums.get(k, 0.0) + v
         if self.dims.cp > 1:  # each cp rank scored its slice of the same windows
-            nll_sum, targets, text_nll, text_bytes = cp_all_reduce([nll_sum, targets, text_nll, text_bytes],
-                                                                   self.dims.mesh["cp"].get_group())
-        return {"step": self.step, "val_loss": nll_sum / max(targets, 1),
-                "val_bpb": text_nll / (math.log(2) * text_bytes) if text_bytes else float("nan")}
+            sums = dict(zip(sums, cp_all_reduce(list(sums.values()), self.dims.mesh["cp"].get_group())))
+        return {"step": self.step, **self.objective.validation_metrics(sums)}
 
     # ------------------------------------------------------------------------------------------------ steps
 
     def train_step(self) -> dict:
-        engines = {"policy": self.engine}
+        engines = self.engines
         micro_batches = self.objective.experience(self.step, engines, self.next_micro_batches())
         total = self.engine.all_reduce(
             torch.tensor(sum(self.objective.units(mb) for mb in micro_batches), device=self.device))
@@ -384,6 +480,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         aux: dict[str, float] = {}  # a mixture of experts' terms, summed over the micro-batches
+        sums: dict[str, float] = {}  # the objective's per-unit quantities, summed over the micro-batches
         for i, mb in enumerate(micro_batches):
             sync = i == len(micro_batches) - 1
             with contextlib.nullcontext() if sync else self.engine.no_sync(), self.engine.loss_context():
@@ -395,7 +492,12 @@ class Trainer:
             for key in AUX_METRICS:
                 if key in out.metrics:
                     aux[key] = aux.get(key, 0.0) + out.metrics[key]
+            for key, value in out.sums.items():
+                sums[key] = sums.get(key, 0.0) + value
         loss = float(self.engine.all_reduce(loss_sum))
+        if sums:  # over the ranks, then per unit of the step (a pair, a target token)
+            reduced = self.engine.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
+            aux.update({k: float(v) / max(total_units, 1) for k, v in zip(sums, reduced)})
         if aux:
             # aux_loss: this rank's share of each micro-batch's weighted term -> summed over ranks; balance
             # loss and expert load: already whole-batch values per micro-batch -> their mean
@@ -426,9 +528,20 @@ class Trainer:
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
                        "layout": self.dims.describe()}
         multi = self.dims.world_size > 1
-        path = save_checkpoint(self.run_dir, self.step, self.engine.model_state_dict(), train_state,
+        state, write_extra = self.engine.model_state_dict(), None
+        if self.job.lora.enabled and self.is_main:
+            # model.safetensors: the merged weights every consumer reads; adapter/: the adapters alone
+            from workbench.nn.lora import save_adapter, split_state
+
+            state, adapter = split_state(state, self.job.lora)
+            meta = {"family": self.job.model.family, "flavor": self.job.model.flavor,
+                    "base": self.job.train.init_from, "tokenizer_sha256": self.manifest.tokenizer_sha256}
+
+            def write_extra(folder: Path) -> None:
+                save_adapter(self.engine.unwrap(), folder / ADAPTER_DIR, self.job.lora, meta, state=adapter)
+        path = save_checkpoint(self.run_dir, self.step, state, train_state,
                                self.engine.save_state, keep_last=self.job.train.keep_last, is_main=self.is_main,
-                               barrier=torch.distributed.barrier if multi else lambda: None)
+                               barrier=torch.distributed.barrier if multi else lambda: None, write_extra=write_extra)
         if multi:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is still being written
         self.saved_step = self.step
@@ -441,7 +554,9 @@ class Trainer:
         if not self.is_main:
             return
         info = {"parameters": self.n_params, "flops_per_token": self.flops_per_token, "device": str(self.device),
-                "layout": self.dims.describe()}
+                "layout": self.dims.describe(), "objective": self.job.objective.name}
+        if self.lora_report is not None:
+            info["lora"] = self.lora_report
         try:
             write_run_report(self.run_dir, info)
         except Exception as e:
@@ -500,12 +615,13 @@ class Trainer:
         job = self.job
         self.peak = peak_flops(self.device)
         self.log(f"model: {job.model.family} {job.model.flavor}, {self.n_params:,} parameters, "
-                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}")
+                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, on {self.device}; objective {job.objective.name}")
         self.log(f"run folder: {self.run_dir}")
         history: list[dict] = []
         fresh = self.resume_from is None
         runlog = RunLog(self.run_dir, resume_step=None if fresh else self.step,
-                        baselines={"unigram (val)": self.baseline}) if self.is_main else NullRunLog()
+                        baselines={"unigram (val)": self.baseline} if self.baseline is not None else {}
+                        ) if self.is_main else NullRunLog()
         bar = tqdm(total=job.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not self.engine.is_main)
         try:
@@ -561,14 +677,15 @@ class Trainer:
         bar.set_postfix({"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}",
                          "MFU" if self.peak else "GFLOP/s": speed})
 
-    def _validate(self, runlog: RunLog) -> dict:
+    def _validate(self, runlog: RunLog) -> dict | None:
+        if not self.val_batches():  # examples without data.val_file: nothing held out
+            return None
         rec = self.evaluate()
         self.last_val = rec
         runlog.write(rec)
         runlog.plot()
         with tqdm.external_write_mode():
-            self.log(f"step {self.step}: val loss {rec['val_loss']:.3f} nats/token, {rec['val_bpb']:.3f} bits/byte "
-                     f"(unigram baseline on these tokens {self.baseline:.3f} nats/token)")
+            self.log(f"step {self.step}: {describe_validation(rec, self.baseline)}")
         return rec
 
     def close(self) -> None:
@@ -579,8 +696,9 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         """Every rank calls this (a sharded model decodes in lockstep); each gets the same text."""
+        ids, stop_ids = self.objective.sample_prompt(prompt)  # chat objectives: a user turn, stopped at <|end|>
         with self.engine.gather_for_generation() as model:
-            gen = KVCacheGenerator(model, self.tokenizer)
+            gen = KVCacheGenerator(model, self.tokenizer, eos_ids=stop_ids)
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
-            return gen.generate([self.tokenizer.encode(prompt)], params)[0].text
+            return gen.generate([ids], params)[0].text
 

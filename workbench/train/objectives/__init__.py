@@ -1,1 +1,20 @@
-"""Objectives: the Objective protocol (base.py) and one file per pipeline (lm.py)."""
+"""Training objectives: one file each, all driven by the one trainer (base.py has the protocol).
+
+    lm        next-token cross-entropy over packed documents (pretraining)            lm.py
+    sft       cross-entropy on the assistant's tokens of conversations                 sft.py
+    dpo       direct preference optimization (sigmoid / cDPO, IPO) against a reference dpo.py
+    distill   a student matching a frozen teacher (forward KL, reverse KL, JSD)        distill.py
+"""
+
+from __future__ import annotations
+
+
+def build_objective(cfg):
+    """The objective named by the [objective] section `cfg` (workbench.job.ObjectiveSection)."""
+    from workbench.train.objectives.distill import DistillObjective
+    from workbench.train.objectives.dpo import DPOObjective
+    from workbench.train.objectives.lm import LMObjective
+    from workbench.train.objectives.sft import SFTObjective
+
+    kinds = {"lm": LMObjective, "sft": SFTObjective, "dpo": DPOObjective, "distill": DistillObjective}
+    return kinds[cfg.name](cfg)

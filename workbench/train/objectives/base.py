@@ -10,6 +10,16 @@
                                the micro-batch's *sum* of loss terms divided by `total_units`, the
                                count over every micro-batch of the step on every rank (all-reduced
                                by the trainer before the first forward)
+    data                       what it trains on: "windows" (packed text of the dataset's shards), "chat"
+                               (conversations of data.train_file, targets on the assistant turns) or
+                               "pairs" (prompt, chosen, rejected); workbench.data.examples reads the last two
+    setup(job, tokenizer)      once, before anything else (what validation and sampling need to know)
+    prepare(models, train, val, log)
+                               once, after the engines exist and before the first step (DPO computes its
+                               reference log-probs here when asked to, then drops the reference model)
+    validation_sums(models, batch) -> {name: sum}      one held-out micro-batch, as sums
+    validation_metrics(sums) -> {"val_...": value}     the held-out metrics from the sums over every batch
+    sample_prompt(text) -> ids, stop_ids               how the closing sample is asked for
 
 Loss normalization (docs/architecture.md): dividing each micro-batch's sum by the global count makes the step's
 loss the plain mean over all its terms, whatever the micro-batch split, accumulation depth or number of
@@ -38,6 +48,9 @@ class LossOutput:
     loss: torch.Tensor  # scalar: sum of loss terms / total_units (backward on this)
     metrics: dict[str, float] = field(default_factory=dict)  # per-micro-batch values to log
     units: dict[str, int] = field(default_factory=dict)  # throughput units processed: tokens, images, rays
+    # per-unit quantities as sums over the micro-batch's units (DPO's reward accuracy, a distillation divergence):
+    # the trainer adds them over micro-batches and ranks and logs each divided by the step's total units
+    sums: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -24,9 +24,16 @@ with the validation loss); `aux_loss` and the model's own metrics (balance loss,
 beside it. Labels arrive already shifted by the collator;
 document ids become a mask spec so attention stays inside each packed document. Logits are computed in
 float32 for the softmax (bf16 log-probs over a 100K vocabulary lose whole nats at the tail).
+
+Validation (`validation_sums`, `validation_metrics`): the loss in nats per target token over the held-out
+batches, and bits per byte = sum of -log p over the targets that stand for text / (ln 2 * their bytes); special
+tokens (eos between documents, the chat template's role and end tokens) are 0 bytes and stay out of both sums.
+SFT inherits all of this, over the response tokens its labels keep.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +43,45 @@ from workbench.nn.attention import MaskSpec
 from workbench.train.objectives.base import LossOutput, ModelRole
 
 
+def real_tokens(micro_batch: dict) -> int:
+    """Tokens the micro-batch computes on, padding excluded (packed windows have none)."""
+    lengths = micro_batch.get("lengths")
+    return int(lengths.sum()) if lengths is not None else int(micro_batch["labels"].numel())
+
+
+def add_aux_loss(models, out, loss: torch.Tensor, metrics: dict, micro_batches: int) -> torch.Tensor:
+    """`loss` plus the policy's weighted auxiliary loss (a mixture of experts' balance terms) averaged over the
+    step's micro-batches, its metrics added to `metrics`; `loss` unchanged for a model without one."""
+    model = models["policy"].unwrap()
+    if not out.aux or not hasattr(model, "aux_loss"):
+        return loss
+    engine = models["policy"]
+    aux_loss, aux_metrics = model.aux_loss(out.aux, engine.all_reduce, engine.all_reduce_cp, engine.cp_size)
+    aux_loss = aux_loss / micro_batches
+    metrics.update(aux_metrics, aux_loss=float(aux_loss.detach()))
+    return loss + aux_loss
+
+
 class LMObjective:
     name = "lm"
     roles = {"policy": ModelRole(trainable=True)}
+    data = "windows"
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg  # the [objective] section (workbench.job.ObjectiveSection); None in unit tests
+        self.tokenizer = None
+        self._token_bytes: torch.Tensor | None = None
+
+    def setup(self, job, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
+
+    def prepare(self, models, train_data, val_batches, log=print) -> None:
+        pass  # nothing to compute before the first step
+
+    def sample_prompt(self, text: str) -> tuple[list[int], list[int] | None]:
+        """The ids a closing sample continues, and the ids that stop it (None: the tokenizer's eos)."""
+        return self.tokenizer.encode(text), None
 
     def experience(self, step, models, data):
         self.micro_batches = len(data)  # the auxiliary loss is averaged over them
@@ -59,6 +102,22 @@ class LMObjective:
 
     def logits(self, models, micro_batch: dict) -> torch.Tensor:
         return self.forward(models, micro_batch)[1]
+
+    @torch.no_grad()
+    def validation_sums(self, models, batch: dict) -> dict[str, float]:
+        logits = self.logits(models, batch)  # (B, T, V)
+        keep = batch["labels"] != IGNORE_INDEX
+        labels = batch["labels"][keep]  # (N,)
+        # -log p(label) per target
+        nll = F.cross_entropy(logits[keep], labels, reduction="none").double().cpu()
+        n_bytes = self._token_bytes[labels.cpu()]
+        return {"nll": float(nll.sum()), "targets": len(labels), "text_nll": float(nll[n_bytes > 0].sum()),
+                "text_bytes": float(n_bytes.sum())}
+
+    def validation_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"val_loss": sums["nll"] / max(sums["targets"], 1),
+                "val_bpb": (sums["text_nll"] / (math.log(2) * sums["text_bytes"]) if sums["text_bytes"]
+                            else float("nan"))}
 
     def loss(self, models, micro_batch: dict, total_units: int) -> LossOutput:
         out, logits = self.forward(models, micro_batch)  # (B, T, V)
@@ -84,10 +143,5 @@ class LMObjective:
             mtp_loss = mtp_sum / max(total_units, 1)
             loss = loss + model.cfg.mtp_loss_weight / len(out.mtp_hidden) * mtp_loss
             metrics["mtp_loss"] = float(mtp_loss.detach()) / len(out.mtp_hidden)  # a share: summed over the step
-        if out.aux and hasattr(model, "aux_loss"):
-            engine = models["policy"]
-            aux_loss, aux_metrics = model.aux_loss(out.aux, engine.all_reduce, engine.all_reduce_cp, engine.cp_size)
-            aux_loss = aux_loss / getattr(self, "micro_batches", 1)
-            loss = loss + aux_loss
-            metrics.update(aux_metrics, aux_loss=float(aux_loss.detach()))
-        return LossOutput(loss=loss, metrics=metrics, units={"tokens": int(labels.numel())})
+        loss = add_aux_loss(models, out, loss, metrics, getattr(self, "micro_batches", 1))
+        return LossOutput(loss=loss, metrics=metrics, units={"tokens": real_tokens(micro_batch)})

@@ -1,0 +1,64 @@
+"""Log-probabilities of given tokens, computed from hidden states a chunk of rows at a time.
+
+DPO, and later PPO and GRPO, need log p(y_t | x, y_<t) for the completion tokens only: a scalar per target.
+Computing the full logits (B, T, V) in float32 first would hold B * T * V floats, plus the log-softmax and its
+gradient: 4 GiB for 8 x 1024 tokens of a 128K vocabulary. Here only the hidden states at target positions go
+through the head (the DESIGN's `model.logits(hidden, positions)` contract), `chunk` of them at a time:
+
+    h      = hidden[b, t]                      (N, D)   the rows whose next token is a target
+    z      = h W_out^T                         (n, V)   one chunk of n rows, float32
+    logp_i = z_i[y_i] - logsumexp(z_i)         (n,)
+
+Under gradient each chunk runs inside activation checkpointing (`torch.utils.checkpoint`, non-reentrant):
+autograd keeps the chunk's input rows and its n log-probs, and recomputes the (n, V) logits in backward, so
+peak memory is one chunk's logits instead of N x V. `chunk = 0` computes every row at once (no recompute).
+The values and gradients are the same either way (tested); the head's weight is read through the engine's
+`logits`, so a sharded head (FSDP2) or ZeRO's gathered head work as they do for language modelling.
+
+`sequence_logprobs` sums the per-token values of each row: log p(y | x) = sum_t log p(y_t | x, y_<t), the
+quantity DPO's implicit reward is built on (TRL's `sigmoid` loss sums; IPO averages, which is the sum over the
+count returned beside it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from workbench.data.packed import IGNORE_INDEX
+
+
+def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """log softmax(logits_fn(h))[y] for rows h of `hidden` (N, D) and targets y (N,) -> (N,) float32.
+
+    `logits_fn(h)` maps (1, n, D) hidden rows to (1, n, V) logits (an engine's or a model's `logits`)."""
+
+    def one(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = logits_fn(h[None])[0].float()  # (n, V)
+        # log p(y) = z[y] - logsumexp(z)
+        return z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+
+    n = hidden.shape[0]
+    if n == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if chunk <= 0 or chunk >= n:
+        return one(hidden, targets)
+    parts = []
+    for s in range(0, n, chunk):
+        h, y = hidden[s : s + chunk], targets[s : s + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(one, h, y, use_reentrant=False))  # the (n, V) logits are recomputed in backward
+        else:
+            parts.append(one(h, y))
+    return torch.cat(parts)
+
+
+def sequence_logprobs(logits_fn, hidden: torch.Tensor, labels: torch.Tensor,
+                      chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over each row's targets of log p(label), the number of targets) for hidden (R, T, D) and labels (R, T)
+    whose non-target positions hold IGNORE_INDEX. Both (R,), the sums float32."""
+    keep = labels != IGNORE_INDEX  # (R, T)
+    rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, row-major: the targets in order
+    logp = target_logprobs(logits_fn, hidden[rows, cols], labels[rows, cols], chunk)  # (N,)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, logp)
+    return sums, keep.sum(dim=1)
