@@ -70,8 +70,32 @@ class EvalContext:
     log: Callable[[str], None] = print
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 desc: str | None = None) -> list[Completion]:
-        return scoring.generate(self.generator, prompts, params, self.batch_size, progress=desc)
+                 desc: str | None = None, stop_ids: Sequence[int] | None = None) -> list[Completion]:
+        """Completions of token-id prompts in batches; `stop_ids` replace the tokenizer's eos ids as the ids that
+        end a completion (a chat reply ends at `<|end|>`: `ChatTemplate.stop_ids`)."""
+        generator = self.generator
+        if stop_ids is not None:
+            from workbench.inference.generator import KVCacheGenerator
+
+            generator = KVCacheGenerator(self.model, self.tokenizer, eos_ids=stop_ids)
+        return scoring.generate(generator, prompts, params, self.batch_size, progress=desc)
+
+    def chat_prompts(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
+                     option: str = "max_new_tokens") -> tuple[list[list[int]], list[int]]:
+        """(prompt ids asking for the next assistant turn of each conversation, the stop ids) through the chat
+        template (`workbench.data.chat`); a prompt that does not fit the window with `max_new_tokens` is an error
+        (a conversation cut at its start loses its question)."""
+        from workbench.data.chat import ChatTemplate
+
+        template = ChatTemplate(self.tokenizer)
+        prompts = [template.prompt_ids(c) for c in conversations]
+        room = self.max_length - max_new_tokens
+        long = [len(p) for p in prompts if len(p) > room]
+        if long:
+            raise WorkbenchError(f"{len(long)} of {len(prompts)} chat prompts (the longest {max(long)} tokens) do not "
+                                 f"fit with {option} = {max_new_tokens} in the scoring window of {self.max_length} "
+                                 f"tokens: lower {option} or raise --max-length")
+        return prompts, template.stop_ids
 
     def score(self, requests: Sequence[scoring.Request], desc: str | None = None):
         return scoring.score(self.model, requests, self.batch_size, self.max_length, progress=desc)

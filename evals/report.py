@@ -54,7 +54,7 @@ def write_eval_report(out_dir: Path, results: dict) -> Path:
         per_kind = details.get("per_kind")
         if per_kind:
             lines += [""] + markdown_table(["kind", "accuracy", "chance", "n"],
-                                          [[k, v["accuracy"], v["chance"], v["n"]] for k, v in per_kind.items()])
+                                          [[k, v["accuracy"], v.get("chance", "-"), v["n"]] for k, v in per_kind.items()])
         plain = {k: v for k, v in details.items() if k != "per_kind" and not isinstance(v, (dict, list))}
         if plain:
             lines += ["", "; ".join(f"{k}: {fmt(v)}" for k, v in plain.items())]

@@ -5,6 +5,12 @@ kept in the samples). Without one, pairs are mined from the held-out split of th
 line of code cut at a word boundary (data_pipelines.completions), written to the eval folder as
 `exact_match.data.jsonl` so the score can be reproduced and inspected.
 
+Chat models (`--exact_match.chat true`): the prompt is asked as a user turn through the chat template
+(`workbench.data.chat`) and the reply, which ends at `<|end|>`, is the output; a file of chat records (the
+instruction pairs of `data_pipelines.instructions`, the SFT records of `data_pipelines.reasoning`) is read as
+conversations: everything before the last assistant turn is the prompt, that turn's text the answer. Records
+with a `kind` get a score per kind beside the overall one.
+
 Scoring: the prompt is encoded as a document is (the tokenizer's bos first; a prompt too long for the
 scoring window keeps its end, `evals.scoring.fit_prompts`; the count is in the details), decoded greedily up to
 `max_new_tokens` or a stop string (default: end of line), and compared with the answer after stripping
@@ -37,10 +43,31 @@ class Config:
     max_new_tokens: int = field_(32, gt=0)
     stop: list[str] = field_(["\n"], doc="generation stops at any of these")
     strip: bool = field_(True, doc="compare with surrounding whitespace removed")
+    chat: bool = field_(False, doc="ask each prompt as a user turn of the chat template (a chat model's replies end "
+                                   "at <|end|>); chat records (messages) are read as conversations")
 
     def validate(self) -> None:
         if self.data is not None:
             data_file(self.data, "exact_match.data")  # before the model loads
+
+
+def as_pair(record: dict, where: str) -> dict:
+    """A {prompt, answer} record as is, or a chat record (`messages`) as its conversation up to the last
+    assistant turn (`conversation`, and its text as `prompt`) and that turn's text (`answer`)."""
+    if "messages" in record:
+        from workbench.data.chat import messages_of
+
+        messages = messages_of(record, where)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DataError(f"{where}: a chat record needs an assistant turn to compare with")
+        prompt = "\n".join(m["content"] for m in messages[:last])
+        return {**{k: v for k, v in record.items() if k != "messages"}, "prompt": prompt,
+                "answer": messages[last]["content"], "conversation": messages[:last]}
+    missing = [k for k in ("prompt", "answer") if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing key {missing[0]!r} (each line needs prompt and answer, or messages)")
+    return record
 
 
 def chance(answers: list[str]) -> float:
@@ -56,7 +83,8 @@ class ExactMatch:
 
     def pairs(self, ctx: EvalContext, cfg: Config) -> list[dict]:
         if cfg.data is not None:
-            return read_jsonl(cfg.data, "exact_match.data", ("prompt", "answer"))[: cfg.n]
+            return [as_pair(r, f"{cfg.data}: record {i + 1}") for i, r in
+                    enumerate(read_jsonl(cfg.data, "exact_match.data", ()))][: cfg.n]
         if ctx.job is None:
             raise DataError("exact_match: give --exact_match.data FILE (a jsonl of prompt/answer objects); "
                             "a Hugging Face model has no held-out split to mine")
@@ -72,21 +100,40 @@ class ExactMatch:
         for i, item in enumerate(items):
             if not isinstance(item["prompt"], str) or not isinstance(item["answer"], str):
                 raise DataError(f"exact_match: record {i + 1}: prompt and answer must be strings")
-        prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length, cfg.max_new_tokens,
-                                   "exact_match.max_new_tokens")
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop))
-        outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match")]
+        if cfg.chat:
+            conversations = [it.get("conversation") or [{"role": "user", "content": it["prompt"]}] for it in items]
+            prompts, stop_ids = ctx.chat_prompts(conversations, cfg.max_new_tokens, "exact_match.max_new_tokens")
+            cut = 0
+        else:
+            prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length,
+                                       cfg.max_new_tokens, "exact_match.max_new_tokens")
+            stop_ids = None
+        outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match", stop_ids=stop_ids)]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)
-        samples = [dict(it, output=out, correct=norm(out) == norm(it["answer"])) for it, out in zip(items, outputs)]
+        samples = [dict({k: v for k, v in it.items() if k != "conversation"}, output=out,
+                        correct=norm(out) == norm(it["answer"])) for it, out in zip(items, outputs)]
         accuracy = sum(s["correct"] for s in samples) / len(samples)
         base = chance([norm(it["answer"]) for it in items])
+        metrics, details = {"exact_match": accuracy}, {}
+        kinds = sorted({s["kind"] for s in samples if isinstance(s.get("kind"), str)})
+        names, values, floors = ["exact match"], [accuracy], [base]
+        if kinds:
+            per_kind = {}
+            for k in kinds:
+                group = [s for s in samples if s.get("kind") == k]
+                per_kind[k] = {"accuracy": sum(s["correct"] for s in group) / len(group), "n": len(group),
+                               "chance": chance([norm(s["answer"]) for s in group])}
+                metrics[f"exact_match_{k}"] = per_kind[k]["accuracy"]
+                names.append(k), values.append(per_kind[k]["accuracy"]), floors.append(per_kind[k]["chance"])
+            details["per_kind"] = per_kind
         plot = "exact_match.png"
-        bars(ctx.out_dir / plot, ["exact match"], [accuracy], [base], title=f"greedy exact match ({len(items)} pairs)",
+        bars(ctx.out_dir / plot, names, values, floors, title=f"greedy exact match ({len(items)} pairs)",
              ylabel="accuracy")
-        return TaskResult(task=self.name, primary="exact_match", metrics={"exact_match": accuracy},
+        return TaskResult(task=self.name, primary="exact_match", metrics=metrics,
                           baselines={"chance": base}, n=len(samples), samples=samples, plots=[plot],
                           details={"data": cfg.data or "mined from the val split: exact_match.data.jsonl",
-                                   "prompts_cut_to_fit": cut})
+                                   "prompts_cut_to_fit": cut, "chat": cfg.chat, **details})
 
 
 TASK = ExactMatch()

@@ -6,7 +6,8 @@ arithmetic, counting, parity, sorting; the default set never changes), or of the
 (`--reasoning.kinds chain,linear,boolean,poly`, its multi-step ones); or read from a jsonl of problems
 (`--reasoning.data FILE`, each with `kind` and `params`, which the maker's SFT records `val.jsonl` also
 are). The model's output, special tokens kept, is checked by recomputing the answer from the problem's
-parameters (`check`), never by trusting a stored answer.
+parameters (`check`), never by trusting a stored answer. `--reasoning.chat true` asks each problem as a user
+turn of the chat template, the format an SFT model was trained in (`data_pipelines.reasoning.make_sft_records`).
 
 Metrics
     accuracy   the answer in the last complete <answer> span is right
@@ -39,6 +40,8 @@ class Config:
     seed: int = EVAL_SEED
     kinds: list[str] = field_([], doc=f"generated kinds, from {', '.join(rz.KINDS)}; [] = {','.join(rz.DEFAULT_KINDS)}")
     max_new_tokens: int = field_(64, gt=0)
+    chat: bool = field_(False, doc="ask each problem as a user turn of the chat template (an SFT model's format; "
+                                   "the reply ends at <|end|>)")
 
     def validate(self) -> None:
         if self.data is not None:
@@ -86,10 +89,15 @@ class Reasoning:
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         problems = self.problems(cfg)
         tok = ctx.tokenizer
-        prompts, _ = fit_prompts(tok, [p["prompt"] for p in problems], ctx.max_length, cfg.max_new_tokens,
-                                 "reasoning.max_new_tokens", truncate=False)
+        if cfg.chat:
+            prompts, stop_ids = ctx.chat_prompts([[{"role": "user", "content": p["prompt"]}] for p in problems],
+                                                 cfg.max_new_tokens, "reasoning.max_new_tokens")
+        else:
+            prompts, _ = fit_prompts(tok, [p["prompt"] for p in problems], ctx.max_length, cfg.max_new_tokens,
+                                     "reasoning.max_new_tokens", truncate=False)
+            stop_ids = None
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        completions = ctx.generate(prompts, params, desc="reasoning")
+        completions = ctx.generate(prompts, params, desc="reasoning", stop_ids=stop_ids)
         # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop
         outputs = [tok.decode(c.tokens, skip_special_tokens=False) for c in completions]
         metrics, per_kind, samples = score_outputs(problems, outputs)

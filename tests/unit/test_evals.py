@@ -139,7 +139,7 @@ def test_exact_match_names_a_missing_or_malformed_file(tmp_path):
         exact_match.TASK.run(ctx, exact_match.Config(data=str(tmp_path / "nope.jsonl")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(Exception, match=r"bad.jsonl:2: missing key 'answer'"):
+    with pytest.raises(Exception, match=r"bad.jsonl: record 2: missing key 'answer'"):
         exact_match.TASK.run(ctx, exact_match.Config(data=str(bad)))
     bad.write_text("[1, 2]\n")
     with pytest.raises(Exception, match=r"bad.jsonl:1: expected a JSON object"):

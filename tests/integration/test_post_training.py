@@ -1,0 +1,150 @@
+"""Post-training runs end to end on the debug flavor: SFT (packed) with its chat sample and chat evals, LoRA's
+checkpoint files and bit-identical resume, DPO's reference choices, and the errors a user can cause."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipelines.reasoning import make_sft_records
+from data_pipelines.shards import build_dataset
+from workbench.checkpoint.load import load_run
+from workbench.checkpoint.run import latest_checkpoint, load_model_state
+from workbench.config import load_config
+from workbench.errors import ConfigError, DataError
+from workbench.job import JobConfig
+from workbench.train.trainer import Trainer
+
+QUIET = dict(log=lambda *_: None)
+DEBUG_TOML = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def post(tmp_path_factory, debug_data):
+    """A pretrained start and chat / pair files built from verifiable problems."""
+    out = tmp_path_factory.mktemp("post")
+    job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--run.name", "base", "--data.dir",
+                                              str(debug_data), "--train.sample_tokens", "0", "--train.steps", "8"])
+    Trainer(job, **QUIET).fit()
+    records = make_sft_records(48, seed=9, kinds=["add", "compare", "parity"])
+    pairs = [{"prompt": r["prompt"], "chosen": r["messages"][1]["content"], "rejected": f"<answer>{i}</answer>",
+              "kind": "terse"} for i, r in enumerate(records)]
+    return {"base": str(out / "base"), "sft": write(out / "sft.jsonl", records[:40]),
+            "sft_val": write(out / "sft-val.jsonl", records[40:]), "pairs": write(out / "pairs.jsonl", pairs[:40]),
+            "pairs_val": write(out / "pairs-val.jsonl", pairs[40:])}
+
+
+def sft_args(post, *extra):
+    return ("--objective.name", "sft", "--data.train_file", post["sft"], "--data.val_file", post["sft_val"],
+            "--train.init_from", post["base"], "--data.seq_len", "128", *extra)
+
+
+def test_sft_packed_run_learns_samples_a_chat_reply_and_evaluates_in_chat_form(tmp_path, debug_job, post):
+    from evals.runner import run_eval
+
+    job = debug_job(tmp_path, *sft_args(post, "--data.pack", "true", "--train.steps", "12", "--train.eval_every", "6",
+                                        "--train.micro_batch_size", "8", "--optim.lr", "3e-3"))
+    trainer = Trainer(job, **QUIET)
+    assert trainer.baseline is None and len(trainer.val_batches()) == 1  # 8 held-out conversations
+    history = trainer.fit()
+    assert history[-1]["loss"] < history[0]["loss"]
+    records = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 6, 12] and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert json.loads((trainer.run_dir / "run_info.json").read_text())["objective"] == "sft"
+    text = trainer.sample("What is 2 + 3?", 8)
+    assert isinstance(text, str)
+    out = run_eval("exact_match,reasoning", ckpt=str(trainer.run_dir),
+                   options=["--exact_match.data", post["sft_val"], "--exact_match.chat", "true",
+                            "--reasoning.data", post["sft_val"], "--reasoning.chat", "true",
+                            "--reasoning.max_new_tokens", "40", "--exact_match.max_new_tokens", "40"], **QUIET)
+    results = json.loads((out / "results.json").read_text())["tasks"]
+    assert results["exact_match"]["details"]["chat"] is True and results["exact_match"]["n"] == 8
+    assert set(results["exact_match"]["details"]["per_kind"]) <= {"add", "compare", "parity"}
+    assert results["reasoning"]["n"] == 8 and 0 <= results["reasoning"]["metrics"]["accuracy"] <= 1
+
+
+def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_bit_identically(tmp_path, debug_job,
+                                                                                           post):
+    from workbench.nn.lora import load_adapter
+
+    args = sft_args(post, "--lora.r", "4", "--lora.dora", "true", "--optim.lr", "1e-2", "--train.steps", "6")
+    full = Trainer(debug_job(tmp_path / "a", *args), **QUIET).fit()
+    crashed = Trainer(debug_job(tmp_path / "b", *args), **QUIET)
+    assert crashed.lora_report["modules"] == 8 and crashed.lora_report["fraction"] < 0.2
+    for _ in range(3):
+        crashed.train_step()
+    crashed.save()
+    del crashed
+    resumed = Trainer(debug_job(tmp_path / "b", *args), resume=True, **QUIET)
+    tail = resumed.fit()
+    assert [h["loss"] for h in tail] == [h["loss"] for h in full[3:]]
+    ckpt = latest_checkpoint(resumed.run_dir)
+    merged = load_model_state(ckpt)
+    assert not any("lora" in k for k in merged)  # model.safetensors: the plain model's keys
+    model, _, _ = load_run(ckpt)  # what generate / eval / export read
+    base, _, _ = load_run(post["base"])
+    load_adapter(base, ckpt / "adapter")  # the adapter alone, on the starting weights
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model.logits(model({"input_ids": ids}).hidden)
+        b = base.logits(base({"input_ids": ids}).hidden)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    start, _, _ = load_run(post["base"])
+    with torch.no_grad():
+        assert not torch.allclose(a, start.logits(start({"input_ids": ids}).hidden), atol=1e-4)  # the adapters moved it
+
+
+def test_dpo_reference_is_the_start_or_the_lora_base_and_precomputing_drops_it(tmp_path, debug_job, post):
+    dpo = ("--objective.name", "dpo", "--data.train_file", post["pairs"], "--data.val_file", post["pairs_val"],
+           "--train.init_from", post["base"], "--data.seq_len", "128", "--train.steps", "3")
+    frozen = Trainer(debug_job(tmp_path / "a", *dpo), **QUIET)
+    assert set(frozen.engines) == {"policy", "reference"}
+    first = frozen.fit()[0]["loss"]
+    assert first == pytest.approx(0.6931, abs=1e-4)  # the policy starts as its reference: -log sigmoid(0)
+    lora = Trainer(debug_job(tmp_path / "b", *dpo, "--lora.r", "4"), **QUIET)
+    assert set(lora.engines) == {"policy"}  # the base model with its adapters off is the reference
+    assert lora.fit()[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    pre = Trainer(debug_job(tmp_path / "c", *dpo, "--objective.precompute_reference", "true"), **QUIET)
+    assert set(pre.engines) == {"policy"} and pre.objective.table["chosen"].shape == (40,)
+    record = pre.fit()
+    assert record[0]["loss"] == pytest.approx(first, rel=1e-6) and 0 <= record[-1]["reward_acc"] <= 1
+
+
+def test_post_training_errors_name_the_key_or_the_line(tmp_path, debug_job, post):
+    with pytest.raises(ConfigError, match="data.train_file.*needs a jsonl of conversations"):
+        debug_job(tmp_path, "--objective.name", "sft")
+    with pytest.raises(ConfigError, match="lora.r.*set train.init_from"):
+        debug_job(tmp_path, "--lora.r", "8")
+    with pytest.raises(ConfigError, match="objective.teacher.*needs a teacher"):
+        debug_job(tmp_path, "--objective.name", "distill")
+    with pytest.raises(ConfigError, match="objective.reference.*needs a reference"):
+        debug_job(tmp_path, "--objective.name", "dpo", "--data.train_file", post["pairs"])
+    with pytest.raises(ConfigError, match="parallel.cp"):
+        debug_job(tmp_path, *sft_args(post, "--parallel.cp", "2"))
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: expected 'messages'"):  # a pairs file given to sft
+        Trainer(debug_job(tmp_path / "x", *sft_args(post)[:2], "--data.train_file", post["pairs"],
+                          "--train.init_from", post["base"]), **QUIET)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not JSON"):
+        Trainer(debug_job(tmp_path / "y", "--objective.name", "sft", "--data.train_file", str(bad),
+                          "--train.init_from", post["base"]), **QUIET)
+    # a teacher trained on another tokenizer: its token ids mean other things
+    other = tmp_path / "other-data"
+    build_dataset(load_config(JobConfig, DEBUG_TOML, ["--data.dir", str(other), "--data.vocab_size", "400"]).data,
+                  log=lambda *_: None)
+    teacher = Trainer(load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(tmp_path), "--run.name", "teacher",
+                                                          "--data.dir", str(other), "--data.vocab_size", "400",
+                                                          "--train.steps", "1",
+                                                          "--train.sample_tokens", "0"]), **QUIET)
+    teacher.fit()
+    with pytest.raises(DataError, match="objective.teacher.*not the tokenizer of this run's dataset"):
+        Trainer(debug_job(tmp_path / "z", "--objective.name", "distill", "--objective.teacher",
+                          str(teacher.run_dir)), **QUIET)
