@@ -4,9 +4,9 @@
                                                                          tokenizer, shards, manifest)
     workbench train CONFIG.toml [--resume] [--section.key value ...]   (--resume: continue the run if it has
                                                                          a checkpoint, start it otherwise)
-    workbench generate (--ckpt RUN_DIR | --hf-dir DIR) --prompt TEXT [--max-new-tokens N]
-                       [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S]
-    workbench export (--ckpt RUN_DIR | --hf-dir DIR) --out DIR [--dtype D] [--max-shard-mb M]
+    workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
+                       [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
+    workbench export (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --out DIR [--dtype D] [--max-shard-mb M]
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
     workbench eval --task A,B (--ckpt RUN_DIR | --hf-dir DIR) [--out DIR] [--batch-size N] [--max-length N]
                    [--TASK.key value ...]                                (task options, e.g. --reasoning.n 50)
@@ -53,6 +53,10 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face model directory (config.json, safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the stored dtype")
+    if p.prog.split()[-1] in ("generate", "export"):
+        p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (adapter.safetensors + "
+                                                        "adapter_config.json, e.g. a checkpoint's adapter/) merged "
+                                                        "into the model first")
 
 
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -120,11 +124,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(re.sub(r"config key '(\w+)(\[\d+\])?'", lambda m: "--" + m.group(1).replace("_", "-"),
                                  str(e))) from None
     device = pick_device(args.device, "--device")
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype))
-    prompt = tokenizer.encode(args.prompt)
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
+    stop_ids = None
+    if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>
+        from workbench.data.chat import ChatTemplate
+
+        template = ChatTemplate(tokenizer)
+        prompt, stop_ids = template.prompt_ids([{"role": "user", "content": args.prompt}]), template.stop_ids
+    else:
+        prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise WorkbenchError("--prompt: encodes to no tokens and the tokenizer adds no bos; give some text")
-    completion = KVCacheGenerator(model, tokenizer).generate([prompt], params)[0]
+    completion = KVCacheGenerator(model, tokenizer, eos_ids=stop_ids).generate([prompt], params)[0]
     sys.stdout.write(completion.text + "\n")
     sys.stdout.flush()
     return 0
@@ -151,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise WorkbenchError("export: where to? give --to hf OUT or --out DIR")
     if args.max_shard_mb is not None and args.max_shard_mb <= 0:
         raise WorkbenchError(f"--max-shard-mb: expected a size > 0 in MiB, got {args.max_shard_mb}")
-    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype))
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype), args.adapter)
     max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
     out = export_hf_dir(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
     _log(f"exported {section.family} to {out}")
@@ -230,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="ask the prompt as a user turn of the chat template (an SFT or "
+                                                       "DPO model's format); the reply ends at <|end|>")
 
     p = sub.add_parser("export", help="write a Hugging Face directory (safetensors + config + tokenizer)")
     _add_source(p, required=False)

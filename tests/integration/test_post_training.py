@@ -11,6 +11,7 @@ from data_pipelines.reasoning import make_sft_records
 from data_pipelines.shards import build_dataset
 from workbench.checkpoint.load import load_run
 from workbench.checkpoint.run import latest_checkpoint, load_model_state
+from workbench.cli import main
 from workbench.config import load_config
 from workbench.errors import ConfigError, DataError
 from workbench.job import JobConfig
@@ -71,7 +72,7 @@ def test_sft_packed_run_learns_samples_a_chat_reply_and_evaluates_in_chat_form(t
 
 
 def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_bit_identically(tmp_path, debug_job,
-                                                                                           post):
+                                                                                           post, capsys):
     from workbench.nn.lora import load_adapter
 
     args = sft_args(post, "--lora.r", "4", "--lora.dora", "true", "--optim.lr", "1e-2", "--train.steps", "6")
@@ -99,6 +100,14 @@ def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_b
     start, _, _ = load_run(post["base"])
     with torch.no_grad():
         assert not torch.allclose(a, start.logits(start({"input_ids": ids}).hidden), atol=1e-4)  # the adapters moved it
+    # the command line: base + adapter folder generates what the merged checkpoint generates
+    texts = []
+    for argv in (["--ckpt", str(ckpt)], ["--ckpt", post["base"], "--adapter", str(ckpt / "adapter")]):
+        assert main(["generate", *argv, "--prompt", "What is 2 + 3?", "--chat", "--max-new-tokens", "12"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    assert main(["generate", "--ckpt", post["base"], "--adapter", str(tmp_path), "--prompt", "x"]) == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err
 
 
 def test_dpo_reference_is_the_start_or_the_lora_base_and_precomputing_drops_it(tmp_path, debug_job, post):

@@ -42,10 +42,17 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 
 def load_for_inference(
     ckpt: str | None = None, hf_dir: str | None = None, device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, adapter: str | None = None,
 ) -> tuple[torch.nn.Module, Tokenizer, ModelSection]:
+    """(model, tokenizer, model section) of a run folder / checkpoint or a Hugging Face directory; with `adapter`,
+    a LoRA adapter folder (adapter.safetensors + adapter_config.json, e.g. a checkpoint's `adapter/`) is loaded
+    onto it and merged into its weights."""
     if (ckpt is None) == (hf_dir is None):
         raise WorkbenchError("give exactly one of --ckpt RUN_DIR or --hf-dir DIR")
-    if hf_dir is not None:
-        return load_hf_dir(hf_dir, device, dtype)
-    return load_run(ckpt, device, dtype)
+    model, tokenizer, section = load_hf_dir(hf_dir, device, dtype) if hf_dir is not None else load_run(ckpt, device, dtype)
+    if adapter is not None:
+        from workbench.nn.lora import load_adapter, merge_and_unload
+
+        load_adapter(model, adapter)
+        merge_and_unload(model)  # plain linears again: every decode path, and export, read them as they are
+    return model, tokenizer, section

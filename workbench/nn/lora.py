@@ -403,6 +403,21 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
             m.unmerge()
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight for good and put the plain Linear back (PEFT's merge_and_unload):
+    the model's state dict has the plain model's keys again (what `--adapter` on generate and export gives)."""
+    for path, m in list(lora_modules(model)):
+        if not m.merged:
+            m.merge()
+        plain = Linear(m.in_features, m.out_features, bias=m.bias is not None, device=m.weight.device,
+                       dtype=m.weight.dtype)
+        plain.weight, plain.bias = m.weight, m.bias
+        plain.weight.requires_grad_(True)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, plain)
+    return model
+
+
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Adapters off for the block: the model computes its base model's function (the frozen DPO reference
