@@ -44,8 +44,11 @@ is attempted: macros, K&R declarations and templates spanning lines are missed, 
 
 Design choices
     Lengths: a pair whose prompt is longer than `max_prompt_chars` or whose answer is longer than
-    `max_answer_chars` is skipped (counted), so that every record fits a 256-512 token window of a small
-    byte-level BPE (about 2-3 characters per token on code): the defaults, 1000 + 200 characters.
+    `max_answer_chars` is skipped (counted), so that records fit a 256-512 token window of a small byte-level
+    BPE: code costs 1.5-3 characters per token there, and the defaults (800 + 200 characters) keep all but about
+    one record in a thousand of the standard library's within 512 tokens of a 512-entry BPE. For an exact bound,
+    give a tokenizer and `max_tokens`: records whose chat encoding (`workbench.data.chat.ChatTemplate`, bos,
+    role and end tokens included) is longer are skipped.
     Held-out split by file (`split_records`): files taken in the order of a sha256 hash of their path go to
     validation until they hold `val_fraction` of the records, as `data_pipelines.shards.split_documents`
     does for documents, so no held-out pair comes from a file that was trained on; validation records
@@ -56,7 +59,8 @@ Design choices
     (shuffled with the seed, since a trainer reading them in order would otherwise see one module at a time).
 
     python -m data_pipelines.instructions --source DIR --out DIR [--val-fraction 0.1] [--max-per-kind N]
-        [--seed S] [--kinds docstring,signature,...] [--max-prompt-chars 1000] [--max-answer-chars 200]
+        [--seed S] [--kinds docstring,signature,...] [--max-prompt-chars 800] [--max-answer-chars 200]
+        [--tokenizer tokenizer.json --max-tokens 512]
 writes OUT/train.jsonl and OUT/val.jsonl and prints the counts per kind and split.
 """
 
@@ -387,13 +391,15 @@ def source_key(rec: dict) -> tuple[str, int, int]:
 
 
 def mine_instructions(source: str | Path | None = None, *, seed: int = 0, kinds: Sequence[str] = KINDS,
-                      max_per_kind: int | None = None, max_prompt_chars: int = 1000, max_answer_chars: int = 200,
-                      include: Sequence[str] | None = None, progress: bool = True,
-                      stats: dict | None = None) -> list[dict]:
+                      max_per_kind: int | None = None, max_prompt_chars: int = 800, max_answer_chars: int = 200,
+                      max_tokens: int | None = None, tokenizer=None, include: Sequence[str] | None = None,
+                      progress: bool = True, stats: dict | None = None) -> list[dict]:
     """Instruction records (see the module notes) mined from every file of the tree `source` (default: the
     standard library) with a known extension, in source order.
 
     `include`: glob patterns of relative paths to mine (all files when None), e.g. ["json/*", "textwrap.py"].
+    `max_tokens` with `tokenizer` (a `workbench.data.tokenizer.Tokenizer` with the reserved tokens): skip
+    records whose chat encoding has more tokens.
     `stats`, when given a dict, is filled with counts: files read per language, files that did not parse,
     documented functions, pairs skipped for length, pairs per kind before and after `max_per_kind`.
     Raises DataError for a missing tree, unknown kinds or bad limits, and when the tree gives no pair."""
@@ -401,13 +407,21 @@ def mine_instructions(source: str | Path | None = None, *, seed: int = 0, kinds:
     if unknown or not kinds:
         raise DataError(f"instructions: unknown kind(s) {', '.join(unknown) or '(none given)'} (known: {', '.join(KINDS)})")
     for name, value in (("max_prompt_chars", max_prompt_chars), ("max_answer_chars", max_answer_chars),
-                        ("max_per_kind", max_per_kind)):
+                        ("max_per_kind", max_per_kind), ("max_tokens", max_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise DataError(f"instructions: {name} must be a positive integer, got {value!r}")
+    if (max_tokens is None) != (tokenizer is None):
+        raise DataError("instructions: max_tokens and tokenizer go together (the tokens are counted with it)")
+    template = None
+    if tokenizer is not None:
+        from workbench.data.chat import ChatTemplate
+
+        template = ChatTemplate(tokenizer)
     root = stdlib_root() if source is None else Path(source)
     counts: Counter = Counter(dict.fromkeys(["python_files", "unparsable_files", "documented_functions",
                                              "other_files", "comments_skipped"], 0))
     counts.update({f"{what}_{k}": 0 for what in ("too_long", "pairs") for k in kinds})
+    counts["too_many_tokens"] = 0
     docs = iter_documents(root, EXTENSIONS)
     if include is not None:
         from fnmatch import fnmatch
@@ -424,6 +438,8 @@ def mine_instructions(source: str | Path | None = None, *, seed: int = 0, kinds:
         for rec in found:
             if len(rec["prompt"]) > max_prompt_chars or len(rec["answer"]) > max_answer_chars:
                 counts[f"too_long_{rec['kind']}"] += 1
+            elif template is not None and len(template.encode(rec["messages"]).ids) > max_tokens:
+                counts["too_many_tokens"] += 1
             else:
                 records.append(rec)
     by_kind = Counter(r["kind"] for r in records)
@@ -506,16 +522,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-per-kind", type=int, default=None, help="keep at most N pairs of each kind (seeded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {', '.join(KINDS)}")
-    p.add_argument("--max-prompt-chars", type=int, default=1000)
+    p.add_argument("--max-prompt-chars", type=int, default=800)
     p.add_argument("--max-answer-chars", type=int, default=200)
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json to count tokens with (with --max-tokens)")
+    p.add_argument("--max-tokens", type=int, default=None, help="skip records longer than this in chat tokens")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     stats: dict = {}
     kinds = [k for k in args.kinds.split(",") if k]
     try:
+        tokenizer = None
+        if args.tokenizer is not None:
+            from workbench.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(args.tokenizer)
         records = mine_instructions(args.source, seed=args.seed, kinds=kinds, max_per_kind=args.max_per_kind,
                                     max_prompt_chars=args.max_prompt_chars, max_answer_chars=args.max_answer_chars,
-                                    stats=stats)
+                                    max_tokens=args.max_tokens, tokenizer=tokenizer, stats=stats)
         train, val, dropped = split_by_file(records, args.val_fraction)
     except DataError as e:
         p.error(str(e))
@@ -526,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         write_jsonl(out / f"{name}.jsonl", shuffled)
     print(f"{stats['python_files']} Python files ({stats['unparsable_files']} did not parse, "
           f"{stats['documented_functions']} documented functions), {stats['other_files']} other files; "
-          f"skipped as too long: " + (", ".join(f"{k} {stats[f'too_long_{k}']}" for k in kinds)))
+          f"skipped as too long: " + (", ".join(f"{k} {stats[f'too_long_{k}']}" for k in kinds))
+          + (f"; over {args.max_tokens} tokens: {stats['too_many_tokens']}" if args.max_tokens else ""))
     print(count_table({"train": train, "val": val}, kinds))
     if dropped:
         print(f"{dropped} val records dropped: their prompt is also a train prompt")

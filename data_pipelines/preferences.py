@@ -33,8 +33,9 @@ How a pair is made
     output replaced (a literal perturbed: an int +1, a list reversed, a string shortened, True <-> False;
     otherwise another subject's output), kept only if `check_examples` says runs=True and passes=False; or
     `terse`: one short sentence with no explanation and no example ("Use `textwrap.shorten`.").
-    Held-out split by file, as `data_pipelines.instructions.split_records` (synthesized subjects of C
-    functions count under `<built-in MODULE>`). Deterministic for a tree and a seed: the wording, the kind and
+    Held-out split by file, as `data_pipelines.instructions.split_records` (a synthesized subject's file is
+    its module's: `heapq.py` for heapq.heappush, `lib-dynload/math....so` for math.sqrt, `<built-in MODULE>`
+    for a module compiled into the interpreter). Deterministic for a tree and a seed: the wording, the kind and
     the perturbation of a pair come from a hash of (seed, subject), and the sandbox's outputs are checked to be
     reproducible.
     Non-Python trees (Verilog, C, launch files) give no pairs: their examples cannot be run here, and a pair
@@ -49,11 +50,13 @@ The sandbox (`check_examples`, `check_many`, `Sandbox`)
     example text. The child moves into its own new temporary directory, closes stdin/stdout/stderr, lowers
     its CPU-seconds limit to the timeout, arms a wall-clock timer and installs an audit hook
     (`sys.addaudithook`, which cannot be removed) before anything of the example runs. The hook refuses:
-    process creation (subprocess, os.system, os.exec*, os.spawn*, os.posix_spawn, os.fork, pty), signals
-    to other processes, sockets, ctypes, importing _posixsubprocess/multiprocessing/ctypes, changing
-    resource limits, opening a file for writing, and removing, renaming, creating directories, chmod/chown,
-    truncating or symlinking, anywhere outside the child's temporary directory (paths resolved through
-    symlinks; opening a directory outside it is refused too, so dir_fd tricks have nothing to start from).
+    process creation (subprocess, os.system, os.exec*, os.spawn*, os.posix_spawn, os.fork, pty; and
+    _posixsubprocess.fork_exec, which raises no event of its own, is replaced before the hook goes in),
+    signals to other processes, sockets (except an AF_UNIX socketpair, which asyncio's event loop needs:
+    connect, bind and sendto stay refused), ctypes, importing multiprocessing/ctypes, changing resource
+    limits, opening a file for writing, and removing, renaming, creating directories, chmod/chown, truncating
+    or symlinking, anywhere outside the child's temporary directory (paths resolved through symlinks; opening
+    a directory outside it is refused too, so dir_fd tricks have nothing to start from).
     Reading files is allowed (imports need it). The zygote kills a child that outlives its timeout (plus a
     grace second); the host kills a zygote that stops answering. Texts never share a process, so one answer
     cannot change how another is scored. This is a guard against accidents and careless code from small

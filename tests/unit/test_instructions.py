@@ -241,6 +241,16 @@ def test_limits_kinds_seed_and_determinism(tree):
     capped = ins.mine_instructions(tree, progress=False, max_per_kind=2, seed=1)
     assert all(sum(r["kind"] == k for r in capped) <= 2 for k in ins.KINDS)
     assert capped == ins.mine_instructions(tree, progress=False, max_per_kind=2, seed=1)
+    from data_pipelines.tokenizer import byte_tokenizer
+    from workbench.data.chat import ChatTemplate
+
+    tok = byte_tokenizer()
+    stats = {}
+    fitted = ins.mine_instructions(tree, progress=False, max_tokens=100, tokenizer=tok, stats=stats)
+    assert fitted and all(len(ChatTemplate(tok).encode(r["messages"]).ids) <= 100 for r in fitted)
+    assert stats["too_many_tokens"] > 0 and len(fitted) + stats["too_many_tokens"] == len(a)
+    with pytest.raises(DataError, match="max_tokens and tokenizer go together"):
+        ins.mine_instructions(tree, progress=False, max_tokens=100)
     only = ins.mine_instructions(tree, progress=False, kinds=["doctest"], include=["geo/*"])
     assert {r["kind"] for r in only} == {"doctest"} and {ins.file_of(r) for r in only} == {"geo/shapes.py"}
 
@@ -261,10 +271,14 @@ def test_bad_input_names_the_problem(tree, tmp_path):
 
 
 def test_cli_writes_splits_and_prints_counts(tree, tmp_path, capsys):
+    from data_pipelines.tokenizer import byte_tokenizer
+
     for i in range(6):
         (tree / f"m{i}.py").write_text(UTIL.replace("clamp", f"clamp{i}"))
     out = tmp_path / "out"
-    assert ins.main(["--source", str(tree), "--out", str(out), "--val-fraction", "0.3", "--seed", "3"]) == 0
+    tok = byte_tokenizer().save(tmp_path / "tokenizer.json")
+    assert ins.main(["--source", str(tree), "--out", str(out), "--val-fraction", "0.3", "--seed", "3",
+                     "--tokenizer", str(tok), "--max-tokens", "400"]) == 0
     printed = capsys.readouterr().out
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     val = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
@@ -272,7 +286,7 @@ def test_cli_writes_splits_and_prints_counts(tree, tmp_path, capsys):
     table = printed.split("\n")
     row = next(line for line in table if line.startswith("total"))
     assert row.split()[1:] == [str(len(train)), str(len(val))]
-    assert "1 did not parse" in printed and "doctest" in printed
+    assert "1 did not parse" in printed and "doctest" in printed and "over 400 tokens: " in printed
     with pytest.raises(SystemExit):
         ins.main(["--source", str(tree / "missing"), "--out", str(out)])
     assert "does not exist" in capsys.readouterr().err
@@ -283,6 +297,6 @@ def test_a_slice_of_the_standard_library():
     records = ins.mine_instructions(None, include=["json/*.py", "textwrap.py"], progress=False, stats=stats)
     kinds = {r["kind"] for r in records}
     assert {"docstring", "signature", "doctest"} <= kinds and stats["unparsable_files"] == 0
-    assert all(len(r["prompt"]) <= 1000 and len(r["answer"]) <= 200 for r in records)
+    assert all(len(r["prompt"]) <= 800 and len(r["answer"]) <= 200 for r in records)
     dedent = next(r for r in records if r["kind"] == "signature" and r["answer"].startswith("def dedent("))
     assert dedent["answer"] == "def dedent(text):" and dedent["source"].startswith("textwrap.py:")
