@@ -2,11 +2,12 @@
 
 A record (DPO data; the prompt is one user turn, the answers are assistant turns):
 
-    {"prompt": "How do I use textwrap.shorten?",
+    {"prompt": "How does textwrap.shorten work?",
      "chosen": "`textwrap.shorten(text, width, **kwargs)` collapses and truncates the given text to fit in the "
-               "given width.\\nExample:\\n>>> import textwrap\\n>>> textwrap.shorten('Hello  world', 10)\\n'Hello [...]'",
-     "rejected": "Use `textwrap.shorten`.",
-     "kind": "terse",                      # or "wrong"
+               "given width.\\nExample:\\n>>> import textwrap\\n>>> textwrap.shorten(\\"Hello  world!\\", width=12)\\n"
+               "'Hello world!'\\n>>> textwrap.shorten(\\"Hello  world!\\", width=11)\\n'Hello [...]'",
+     "rejected": "Just call `textwrap.shorten`.",
+     "kind": "terse",                      # or "wrong": the chosen answer with one shown output made wrong
      "subject": "textwrap.shorten", "source": "textwrap.py:398"}
 
 How a pair is made
@@ -38,6 +39,9 @@ How a pair is made
     for a module compiled into the interpreter). Deterministic for a tree and a seed: the wording, the kind and
     the perturbation of a pair come from a hash of (seed, subject), and the sandbox's outputs are checked to be
     reproducible.
+    A tree other than the standard library is appended to the sandbox's sys.path, so its modules import
+    (`from geometry import area`) and a module named like a standard one (a tree's json.py) is shadowed by it
+    and gives no pair; the `teaching` eval needs the same folder in `--teaching.paths`.
     Non-Python trees (Verilog, C, launch files) give no pairs: their examples cannot be run here, and a pair
     whose example was never run is exactly what this module exists to avoid. `make_pairs` says so in its error;
     `data_pipelines.instructions` mines such trees.
@@ -212,7 +216,7 @@ evaluate round truncate capitalize print tell decide locate list compile scan"""
 
 ZYGOTE = r'''
 import doctest, importlib, importlib.util, inspect, io, contextlib, itertools, json, math, os, resource, select, signal, sys
-import tempfile, time, traceback
+import shutil, tempfile, time, traceback
 
 BASE = os.getcwd()
 GRACE = 1.0
@@ -454,8 +458,7 @@ def op_probe(req):
 OPS = {"check": op_check, "record": op_record, "list": op_list, "probe": op_probe}
 
 
-def child(req):
-    tmp = tempfile.mkdtemp(dir=BASE)
+def child(req, tmp):
     os.chdir(tmp)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -487,12 +490,13 @@ def child(req):
 def serve():
     for line in iter(IN.readline, b""):
         req = json.loads(line)
+        tmp = tempfile.mkdtemp(dir=BASE)
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(r)
             try:
-                data = json.dumps(child(req)).encode()
+                data = json.dumps(child(req, tmp)).encode()
             except BaseException as e:
                 data = json.dumps({"error": f"{type(e).__name__}: {e}"[:500]}).encode()
             view = memoryview(data)
@@ -515,6 +519,7 @@ def serve():
                 chunks.append(chunk)
         os.close(r)
         _, status = os.waitpid(pid, 0)
+        shutil.rmtree(tmp, ignore_errors=True)  # what the example wrote goes with it
         if killed:
             out = {"error": "timeout"}
         else:
@@ -630,7 +635,16 @@ class Sandbox:
             except (OSError, subprocess.TimeoutExpired):
                 self._kill(proc)
         self.idle = []
-        shutil.rmtree(self.base, ignore_errors=True)
+
+        def writable(func, path, exc):  # an example may have made its files read-only
+            try:
+                os.chmod(os.path.dirname(path), 0o700)
+                os.chmod(path, 0o700)
+                func(path)
+            except OSError:
+                pass
+
+        shutil.rmtree(self.base, onerror=writable)
 
 
 # ---- the checker ---------------------------------------------------------------------------------------------
