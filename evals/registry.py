@@ -81,16 +81,18 @@ class EvalContext:
         return scoring.generate(generator, prompts, params, self.batch_size, progress=desc)
 
     def chat_prompts(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
-                     option: str = "max_new_tokens") -> tuple[list[list[int]], list[int]]:
+                     option: str = "max_new_tokens", skip_long: bool = False) -> tuple[list, list[int]]:
         """(prompt ids asking for the next assistant turn of each conversation, the stop ids) through the chat
         template (`workbench.data.chat`); a prompt that does not fit the window with `max_new_tokens` is an error
-        (a conversation cut at its start loses its question)."""
+        (a conversation cut at its start loses its question), or None in its place with `skip_long`."""
         from workbench.data.chat import ChatTemplate
 
         template = ChatTemplate(self.tokenizer)
         prompts = [template.prompt_ids(c) for c in conversations]
         room = self.max_length - max_new_tokens
         long = [len(p) for p in prompts if len(p) > room]
+        if skip_long:
+            return [p if len(p) <= room else None for p in prompts], template.stop_ids
         if long:
             raise WorkbenchError(f"{len(long)} of {len(prompts)} chat prompts (the longest {max(long)} tokens) do not "
                                  f"fit with {option} = {max_new_tokens} in the scoring window of {self.max_length} "

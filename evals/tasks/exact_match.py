@@ -6,7 +6,8 @@ line of code cut at a word boundary (data_pipelines.completions), written to the
 `exact_match.data.jsonl` so the score can be reproduced and inspected.
 
 Chat models (`--exact_match.chat true`): the prompt is asked as a user turn through the chat template
-(`workbench.data.chat`) and the reply, which ends at `<|end|>`, is the output; a file of chat records (the
+(`workbench.data.chat`) and the reply, which ends at `<|end|>`, is the output (a conversation too long for the
+window with `max_new_tokens` is left out, and counted: its start is its question); a file of chat records (the
 instruction pairs of `data_pipelines.instructions`, the SFT records of `data_pipelines.reasoning`) is read as
 conversations: everything before the last assistant turn is the prompt, that turn's text the answer. Records
 with a `kind` get a score per kind beside the overall one.
@@ -16,12 +17,15 @@ scoring window keeps its end, `evals.scoring.fit_prompts`; the count is in the d
 `max_new_tokens` or a stop string (default: end of line), and compared with the answer after stripping
 surrounding whitespace (`strip`). Chance: the accuracy of answering each prompt with an answer drawn at
 random from the file's own answers, sum_i count(answer_i) / N^2: it is what a model that has learned the
-answer distribution but not the prompts scores.
+answer distribution but not the prompts scores. Beside it, `f1`: the SQuAD-style F1 of the words and
+punctuation the output shares with the answer (`token_f1`; partial credit, e.g. a def line with the right
+arguments and a wrong name), with its own chance (the mean F1 of a random answer from the file, `f1_chance`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -70,6 +74,27 @@ def as_pair(record: dict, where: str) -> dict:
     return record
 
 
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def token_f1(output: str, answer: str) -> float:
+    """SQuAD-style F1 of the words and punctuation marks two texts share (counted with multiplicity): partial
+    credit where exact match gives none (a def line with the right arguments and the wrong name)."""
+    out, gold = Counter(WORD.findall(output)), Counter(WORD.findall(answer))
+    if not out or not gold:
+        return float(out == gold)
+    common = sum((out & gold).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / sum(out.values()), common / sum(gold.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_chance(answers: list[str]) -> float:
+    """Expected token F1 of answering each item with a uniformly random answer from the same list."""
+    return sum(token_f1(a, b) for a in answers for b in answers) / len(answers) ** 2
+
+
 def chance(answers: list[str]) -> float:
     """Expected accuracy of answering with a uniformly random answer from the same list."""
     counts = Counter(answers)
@@ -101,10 +126,19 @@ class ExactMatch:
             if not isinstance(item["prompt"], str) or not isinstance(item["answer"], str):
                 raise DataError(f"exact_match: record {i + 1}: prompt and answer must be strings")
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop))
-        if cfg.chat:
+        if cfg.chat:  # a conversation cut at its start loses its question: those that do not fit are left out
             conversations = [it.get("conversation") or [{"role": "user", "content": it["prompt"]}] for it in items]
-            prompts, stop_ids = ctx.chat_prompts(conversations, cfg.max_new_tokens, "exact_match.max_new_tokens")
-            cut = 0
+            prompts, stop_ids = ctx.chat_prompts(conversations, cfg.max_new_tokens, "exact_match.max_new_tokens",
+                                                 skip_long=True)
+            kept = [i for i, p in enumerate(prompts) if p is not None]
+            cut = len(items) - len(kept)
+            if not kept:
+                raise DataError(f"exact_match: no chat prompt fits the scoring window of {ctx.max_length} tokens with "
+                                f"exact_match.max_new_tokens = {cfg.max_new_tokens}")
+            if cut:
+                ctx.log(f"exact_match: {cut} of {len(items)} chat prompts do not fit the scoring window of "
+                        f"{ctx.max_length} tokens with {cfg.max_new_tokens} new tokens; left out")
+            items, prompts = [items[i] for i in kept], [prompts[i] for i in kept]
         else:
             prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length,
                                        cfg.max_new_tokens, "exact_match.max_new_tokens")
@@ -112,10 +146,12 @@ class ExactMatch:
         outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match", stop_ids=stop_ids)]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)
         samples = [dict({k: v for k, v in it.items() if k != "conversation"}, output=out,
-                        correct=norm(out) == norm(it["answer"])) for it, out in zip(items, outputs)]
+                        correct=norm(out) == norm(it["answer"]), f1=token_f1(out, it["answer"]))
+                   for it, out in zip(items, outputs)]
         accuracy = sum(s["correct"] for s in samples) / len(samples)
         base = chance([norm(it["answer"]) for it in items])
-        metrics, details = {"exact_match": accuracy}, {}
+        f1 = sum(s["f1"] for s in samples) / len(samples)
+        metrics, details = {"exact_match": accuracy, "f1": f1}, {"f1_chance": f1_chance([it["answer"] for it in items])}
         kinds = sorted({s["kind"] for s in samples if isinstance(s.get("kind"), str)})
         names, values, floors = ["exact match"], [accuracy], [base]
         if kinds:
@@ -123,7 +159,9 @@ class ExactMatch:
             for k in kinds:
                 group = [s for s in samples if s.get("kind") == k]
                 per_kind[k] = {"accuracy": sum(s["correct"] for s in group) / len(group), "n": len(group),
-                               "chance": chance([norm(s["answer"]) for s in group])}
+                               "chance": chance([norm(s["answer"]) for s in group]),
+                               "f1": sum(s["f1"] for s in group) / len(group),
+                               "f1_chance": f1_chance([s["answer"] for s in group])}
                 metrics[f"exact_match_{k}"] = per_kind[k]["accuracy"]
                 names.append(k), values.append(per_kind[k]["accuracy"]), floors.append(per_kind[k]["chance"])
             details["per_kind"] = per_kind
@@ -133,7 +171,8 @@ class ExactMatch:
         return TaskResult(task=self.name, primary="exact_match", metrics=metrics,
                           baselines={"chance": base}, n=len(samples), samples=samples, plots=[plot],
                           details={"data": cfg.data or "mined from the val split: exact_match.data.jsonl",
-                                   "prompts_cut_to_fit": cut, "chat": cfg.chat, **details})
+                                   ("prompts_left_out" if cfg.chat else "prompts_cut_to_fit"): cut, "chat": cfg.chat,
+                                   **details})
 
 
 TASK = ExactMatch()
