@@ -70,15 +70,10 @@ class EvalContext:
     log: Callable[[str], None] = print
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
-                 desc: str | None = None, stop_ids: Sequence[int] | None = None) -> list[Completion]:
-        """Completions of token-id prompts in batches; `stop_ids` replace the tokenizer's eos ids as the ids that
-        end a completion (a chat reply ends at `<|end|>`: `ChatTemplate.stop_ids`)."""
-        generator = self.generator
-        if stop_ids is not None:
-            from workbench.inference.generator import KVCacheGenerator
-
-            generator = KVCacheGenerator(self.model, self.tokenizer, eos_ids=stop_ids)
-        return scoring.generate(generator, prompts, params, self.batch_size, progress=desc)
+                 desc: str | None = None) -> list[Completion]:
+        """Completions of token-id prompts in batches (a chat reply stops at the `stop_token_ids` of its params:
+        `chat_prompts` gives them)."""
+        return scoring.generate(self.generator, prompts, params, self.batch_size, progress=desc)
 
     def chat_prompts(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int,
                      option: str = "max_new_tokens", skip_long: bool = False) -> tuple[list, list[int]]:

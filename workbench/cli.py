@@ -125,17 +125,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  str(e))) from None
     device = pick_device(args.device, "--device")
     model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
-    stop_ids = None
     if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>
         from workbench.data.chat import ChatTemplate
 
         template = ChatTemplate(tokenizer)
-        prompt, stop_ids = template.prompt_ids([{"role": "user", "content": args.prompt}]), template.stop_ids
+        prompt, params.stop_token_ids = template.prompt_ids([{"role": "user", "content": args.prompt}]), template.stop_ids
     else:
         prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise WorkbenchError("--prompt: encodes to no tokens and the tokenizer adds no bos; give some text")
-    completion = KVCacheGenerator(model, tokenizer, eos_ids=stop_ids).generate([prompt], params)[0]
+    completion = KVCacheGenerator(model, tokenizer).generate([prompt], params)[0]
     sys.stdout.write(completion.text + "\n")
     sys.stdout.flush()
     return 0

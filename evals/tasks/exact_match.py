@@ -125,7 +125,6 @@ class ExactMatch:
         for i, item in enumerate(items):
             if not isinstance(item["prompt"], str) or not isinstance(item["answer"], str):
                 raise DataError(f"exact_match: record {i + 1}: prompt and answer must be strings")
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop))
         if cfg.chat:  # a conversation cut at its start loses its question: those that do not fit are left out
             conversations = [it.get("conversation") or [{"role": "user", "content": it["prompt"]}] for it in items]
             prompts, stop_ids = ctx.chat_prompts(conversations, cfg.max_new_tokens, "exact_match.max_new_tokens",
@@ -142,8 +141,10 @@ class ExactMatch:
         else:
             prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length,
                                        cfg.max_new_tokens, "exact_match.max_new_tokens")
-            stop_ids = None
-        outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match", stop_ids=stop_ids)]
+            stop_ids = []
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop),
+                                stop_token_ids=stop_ids)
+        outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match")]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)
         samples = [dict({k: v for k, v in it.items() if k != "conversation"}, output=out,
                         correct=norm(out) == norm(it["answer"]), f1=token_f1(out, it["answer"]))

@@ -96,8 +96,8 @@ class Reasoning:
             prompts, _ = fit_prompts(tok, [p["prompt"] for p in problems], ctx.max_length, cfg.max_new_tokens,
                                      "reasoning.max_new_tokens", truncate=False)
             stop_ids = None
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        completions = ctx.generate(prompts, params, desc="reasoning", stop_ids=stop_ids)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stop_ids or [])
+        completions = ctx.generate(prompts, params, desc="reasoning")
         # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop
         outputs = [tok.decode(c.tokens, skip_special_tokens=False) for c in completions]
         metrics, per_kind, samples = score_outputs(problems, outputs)

@@ -25,13 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from data_pipelines.preferences import check_many
-from evals import scoring
 from evals.plots import bars
 from evals.registry import EvalContext, TaskResult, data_file, read_jsonl
 from workbench.config import fail, field_
-from workbench.data.chat import ChatTemplate
-from workbench.errors import DataError, WorkbenchError
-from workbench.inference.generator import KVCacheGenerator, SamplingParams
+from workbench.errors import DataError
+from workbench.inference.generator import SamplingParams
 
 
 @dataclass
@@ -83,20 +81,11 @@ class Teaching:
 
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
         records = self.records(cfg)
-        template = ChatTemplate(ctx.tokenizer)
-        prompts = [template.prompt_ids([{"role": "user", "content": r["prompt"]}]) for r in records]
-        long = [len(p) for p in prompts if len(p) + cfg.max_new_tokens > ctx.max_length]
-        if long:
-            raise WorkbenchError(f"{len(long)} of {len(prompts)} prompts (the longest {max(long)} tokens) do not fit "
-                                 f"with teaching.max_new_tokens = {cfg.max_new_tokens} in the scoring window of "
-                                 f"{ctx.max_length} tokens: lower teaching.max_new_tokens or raise --max-length")
-        stops = set(template.stop_ids)
-        # the chat turn ends at <|end|>: a KV-cache generator is given it as a stop id; any other generator's
-        # output is cut at the first stop id below, which gives the same text
-        generator = (KVCacheGenerator(ctx.model, ctx.tokenizer, eos_ids=template.stop_ids)
-                     if isinstance(ctx.generator, KVCacheGenerator) else ctx.generator)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-        completions = scoring.generate(generator, prompts, params, ctx.batch_size, progress="teaching")
+        prompts, stop_ids = ctx.chat_prompts([[{"role": "user", "content": r["prompt"]}] for r in records],
+                                             cfg.max_new_tokens, "teaching.max_new_tokens")
+        stops = set(stop_ids)  # the chat turn ends at <|end|>; the output is cut at the first stop id below
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stop_ids)
+        completions = ctx.generate(prompts, params, desc="teaching")
         answers, lengths, finished = [], [], []
         for c in completions:
             cut = next((k for k, t in enumerate(c.tokens) if t in stops), None)

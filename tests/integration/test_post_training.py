@@ -157,3 +157,28 @@ def test_post_training_errors_name_the_key_or_the_line(tmp_path, debug_job, post
     with pytest.raises(DataError, match="objective.teacher.*not the tokenizer of this run's dataset"):
         Trainer(debug_job(tmp_path / "z", "--objective.name", "distill", "--objective.teacher",
                           str(teacher.run_dir)), **QUIET)
+
+
+def test_preference_eval_scores_the_log_probs_dpo_trains_on(tmp_path, post):
+    """The eval's log p(y | x) are the training objective's; against the model itself as reference every reward
+    is 0 (a tie: not accurate)."""
+    from evals.runner import run_eval
+    from workbench.data.chat import ChatTemplate
+    from workbench.data.examples import ExampleSet
+    from workbench.parallel.single import SingleEngine
+    from workbench.train.objectives.dpo import DPOObjective
+
+    out = run_eval("preference", ckpt=post["base"], out=str(tmp_path / "ev"), max_length=128,
+                   options=["--preference.data", post["pairs_val"], "--preference.reference", post["base"]], **QUIET)
+    task = json.loads((out / "results.json").read_text())["tasks"]["preference"]
+    assert task["primary"] == "reward_acc" and task["metrics"]["reward_acc"] == 0.0
+    assert task["metrics"]["reward_margin"] == 0.0 and task["details"]["per_kind"]["terse"]["n"] == 8
+    samples = [json.loads(x) for x in (out / "samples" / "preference.jsonl").read_text().splitlines()]
+    model, tok, _ = load_run(post["base"])
+    pairs = ExampleSet(post["pairs_val"], "pairs", ChatTemplate(tok), 127, shuffle=False, log=lambda *_: None)
+    cfg = type("Cfg", (), {"logprob_chunk": 0})()
+    logps = DPOObjective(cfg).logps(SingleEngine(model), pairs.batch(range(len(pairs))))[0]
+    n = len(pairs)
+    torch.testing.assert_close(torch.tensor([s["logp_chosen"] for s in samples]), logps[:n], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(torch.tensor([s["logp_rejected"] for s in samples]), logps[n:], rtol=1e-4, atol=1e-3)
+    assert task["metrics"]["logp_acc"] == float((logps[:n] > logps[n:]).float().mean())

@@ -22,8 +22,9 @@ reaches p), then a draw from the row's own torch.Generator when `seed` is set.
 Log-probs: `Completion.logprobs[i]` is log p(token_i | prefix) under the model's *unmodified*
 distribution (temperature 1, no top-k/top-p), which is what an RL objective recomputes for the same
 tokens. Stop strings are matched on the decoded continuation (needs a tokenizer); the text is cut
-before the stop string, the tokens keep the one that completed it. An eos token ends a row with
-finish_reason "stop" and is kept in `tokens` (not in `text`).
+before the stop string, the tokens keep the one that completed it. An eos token, or one of the request's
+`stop_token_ids` (a chat reply's `<|end|>`), ends a row with finish_reason "stop" and is kept in `tokens`
+(not in `text`: special tokens are not decoded).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class SamplingParams:
     top_k: int = field_(0, ge=0, doc="0 = off")
     top_p: float = field_(1.0, gt=0, le=1, doc="1 = off")
     stop: list[str] = field_([], doc="strings that end generation (matched on the decoded text)")
+    stop_token_ids: list[int] = field_([], doc="token ids that end generation besides the generator's eos ids (a "
+                                              "chat reply's <|end|>: ChatTemplate.stop_ids); kept in `tokens`")
     seed: int | None = None
 
     def validate(self) -> None:
@@ -152,7 +155,7 @@ class KVCacheGenerator:
                 r = results[b]
                 r.tokens.append(tok)
                 r.logprobs.append(tok_logp[b])
-                if tok in self.eos_ids:
+                if tok in self.eos_ids or tok in per_row[b].stop_token_ids:
                     r.finish_reason, done[b] = "stop", True
                 elif per_row[b].stop and self._hit_stop(r, per_row[b]):
                     r.finish_reason, done[b] = "stop", True

@@ -698,7 +698,8 @@ class Trainer:
         """Every rank calls this (a sharded model decodes in lockstep); each gets the same text."""
         ids, stop_ids = self.objective.sample_prompt(prompt)  # chat objectives: a user turn, stopped at <|end|>
         with self.engine.gather_for_generation() as model:
-            gen = KVCacheGenerator(model, self.tokenizer, eos_ids=stop_ids)
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed)
+            gen = KVCacheGenerator(model, self.tokenizer)
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
+                                    stop_token_ids=stop_ids or [])
             return gen.generate([ids], params)[0].text
 

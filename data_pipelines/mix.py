@@ -1,0 +1,75 @@
+"""Mix jsonl files of examples into one, in a seeded order: several data makers' outputs as one training file.
+
+    python -m data_pipelines.mix --out data/post/sft/train.jsonl A/train.jsonl B/train.jsonl[:2000] [--seed 0]
+
+`FILE:N` takes the first N records of FILE. Records are copied as they are (every maker's records carry a
+`kind`, so the mix can still be scored per kind), then shuffled with the seed: a trainer that reads a file in
+order would otherwise see one maker's records at a time. The counts per input and the total are printed.
+Every line must be a JSON object; an error names the file and the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from workbench.errors import DataError
+
+
+def read_records(spec: str) -> list[dict]:
+    """The records of `FILE` or the first N of `FILE:N`."""
+    path, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{i}: expected a JSON object")
+        records.append(rec)
+    return records[: int(n)] if n else records
+
+
+def mix(specs: list[str], out: str | Path, seed: int = 0) -> dict[str, int]:
+    """Write the records of every spec to `out` in a seeded random order; returns the count per spec."""
+    counts, records = {}, []
+    for spec in specs:
+        got = read_records(spec)
+        counts[spec] = len(got)
+        records += got
+    random.Random(seed).shuffle(records)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipelines.mix", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="FILE[:N]")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        counts = mix(args.inputs, args.out, args.seed)
+    except DataError as e:
+        print(f"error: {e}")
+        return 2
+    for spec, n in counts.items():
+        print(f"{n:7d}  {spec}")
+    print(f"{sum(counts.values()):7d}  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
