@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench: setup
 # Issue 7's context-extension experiment (docs/context-extension.md): passkeys at 256 tokens, YaRN to 4096.
 context-extension: setup
 	launch/context_extension.sh
+
+# Issue 8's post-training stages (docs/post-training.md): SFT, DPO and distillation on the demo model, with evals.
+post-training: setup
+	launch/post_training.sh
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

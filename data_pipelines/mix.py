@@ -1,8 +1,8 @@
 """Mix jsonl files of examples into one, in a seeded order: several data makers' outputs as one training file.
 
-    python -m data_pipelines.mix --out data/post/sft/train.jsonl A/train.jsonl B/train.jsonl[:2000] [--seed 0]
+    python -m data_pipelines.mix --out data/post/sft/train.jsonl A/train.jsonl B/train.jsonl:2000 C/sft.jsonl*4
 
-`FILE:N` takes the first N records of FILE. Records are copied as they are (every maker's records carry a
+`FILE:N` takes the first N records of FILE, `FILE*K` every record K times (a small set weighted up). Records are copied as they are (every maker's records carry a
 `kind`, so the mix can still be scored per kind), then shuffled with the seed: a trainer that reads a file in
 order would otherwise see one maker's records at a time. The counts per input and the total are printed.
 Every line must be a JSON object; an error names the file and the line.
@@ -19,7 +19,12 @@ from workbench.errors import DataError
 
 
 def read_records(spec: str) -> list[dict]:
-    """The records of `FILE` or the first N of `FILE:N`."""
+    """The records of `FILE`, the first N of `FILE:N`, or each K times for `FILE*K`."""
+    path, _, k = spec.rpartition("*") if spec.rpartition("*")[2].isdigit() else (spec, "", "1")
+    return _read(path) * int(k)
+
+
+def _read(spec: str) -> list[dict]:
     path, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
     p = Path(path)
     if not p.is_file():

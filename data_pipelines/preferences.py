@@ -74,8 +74,16 @@ The sandbox (`check_examples`, `check_many`, `Sandbox`)
     printed in an order that depends on the interpreter's hash seed: such an example can flip between runs.
 
     python -m data_pipelines.preferences --source DIR --out DIR [--val-fraction 0.1] [--max N] [--seed S]
-        [--wrong-fraction 0.5] [--workers 2]
-writes OUT/train.jsonl and OUT/val.jsonl and prints counts per kind and split.
+        [--wrong-fraction 0.5] [--workers 2] [--pairs-per-subject K] [--demonstrations]
+writes OUT/train.jsonl and OUT/val.jsonl and prints counts per kind and split. `--pairs-per-subject K` asks each
+subject in K phrasings; with `--demonstrations`, each training subject's first record becomes an SFT
+demonstration instead (OUT/sft.jsonl: the prompt and its chosen answer), and OUT/rephrased.jsonl asks each
+training subject in a phrasing none of its records uses (`rephrased`): the teaching rubric on new questions about
+the subjects the model was taught, beside val.jsonl's unseen ones.
+
+    python -m data_pipelines.preferences --own-answers SAMPLES --pairs PAIRS --out DIR
+adds pairs whose rejected answer is a model's own failing one (`own_answer_pairs`; SAMPLES: the `teaching`
+eval's samples of that model answering PAIRS' prompts) and writes them with PAIRS to DIR/train.jsonl.
 """
 
 from __future__ import annotations
@@ -1149,12 +1157,13 @@ def build_examples(subjects: Sequence[Subject], first: Sandbox, second: Sandbox,
 def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: int | None = None,
                wrong_fraction: float = 0.5, modules: Sequence[str] | None = None,
                include: Sequence[str] | None = None, timeout: float = 5.0, workers: int = 2,
-               stats: dict | None = None) -> list[dict]:
+               stats: dict | None = None, pairs_per_subject: int = 1) -> list[dict]:
     """Preference records (see the module notes) about the documented functions of the tree `source` (default:
     the standard library), sorted by source. `modules`: curated modules to synthesize examples for (default
     `CURATED`; only those whose code lies in the tree); `include`: glob patterns of the relative paths whose
     doctests are used (all when None); `max_pairs`: keep at most that many (a seeded sample); `stats`: filled
-    with counts of subjects, drops by reason and kinds."""
+    with counts of subjects, drops by reason and kinds; `pairs_per_subject`: records per subject, each asking in
+    its own phrasing."""
     if not 0 <= wrong_fraction <= 1:
         raise DataError(f"preferences: wrong_fraction must be in [0, 1], got {wrong_fraction}")
     if max_pairs is not None and max_pairs < 1:
@@ -1183,7 +1192,10 @@ def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: in
     for c in candidates:
         best.setdefault(c.subject.subject, c)
     candidates = sorted(best.values(), key=lambda c: c.subject.subject)
-    records = assemble(candidates, seed, wrong_fraction, timeout, workers, paths, counts)
+    if not 1 <= pairs_per_subject <= len(PROMPTS):
+        raise DataError(f"preferences: pairs_per_subject must be in [1, {len(PROMPTS)}] (one phrasing each), got "
+                        f"{pairs_per_subject}")
+    records = assemble(candidates, seed, wrong_fraction, timeout, workers, paths, counts, pairs_per_subject)
     if max_pairs is not None and len(records) > max_pairs:
         records = random.Random(seed).sample(records, max_pairs)
     records.sort(key=lambda r: (r["source"].rpartition(":")[0], int(r["source"].rpartition(":")[2] or 0),
@@ -1199,21 +1211,24 @@ def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: in
 
 
 def assemble(candidates: Sequence[Candidate], seed: int, wrong_fraction: float, timeout: float, workers: int,
-             paths: Sequence[Path], counts: Counter) -> list[dict]:
-    """Records from verified candidates: the chosen answer, and a wrong or terse rejected one, both checked."""
+             paths: Sequence[Path], counts: Counter, pairs_per_subject: int = 1) -> list[dict]:
+    """Records from verified candidates: the chosen answer, and a wrong or terse rejected one, both checked;
+    `pairs_per_subject` records per subject, each asked in another of `PROMPTS`' phrasings, each drawing its own
+    kind (and perturbation)."""
     plans = []
     all_outputs = [o for c in candidates for o in c.outputs if o.strip()]
     for c in candidates:
         s = c.subject
         rng = random.Random(f"{seed}\x1f{s.subject}")
-        prompt = rng.choice(PROMPTS).format(s=s.subject)
+        phrasings = rng.sample(PROMPTS, min(pairs_per_subject, len(PROMPTS)))
         chosen = chosen_text(s, c.statements, c.outputs)
-        wrong = None
-        if rng.random() < wrong_fraction:
-            outputs = wrong_outputs(c, all_outputs, rng)
-            wrong = chosen_text(s, c.statements, outputs) if outputs is not None else None
-        terse = rng.choice(TERSE).format(s=s.subject, m=s.module)
-        plans.append((c, prompt, chosen, wrong, terse))
+        for phrasing in phrasings:
+            wrong = None
+            if rng.random() < wrong_fraction:
+                outputs = wrong_outputs(c, all_outputs, rng)
+                wrong = chosen_text(s, c.statements, outputs) if outputs is not None else None
+            terse = rng.choice(TERSE).format(s=s.subject, m=s.module)
+            plans.append((c, phrasing.format(s=s.subject), chosen, wrong, terse))
     texts = [p[2] for p in plans] + [p[3] for p in plans if p[3] is not None]
     checks = check_many(texts, timeout, workers, paths, progress="checking answers")
     chosen_checks, wrong_checks = checks[: len(plans)], iter(checks[len(plans) :])
@@ -1232,6 +1247,65 @@ def assemble(candidates: Sequence[Candidate], seed: int, wrong_fraction: float, 
     return records
 
 
+def demonstrations(train: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(SFT demonstrations, the pairs left for DPO): each training subject's first record becomes a conversation
+    whose reply is its chosen answer; its other records (other phrasings) stay preference pairs. A model is first
+    shown the teaching style and its subjects (SFT), then DPO prefers the right examples over wrong or terse ones
+    about the same subjects: preference optimisation reshapes what a model already produces, it does not teach a
+    format or a subject from nothing."""
+    demos, pairs, seen = [], [], set()
+    for r in train:
+        if r["subject"] in seen:
+            pairs.append(r)
+            continue
+        seen.add(r["subject"])
+        demos.append({"messages": [{"role": "user", "content": r["prompt"]},
+                                   {"role": "assistant", "content": r["chosen"]}],
+                      "prompt": r["prompt"], "answer": r["chosen"], "kind": "teaching", "subject": r["subject"],
+                      "source": r["source"]})
+    return demos, pairs
+
+
+def rephrased(records: Sequence[dict], seed: int = 0) -> list[dict]:
+    """One record per subject, asked in a phrasing of `PROMPTS` that none of the subject's records uses: a new
+    question about a subject DPO saw (the teaching rubric there, beside val.jsonl's unseen subjects). Subjects
+    whose records use every phrasing are left out."""
+    asked: dict[str, set] = {}
+    for r in records:
+        asked.setdefault(r["subject"], set()).add(r["prompt"])
+    out = []
+    for r in records:
+        if r["subject"] not in asked:
+            continue
+        rng = random.Random(f"{seed}\x1frephrase\x1f{r['subject']}")
+        others = [p.format(s=r["subject"]) for p in PROMPTS if p.format(s=r["subject"]) not in asked[r["subject"]]]
+        del asked[r["subject"]]
+        if others:
+            out.append(dict(r, prompt=rng.choice(others)))
+    return out
+
+
+def own_answer_pairs(pairs: Sequence[dict], answers: Sequence[dict]) -> list[dict]:
+    """Pairs whose rejected answer is the model's own: for each scored answer of a model (the `teaching` eval's
+    samples: prompt, output, passes, on_topic) that fails the rubric, the record asked with that prompt gives the
+    chosen answer and the model's output becomes the rejected one (kind "own"). Preference optimisation then
+    pushes away from what the model actually writes (its invented names, broken calls, wrong outputs), which
+    pairs made from perturbed references do not show it (on-policy rejected answers, as in iterative DPO)."""
+    by_prompt = {r["prompt"]: r for r in pairs}
+    out = []
+    for a in answers:
+        r = by_prompt.get(a.get("prompt"))
+        if r is None or not isinstance(a.get("output"), str):
+            continue
+        if a.get("passes") and a.get("on_topic", True):
+            continue  # the model's answer is already a good one
+        if a["output"].strip() == r["chosen"].strip() or not a["output"].strip():
+            continue
+        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": a["output"], "kind": "own",
+                    "subject": r.get("subject"), "source": r.get("source")})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipelines.preferences", description=__doc__.split("\n")[0])
     p.add_argument("--source", default=None, help="the source tree (default: the Python standard library)")
@@ -1242,20 +1316,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrong-fraction", type=float, default=0.5, help="share of rejected answers that are wrong")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per example run")
     p.add_argument("--workers", type=int, default=2, help="sandbox processes")
+    p.add_argument("--pairs-per-subject", type=int, default=1,
+                   help=f"records per subject, each in its own phrasing of the question (1 to {len(PROMPTS)})")
+    p.add_argument("--demonstrations", action="store_true",
+                   help="each training subject's first pair becomes an SFT demonstration (sft.jsonl: prompt -> chosen "
+                        "answer), its other pairs stay in train.jsonl; rephrased.jsonl asks each training subject in a "
+                        "phrasing none of its records uses (use with --pairs-per-subject 3 or more)")
+    p.add_argument("--own-answers", metavar="SAMPLES", default=None,
+                   help="instead of mining: a teaching eval's samples/teaching.jsonl of a model answering the prompts "
+                        "of --pairs; writes OUT/train.jsonl = those pairs + one pair per failing answer, whose "
+                        "rejected answer is the model's own (own_answer_pairs)")
+    p.add_argument("--pairs", default=None, help="with --own-answers: the pairs file the model was asked from")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    if args.own_answers:
+        if not args.pairs:
+            p.error("--own-answers needs --pairs FILE (the records whose prompts the model answered)")
+        from data_pipelines.mix import read_records
+
+        try:
+            pairs, answers = read_records(args.pairs), read_records(args.own_answers)
+        except DataError as e:
+            p.error(str(e))
+        own = own_answer_pairs(pairs, answers)
+        records = pairs + own
+        random.Random(args.seed).shuffle(records)
+        write_jsonl(Path(args.out) / "train.jsonl", records)
+        print(f"{len(pairs)} pairs + {len(own)} with the model's own failing answer as the rejected one "
+              f"({len(answers) - len(own)} answers passed or were unusable) -> {Path(args.out) / 'train.jsonl'}")
+        return 0
     stats: dict = {}
     try:
         records = make_pairs(args.source, seed=args.seed, max_pairs=args.max, wrong_fraction=args.wrong_fraction,
-                             timeout=args.timeout, workers=args.workers, stats=stats)
+                             timeout=args.timeout, workers=args.workers, stats=stats,
+                             pairs_per_subject=args.pairs_per_subject)
         train, val, dropped = split_by_file(records, args.val_fraction)
+        everything = train
+        demos, train = demonstrations(train) if args.demonstrations else ([], train)
     except DataError as e:
         p.error(str(e))
     out = Path(args.out)
-    for name, split in (("train", train), ("val", val)):
+    splits = {"train": train, "val": val}
+    if args.demonstrations:
+        splits.update(sft=demos, rephrased=rephrased(everything, args.seed))
+    for name, split in splits.items():
         write_jsonl(out / f"{name}.jsonl", split)
     print(", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if not k.startswith("kind_")))
     print(count_table({"train": train, "val": val}, KINDS))
+    if args.demonstrations:
+        print(f"{len(demos)} SFT demonstrations (one per training subject) -> {out / 'sft.jsonl'}; "
+              f"{len(splits['rephrased'])} training subjects asked anew -> {out / 'rephrased.jsonl'}")
     if dropped:
         print(f"{dropped} val records dropped: their prompt is also a train prompt")
     print(f"-> {out / 'train.jsonl'}, {out / 'val.jsonl'} in {time.perf_counter() - t0:.1f} s")

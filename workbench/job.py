@@ -148,8 +148,8 @@ class ParallelSection:
 
 # which objective each [objective] field belongs to (a field set for another objective is an error)
 OBJECTIVE_FIELDS = {
-    "dpo": ("beta", "loss_type", "label_smoothing", "reference", "precompute_reference", "precompute_batch",
-            "logprob_chunk"),
+    "dpo": ("beta", "loss_type", "label_smoothing", "rpo_alpha", "reference", "precompute_reference",
+            "precompute_batch", "logprob_chunk"),
     "distill": ("teacher", "divergence", "temperature", "alpha", "jsd_beta"),
 }
 
@@ -164,6 +164,8 @@ class ObjectiveSection:
     beta: float = field_(0.1, gt=0, doc="dpo: the strength of the anchor to the reference (TRL's default 0.1)")
     loss_type: Literal["sigmoid", "ipo"] = field_("sigmoid", doc="dpo: sigmoid (DPO, cDPO with label_smoothing) or ipo")
     label_smoothing: float = field_(0.0, ge=0, lt=0.5, doc="dpo, sigmoid: the assumed share of flipped labels (cDPO)")
+    rpo_alpha: float = field_(0.0, ge=0, doc="dpo: weight of the chosen answer's NLL per token added to each pair's "
+                                             "loss (RPO; keeps the preferred answers likely); 0 = plain DPO")
     reference: str = field_("", doc="dpo: run folder or checkpoint of the frozen reference; empty = train.init_from's "
                                     "weights, or with LoRA the policy with its adapters off")
     precompute_reference: bool = field_(

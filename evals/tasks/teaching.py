@@ -13,6 +13,8 @@ runs the answer's `>>>` examples with doctest and compares every shown output wi
     runs          every statement ran without an exception
     has_example   the answer contains at least one `>>>` example
     mean_answer_tokens   the answer's length in tokens (without the stop token)
+    on_topic, passes_on_topic   (records with a `subject`) an example names the function asked about (`on_topic`),
+                  and that answer also passes: a passing example of another function answers another question
 Baselines, from the same records when they have them: the share of the dataset's own `rejected` answers that
 pass (the floor: 0 by construction, terse answers have no example and wrong ones show a wrong output) and of
 its `chosen` answers (the ceiling: 1 by construction, unless the sandbox differs from the one that made them,
@@ -22,6 +24,7 @@ shares with the chosen answers' as lines. Every sample is kept: prompt, the answ
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from data_pipelines.preferences import check_many
@@ -61,6 +64,15 @@ def score_answers(answers: list[str], timeout: float = 5.0, workers: int = 2, pa
     metrics = {"passes": sum(c["passes"] for c in checks) / n, "runs": sum(c["runs"] for c in checks) / n,
                "has_example": sum(c["found"] for c in checks) / n}
     return metrics, checks
+
+
+def on_topic(answer: str, subject: str) -> bool:
+    """Whether one of the answer's `>>>` statements names the subject asked about (its last dotted part, as a
+    word: `isleap` for calendar.isleap): an example that passes but shows another function answers another
+    question (a small model recites examples it memorised)."""
+    name = subject.rpartition(".")[2]
+    statements = [line.strip()[4:] for line in answer.splitlines() if line.strip().startswith((">>> ", "... "))]
+    return bool(name) and any(re.search(rf"\b{re.escape(name)}\b", st) for st in statements)
 
 
 class Teaching:
@@ -108,6 +120,11 @@ class Teaching:
             samples.append({"prompt": r["prompt"], "output": answer, "passes": check["passes"], "runs": check["runs"],
                             "has_example": check["found"], "detail": check["detail"], "tokens": n_tokens,
                             "stopped": done, **{k: r[k] for k in ("subject", "kind", "source") if k in r}})
+            if isinstance(r.get("subject"), str):
+                samples[-1]["on_topic"] = on_topic(answer, r["subject"])
+        if samples and all("on_topic" in x for x in samples):
+            metrics["on_topic"] = sum(x["on_topic"] for x in samples) / len(samples)
+            metrics["passes_on_topic"] = sum(x["on_topic"] and x["passes"] for x in samples) / len(samples)
         plot = "teaching.png"
         labels = ["passes", "runs", "has_example"]
         ceiling = [details["chosen"][k] for k in labels] if "chosen" in details else None

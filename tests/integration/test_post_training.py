@@ -13,7 +13,7 @@ from workbench.checkpoint.load import load_run
 from workbench.checkpoint.run import latest_checkpoint, load_model_state
 from workbench.cli import main
 from workbench.config import load_config
-from workbench.errors import ConfigError, DataError
+from workbench.errors import CheckpointError, ConfigError, DataError
 from workbench.job import JobConfig
 from workbench.train.trainer import Trainer
 
@@ -73,9 +73,14 @@ def test_sft_packed_run_learns_samples_a_chat_reply_and_evaluates_in_chat_form(t
 
 def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_bit_identically(tmp_path, debug_job,
                                                                                            post, capsys):
+    import shutil
+
     from workbench.nn.lora import load_adapter
 
-    args = sft_args(post, "--lora.r", "4", "--lora.dora", "true", "--optim.lr", "1e-2", "--train.steps", "6")
+    base = tmp_path / "base"  # a copy: this test continues it later
+    shutil.copytree(post["base"], base)
+    args = sft_args(post, "--lora.r", "4", "--lora.dora", "true", "--optim.lr", "1e-2", "--train.steps", "6",
+                    "--train.init_from", str(base))
     full = Trainer(debug_job(tmp_path / "a", *args), **QUIET).fit()
     crashed = Trainer(debug_job(tmp_path / "b", *args), **QUIET)
     assert crashed.lora_report["modules"] == 8 and crashed.lora_report["fraction"] < 0.2
@@ -108,6 +113,12 @@ def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_b
     assert texts[0] == texts[1] and texts[0].strip()
     assert main(["generate", "--ckpt", post["base"], "--adapter", str(tmp_path), "--prompt", "x"]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
+    # the base run trained on: its newest checkpoint is no longer the one the adapters belong to
+    shutil.rmtree(ckpt)  # back to step 3, then the base moves on
+    job = load_config(JobConfig, base / "config.toml", ["--train.steps", "9"])
+    Trainer(job, run_dir=base, resume=True, **QUIET).fit()
+    with pytest.raises(CheckpointError, match="no longer holds the weights this LoRA run started from"):
+        Trainer(debug_job(tmp_path / "b", *args), resume=True, **QUIET)
 
 
 def test_dpo_reference_is_the_start_or_the_lora_base_and_precomputing_drops_it(tmp_path, debug_job, post):
@@ -182,3 +193,67 @@ def test_preference_eval_scores_the_log_probs_dpo_trains_on(tmp_path, post):
     torch.testing.assert_close(torch.tensor([s["logp_chosen"] for s in samples]), logps[:n], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(torch.tensor([s["logp_rejected"] for s in samples]), logps[n:], rtol=1e-4, atol=1e-3)
     assert task["metrics"]["logp_acc"] == float((logps[:n] > logps[n:]).float().mean())
+
+
+def test_recipe_configs_chain_the_stages_and_the_report_writes_tables_and_plots(tmp_path):
+    """launch/post_training.sh's configs: SFT starts from the demo model on its dataset, DPO from the SFT run,
+    distillation's teacher is the demo model; the report writer turns eval results and metrics into the
+    document's measured section (fed with small stand-in results here)."""
+    import runpy
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    demo, sft, dpo, distill = (load_config(JobConfig, root / p) for p in (
+        "configs/llama3/demo.toml", "configs/post/sft.toml", "configs/post/dpo.toml", "configs/post/distill.toml"))
+    for job in (sft, dpo, distill):  # the demo's dataset settings: its folder and tokenizer are reused
+        for key in ("dir", "max_bytes", "vocab_size", "val_fraction", "shard_bytes"):
+            assert getattr(job.data, key) == getattr(demo.data, key), key
+    assert sft.train.init_from == "runs/llama3-demo" and sft.objective.name == "sft"
+    assert dpo.train.init_from == "runs/post-sft" and dpo.objective.name == "dpo"
+    assert distill.objective.teacher == "runs/llama3-demo" and distill.model.config.dim < demo.model.config.dim
+    script = root / "launch/post_training.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert all(f"configs/post/{n}.toml" in script.read_text() for n in ("sft", "dpo", "distill"))
+
+    runs = tmp_path / "runs"
+
+    def results(run, folder, tasks):
+        (runs / run / "evals" / folder).mkdir(parents=True)
+        (runs / run / "evals" / folder / "results.json").write_text(json.dumps({"tasks": tasks}))
+
+    def kinds(acc):
+        return {"details": {"per_kind": {"add": {"accuracy": acc, "chance": 0.005, "n": 10}}},
+                "metrics": {"accuracy": acc, "format": 1.0}, "baselines": {"chance": 0.2}}
+
+    em = {"metrics": {"exact_match": 0.0, "f1": 0.3}, "baselines": {"chance": 0.01},
+          "details": {"per_kind": {"docstring": {"accuracy": 0.0, "f1": 0.2, "n": 5}}}}
+    results("llama3-demo", "post", {"reasoning": kinds(0.0), "exact_match": em})
+    results("post-sft", "post", {"reasoning": kinds(0.2), "exact_match": em})
+    results("post-dpo", "post", {"reasoning": kinds(0.2)})
+    for run, acc in (("post-sft", 0.0), ("post-dpo", 0.7)):
+        for split in ("val", "rephrased"):
+            results(run, f"pairs-{split}", {
+                "preference": {"metrics": {"logp_acc": 0.4, "reward_acc": acc, "reward_margin": 3 * acc}},
+                "teaching": {"n": 40, "metrics": {"passes": acc / 7, "runs": 0.2, "has_example": 0.9},
+                             "baselines": {"rejected": 0.0, "chosen": 1.0}}})
+    (runs / "post-dpo" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward_acc": s / 10, "val_reward_acc": s / 10}) + "\n" for s in range(5)))
+    for seed in (0, 1):
+        for name, end in ((f"post-distill-s{seed}", 5.0), (f"post-student-s{seed}", 5.2)):
+            (runs / name).mkdir()
+            (runs / name / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": s, "val_loss": end + 1 - s / 2, "val_teacher_loss": 4.6}) + "\n" for s in range(3)))
+    doc = tmp_path / "docs" / "post-training.md"
+    doc.parent.mkdir()
+    doc.write_text("# hand-written\n\n<!-- measured:begin (launch/post_training_report.py) -->\nold\n<!-- measured:end -->\n"
+                   "tail\n")
+    module = runpy.run_path(str(root / "launch/post_training_report.py"))
+    assert module["main"](["--runs", str(runs), "--doc", str(doc), "--images", str(tmp_path / "docs" / "images"),
+                           "--seeds", "0 1"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# hand-written") and text.rstrip().endswith("tail") and "\nold\n" not in text
+    assert "| SFT | 0.200 |" in text and "| DPO | unseen subjects (val) | 40 | 0.400 | 0.700 | 2.100 | 0.900 | 0.200 | 0.100 |" in text
+    assert "0.200 nats/token lower" in text and "lower in 2 of 2 seeds" in text
+    for name in ("post-sft.png", "post-dpo.png", "post-distill.png"):
+        assert (tmp_path / "docs" / "images" / name).read_bytes().startswith(b"\x89PNG")
+        assert f"(images/{name})" in text

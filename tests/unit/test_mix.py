@@ -17,6 +17,8 @@ def test_mix_keeps_every_record_once_in_a_seeded_order_and_takes_a_prefix(tmp_pa
     assert counts == {str(a): 20, f"{b}:4": 4} and len(got) == 24
     assert sorted((r["kind"], r["i"]) for r in got) == [("a", i) for i in range(20)] + [("b", i) for i in range(4)]
     assert [r["kind"] for r in got] != ["a"] * 20 + ["b"] * 4  # shuffled
+    assert mix([f"{b}:2*3"], tmp_path / "rep.jsonl") == {f"{b}:2*3": 6}  # the first 2, three times each
+    assert sorted(json.loads(x)["i"] for x in (tmp_path / "rep.jsonl").read_text().splitlines()) == [0, 0, 0, 1, 1, 1]
     mix([str(a), f"{b}:4"], tmp_path / "again.jsonl", seed=1)
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "out" / "m.jsonl").read_text()
 

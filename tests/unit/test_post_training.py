@@ -40,7 +40,7 @@ def tiny(seed=0, **over):
 
 
 def objective_cfg(**over):
-    base = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, logprob_chunk=0, precompute_reference=False,
+    base = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0, logprob_chunk=0, precompute_reference=False,
                 precompute_batch=4, divergence="forward_kl", temperature=1.0, alpha=0.5, jsd_beta=0.5)
     return SimpleNamespace(**{**base, **over})
 
@@ -285,6 +285,10 @@ def test_dpo_objective_equals_the_loss_on_log_probs_from_full_logits(tmp_path, t
     assert out.loss.item() == pytest.approx(losses.mean().item(), rel=1e-5)
     assert out.sums["reward_margin"] == pytest.approx(float((cr - rjr).sum()), rel=1e-4)
     assert out.sums["reward_acc"] == float((cr > rjr).sum())
+    # RPO adds alpha times each chosen answer's mean NLL per token
+    rpo = DPOObjective(objective_cfg(rpo_alpha=0.5)).loss(models, mb, total_units=3)
+    n_chosen = (batch["labels"][:3] != IGNORE_INDEX).sum(1)
+    assert rpo.loss.item() == pytest.approx((losses + 0.5 * (-p[:3] / n_chosen)).mean().item(), rel=1e-5)
     out.loss.backward()
     assert all(p.grad is not None for p in policy.parameters()) and not any(p.requires_grad for p in reference.parameters())
 

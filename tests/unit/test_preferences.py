@@ -288,3 +288,37 @@ def test_cli_writes_splits_and_counts(tree, tmp_path, capsys):
     assert total[1:] == [str(len(train)), str(len(val))] and train and val
     with pytest.raises(SystemExit):
         pf.main(["--source", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_several_phrasings_demonstrations_rephrased_and_own_answer_pairs(tree, tmp_path, capsys):
+    """--pairs-per-subject asks each subject in distinct phrasings; --demonstrations turns each training subject's
+    first record into an SFT demonstration; rephrased.jsonl asks each training subject in a phrasing none of its
+    records uses; own-answer pairs reject a model's failing answers."""
+    for i in range(4):
+        (tree / f"extra{i}.py").write_text(GEOMETRY.replace("def area", f"def area{i}").replace("area(", f"area{i}("))
+    out = tmp_path / "out"
+    assert pf.main(["--source", str(tree), "--out", str(out), "--val-fraction", "0.2", "--pairs-per-subject", "3",
+                    "--demonstrations"]) == 0
+    read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines()]  # noqa: E731
+    train, demos, again = read("train.jsonl"), read("sft.jsonl"), read("rephrased.jsonl")
+    by_subject = {}
+    for r in [*train, *demos]:
+        by_subject.setdefault(r["subject"], []).append(r["prompt"])
+    assert all(len(p) == 3 == len(set(p)) for p in by_subject.values())  # three distinct phrasings each
+    assert sorted(d["subject"] for d in demos) == sorted(by_subject)  # one demonstration per training subject
+    assert all(sum(r["subject"] == s for r in train) == 2 for s in by_subject)  # and its other two stay pairs
+    assert all(d["messages"][1]["content"] == d["answer"] and ">>>" in d["answer"] for d in demos)
+    assert {r["subject"] for r in again} == set(by_subject)
+    assert all(r["prompt"] not in by_subject[r["subject"]] for r in again)
+    assert "SFT demonstrations" in capsys.readouterr().out
+    pair = train[0]
+    answers = [{"prompt": pair["prompt"], "output": ">>> import nothing_here", "passes": False},
+               {"prompt": pair["prompt"], "output": pair["chosen"], "passes": True, "on_topic": True},
+               {"prompt": "an unknown prompt", "output": "x", "passes": False}]
+    own = pf.own_answer_pairs(train, answers)
+    assert own == [{"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": ">>> import nothing_here",
+                    "kind": "own", "subject": pair["subject"], "source": pair["source"]}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    assert pf.main(["--own-answers", str(tmp_path / "answers.jsonl"), "--pairs", str(out / "train.jsonl"),
+                    "--out", str(tmp_path / "own")]) == 0
+    assert len((tmp_path / "own" / "train.jsonl").read_text().splitlines()) == len(train) + 1

@@ -141,12 +141,18 @@ def _summary(run_dir: Path, config: dict, records: list[dict]) -> list[str]:
     what = " ".join(str(model[k]) for k in ("family", "flavor") if k in model) or "unknown model"
     done = records[-1].get("step") if records else 0
     planned = train.get("steps")
-    parts = [f"**{what}**", f"step {format_number(done)} / {format_number(planned)}"]
+    objective = (config.get("objective") or {}).get("name", "lm") if isinstance(config.get("objective"), dict) else "lm"
+    parts = [f"**{what}**" + (f", objective {objective}" if objective != "lm" else ""),
+             f"step {format_number(done)} / {format_number(planned)}"]
     val_loss, val_bpb = _last(records, "val_loss"), _last(records, "val_bpb")
     if val_loss is None:
         parts.append("no validation yet")
-    else:
+    elif val_bpb is not None:
         parts.append(f"val loss {format_number(val_loss)} nats/token, {format_number(val_bpb)} bits/byte")
+    else:  # an objective whose loss is not per token (DPO: per pair), with its own held-out metrics
+        last = next((r for r in reversed(records) if "val_loss" in r), {})
+        more = [f"{k[4:]} {format_number(v)}" for k, v in last.items() if k.startswith("val_") and k != "val_loss"]
+        parts.append(", ".join([f"val loss {format_number(val_loss)}", *more[:3]]))
     return [f"# {run_dir.resolve().name}", "", " · ".join(parts)]
 
 

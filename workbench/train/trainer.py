@@ -76,7 +76,7 @@ from workbench.data.examples import build_example_sets
 from workbench.data.packed import IGNORE_INDEX, collate
 from workbench.data.shards import Manifest, ShardStream, unigram_loss
 from workbench.data.tokenizer import Tokenizer, check_fits
-from workbench.errors import ConfigError, DataError, WorkbenchError
+from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
 from workbench.models.base import build_model, count_params
@@ -344,10 +344,12 @@ class Trainer:
         self.model = build_model(job.model, self.device)
         lora = job.lora.enabled
         # the starting weights: a new run's, and under LoRA also a resumed run's base (only adapters are saved apart)
+        self.init_sha256 = None  # of the starting weights' model.safetensors: a resume must find the same ones
         if job.train.init_from and (self.resume_from is None or lora):
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
-                load_init_weights(self.model, job.train.init_from, self.manifest.tokenizer_sha256,
-                                  check=self.is_main, log=self.log)
+                init_ckpt = load_init_weights(self.model, job.train.init_from, self.manifest.tokenizer_sha256,
+                                              check=self.is_main, log=self.log)
+            self.init_sha256 = sha256_file(init_ckpt / "model.safetensors")
         self.n_params, self.flops_per_token = count_params(self.model), self.model.flops_per_token(job.data.seq_len)
         self.lora_report = None
         if lora:
@@ -362,12 +364,15 @@ class Trainer:
         if self.resume_from is not None:  # weights go into the plain model, before any wrapper shards it
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
                 model_state, train_state, engine_dir = load_for_resume(self.resume_from, check=self.is_main)
-            if lora:
-                from workbench.checkpoint.safetensors_io import read_file as read_tensors
+            if lora:  # the base was loaded from train.init_from above: it must be the one the run started from
                 from workbench.nn.lora import load_lora_state
 
+                if train_state.get("init_sha256") not in (None, self.init_sha256):
+                    raise CheckpointError(f"config key 'train.init_from': {job.train.init_from} no longer holds the "
+                                          f"weights this LoRA run started from (its model.safetensors changed); the "
+                                          f"adapters of {self.resume_from} belong to those")
                 adapter = self.resume_from / ADAPTER_DIR / "adapter.safetensors"
-                load_lora_state(self.model, read_tensors(adapter), str(adapter))
+                load_lora_state(self.model, read_file(adapter), str(adapter))
             else:
                 self.model.load_state_dict(model_state)
         self.engine = build_engine(self.model, job, self.dims, autocast)
@@ -377,6 +382,7 @@ class Trainer:
             self.cursor.load_state_dict(train_state["cursor"])
             self.data.load_state_dict(train_state["data"])
             self.step = train_state["step"]
+            self.init_sha256 = self.init_sha256 or train_state.get("init_sha256")  # carried into later checkpoints
             self.log(f"resumed from {self.resume_from} at step {self.step} ({self.dims.describe()})")
         elif self.is_main:  # the run folder describes itself before the first checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -526,7 +532,7 @@ class Trainer:
         """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine
         state; rank 0 writes the rest and renames the folder into place; all wait for it."""
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
-                       "layout": self.dims.describe()}
+                       "layout": self.dims.describe(), "init_sha256": self.init_sha256}
         multi = self.dims.world_size > 1
         state, write_extra = self.engine.model_state_dict(), None
         if self.job.lora.enabled and self.is_main:

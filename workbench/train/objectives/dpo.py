@@ -1,4 +1,4 @@
-"""Direct preference optimization (DPO), its label-smoothed form (cDPO) and IPO.
+"""Direct preference optimization (DPO), its label-smoothed form (cDPO), IPO, and RPO's added NLL term.
 
 What it is
     Preference data says, for a prompt x, that completion y_w is better than y_l. RLHF would fit a reward model
@@ -11,6 +11,7 @@ What it is
     h            = [log pi(y_w|x) - log pi(y_l|x)] - [log pi_ref(y_w|x) - log pi_ref(y_l|x)]
     sigmoid      L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)        eps = label_smoothing (cDPO)
     ipo          L = (h_avg - 1 / (2 beta))^2,   h_avg built from per-token *averages* of the log-probs
+    rpo          L += alpha * (-log pi(y_w|x) / |y_w|)                            alpha = rpo_alpha (0: off)
     rewards      r_w = beta (log pi(y_w|x) - log pi_ref(y_w|x)),  r_l likewise; margin = r_w - r_l
 
 The intuition
@@ -32,19 +33,25 @@ Design choices
     its LoRA adapters switched off (`workbench.nn.lora.disabled`: no second model); or, with
     `objective.precompute_reference`, a table of every pair's reference log-probs computed once in `prepare`
     (after which the reference model is dropped). All three give the same numbers (tested).
+    `objective.rpo_alpha > 0` adds the chosen answer's negative log-likelihood per token (RPO, Pang et al. 2024;
+    TRL's `rpo_alpha`), which keeps the chosen answers likely while their margin grows: plain DPO can lower both
+    sides' likelihood as long as the rejected one falls faster (a small model then forgets how to write the
+    answers it prefers). TRL averages that NLL over all chosen tokens of the batch; here each pair's mean per
+    token counts once, like the pair's DPO term.
     The loss of a micro-batch is its sum over pairs divided by the step's global pair count (`units`), so
     accumulation and data parallelism give the plain mean over the step's pairs. Rewards, reward accuracy
     (r_w > r_l) and the margin are logged as per-pair means (`LossOutput.sums`).
 
 Differences from the paper and TRL
     TRL's defaults (beta 0.1, sigmoid loss) are ours. Ties (r_w == r_l, e.g. at step 0 where the policy is the
-    reference) count as not accurate, as TRL's `(chosen_rewards > rejected_rewards)` does. No SFT term on the
-    chosen answers (RPO) and no length normalisation beyond IPO's averages.
+    reference) count as not accurate, as TRL's `(chosen_rewards > rejected_rewards)` does. The SFT term on the
+    chosen answers (RPO) is off unless asked for; no length normalisation beyond IPO's averages.
 
 Sources
     Rafailov et al., "Direct Preference Optimization", NeurIPS 2023; Mitchell, "A note on DPO with noisy
     preferences" (cDPO), 2023; Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences" (IPO), 2023; TRL's DPOTrainer (read, not copied).
+    Preferences" (IPO), 2023; Pang et al., "Iterative Reasoning Preference Optimization" (RPO's NLL term), 2024;
+    TRL's DPOTrainer (read, not copied).
 """
 
 from __future__ import annotations
@@ -158,6 +165,9 @@ class DPOObjective:
         pc, pr, rc, rr = logps[:B], logps[B:], ref[:B], ref[B:]
         losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type,
                                                 self.cfg.label_smoothing, counts[:B], counts[B:])
+        if self.cfg.rpo_alpha:
+            # RPO: + alpha * (-log pi(y_w | x) / |y_w|), the chosen answer's mean NLL per token
+            losses = losses + self.cfg.rpo_alpha * (-pc / counts[:B].clamp(min=1))
         sums = {"reward_acc": float((chosen_r > rejected_r).sum()), "reward_margin": float((chosen_r - rejected_r).sum()),
                 "chosen_reward": float(chosen_r.sum()), "rejected_reward": float(rejected_r.sum()),
                 # the policy's own preference, without a reference: log pi(y_w|x) > log pi(y_l|x)
