@@ -145,37 +145,6 @@ def passkey_documents(n_chars: int, filler: Sequence[int], digits: int = 5, seed
     return docs
 
 
-def repeat_documents(docs: Sequence[Document], n_chars: int, chunk_chars: int = 300, seed: int = 0,
-                     prefix: str = "repeat") -> list[Document]:
-    """Synthetic documents that say one snippet twice: a run of whole lines, about `chunk_chars` characters, cut
-    from a seeded random place of a seeded random document of `docs`, then a blank line, then the same snippet
-    again; as many as hold `n_chars` characters in all (paths `{prefix}/{index:08d}.txt`).
-
-    Why. The second copy is predictable only by finding the first and reading on from there: the in-context
-    copying ("induction") that a small model pretrained on a little code does not learn by itself, and that
-    chat answers need (repeating the function or the numbers a question names). A share of these documents
-    in pretraining teaches it cheaply (Olsson et al. 2022 show such heads forming on repeated text)."""
-    import random
-
-    rng = random.Random(seed)
-    pool = [d for d in docs if len(d.text) > chunk_chars]
-    if not pool:
-        raise DataError(f"no document is longer than {chunk_chars} characters to cut repeated snippets from")
-    out, total = [], 0
-    while total < n_chars:
-        doc = rng.choice(pool)
-        start = rng.randrange(0, len(doc.text) - chunk_chars)
-        start = doc.text.rfind("\n", 0, start) + 1  # whole lines
-        end = doc.text.find("\n", start + chunk_chars)
-        snippet = doc.text[start : end if end != -1 else len(doc.text)].strip("\n")
-        if not snippet.strip():
-            continue
-        text = f"{snippet}\n\n{snippet}\n"
-        out.append(Document(f"{prefix}/{len(out):08d}.txt", text))
-        total += len(text)
-    return out
-
-
 def interleave(a: list[Document], b: list[Document]) -> list[Document]:
     """`a` and `b` merged so that both advance through their text at the same pace: at every point of
     the result, the share of `a`'s characters written is the share of `b`'s (to within one document).

@@ -40,14 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines.corpus import (
-    Document,
-    interleave,
-    load_documents,
-    passkey_documents,
-    repeat_documents,
-    stdlib_root,
-)
+from data_pipelines.corpus import Document, interleave, load_documents, passkey_documents, stdlib_root
 from workbench.checkpoint.run import sha256_file
 from workbench.data.shards import MANIFEST, Manifest, ShardInfo, token_dtype, unigram_loss
 from workbench.data.tokenizer import Tokenizer
@@ -66,8 +59,6 @@ def build_settings(data) -> dict:
     if getattr(data, "passkey_fraction", 0.0):  # only when on, so folders built before these keys stay valid
         settings.update(passkey_fraction=data.passkey_fraction, passkey_filler=list(data.passkey_filler),
                         passkey_digits=data.passkey_digits)
-    if getattr(data, "repeat_fraction", 0.0):
-        settings.update(repeat_fraction=data.repeat_fraction, repeat_chars=data.repeat_chars)
     return settings
 
 
@@ -152,12 +143,6 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
     tokenizer.require_reserved()
     if getattr(data, "passkey_fraction", 0.0):  # after the tokenizer: it is the corpus's alone
         train, val = mix_passkeys(data, train, val, tokenizer, log)
-    if getattr(data, "repeat_fraction", 0.0):  # training only: the validation split stays the corpus
-        f = data.repeat_fraction
-        repeats = repeat_documents(train, int(f / (1 - f) * sum(len(d.text) for d in train)), data.repeat_chars)
-        log(f"data: {len(repeats)} repeated-snippet documents ({f:.0%} of the train text, snippets of about "
-            f"{data.repeat_chars} characters said twice)")
-        train = interleave(train, repeats)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"

@@ -56,11 +56,6 @@ class DataSection:
         [8, 40], doc="[min, max] filler sentences per passkey document, drawn uniformly; choose them so a "
                      "document fits data.seq_len (`workbench data` logs the documents' token lengths)")
     passkey_digits: int = field_(5, ge=1, le=12, doc="digits of each passkey")
-    repeat_fraction: float = field_(
-        0.0, ge=0, lt=1, doc="share of the train text that is snippets of the corpus said twice (data_pipelines."
-                             "corpus.repeat_documents): teaches a small model in-context copying; validation stays "
-                             "the corpus; 0 = none")
-    repeat_chars: int = field_(300, ge=20, doc="characters of each repeated snippet (whole lines; fit data.seq_len)")
     train_file: str = field_(
         "", doc="a jsonl of examples for objective sft, dpo or distill: conversations ({messages} or {prompt, "
                 "response}) or preference pairs ({prompt, chosen, rejected}); empty = data.dir's packed windows "

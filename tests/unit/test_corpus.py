@@ -147,18 +147,3 @@ def test_empty_tree_is_a_data_error(tmp_path: Path) -> None:
     ):
         load_documents(tmp_path, (".md",))
     assert list(iter_documents(tmp_path)) == []
-
-
-def test_repeat_documents_say_a_whole_line_snippet_twice(tmp_path: Path) -> None:
-    from data_pipelines.corpus import repeat_documents
-
-    lines = [f"line_{i} = compute_{i}(value_{i})" for i in range(200)]
-    docs = [Document("a.py", "\n".join(lines)), Document("tiny.py", "x = 1")]
-    out = repeat_documents(docs, 3000, chunk_chars=120, seed=1)
-    assert sum(len(d.text) for d in out) >= 3000 and out == repeat_documents(docs, 3000, chunk_chars=120, seed=1)
-    for d in out:
-        first, second = d.text.rstrip("\n").split("\n\n")
-        assert first == second and len(first) >= 120 and all(x in lines for x in first.split("\n"))
-        assert d.path.startswith("repeat/")
-    with pytest.raises(DataError, match="longer than 120 characters"):
-        repeat_documents([Document("tiny.py", "x = 1")], 100, chunk_chars=120)
