@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from workbench.data.examples import jsonl_records
 from workbench.errors import DataError
 
 
@@ -29,17 +30,7 @@ def _read(spec: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
-    records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{p}:{i}: expected a JSON object")
-        records.append(rec)
+    records = [rec for _, rec in jsonl_records(p)]
     return records[: int(n)] if n else records
 
 

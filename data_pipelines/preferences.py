@@ -74,10 +74,10 @@ The sandbox (`check_examples`, `check_many`, `Sandbox`)
     printed in an order that depends on the interpreter's hash seed: such an example can flip between runs.
 
     python -m data_pipelines.preferences --source DIR --out DIR [--val-fraction 0.1] [--max N] [--seed S]
-        [--wrong-fraction 0.5] [--workers 2] [--pairs-per-subject K] [--demonstrations]
+        [--wrong-fraction 0.5] [--workers 2] [--pairs-per-subject K] [--demonstrations D]
 writes OUT/train.jsonl and OUT/val.jsonl and prints counts per kind and split. `--pairs-per-subject K` asks each
-subject in K phrasings; with `--demonstrations`, each training subject's first record becomes an SFT
-demonstration instead (OUT/sft.jsonl: the prompt and its chosen answer), and OUT/rephrased.jsonl asks each
+subject in K phrasings; with `--demonstrations D`, each training subject's first D records become SFT
+demonstrations instead (OUT/sft.jsonl: the prompt and its chosen answer), and OUT/rephrased.jsonl asks each
 training subject in a phrasing none of its records uses (`rephrased`): the teaching rubric on new questions about
 the subjects the model was taught, beside val.jsonl's unseen ones.
 
@@ -1247,18 +1247,19 @@ def assemble(candidates: Sequence[Candidate], seed: int, wrong_fraction: float, 
     return records
 
 
-def demonstrations(train: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """(SFT demonstrations, the pairs left for DPO): each training subject's first record becomes a conversation
-    whose reply is its chosen answer; its other records (other phrasings) stay preference pairs. A model is first
+def demonstrations(train: Sequence[dict], per_subject: int = 1) -> tuple[list[dict], list[dict]]:
+    """(SFT demonstrations, the pairs left for DPO): each training subject's first `per_subject` records become
+    conversations whose reply is the chosen answer; its other records (other phrasings) stay preference pairs.
+    A model is first
     shown the teaching style and its subjects (SFT), then DPO prefers the right examples over wrong or terse ones
     about the same subjects: preference optimisation reshapes what a model already produces, it does not teach a
     format or a subject from nothing."""
-    demos, pairs, seen = [], [], set()
+    demos, pairs, seen = [], [], Counter()
     for r in train:
-        if r["subject"] in seen:
+        if seen[r["subject"]] >= per_subject:
             pairs.append(r)
             continue
-        seen.add(r["subject"])
+        seen[r["subject"]] += 1
         demos.append({"messages": [{"role": "user", "content": r["prompt"]},
                                    {"role": "assistant", "content": r["chosen"]}],
                       "prompt": r["prompt"], "answer": r["chosen"], "kind": "teaching", "subject": r["subject"],
@@ -1318,10 +1319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="sandbox processes")
     p.add_argument("--pairs-per-subject", type=int, default=1,
                    help=f"records per subject, each in its own phrasing of the question (1 to {len(PROMPTS)})")
-    p.add_argument("--demonstrations", action="store_true",
-                   help="each training subject's first pair becomes an SFT demonstration (sft.jsonl: prompt -> chosen "
-                        "answer), its other pairs stay in train.jsonl; rephrased.jsonl asks each training subject in a "
-                        "phrasing none of its records uses (use with --pairs-per-subject 3 or more)")
+    p.add_argument("--demonstrations", type=int, default=0, metavar="K",
+                   help="each training subject's first K records become SFT demonstrations (sft.jsonl: prompt -> "
+                        "chosen answer), its others stay pairs in train.jsonl; rephrased.jsonl asks each training "
+                        "subject in a phrasing none of its records uses (--pairs-per-subject must leave one free)")
     p.add_argument("--own-answers", metavar="SAMPLES", default=None,
                    help="instead of mining: a teaching eval's samples/teaching.jsonl of a model answering the prompts "
                         "of --pairs; writes OUT/train.jsonl = those pairs + one pair per failing answer, whose "
@@ -1352,7 +1353,7 @@ def main(argv: list[str] | None = None) -> int:
                              pairs_per_subject=args.pairs_per_subject)
         train, val, dropped = split_by_file(records, args.val_fraction)
         everything = train
-        demos, train = demonstrations(train) if args.demonstrations else ([], train)
+        demos, train = demonstrations(train, args.demonstrations) if args.demonstrations else ([], train)
     except DataError as e:
         p.error(str(e))
     out = Path(args.out)
@@ -1364,7 +1365,7 @@ def main(argv: list[str] | None = None) -> int:
     print(", ".join(f"{k} {v}" for k, v in sorted(stats.items()) if not k.startswith("kind_")))
     print(count_table({"train": train, "val": val}, KINDS))
     if args.demonstrations:
-        print(f"{len(demos)} SFT demonstrations (one per training subject) -> {out / 'sft.jsonl'}; "
+        print(f"{len(demos)} SFT demonstrations ({args.demonstrations} per training subject) -> {out / 'sft.jsonl'}; "
               f"{len(splits['rephrased'])} training subjects asked anew -> {out / 'rephrased.jsonl'}")
     if dropped:
         print(f"{dropped} val records dropped: their prompt is also a train prompt")

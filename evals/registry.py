@@ -16,7 +16,6 @@ folder to write plots into.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,17 +149,11 @@ def data_file(path: str | Path, option: str) -> Path:
 def read_jsonl(path: str | Path, option: str, required: Sequence[str]) -> list[dict]:
     """The records of a jsonl file; a missing file, a line that is not a JSON object or lacks a required
     key is an error naming the file and line."""
+    from workbench.data.examples import jsonl_records
+
     p = data_file(path, option)
     records = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
+    for i, rec in jsonl_records(p):
         missing = [k for k in required if k not in rec]
         if missing:
             raise DataError(f"{p}:{i}: missing key {missing[0]!r} (each line needs {', '.join(required)})")

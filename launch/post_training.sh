@@ -4,8 +4,8 @@
 #   2. data: verifiable reasoning conversations, instruction pairs mined from the standard library's documented
 #      code, teacher-style preference pairs (data/post/)
 #   3. SFT on reasoning + instructions; held-out reasoning accuracy and exact match, pretrained vs SFT
-#   4. DPO from the SFT model; held-out preference accuracy and reward margin, and the teaching rubric (the share
-#      of answers whose example runs and passes), SFT vs DPO
+#   4. DPO (with RPO's NLL term, and plain) from the SFT model; held-out preference accuracy and reward margin,
+#      and the teaching rubric (the share of answers whose example runs and passes), SFT vs DPO
 #   5. distillation: a ~0.6M student with the pretrained model as teacher against the same student trained
 #      without one, over three seeds
 # Ends by writing the measured part of docs/post-training.md and its plots (launch/post_training_report.py).
@@ -60,12 +60,13 @@ make_data() {
         --n-val 300 --seed 1 --kinds add,compare,mod,count,parity,sort,chain,linear,boolean,poly
     made "$DATA/instructions" || "$PYTHON" -m data_pipelines.instructions --out "$DATA/instructions" \
         --max-per-kind 2500 --max-prompt-chars 600 "${maker_args[@]}"
-    # each subject asked in 3 phrasings: the first an SFT demonstration of the teaching style, the other two DPO pairs
+    # each subject asked in 5 phrasings: 3 SFT demonstrations of the teaching style, 2 DPO pairs; a sixth phrasing
+    # is held out (rephrased.jsonl), and validation subjects come from held-out files (val.jsonl)
     made "$DATA/preferences" || "$PYTHON" -m data_pipelines.preferences --out "$DATA/preferences" \
-        --pairs-per-subject 3 --demonstrations "${maker_args[@]}"
+        --pairs-per-subject 5 --demonstrations 3 "${maker_args[@]}"
     made "$DATA/sft" || {
         "$PYTHON" -m data_pipelines.mix --out "$DATA/sft/train.jsonl" "$DATA/reasoning/train.jsonl" \
-            "$DATA/instructions/train.jsonl" "$DATA/preferences/sft.jsonl*2"
+            "$DATA/instructions/train.jsonl" "$DATA/preferences/sft.jsonl"
         "$PYTHON" -m data_pipelines.mix --out "$DATA/sft/val.jsonl" "$DATA/reasoning/val.jsonl:$N_EVAL" \
             "$DATA/instructions/val.jsonl:$N_EVAL"
     }
@@ -104,6 +105,10 @@ stage dpo "${wb[@]}" train configs/post/dpo.toml "${post_data[@]}" "$DATA/prefer
     --data.val_file "$DATA/preferences/val.jsonl" --train.init_from "$RUNS/post-sft" --resume "${dpo_args[@]}"
 stage eval-dpo post_eval "$RUNS/post-dpo" post true
 stage eval-dpo-pairs pairs_eval "$RUNS/post-dpo"
+stage dpo-plain "${wb[@]}" train configs/post/dpo.toml "${post_data[@]}" "$DATA/preferences/train.jsonl" \
+    --data.val_file "$DATA/preferences/val.jsonl" --train.init_from "$RUNS/post-sft" --run.name post-dpo-plain \
+    --objective.rpo_alpha 0 --resume "${dpo_args[@]}"
+stage eval-dpo-plain-pairs pairs_eval "$RUNS/post-dpo-plain"
 for seed in $SEEDS; do
     stage "distill-s$seed" "${wb[@]}" train configs/post/distill.toml --run.out_dir "$RUNS" \
         --run.name "post-distill-s$seed" --run.seed "$seed" --objective.teacher "$RUNS/llama3-demo" --resume \

@@ -120,7 +120,8 @@ def pair_metrics(run: Path, split: str) -> dict:
 
 
 def dpo_section(runs: Path, images: Path, rel: str) -> list[str]:
-    table = {(name, split): pair_metrics(runs / run, split) for name, run in (("SFT", "post-sft"), ("DPO", "post-dpo"))
+    table = {(name, split): pair_metrics(runs / run, split)
+             for name, run in (("SFT", "post-sft"), ("DPO + RPO", "post-dpo"), ("DPO, plain", "post-dpo-plain"))
              for split in SPLITS}
     if not any(table.values()):
         return []

@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from workbench.data.chat import ChatTemplate
 
         template = ChatTemplate(tokenizer)
-        prompt, params.stop_token_ids = template.prompt_ids([{"role": "user", "content": args.prompt}]), template.stop_ids
+        prompt, params.stop_token_ids = template.ask(args.prompt), template.stop_ids
     else:
         prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -191,6 +191,8 @@ class ObjectiveSection:
                     fail(n, f"is an option of objective.name = '{owner}', but objective.name is '{self.name}'")
         if self.name == "distill" and not self.teacher:
             fail("teacher", "objective.name = 'distill' needs a teacher: a run folder or checkpoint folder")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            fail("label_smoothing", "is cDPO's, for loss_type = 'sigmoid'; IPO has no label smoothing")
 
 
 @dataclass
@@ -238,6 +240,17 @@ class JobConfig:
                                     f"{'conversations' if name == 'sft' else 'preference pairs'}")
         if data.val_file and not data.train_file:
             fail("data.val_file", "is the held-out part of data.train_file, which is empty")
+        chat = name == "sft" or (name == "distill" and data.train_file)
+        defaults = DataSection.__dataclass_fields__
+        for key in ("pack", "train_on"):  # options of conversations only
+            if not chat and getattr(data, key) != defaults[key].default:
+                fail(f"data.{key}", f"applies to conversations (objective sft, or distill with data.train_file); "
+                                    f"objective.name = '{name}' reads {'pairs' if name == 'dpo' else 'windows'}")
+        mtp = getattr(self.model.config, "mtp_layers", 0)
+        if name in ("dpo", "distill") and mtp and par.backend == "ddp":
+            fail("model.mtp_layers", f"objective.name = '{name}' does not train the multi-token-prediction modules, "
+                                     f"and DDP refuses parameters without gradients; set model.mtp_layers = 0 or "
+                                     f"use parallel.backend fsdp2 or zero1-3")
         if name == "dpo" and not (self.objective.reference or self.train.init_from):
             fail("objective.reference", "DPO needs a reference model: set train.init_from (the model to improve, "
                                         "usually the SFT run) or objective.reference")

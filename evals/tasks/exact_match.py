@@ -45,7 +45,8 @@ class Config:
     n: int = field_(200, gt=0, doc="at most this many pairs (the first n of a file; n mined ones)")
     seed: int = field_(0, doc="which lines are mined")
     max_new_tokens: int = field_(32, gt=0)
-    stop: list[str] = field_(["\n"], doc="generation stops at any of these")
+    stop: list[str] | None = field_(None, doc="generation stops at any of these; default: the end of the line, "
+                                              "and for chat prompts nothing (a reply ends at <|end|>)")
     strip: bool = field_(True, doc="compare with surrounding whitespace removed")
     chat: bool = field_(False, doc="ask each prompt as a user turn of the chat template (a chat model's replies end "
                                    "at <|end|>); chat records (messages) are read as conversations")
@@ -142,7 +143,8 @@ class ExactMatch:
             prompts, cut = fit_prompts(ctx.tokenizer, [it["prompt"] for it in items], ctx.max_length,
                                        cfg.max_new_tokens, "exact_match.max_new_tokens")
             stop_ids = []
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(cfg.stop),
+        stop = cfg.stop if cfg.stop is not None else ([] if cfg.chat else ["\n"])
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop=list(stop),
                                 stop_token_ids=stop_ids)
         outputs = [c.text for c in ctx.generate(prompts, params, desc="exact_match")]
         norm = (lambda s: s.strip()) if cfg.strip else (lambda s: s)

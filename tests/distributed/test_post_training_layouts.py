@@ -1,8 +1,9 @@
 """Post-training on gloo ranks (torchrun) against the single-process run of the same global batch.
 
-SFT and DPO under fsdp2 and DeepSpeed zero2 on 2 ranks; also SFT with LoRA under fsdp2, DPO with its reference
-log-probs precomputed under fsdp2 (the sharded reference runs the precomputation in lockstep), and distillation
-under fsdp2 (the teacher sharded like the student). Per-step losses and gradient norms must equal the single
+SFT and DPO under fsdp2 and DeepSpeed zero2 on 2 ranks, SFT under ddp; also SFT with LoRA under fsdp2, DPO with its
+reference log-probs precomputed under fsdp2 (the sharded reference runs the precomputation in lockstep), and
+distillation under fsdp2 (the teacher sharded like the student). DPO computes its log-probs a chunk of 16 targets at
+a time, each chunk's logits recomputed in backward, so that path runs under FSDP2 and ZeRO too. Per-step losses and gradient norms must equal the single
 process's at rtol 1e-5 (fp32): the examples are split by the global cursor, each micro-batch's loss is divided by
 the step's global count of targets (SFT, distillation) or pairs (DPO), and the frozen models give every rank the
 same numbers. One launch trains every case (tests/distributed/train_worker.py), the single runs train here.
@@ -42,7 +43,8 @@ def post_setup(tmp_path_factory, debug_data):
            "--data.seq_len", "128"]
     dpo = ["--objective.name", "dpo", "--data.train_file", write(out / "pairs.jsonl", pairs[:32]),
            "--data.val_file", write(out / "pairs-val.jsonl", pairs[32:]), "--train.init_from", str(out / "base"),
-           "--data.seq_len", "128", "--optim.lr", "1e-3"]
+           "--data.seq_len", "128", "--optim.lr", "1e-3",
+           "--objective.logprob_chunk", "16"]  # the head a chunk at a time, recomputed in backward (every engine)
     lora = ["--lora.r", "4", "--optim.lr", "1e-2"]
     distill = ["--objective.name", "distill", "--objective.teacher", str(out / "base"), "--model.dim", "32",
                "--model.n_heads", "2", "--model.n_kv_heads", "1", "--objective.temperature", "2.0"]
@@ -52,8 +54,10 @@ def post_setup(tmp_path_factory, debug_data):
     return out, cases, singles
 
 
-LAYOUTS = {"fsdp2": ["--parallel.backend", "fsdp2"], "zero2": ["--parallel.backend", "zero2"]}
-RUNS = {"sft-fsdp2": ("sft", "fsdp2"), "sft-zero2": ("sft", "zero2"), "dpo-fsdp2": ("dpo", "fsdp2"),
+LAYOUTS = {"fsdp2": ["--parallel.backend", "fsdp2"], "zero2": ["--parallel.backend", "zero2"],
+           "ddp": ["--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"]}
+RUNS = {"sft-fsdp2": ("sft", "fsdp2"), "sft-zero2": ("sft", "zero2"), "sft-ddp": ("sft", "ddp"),
+        "dpo-fsdp2": ("dpo", "fsdp2"),
         "dpo-zero2": ("dpo", "zero2"), "sft-lora-fsdp2": ("sft-lora", "fsdp2"),
         "dpo-precompute-fsdp2": ("dpo-precompute", "fsdp2"), "distill-fsdp2": ("distill", "fsdp2")}
 

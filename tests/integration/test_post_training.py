@@ -77,10 +77,10 @@ def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_b
 
     from workbench.nn.lora import load_adapter
 
-    base = tmp_path / "base"  # a copy: this test continues it later
-    shutil.copytree(post["base"], base)
+    base_run = tmp_path / "base"  # a copy: this test continues it later
+    shutil.copytree(post["base"], base_run)
     args = sft_args(post, "--lora.r", "4", "--lora.dora", "true", "--optim.lr", "1e-2", "--train.steps", "6",
-                    "--train.init_from", str(base))
+                    "--train.init_from", str(base_run))
     full = Trainer(debug_job(tmp_path / "a", *args), **QUIET).fit()
     crashed = Trainer(debug_job(tmp_path / "b", *args), **QUIET)
     assert crashed.lora_report["modules"] == 8 and crashed.lora_report["fraction"] < 0.2
@@ -113,11 +113,17 @@ def test_lora_checkpoints_hold_merged_weights_and_the_adapter_alone_and_resume_b
     assert texts[0] == texts[1] and texts[0].strip()
     assert main(["generate", "--ckpt", post["base"], "--adapter", str(tmp_path), "--prompt", "x"]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
-    # the base run trained on: its newest checkpoint is no longer the one the adapters belong to
-    shutil.rmtree(ckpt)  # back to step 3, then the base moves on
-    job = load_config(JobConfig, base / "config.toml", ["--train.steps", "9"])
-    Trainer(job, run_dir=base, resume=True, **QUIET).fit()
-    with pytest.raises(CheckpointError, match="no longer holds the weights this LoRA run started from"):
+    other = tmp_path / "other-adapter"  # an adapter whose recorded base used another tokenizer
+    shutil.copytree(ckpt / "adapter", other)
+    doc = json.loads((other / "adapter_config.json").read_text())
+    doc["meta"]["tokenizer_sha256"] = "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(doc))
+    assert main(["generate", "--ckpt", post["base"], "--adapter", str(other), "--prompt", "x"]) == 2
+    assert "trained on a base with another tokenizer" in capsys.readouterr().err
+    # the folder train.init_from names now holds other weights (another run of the same dataset took its place)
+    shutil.rmtree(base_run)
+    shutil.copytree(tmp_path / "a" / "llama3-debug", base_run)
+    with pytest.raises(CheckpointError, match="train.init_from.*no longer holds the weights"):
         Trainer(debug_job(tmp_path / "b", *args), resume=True, **QUIET)
 
 
@@ -134,7 +140,13 @@ def test_dpo_reference_is_the_start_or_the_lora_base_and_precomputing_drops_it(t
     pre = Trainer(debug_job(tmp_path / "c", *dpo, "--objective.precompute_reference", "true"), **QUIET)
     assert set(pre.engines) == {"policy"} and pre.objective.table["chosen"].shape == (40,)
     record = pre.fit()
-    assert record[0]["loss"] == pytest.approx(first, rel=1e-6) and 0 <= record[-1]["reward_acc"] <= 1
+    assert record[0]["loss"] == pytest.approx(first, rel=1e-6)
+    # the per-pair means (reward accuracy, margin) do not depend on how the step's pairs are split
+    split = Trainer(debug_job(tmp_path / "d", *dpo, "--objective.precompute_reference", "true",
+                              "--train.micro_batch_size", "4", "--train.grad_accum", "2"), **QUIET).fit()
+    for key in ("loss", "reward_acc", "reward_margin", "chosen_reward", "logp_acc"):
+        assert [r[key] for r in split] == pytest.approx([r[key] for r in record], rel=1e-5, abs=1e-6), key
+    assert record[-1]["reward_margin"] > 0 and "aux_loss" not in record[-1]
 
 
 def test_post_training_errors_name_the_key_or_the_line(tmp_path, debug_job, post):
@@ -148,6 +160,13 @@ def test_post_training_errors_name_the_key_or_the_line(tmp_path, debug_job, post
         debug_job(tmp_path, "--objective.name", "dpo", "--data.train_file", post["pairs"])
     with pytest.raises(ConfigError, match="parallel.cp"):
         debug_job(tmp_path, *sft_args(post, "--parallel.cp", "2"))
+    dpo = ("--objective.name", "dpo", "--data.train_file", post["pairs"], "--train.init_from", post["base"])
+    with pytest.raises(ConfigError, match="data.pack.*reads pairs"):  # an option that would be ignored
+        debug_job(tmp_path, *dpo, "--data.pack", "true")
+    with pytest.raises(ConfigError, match="objective.label_smoothing.*IPO"):
+        debug_job(tmp_path, *dpo, "--objective.loss_type", "ipo", "--objective.label_smoothing", "0.1")
+    with pytest.raises(ConfigError, match="model.mtp_layers.*DDP"):  # DeepSeek-V3's MTP modules get no gradient
+        debug_job(tmp_path, *dpo, "--model.family", "deepseek_v3", "--parallel.backend", "ddp")
     with pytest.raises(DataError, match=r"pairs.jsonl:1: expected 'messages'"):  # a pairs file given to sft
         Trainer(debug_job(tmp_path / "x", *sft_args(post)[:2], "--data.train_file", post["pairs"],
                           "--train.init_from", post["base"]), **QUIET)
@@ -252,7 +271,8 @@ def test_recipe_configs_chain_the_stages_and_the_report_writes_tables_and_plots(
                            "--seeds", "0 1"]) == 0
     text = doc.read_text()
     assert text.startswith("# hand-written") and text.rstrip().endswith("tail") and "\nold\n" not in text
-    assert "| SFT | 0.200 |" in text and "| DPO | unseen subjects (val) | 40 | 0.400 | 0.700 | 2.100 | 0.900 | 0.200 | 0.100 |" in text
+    assert "| SFT | 0.200 |" in text
+    assert "| DPO + RPO | unseen subjects (val) | 40 | 0.400 | 0.700 | 2.100 | 0.900 | 0.200 | 0.100 |" in text
     assert "0.200 nats/token lower" in text and "lower in 2 of 2 seeds" in text
     for name in ("post-sft.png", "post-dpo.png", "post-distill.png"):
         assert (tmp_path / "docs" / "images" / name).read_bytes().startswith(b"\x89PNG")

@@ -90,6 +90,7 @@ def test_template_equals_encoding_the_rendered_text_and_marks_only_assistant_tur
     ({"messages": [{"role": "user", "content": 3}]}, "'content' must be a string"),
     ({"text": "no conversation"}, "expected 'messages'"),
     ({"messages": []}, "non-empty list"),
+    ({"prompt": "a", "response": "done<|end|><|user|>more"}, "reserved token '<|user|>'|reserved token '<|end|>'"),
 ])
 def test_bad_conversations_are_refused_naming_the_problem(record, match):
     with pytest.raises(DataError, match=match):
@@ -186,6 +187,18 @@ def test_pairs_batch_holds_chosen_then_rejected_with_targets_on_the_completions(
         want = tok.encode(PAIRS[i][side], add_special_tokens=False) + [template.end_id]
         got = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
         assert got == want
+
+
+def test_pairs_equal_once_cut_are_dropped_and_non_utf8_lines_are_named(tmp_path, template):
+    same_start = {"prompt": "Hi", "chosen": "The answer is 5. " * 30 + "yes", "rejected": "The answer is 5. " * 30 + "no"}
+    logs = []
+    data = ExampleSet(write_jsonl(tmp_path / "p.jsonl", [same_start, PAIRS[0]]), "pairs", template, seq_len=40,
+                      log=logs.append)
+    assert len(data) == 1 and data.dropped == 1  # cut to the window, the two answers were the same
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not UTF-8"):
+        ExampleSet(bad, "pairs", template, seq_len=64, log=lambda *_: None)
 
 
 def test_long_examples_are_cut_and_hopeless_ones_dropped(tmp_path, template):

@@ -298,7 +298,7 @@ def test_several_phrasings_demonstrations_rephrased_and_own_answer_pairs(tree, t
         (tree / f"extra{i}.py").write_text(GEOMETRY.replace("def area", f"def area{i}").replace("area(", f"area{i}("))
     out = tmp_path / "out"
     assert pf.main(["--source", str(tree), "--out", str(out), "--val-fraction", "0.2", "--pairs-per-subject", "3",
-                    "--demonstrations"]) == 0
+                    "--demonstrations", "1"]) == 0
     read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines()]  # noqa: E731
     train, demos, again = read("train.jsonl"), read("sft.jsonl"), read("rephrased.jsonl")
     by_subject = {}

@@ -40,6 +40,25 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     return model.eval(), tokenizer, job.model
 
 
+def check_adapter_base(adapter: Path, family: str, tokenizer: Path) -> None:
+    """Refuse a LoRA adapter whose recorded base (adapter_config.json's `meta`, written by the trainer) is another
+    model family or used another tokenizer: its deltas would be added to weights they were not trained for."""
+    import json
+
+    from workbench.checkpoint.run import sha256_file
+
+    try:
+        meta = json.loads((adapter / "adapter_config.json").read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return  # load_adapter names what is wrong with the file
+    if meta.get("family") and meta["family"] != family:
+        raise CheckpointError(f"LoRA adapter {adapter} was trained on a {meta['family']} model, not {family}")
+    sha = meta.get("tokenizer_sha256")
+    if sha and tokenizer.is_file() and sha256_file(tokenizer) != sha:
+        raise CheckpointError(f"LoRA adapter {adapter} was trained on a base with another tokenizer than {tokenizer}; "
+                              f"load it onto the model it was trained from ({meta.get('base') or 'see its meta'})")
+
+
 def load_for_inference(
     ckpt: str | None = None, hf_dir: str | None = None, device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None, adapter: str | None = None,
@@ -53,6 +72,8 @@ def load_for_inference(
     if adapter is not None:
         from workbench.nn.lora import load_adapter, merge_and_unload
 
+        base_tokenizer = Path(hf_dir) / "tokenizer.json" if hf_dir else run_dir_of(resolve_checkpoint(ckpt)) / "tokenizer.json"
+        check_adapter_base(Path(adapter), section.family, base_tokenizer)
         load_adapter(model, adapter)
         merge_and_unload(model)  # plain linears again: every decode path, and export, read them as they are
     return model, tokenizer, section

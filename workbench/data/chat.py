@@ -31,6 +31,17 @@ from workbench.errors import DataError
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"
+# the reserved tokens that structure a conversation: a text that spells one out would inject a turn boundary (a
+# literal <|end|> in an answer would train a stop in mid-answer). <think>, <answer>, ... are content, not structure.
+STRUCTURE_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", *ROLE_TOKENS.values(), END_TOKEN)
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse a message or completion text that spells out a structural reserved token."""
+    found = next((t for t in STRUCTURE_TOKENS if t in text), None)
+    if found is not None:
+        raise DataError(f"{where}: the text contains the reserved token {found!r}, which would become a turn "
+                        f"boundary; remove it from the data")
 
 
 def messages_of(record: dict, where: str = "record") -> list[dict]:
@@ -59,6 +70,7 @@ def check_messages(messages, where: str = "messages") -> None:
             raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of {', '.join(ROLE_TOKENS)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: message {i}: 'content' must be a string")
+        check_text(m["content"], f"{where}: message {i}")
         if m["role"] == "system" and i != 0:
             raise DataError(f"{where}: message {i}: a system message may only come first")
 
@@ -101,6 +113,10 @@ class ChatTemplate:
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
         """The ids that ask for the next assistant turn: the conversation so far, then `<|assistant|>`."""
         return self.encode(messages).ids + [self.role_ids["assistant"]]
+
+    def ask(self, text: str) -> list[int]:
+        """The ids asking for a reply to one user turn holding `text`."""
+        return self.prompt_ids([{"role": "user", "content": text}])
 
     def render(self, messages: Sequence[dict]) -> str:
         """The conversation as text (the reserved tokens spelled out): for reading, and to check `encode`."""

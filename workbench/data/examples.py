@@ -8,8 +8,9 @@
 becomes the prompt's ids (ending with `<|assistant|>`) and each completion's ids (ending with `<|end|>`). Any
 other key of a record is kept in `meta` for the eval harness and ignored here. Errors name the file, the line
 and the field. An example longer than `seq_len + 1` tokens keeps its start (a pair keeps its prompt and cuts
-both completions); one left without a target, or a pair whose prompt alone fills the window, is dropped; both
-counts are logged when the file is read.
+both completions); one left without a target, a pair whose prompt alone fills the window, or a pair whose two
+completions are equal once cut, is dropped; both counts are logged when the file is read. A text that spells out
+a structural reserved token (`<|end|>`, a role token) is refused (`workbench.data.chat.check_text`).
 
 Order. Sample g (the trainer's global data cursor, `workbench.data.cursor`) is example
 perm_e[g mod N] with e = g div N and perm_e a permutation seeded by (seed, e): every epoch visits every
@@ -25,7 +26,8 @@ Batches (`collate`)
     pairs                   2B rows, the B chosen completions after their prompts, then the B rejected ones,
                             right-padded: one forward serves both sides of every pair (DPO)
 Each batch holds `input_ids`, `labels` (the next token where it is a target, -100 elsewhere), `positions`,
-`index` (the examples' line order in the file) and `lengths` (real tokens per row); packed batches add
+`index` (the example's position among the file's kept examples) and `lengths` (real tokens per row); packed
+batches add
 `document_ids`.
 """
 
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.data.chat import ChatTemplate, check_messages, messages_of
+from workbench.data.chat import ChatTemplate, check_messages, check_text, messages_of
 from workbench.data.packed import IGNORE_INDEX
 from workbench.errors import DataError
 
@@ -57,15 +59,18 @@ class Example:
     meta: dict = field(default_factory=dict)
 
 
-def read_jsonl(path: str | Path, option: str) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-empty line; errors name the option, the file and the line."""
+def jsonl_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-empty line of an existing jsonl file: the one reader of the project's
+    jsonl data (training examples, eval data, the data makers' mixes). A line that is not UTF-8, not JSON or not
+    an object is an error naming the file and the line."""
     p = Path(path)
-    if not p.is_file():
-        state = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise DataError(f"config key '{option}': {p} {state}")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -75,6 +80,16 @@ def read_jsonl(path: str | Path, option: str) -> list[tuple[int, dict]]:
             if not isinstance(rec, dict):
                 raise DataError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
             out.append((i, rec))
+    return out
+
+
+def read_jsonl(path: str | Path, option: str) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-empty line; errors name the option, the file and the line."""
+    p = Path(path)
+    if not p.is_file():
+        state = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise DataError(f"config key '{option}': {p} {state}")
+    out = jsonl_records(p)
     if not out:
         raise DataError(f"config key '{option}': {p} holds no records")
     return out
@@ -142,6 +157,7 @@ class ExampleSet:
         for key in ("chosen", "rejected"):
             if not isinstance(rec[key], str) or not rec[key]:
                 raise DataError(f"{where}: {key!r} must be a non-empty string")
+            check_text(rec[key], f"{where}: {key!r}")
         if rec["chosen"] == rec["rejected"]:
             raise DataError(f"{where}: 'chosen' and 'rejected' are the same text; a pair must differ")
         prompt = self.template.prompt_ids(_prompt_messages(rec["prompt"], where))
@@ -154,6 +170,9 @@ class ExampleSet:
         if any(len(s) > room for s in sides):
             self.truncated += 1
         chosen, rejected = (np.asarray(s[:room], dtype=np.int64) for s in sides)
+        if np.array_equal(chosen, rejected):  # they differed only past the window: nothing left to prefer
+            self.dropped += 1
+            return None
         meta = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
         return Example(0, np.asarray(prompt, dtype=np.int64), chosen=chosen, rejected=rejected, meta=meta)
 
@@ -163,8 +182,12 @@ class ExampleSet:
         return len(self.examples)
 
     def order(self, epoch: int) -> np.ndarray:
-        n = len(self.examples)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        """The epoch's order of the examples (the last one asked for is kept: samples come epoch by epoch)."""
+        if getattr(self, "_order", (None,))[0] != epoch:
+            n = len(self.examples)
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+        return self._order[1]
 
     def sample(self, g: int) -> Example:
         """The example at global sample index g (see the module notes)."""

@@ -487,7 +487,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
         modules = list(doc["modules"])
     except (OSError, ValueError, KeyError, TypeError, WorkbenchError) as e:
         raise CheckpointError(f"LoRA adapter config {cfg_path} is unreadable: {type(e).__name__}: {e}") from None
-    paths = inject_lora(model, cfg)
+    try:
+        paths = inject_lora(model, cfg)
+    except ConfigError as e:  # its targets match nothing in this model: the user set no config key
+        raise CheckpointError(f"LoRA adapter {cfg_path} does not fit this model: {e}") from None
     if paths != modules:
         extra = sorted(set(modules) ^ set(paths))
         raise CheckpointError(f"LoRA adapter {cfg_path} was saved on other modules than its targets match in this "

@@ -59,6 +59,7 @@ learning-rate schedule.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -178,22 +179,41 @@ def build_frozen_engine(model: torch.nn.Module, family: str, job: JobConfig, dim
     return SingleEngine(model, autocast_dtype=autocast)
 
 
-def load_frozen_model(path: str, key: str, tokenizer_sha256: str, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """(model, family) of a run folder or checkpoint named by config key `key`, in eval mode; the run must have
-    used this dataset's tokenizer (token ids would mean other things)."""
-    from workbench.checkpoint.load import load_run, run_dir_of
+def check_run_tokenizer(ckpt: Path, tokenizer_sha256: str, key: str) -> None:
+    """The run that wrote checkpoint `ckpt` (named by config key `key`) must have used this dataset's tokenizer:
+    token ids would mean other things."""
+    from workbench.checkpoint.load import run_dir_of
+
+    tokenizer = run_dir_of(ckpt) / "tokenizer.json"
+    if tokenizer.is_file() and sha256_file(tokenizer) != tokenizer_sha256:
+        raise DataError(f"config key '{key}': {tokenizer} is not the tokenizer of this run's dataset (data.dir); "
+                        f"token ids would mean other things (models trained together share one tokenizer)")
+
+
+def weights_sha256(ckpt: Path) -> str:
+    """The sha256 of a checkpoint's model.safetensors: as its manifest records it, else hashed here."""
+    from workbench.checkpoint.run import MANIFEST
+
+    try:
+        return json.loads((ckpt / MANIFEST).read_text())["model.safetensors"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sha256_file(ckpt / "model.safetensors")
+
+
+def load_frozen_model(path: str, key: str, tokenizer_sha256: str, device: torch.device):
+    """(model, family, checkpoint folder) of a run folder or checkpoint named by config key `key`, in eval mode,
+    after checking it shares this run's tokenizer."""
+    from workbench.checkpoint.load import load_run
     from workbench.checkpoint.run import resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(path)
-        tokenizer = run_dir_of(ckpt) / "tokenizer.json"
-        if tokenizer.is_file() and sha256_file(tokenizer) != tokenizer_sha256:
-            raise DataError(f"{tokenizer} is not the tokenizer of this run's dataset (data.dir); teacher, reference "
-                            f"and student must share one tokenizer")
+        check_run_tokenizer(ckpt, tokenizer_sha256, key)
         model, _, section = load_run(ckpt, device)
     except WorkbenchError as e:
-        raise type(e)(f"config key '{key}': {e}") from e
-    return model, section.family
+        message = str(e) if str(e).startswith(f"config key '{key}'") else f"config key '{key}': {e}"
+        raise type(e)(message) from e
+    return model, section.family, ckpt
 
 
 @contextlib.contextmanager
@@ -233,7 +253,6 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer_sha256: 
     one that trained them in anything that keeps every tensor's name and shape (a RoPE scaling, max_seq_len:
     what context extension changes). The checkpoint's manifest is verified first (`check`); the run that
     wrote it must have used this dataset's tokenizer. Returns the checkpoint folder."""
-    from workbench.checkpoint.load import run_dir_of
     from workbench.checkpoint.run import load_model_state, resolve_checkpoint
     from workbench.models.base import load_state_strict
 
@@ -241,10 +260,7 @@ def load_init_weights(model: torch.nn.Module, init_from: str, tokenizer_sha256: 
         ckpt = resolve_checkpoint(init_from)
     except WorkbenchError as e:
         raise ConfigError(f"config key 'train.init_from': {e}") from e
-    tokenizer = run_dir_of(ckpt) / "tokenizer.json"
-    if tokenizer.is_file() and sha256_file(tokenizer) != tokenizer_sha256:
-        raise DataError(f"config key 'train.init_from': {tokenizer} is not the tokenizer of this run's dataset; "
-                        f"token ids would mean other things (set data.tokenizer = \"{tokenizer}\")")
+    check_run_tokenizer(ckpt, tokenizer_sha256, "train.init_from")
     state = load_model_state(ckpt) if check else read_file(ckpt / "model.safetensors")
     load_state_strict(model, state, f"config key 'train.init_from' ({ckpt / 'model.safetensors'})")
     log(f"init_from: model weights of {ckpt} (a new run: step 0, fresh optimizer)")
@@ -344,12 +360,14 @@ class Trainer:
         self.model = build_model(job.model, self.device)
         lora = job.lora.enabled
         # the starting weights: a new run's, and under LoRA also a resumed run's base (only adapters are saved apart)
-        self.init_sha256 = None  # of the starting weights' model.safetensors: a resume must find the same ones
+        # the sha256 of every model.safetensors this run reads besides its own (the starting weights, a frozen
+        # teacher or reference): a resume must find the same ones, or it would continue another run
+        self.weights_read: dict[str, str] = {}
         if job.train.init_from and (self.resume_from is None or lora):
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
                 init_ckpt = load_init_weights(self.model, job.train.init_from, self.manifest.tokenizer_sha256,
                                               check=self.is_main, log=self.log)
-            self.init_sha256 = sha256_file(init_ckpt / "model.safetensors")
+            self.weights_read["train.init_from"] = weights_sha256(init_ckpt)
         self.n_params, self.flops_per_token = count_params(self.model), self.model.flops_per_token(job.data.seq_len)
         self.lora_report = None
         if lora:
@@ -364,34 +382,35 @@ class Trainer:
         if self.resume_from is not None:  # weights go into the plain model, before any wrapper shards it
             with main_first(self.is_main, world):  # rank 0 verifies the manifest before anyone reads a file
                 model_state, train_state, engine_dir = load_for_resume(self.resume_from, check=self.is_main)
-            if lora:  # the base was loaded from train.init_from above: it must be the one the run started from
+            if lora:  # the base was loaded from train.init_from above (checked against the run's below)
                 from workbench.nn.lora import load_lora_state
 
-                if train_state.get("init_sha256") not in (None, self.init_sha256):
-                    raise CheckpointError(f"config key 'train.init_from': {job.train.init_from} no longer holds the "
-                                          f"weights this LoRA run started from (its model.safetensors changed); the "
-                                          f"adapters of {self.resume_from} belong to those")
                 adapter = self.resume_from / ADAPTER_DIR / "adapter.safetensors"
                 load_lora_state(self.model, read_file(adapter), str(adapter))
             else:
                 self.model.load_state_dict(model_state)
         self.engine = build_engine(self.model, job, self.dims, autocast)
-        self.engines = {"policy": self.engine, **self._frozen_engines(autocast)}
+        self.autocast = autocast
+        self.engines = {"policy": self.engine, **self._frozen_engines()}
         if self.resume_from is not None:
+            for key, sha in train_state.get("weights_read", {}).items():
+                if key in self.weights_read and self.weights_read[key] != sha:
+                    raise CheckpointError(f"config key '{key}': {flatten(to_dict(job))[key]} no longer holds the "
+                                          f"weights {self.resume_from} was trained with (its model.safetensors "
+                                          f"changed, e.g. that run went on training); resuming would mix two runs")
+            self.weights_read = {**train_state.get("weights_read", {}), **self.weights_read}
             self.engine.load_state(engine_dir)
             self.cursor.load_state_dict(train_state["cursor"])
             self.data.load_state_dict(train_state["data"])
             self.step = train_state["step"]
-            self.init_sha256 = self.init_sha256 or train_state.get("init_sha256")  # carried into later checkpoints
             self.log(f"resumed from {self.resume_from} at step {self.step} ({self.dims.describe()})")
         elif self.is_main:  # the run folder describes itself before the first checkpoint
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(run_tokenizer)
         if self.is_main:
             (self.run_dir / "config.toml").write_text(dumps_toml(job))
-        self.objective.prepare(self.engines, self.data, self._val_batches, log=self.log)
-        if job.objective.name == "dpo" and job.objective.precompute_reference:
-            self.engines.pop("reference", None)  # its log-probs are in the objective's table now
+        for role in self.objective.prepare(self.engines, self.data, self._val_batches, log=self.log):
+            self.engines.pop(role)  # done with: e.g. DPO's reference after its log-probs were precomputed
         self.saved_step = self.step
         self.last_val: dict | None = None
         self.stop_signal: int | None = None  # set when every rank has agreed to stop (see _agree_on_stop)
@@ -427,22 +446,15 @@ class Trainer:
         self._val_batches = [{k: v.to(self.device) for k, v in shard_batch(b, self.dims.cp, self.dims.cp_rank(self.rank)).items()}
                              for b in val]
 
-    def _frozen_engines(self, autocast) -> dict:
-        """Engines of the objective's frozen roles: distillation's teacher (objective.teacher); DPO's reference
-        (objective.reference, else train.init_from's weights; none under LoRA, whose base model is the
-        reference)."""
-        job, obj = self.job, self.job.objective
-        paths = {}
-        if "teacher" in self.objective.roles:
-            paths["teacher"] = (obj.teacher, "objective.teacher")
-        if "reference" in self.objective.roles and (obj.reference or not job.lora.enabled):
-            paths["reference"] = ((obj.reference, "objective.reference") if obj.reference
-                                  else (job.train.init_from, "train.init_from"))
+    def _frozen_engines(self) -> dict:
+        """Engines of the objective's frozen roles (`objective.frozen_models`: distillation's teacher, DPO's
+        reference), each checked to share the dataset's tokenizer and recorded in `weights_read`."""
         engines = {}
-        for role, (path, key) in paths.items():
-            model, family = load_frozen_model(path, key, self.manifest.tokenizer_sha256, self.device)
+        for role, (path, key) in self.objective.frozen_models(self.job).items():
+            model, family, ckpt = load_frozen_model(path, key, self.manifest.tokenizer_sha256, self.device)
             check_fits(self.tokenizer, model.cfg.vocab_size, f"{role} ({key})")
-            engines[role] = build_frozen_engine(model, family, job, self.dims, autocast)
+            engines[role] = build_frozen_engine(model, family, self.job, self.dims, self.autocast)
+            self.weights_read[key] = weights_sha256(ckpt)
             self.log(f"{role}: {path} ({family}, {count_params(model):,} parameters, frozen)")
         return engines
 
@@ -501,9 +513,10 @@ class Trainer:
             for key, value in out.sums.items():
                 sums[key] = sums.get(key, 0.0) + value
         loss = float(self.engine.all_reduce(loss_sum))
+        per_unit = {}
         if sums:  # over the ranks, then per unit of the step (a pair, a target token)
             reduced = self.engine.all_reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=self.device))
-            aux.update({k: float(v) / max(total_units, 1) for k, v in zip(sums, reduced)})
+            per_unit = {k: float(v) / max(total_units, 1) for k, v in zip(sums, reduced)}
         if aux:
             # aux_loss: this rank's share of each micro-batch's weighted term -> summed over ranks; balance
             # loss and expert load: already whole-batch values per micro-batch -> their mean
@@ -526,13 +539,13 @@ class Trainer:
                      f"the update is not applied")
         self.step += 1
         return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens * self.dims.dp_size * self.dims.cp, "skipped": skipped, **aux}
+                "tokens": tokens * self.dims.dp_size * self.dims.cp, "skipped": skipped, **aux, **per_unit}
 
     def save(self) -> Path:
         """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine
         state; rank 0 writes the rest and renames the folder into place; all wait for it."""
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
-                       "layout": self.dims.describe(), "init_sha256": self.init_sha256}
+                       "layout": self.dims.describe(), "weights_read": self.weights_read}
         multi = self.dims.world_size > 1
         state, write_extra = self.engine.model_state_dict(), None
         if self.job.lora.enabled and self.is_main:

@@ -14,9 +14,12 @@
                                (conversations of data.train_file, targets on the assistant turns) or
                                "pairs" (prompt, chosen, rejected); workbench.data.examples reads the last two
     setup(job, tokenizer)      once, before anything else (what validation and sampling need to know)
-    prepare(models, train, val, log)
-                               once, after the engines exist and before the first step (DPO computes its
-                               reference log-probs here when asked to, then drops the reference model)
+    frozen_models(job) -> {role: (path, config key)}
+                               the frozen roles the trainer loads (a run folder or checkpoint each, checked to
+                               share the dataset's tokenizer): distillation's teacher, DPO's reference
+    prepare(models, train, val, log) -> roles
+                               once, after the engines exist and before the first step; returns the roles no
+                               longer needed (DPO with precomputed reference log-probs drops its reference)
     validation_sums(models, batch) -> {name: sum}      one held-out micro-batch, as sums
     validation_metrics(sums) -> {"val_...": value}     the held-out metrics from the sums over every batch
     sample_prompt(text) -> ids, stop_ids               how the closing sample is asked for

@@ -87,10 +87,8 @@ class DistillObjective(LMObjective):
             self.data = "chat"
             self.template = ChatTemplate(tokenizer)
 
-    def sample_prompt(self, text: str):
-        if self.data == "chat":
-            return self.template.prompt_ids([{"role": "user", "content": text}]), self.template.stop_ids
-        return super().sample_prompt(text)
+    def frozen_models(self, job) -> dict[str, tuple[str, str]]:
+        return {"teacher": (self.cfg.teacher, "objective.teacher")}
 
     def _rows(self, engine, mb: dict, keep: torch.Tensor):
         """The model's output and its float32 logits (N, V) at the target rows."""

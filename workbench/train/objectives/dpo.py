@@ -104,8 +104,17 @@ class DPOObjective:
     def setup(self, job, tokenizer) -> None:
         self.template = ChatTemplate(tokenizer)
 
+    def frozen_models(self, job) -> dict[str, tuple[str, str]]:
+        """The reference: objective.reference, else the starting weights (train.init_from); none under LoRA
+        without objective.reference (the policy with its adapters off is the reference)."""
+        if self.cfg.reference:
+            return {"reference": (self.cfg.reference, "objective.reference")}
+        if job.lora.enabled:
+            return {}
+        return {"reference": (job.train.init_from, "train.init_from")}
+
     def sample_prompt(self, text: str) -> tuple[list[int], list[int] | None]:
-        return self.template.prompt_ids([{"role": "user", "content": text}]), self.template.stop_ids
+        return self.template.ask(text), self.template.stop_ids
 
     # ------------------------------------------------------------------------------------------ log-probs
 
@@ -129,14 +138,15 @@ class DPOObjective:
         with disabled(models["policy"].unwrap()):
             return self.logps(models["policy"], mb)[0]
 
-    def prepare(self, models, train_data, val_batches, log=print) -> None:
-        """With `objective.precompute_reference`: every training pair's reference log-probs, once, into a
-        table (every rank computes all of them, in the same order: a sharded reference runs in lockstep);
-        the held-out batches get theirs attached. The trainer then drops the reference model."""
+    def prepare(self, models, train_data, val_batches, log=print) -> tuple[str, ...]:
+        """The held-out batches get their reference log-probs attached; with `objective.precompute_reference`,
+        every training pair's too, once, into a table (every rank computes all of them, in the same order: a
+        sharded reference runs in lockstep), and the reference model is no longer needed (returned: the trainer
+        drops it)."""
         for mb in val_batches:
             mb["ref_logps"] = self.reference_logps(models, mb)
         if not self.cfg.precompute_reference:
-            return
+            return ()
         n = len(train_data)
         table = {"chosen": torch.zeros(n), "rejected": torch.zeros(n)}
         size = max(1, self.cfg.precompute_batch)
@@ -148,6 +158,7 @@ class DPOObjective:
             table["chosen"][mb["index"].cpu()], table["rejected"][mb["index"].cpu()] = ref[:B], ref[B:]
         self.table = table
         log(f"dpo: reference log-probs of {n} training pairs computed once (objective.precompute_reference)")
+        return ("reference",) if "reference" in models else ()
 
     # ------------------------------------------------------------------------------------------ training
 

@@ -76,11 +76,20 @@ class LMObjective:
         self.tokenizer = tokenizer
         self._token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float64)
 
-    def prepare(self, models, train_data, val_batches, log=print) -> None:
-        pass  # nothing to compute before the first step
+    def frozen_models(self, job) -> dict[str, tuple[str, str]]:
+        """The frozen roles to load: {role: (run folder or checkpoint, the config key that names it)}."""
+        return {}
+
+    def prepare(self, models, train_data, val_batches, log=print) -> tuple[str, ...]:
+        """Work before the first step; returns the roles no longer needed after it (none here)."""
+        return ()
 
     def sample_prompt(self, text: str) -> tuple[list[int], list[int] | None]:
-        """The ids a closing sample continues, and the ids that stop it (None: the tokenizer's eos)."""
+        """The ids a closing sample continues, and the ids that stop it (None: the tokenizer's eos): `text` as a
+        document, or for chat data (an objective that set `self.template`) as a user turn stopped at <|end|>."""
+        template = getattr(self, "template", None)
+        if template is not None:
+            return template.ask(text), template.stop_ids
         return self.tokenizer.encode(text), None
 
     def experience(self, step, models, data):

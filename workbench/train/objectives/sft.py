@@ -43,8 +43,4 @@ class SFTObjective(LMObjective):
 
     def setup(self, job, tokenizer) -> None:
         super().setup(job, tokenizer)
-        self.template = ChatTemplate(tokenizer)
-
-    def sample_prompt(self, text: str) -> tuple[list[int], list[int] | None]:
-        """A user turn holding `text`, then `<|assistant|>`; the reply stops at `<|end|>`."""
-        return self.template.prompt_ids([{"role": "user", "content": text}]), self.template.stop_ids
+        self.template = ChatTemplate(tokenizer)  # the closing sample asks a user turn (LMObjective.sample_prompt)
