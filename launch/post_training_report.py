@@ -81,6 +81,12 @@ def sft_section(runs: Path, images: Path, rel: str) -> list[str]:
                                                   for r in models.values() if r) + " |")
         plot_sft(images / "post-sft.png", {n: r for n, r in models.items() if r}, kinds, em_kinds)
         lines += ["", f"![SFT per kind]({rel}/post-sft.png)"]
+    copying = {name: results(runs / run, "copying").get("copying", {}) for name, run in
+               (("pretrained", "llama3-demo"), ("SFT", "post-sft"))}
+    if all(copying.values()):
+        lines += ["", "In-context copying (`workbench eval --task copying`: finish an identifier defined a few lines "
+                      "earlier): " + ", ".join(f"{n} {fmt(c['metrics']['accuracy'])}" for n, c in copying.items())
+                  + f" (chance {fmt(next(iter(copying.values()))['baselines']['chance'])})."]
     return lines
 
 

@@ -242,3 +242,16 @@ def test_reasoning_refuses_questions_that_do_not_fit_instead_of_cutting_them(tmp
     ctx.max_length = 64
     with pytest.raises(WorkbenchError, match="prompts .* do not fit with reasoning.max_new_tokens = 40"):
         reasoning.TASK.run(ctx, reasoning.Config(n=6, max_new_tokens=40))
+
+
+def test_copying_scorer_on_an_oracle_and_on_random_words():
+    from evals.tasks import copying
+
+    items = copying.make_items(400, seed=3)
+    assert all(it["prompt"].split("def ")[1].startswith(it["prompt"].rsplit("= ", 1)[1] + it["answer"]) for it in items)
+    assert copying.score(items, [it["answer"] + "(x)" for it in items]) == 1.0
+    rng = random.Random(0)
+    guesses = ["_" + rng.choice([w for w in copying.WORDS if w not in it["prompt"].rsplit("= ", 1)[1].split("_")])
+               for it in items]
+    chance = 1 / (len(copying.WORDS) - 2)
+    assert within_chance(round(copying.score(items, guesses) * 400), 400, chance)
