@@ -6,8 +6,8 @@
 #   3. SFT on reasoning + instructions; held-out reasoning accuracy and exact match, pretrained vs SFT
 #   4. DPO (with RPO's NLL term, and plain) from the SFT model; held-out preference accuracy and reward margin,
 #      and the teaching rubric (the share of answers whose example runs and passes), SFT vs DPO
-#   5. distillation: a ~0.6M student with the pretrained model as teacher against the same student trained
-#      without one, over three seeds
+#   5. distillation: the demo model trained longer (1000 steps: the teacher) and a ~0.6M student distilled from
+#      it against the same student trained without one, over three seeds
 # Ends by writing the measured part of docs/post-training.md and its plots (launch/post_training_report.py).
 #
 #   launch/post_training.sh                     # or: make post-training
@@ -122,9 +122,11 @@ stage dpo-plain "${wb[@]}" train configs/post/dpo.toml "${post_data[@]}" "$DATA/
     --data.val_file "$DATA/preferences/val.jsonl" --train.init_from "$RUNS/post-sft" --run.name post-dpo-plain \
     --objective.rpo_alpha 0 --resume "${dpo_args[@]}"
 stage eval-dpo-plain-pairs pairs_eval "$RUNS/post-dpo-plain"
+stage teacher "${wb[@]}" train configs/post/teacher.toml --run.out_dir "$RUNS" --resume "${pre_args[@]}"
+stage eval-teacher-copying copying_eval "$RUNS/post-teacher"
 for seed in $SEEDS; do
     stage "distill-s$seed" "${wb[@]}" train configs/post/distill.toml --run.out_dir "$RUNS" \
-        --run.name "post-distill-s$seed" --run.seed "$seed" --objective.teacher "$RUNS/llama3-demo" --resume \
+        --run.name "post-distill-s$seed" --run.seed "$seed" --objective.teacher "$RUNS/post-teacher" --resume \
         "${distill_args[@]}"
     stage "student-s$seed" "${wb[@]}" train configs/post/distill.toml --run.out_dir "$RUNS" \
         --run.name "post-student-s$seed" --run.seed "$seed" --objective.name lm --objective.teacher "" \

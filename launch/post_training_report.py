@@ -81,9 +81,11 @@ def sft_section(runs: Path, images: Path, rel: str) -> list[str]:
                                                   for r in models.values() if r) + " |")
         plot_sft(images / "post-sft.png", {n: r for n, r in models.items() if r}, kinds, em_kinds)
         lines += ["", f"![SFT per kind]({rel}/post-sft.png)"]
-    copying = {name: results(runs / run, "copying").get("copying", {}) for name, run in
-               (("pretrained", "llama3-demo"), ("SFT", "post-sft"))}
-    if all(copying.values()):
+    copying = {name: results(runs / run, "copying").get("copying") for name, run in
+               (("pretrained", "llama3-demo"), ("SFT", "post-sft"), ("pretrained 1000 steps (the teacher)",
+                                                                    "post-teacher"))}
+    copying = {name: c for name, c in copying.items() if c}
+    if copying:
         lines += ["", "In-context copying (`workbench eval --task copying`: finish an identifier defined a few lines "
                       "earlier): " + ", ".join(f"{n} {fmt(c['metrics']['accuracy'])}" for n, c in copying.items())
                   + f" (chance {fmt(next(iter(copying.values()))['baselines']['chance'])})."]
@@ -234,7 +236,10 @@ def times_section(times: Path | None) -> list[str]:
     if times is None or not times.is_file():
         return []
     rows = [line.split("\t") for line in times.read_text().splitlines() if "\t" in line]
-    return ["### Wall times", "", "| stage | seconds |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return (["### Wall times", "", "Each stage's seconds on the run of `launch/post_training.sh` that did its work; a "
+             "stage whose run was already finished before the script first ran (`pretrain`, when `make demo` trained "
+             "the model) shows only the seconds it took to find it.", "", "| stage | seconds |", "|---|---|"]
+            + [f"| {a} | {b} |" for a, b in rows])
 
 
 def write(doc: Path, body: list[str]) -> None:

@@ -222,17 +222,19 @@ def test_recipe_configs_chain_the_stages_and_the_report_writes_tables_and_plots(
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
-    demo, sft, dpo, distill = (load_config(JobConfig, root / p) for p in (
-        "configs/llama3/demo.toml", "configs/post/sft.toml", "configs/post/dpo.toml", "configs/post/distill.toml"))
-    for job in (sft, dpo, distill):  # the demo's dataset settings: its folder and tokenizer are reused
+    demo, sft, dpo, teacher, distill = (load_config(JobConfig, root / p) for p in (
+        "configs/llama3/demo.toml", "configs/post/sft.toml", "configs/post/dpo.toml", "configs/post/teacher.toml",
+        "configs/post/distill.toml"))
+    for job in (sft, dpo, teacher, distill):  # the demo's dataset settings: its folder and tokenizer are reused
         for key in ("dir", "max_bytes", "vocab_size", "val_fraction", "shard_bytes"):
             assert getattr(job.data, key) == getattr(demo.data, key), key
     assert sft.train.init_from == "runs/llama3-demo" and sft.objective.name == "sft"
     assert dpo.train.init_from == "runs/post-sft" and dpo.objective.name == "dpo"
-    assert distill.objective.teacher == "runs/llama3-demo" and distill.model.config.dim < demo.model.config.dim
+    assert teacher.model == demo.model and teacher.train.steps > demo.train.steps
+    assert distill.objective.teacher == "runs/post-teacher" and distill.model.config.dim < demo.model.config.dim
     script = root / "launch/post_training.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert all(f"configs/post/{n}.toml" in script.read_text() for n in ("sft", "dpo", "distill"))
+    assert all(f"configs/post/{n}.toml" in script.read_text() for n in ("sft", "dpo", "teacher", "distill"))
 
     runs = tmp_path / "runs"
 
@@ -249,6 +251,8 @@ def test_recipe_configs_chain_the_stages_and_the_report_writes_tables_and_plots(
     results("llama3-demo", "post", {"reasoning": kinds(0.0), "exact_match": em})
     results("post-sft", "post", {"reasoning": kinds(0.2), "exact_match": em})
     results("post-dpo", "post", {"reasoning": kinds(0.2)})
+    for run, acc in (("llama3-demo", 0.0), ("post-teacher", 0.02)):
+        results(run, "copying", {"copying": {"metrics": {"accuracy": acc}, "baselines": {"chance": 0.1}}})
     for run, acc in (("post-sft", 0.0), ("post-dpo", 0.7)):
         for split in ("val", "rephrased"):
             results(run, f"pairs-{split}", {
@@ -273,6 +277,7 @@ def test_recipe_configs_chain_the_stages_and_the_report_writes_tables_and_plots(
     assert text.startswith("# hand-written") and text.rstrip().endswith("tail") and "\nold\n" not in text
     assert "| SFT | 0.200 |" in text
     assert "| DPO + RPO | unseen subjects (val) | 40 | 0.400 | 0.700 | 2.100 | 0.900 | 0.200 | 0.100 |" in text
+    assert "pretrained 0.000, pretrained 1000 steps (the teacher) 0.020 (chance 0.100)" in text
     assert "0.200 nats/token lower" in text and "lower in 2 of 2 seeds" in text
     for name in ("post-sft.png", "post-dpo.png", "post-distill.png"):
         assert (tmp_path / "docs" / "images" / name).read_bytes().startswith(b"\x89PNG")
