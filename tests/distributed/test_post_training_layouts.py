@@ -3,7 +3,10 @@
 SFT and DPO under fsdp2 and DeepSpeed zero2 on 2 ranks, SFT under ddp; also SFT with LoRA under fsdp2, DPO with its
 reference log-probs precomputed under fsdp2 (the sharded reference runs the precomputation in lockstep), and
 distillation under fsdp2 (the teacher sharded like the student). DPO computes its log-probs a chunk of 16 targets at
-a time, each chunk's logits recomputed in backward, so that path runs under FSDP2 and ZeRO too. Per-step losses and gradient norms must equal the single
+a time, each chunk's logits recomputed in backward, so that path runs under FSDP2 and ZeRO too; the pairs' lengths
+differ widely, so the ranks hold different numbers of targets and FSDP2's head gathers stay in lockstep only
+because every rank pads its chunks to the most targets on any rank (without that, the ranks wait on each other
+until parallel.timeout_s). Per-step losses and gradient norms must equal the single
 process's at rtol 1e-5 (fp32): the examples are split by the global cursor, each micro-batch's loss is divided by
 the step's global count of targets (SFT, distillation) or pairs (DPO), and the frozen models give every rank the
 same numbers. One launch trains every case (tests/distributed/train_worker.py), the single runs train here.
@@ -19,7 +22,9 @@ from test_parallel import STEPS, torchrun, train_single
 
 from data_pipelines.reasoning import make_sft_records
 
-PER_RANK = [*STEPS, "--train.micro_batch_size", "2", "--train.grad_accum", "2", "--parallel.dp_shard", "2"]
+# a collective left waiting (ranks calling a sharded model's head unequally often) fails in a minute, not ten
+PER_RANK = [*STEPS, "--train.micro_batch_size", "2", "--train.grad_accum", "2", "--parallel.dp_shard", "2",
+            "--parallel.timeout_s", "60"]
 
 
 def write(path, records):
@@ -38,6 +43,9 @@ def post_setup(tmp_path_factory, debug_data):
               "rejected": r["messages"][1]["content"].replace(f"<answer>{r['answer']}</answer>", "<answer>7</answer>")
               if r["answer"] != "7" else r["messages"][1]["content"].replace("<answer>7", "<answer>8")}
              for r in records]
+    for i, pair in enumerate(pairs):  # lengths far apart, so the ranks hold different numbers of targets
+        pair["chosen"] += " Checked again, step by step." * (i % 3)
+        pair["rejected"] += " Checked again." * (i % 3)
     sft = ["--objective.name", "sft", "--data.train_file", write(out / "sft.jsonl", records[:32]),
            "--data.val_file", write(out / "sft-val.jsonl", records[32:]), "--train.init_from", str(out / "base"),
            "--data.seq_len", "128"]

@@ -236,10 +236,17 @@ def test_chunked_logprobs_equal_the_full_log_softmax_in_value_and_gradient():
     labels[:, :7] = IGNORE_INDEX
     labels[1, 15:] = IGNORE_INDEX
 
-    def run(chunk):
+    calls = []
+
+    def logits(h):
+        calls.append(h.shape[1])
+        return model.logits(h)
+
+    def run(chunk, agree=None):
         model.zero_grad()
+        calls.clear()
         hidden = model({"input_ids": ids}).hidden
-        sums, counts = sequence_logprobs(model.logits, hidden, labels, chunk)
+        sums, counts = sequence_logprobs(logits, hidden, labels, chunk, agree)
         sums.sum().backward()
         return sums.detach(), counts, model.tok_embeddings.weight.grad.clone(), model.layers[0].attention.wq.weight.grad.clone()
 
@@ -251,7 +258,19 @@ def test_chunked_logprobs_equal_the_full_log_softmax_in_value_and_gradient():
     assert whole[1].tolist() == keep.sum(1).tolist()
     for a, b in zip(whole, chunked):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    n = int(keep.sum())
+    # padded to the most targets on any rank (here 10 more than this one's 34): the head is called as often as on
+    # that rank, forward and backward (checkpointed chunks recompute), and the values and gradients do not change
+    padded = run(5, agree=lambda mine: mine + 10)
+    assert n == 34 and sorted(calls) == [4, 4] + [5] * 16  # 44 rows in chunks of 5, forward and backward
+    for a, b in zip(whole, padded):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
     assert target_logprobs(model.logits, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), 4).numel() == 0
+    calls.clear()  # a rank with no targets still calls the head as often as the others
+    assert target_logprobs(logits, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long), 4, rows=7).numel() == 0
+    assert calls == [4, 3]
+    with pytest.raises(ValueError, match="rows = 3 is fewer than the 5 targets"):
+        target_logprobs(logits, torch.zeros(5, 64), torch.zeros(5, dtype=torch.long), 4, rows=3)
 
 
 # ---- DPO ----------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from workbench.data.chat import ChatTemplate
 from workbench.nn.attention import MaskSpec
 from workbench.train.objectives.base import LossOutput, ModelRole
 from workbench.train.objectives.lm import add_aux_loss, real_tokens
-from workbench.train.objectives.logprobs import sequence_logprobs
+from workbench.train.objectives.logprobs import most_on_any_rank, sequence_logprobs
 
 # the per-pair quantities logged (as means over the step's pairs) and held out
 PAIR_SUMS = ("reward_acc", "reward_margin", "chosen_reward", "rejected_reward", "logp_acc")
@@ -121,7 +121,8 @@ class DPOObjective:
     def logps(self, engine, mb: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
         """(summed completion log-probs (2B,), target counts (2B,), the forward's output) under `engine`."""
         out = engine.forward({"input_ids": mb["input_ids"], "positions": mb.get("positions"), "mask": MaskSpec()})
-        sums, counts = sequence_logprobs(engine.logits, out.hidden, mb["labels"], self.cfg.logprob_chunk)
+        sums, counts = sequence_logprobs(engine.logits, out.hidden, mb["labels"], self.cfg.logprob_chunk,
+                                         agree=lambda n: most_on_any_rank(engine, n))
         return sums, counts, out
 
     @torch.no_grad()

@@ -15,6 +15,11 @@ peak memory is one chunk's logits instead of N x V. `chunk = 0` computes every r
 The values and gradients are the same either way (tested); the head's weight is read through the engine's
 `logits`, so a sharded head (FSDP2) or ZeRO's gathered head work as they do for language modelling.
 
+Under a sharded engine (FSDP2) each call of the head gathers its weight from every rank, so every rank must call it
+the same number of times, though each holds a different number of targets: `rows`, the most targets any rank
+holds (the caller's all-reduce), pads this rank's rows with zeros to that count before chunking, and the padded
+rows' values are dropped. Padded or not, a chunk holds the same real rows, so the values do not change.
+
 `sequence_logprobs` sums the per-token values of each row: log p(y | x) = sum_t log p(y_t | x, y_<t), the
 quantity DPO's implicit reward is built on (TRL's `sigmoid` loss sums; IPO averages, which is the sum over the
 count returned beside it).
@@ -28,10 +33,13 @@ from torch.utils.checkpoint import checkpoint
 from workbench.data.packed import IGNORE_INDEX
 
 
-def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                    rows: int | None = None) -> torch.Tensor:
     """log softmax(logits_fn(h))[y] for rows h of `hidden` (N, D) and targets y (N,) -> (N,) float32.
 
-    `logits_fn(h)` maps (1, n, D) hidden rows to (1, n, V) logits (an engine's or a model's `logits`)."""
+    `logits_fn(h)` maps (1, n, D) hidden rows to (1, n, V) logits (an engine's or a model's `logits`). `rows`
+    (>= N, the same on every rank): compute that many rows, the real ones then zeros, so that every rank calls
+    `logits_fn` equally often; None computes the N rows alone (no call at all when N is 0)."""
 
     def one(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = logits_fn(h[None])[0].float()  # (n, V)
@@ -39,6 +47,13 @@ def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chun
         return z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
 
     n = hidden.shape[0]
+    if rows is not None:
+        if rows < n:
+            raise ValueError(f"rows = {rows} is fewer than the {n} targets")
+        rows = max(rows, 1)  # a rank without targets still calls the head once, as the others do
+        hidden = torch.cat([hidden, hidden.new_zeros(rows - n, hidden.shape[1])])  # keeps hidden's autograd
+        targets = torch.cat([targets, targets.new_zeros(rows - n)])
+        return target_logprobs(logits_fn, hidden, targets, chunk)[:n]
     if n == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if chunk <= 0 or chunk >= n:
@@ -53,12 +68,19 @@ def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chun
     return torch.cat(parts)
 
 
-def sequence_logprobs(logits_fn, hidden: torch.Tensor, labels: torch.Tensor,
-                      chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(logits_fn, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 0,
+                      agree=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over each row's targets of log p(label), the number of targets) for hidden (R, T, D) and labels (R, T)
-    whose non-target positions hold IGNORE_INDEX. Both (R,), the sums float32."""
+    whose non-target positions hold IGNORE_INDEX. Both (R,), the sums float32. `agree(n)`: the most targets on
+    any rank, given this rank's n (an engine's max all-reduce), for engines whose head call communicates."""
     keep = labels != IGNORE_INDEX  # (R, T)
     rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, row-major: the targets in order
-    logp = target_logprobs(logits_fn, hidden[rows, cols], labels[rows, cols], chunk)  # (N,)
+    most = None if agree is None else agree(rows.shape[0])
+    logp = target_logprobs(logits_fn, hidden[rows, cols], labels[rows, cols], chunk, most)  # (N,)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, logp)
     return sums, keep.sum(dim=1)
+
+
+def most_on_any_rank(engine, n: int) -> int:
+    """The largest `n` over the engine's data-parallel ranks (`n` itself on one process)."""
+    return int(engine.all_reduce(torch.tensor(n, device=engine.device), op="max"))
