@@ -85,6 +85,7 @@ from tqdm import tqdm
 
 from data_pipelines.corpus import Document, iter_documents, stdlib_root
 from workbench.errors import DataError
+from workbench.train.metrics import atomic_write_text
 
 PY_KINDS = ("docstring", "signature", "doctest")
 OTHER_KINDS = ("comment", "definition")
@@ -500,8 +501,9 @@ def split_records(records: Sequence[dict], val_fraction: float) -> tuple[list[di
 
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    """One JSON object per line, written whole or not at all (PATH.tmp renamed over PATH)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def count_table(splits: dict[str, Sequence[dict]], kinds: Sequence[str]) -> str:

@@ -2,36 +2,38 @@
 
     python -m data_pipelines.mix --out data/post/sft/train.jsonl A/train.jsonl B/train.jsonl:2000 C/sft.jsonl*4
 
-`FILE:N` takes the first N records of FILE, `FILE*K` every record K times (a small set weighted up). Records are copied as they are (every maker's records carry a
-`kind`, so the mix can still be scored per kind), then shuffled with the seed: a trainer that reads a file in
-order would otherwise see one maker's records at a time. The counts per input and the total are printed.
-Every line must be a JSON object; an error names the file and the line.
+`FILE:N` takes the first N records of FILE, `FILE*K` every record K times (a small set weighted up). Records are
+copied as they are (every maker's records carry a `kind`, so the mix can still be scored per kind), then shuffled
+with the seed: a trainer that reads a file in order would otherwise see one maker's records at a time. The counts
+per input and the total are printed. Every line must be a JSON object; an error names the file and the line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
+from data_pipelines.instructions import write_jsonl
 from workbench.data.examples import jsonl_records
 from workbench.errors import DataError
 
 
+def _suffix(spec: str, sep: str) -> tuple[str, int | None]:
+    """(what comes before `sep`, the number after it) when `spec` ends with `sep` and digits, else (spec, None)."""
+    head, _, tail = spec.rpartition(sep)
+    return (head, int(tail)) if head and tail.isdigit() else (spec, None)
+
+
 def read_records(spec: str) -> list[dict]:
-    """The records of `FILE`, the first N of `FILE:N`, or each K times for `FILE*K`."""
-    path, _, k = spec.rpartition("*") if spec.rpartition("*")[2].isdigit() else (spec, "", "1")
-    return _read(path) * int(k)
-
-
-def _read(spec: str) -> list[dict]:
-    path, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+    """The records of `FILE`, the first N of `FILE:N`, or each K times for `FILE*K` (`FILE:N*K` both)."""
+    spec, k = _suffix(spec, "*")
+    path, n = _suffix(spec, ":")
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     records = [rec for _, rec in jsonl_records(p)]
-    return records[: int(n)] if n else records
+    return (records[:n] if n is not None else records) * (1 if k is None else k)
 
 
 def mix(specs: list[str], out: str | Path, seed: int = 0) -> dict[str, int]:
@@ -42,11 +44,7 @@ def mix(specs: list[str], out: str | Path, seed: int = 0) -> dict[str, int]:
         counts[spec] = len(got)
         records += got
     random.Random(seed).shuffle(records)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(out)
+    write_jsonl(Path(out), records)
     return counts
 
 

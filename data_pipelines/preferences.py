@@ -1250,10 +1250,9 @@ def assemble(candidates: Sequence[Candidate], seed: int, wrong_fraction: float, 
 def demonstrations(train: Sequence[dict], per_subject: int = 1) -> tuple[list[dict], list[dict]]:
     """(SFT demonstrations, the pairs left for DPO): each training subject's first `per_subject` records become
     conversations whose reply is the chosen answer; its other records (other phrasings) stay preference pairs.
-    A model is first
-    shown the teaching style and its subjects (SFT), then DPO prefers the right examples over wrong or terse ones
-    about the same subjects: preference optimisation reshapes what a model already produces, it does not teach a
-    format or a subject from nothing."""
+    A model is first shown the teaching style and its subjects (SFT), then DPO prefers the right examples over
+    wrong or terse ones about the same subjects: preference optimisation reshapes what a model already produces,
+    it does not teach a format or a subject from nothing."""
     demos, pairs, seen = [], [], Counter()
     for r in train:
         if seen[r["subject"]] >= per_subject:

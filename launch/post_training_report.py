@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from evals.plots import new_figure, save_figure
+from workbench.train.metrics import METRICS_FILE, read_metrics
 
 BEGIN, END = "<!-- measured:begin (launch/post_training_report.py) -->", "<!-- measured:end -->"
 
@@ -31,8 +32,7 @@ def results(run: Path, folder: str) -> dict:
 
 
 def metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return read_metrics(run / METRICS_FILE)
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -47,7 +47,7 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------------------------- SFT
 
 
-def per_kind(task: dict, key: str) -> dict[str, float]:
+def per_kind(task: dict) -> dict[str, float]:
     return {k: v["accuracy"] for k, v in task.get("details", {}).get("per_kind", {}).items()} if task else {}
 
 
@@ -67,17 +67,17 @@ def sft_section(runs: Path, images: Path, rel: str) -> list[str]:
     lines += ["| model | reasoning accuracy | R1 format | chance | instruction exact match | chance |",
               "|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | " + " | ".join(fmt(x) for x in r[1:]) + " |" for r in rows]
-    kinds = sorted({k for r in models.values() for k in per_kind(r.get("reasoning", {}), "accuracy")})
-    em_kinds = sorted({k for r in models.values() for k in per_kind(r.get("exact_match", {}), "accuracy")})
+    kinds = sorted({k for r in models.values() for k in per_kind(r.get("reasoning", {}))})
+    em_kinds = sorted({k for r in models.values() for k in per_kind(r.get("exact_match", {}))})
     if kinds or em_kinds:
         lines += ["", "Per kind (reasoning accuracy; exact match for the instruction kinds):", "",
                   "| kind | " + " | ".join(n for n, r in models.items() if r) + " |",
                   "|---|" + "---|" * sum(1 for r in models.values() if r)]
         for k in kinds:
-            lines.append(f"| {k} | " + " | ".join(fmt(per_kind(r.get("reasoning", {}), "").get(k))
+            lines.append(f"| {k} | " + " | ".join(fmt(per_kind(r.get("reasoning", {})).get(k))
                                                   for r in models.values() if r) + " |")
         for k in em_kinds:
-            lines.append(f"| {k} | " + " | ".join(fmt(per_kind(r.get("exact_match", {}), "").get(k))
+            lines.append(f"| {k} | " + " | ".join(fmt(per_kind(r.get("exact_match", {})).get(k))
                                                   for r in models.values() if r) + " |")
         plot_sft(images / "post-sft.png", {n: r for n, r in models.items() if r}, kinds, em_kinds)
         lines += ["", f"![SFT per kind]({rel}/post-sft.png)"]
@@ -98,8 +98,8 @@ def plot_sft(out: Path, models: dict, kinds: list[str], em_kinds: list[str]) -> 
     labels = kinds + em_kinds
     width = 0.8 / max(len(models), 1)
     for i, (name, r) in enumerate(models.items()):
-        values = [per_kind(r.get("reasoning", {}), "").get(k, 0.0) for k in kinds]
-        values += [per_kind(r.get("exact_match", {}), "").get(k, 0.0) for k in em_kinds]
+        values = [per_kind(r.get("reasoning", {})).get(k, 0.0) for k in kinds]
+        values += [per_kind(r.get("exact_match", {})).get(k, 0.0) for k in em_kinds]
         ax.bar([j + (i - (len(models) - 1) / 2) * width for j in range(len(labels))], values, width, label=name)
     chance = {k: v.get("chance") for r in models.values() for k, v in
               r.get("reasoning", {}).get("details", {}).get("per_kind", {}).items()}

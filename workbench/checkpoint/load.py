@@ -7,6 +7,7 @@ is verified first. A specific `checkpoints/step-N` folder can be named instead o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,8 +44,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 def check_adapter_base(adapter: Path, family: str, tokenizer: Path) -> None:
     """Refuse a LoRA adapter whose recorded base (adapter_config.json's `meta`, written by the trainer) is another
     model family or used another tokenizer: its deltas would be added to weights they were not trained for."""
-    import json
-
     from workbench.checkpoint.run import sha256_file
 
     try:

@@ -114,6 +114,7 @@ class ExampleSet:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.path, self.kind, self.template, self.seq_len = Path(path), kind, template, seq_len
         self.seed, self.shuffle, self.pack = seed, shuffle, pack
+        self._order: tuple[int | None, np.ndarray | None] = (None, None)  # (epoch, its order): see order()
         self.pad_id = template.tokenizer.pad_id if template.tokenizer.pad_id is not None else 0
         records = read_jsonl(path, option)
         self.examples: list[Example] = []
@@ -183,7 +184,7 @@ class ExampleSet:
 
     def order(self, epoch: int) -> np.ndarray:
         """The epoch's order of the examples (the last one asked for is kept: samples come epoch by epoch)."""
-        if getattr(self, "_order", (None,))[0] != epoch:
+        if self._order[0] != epoch:
             n = len(self.examples)
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
                            else np.arange(n))

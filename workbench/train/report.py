@@ -141,7 +141,8 @@ def _summary(run_dir: Path, config: dict, records: list[dict]) -> list[str]:
     what = " ".join(str(model[k]) for k in ("family", "flavor") if k in model) or "unknown model"
     done = records[-1].get("step") if records else 0
     planned = train.get("steps")
-    objective = (config.get("objective") or {}).get("name", "lm") if isinstance(config.get("objective"), dict) else "lm"
+    section = config.get("objective")
+    objective = section.get("name", "lm") if isinstance(section, dict) else "lm"
     parts = [f"**{what}**" + (f", objective {objective}" if objective != "lm" else ""),
              f"step {format_number(done)} / {format_number(planned)}"]
     val_loss, val_bpb = _last(records, "val_loss"), _last(records, "val_bpb")
