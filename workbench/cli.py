@@ -6,6 +6,10 @@
                                                                          a checkpoint, start it otherwise)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
+    workbench chat (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] [--system TEXT] [--max-new-tokens N]
+                   [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-length N]
+                                                                         (a conversation: one message per line
+                                                                          on stdin, /reset, /exit, EOF ends)
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --out DIR [--dtype D] [--max-shard-mb M]
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
     workbench eval --task A,B (--ckpt RUN_DIR | --hf-dir DIR) [--out DIR] [--batch-size N] [--max-length N]
@@ -19,8 +23,8 @@ Under a launcher, `--local_rank N` / `--local-rank=N` (which the deepspeed launc
 is accepted and ignored: the LOCAL_RANK environment variable, which every launcher sets, is what counts.
 
 Errors a user can cause (a bad config key, a missing directory, a corrupt file) print one line,
-`error: ...`, on stderr and exit with status 2. `generate` prints only the generated text on stdout;
-everything else goes to stderr.
+`error: ...`, on stderr and exit with status 2. `generate` prints only the generated text on stdout, `chat`
+only the replies (one per message); everything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face model directory (config.json, safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the stored dtype")
-    if p.prog.split()[-1] in ("generate", "export"):
+    if p.prog.split()[-1] in ("generate", "chat", "export"):
         p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (adapter.safetensors + "
                                                         "adapter_config.json, e.g. a checkpoint's adapter/) merged "
                                                         "into the model first")
@@ -109,20 +113,26 @@ def _train(trainer, job, _log, main: bool) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from workbench.checkpoint.load import load_for_inference
+def _sampling_params(args: argparse.Namespace):
     from workbench.config import from_dict
     from workbench.errors import ConfigError
-    from workbench.inference.generator import KVCacheGenerator, SamplingParams
-    from workbench.train.trainer import pick_device
+    from workbench.inference.generator import SamplingParams
 
     try:
-        params = from_dict(SamplingParams, {
+        return from_dict(SamplingParams, {
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "stop": args.stop or [], "seed": args.seed})
+            "top_p": args.top_p, "stop": getattr(args, "stop", None) or [], "seed": args.seed})
     except ConfigError as e:  # name the flag the user typed, not the dataclass field
         raise ConfigError(re.sub(r"config key '(\w+)(\[\d+\])?'", lambda m: "--" + m.group(1).replace("_", "-"),
                                  str(e))) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workbench.checkpoint.load import load_for_inference
+    from workbench.inference.generator import KVCacheGenerator
+    from workbench.train.trainer import pick_device
+
+    params = _sampling_params(args)
     device = pick_device(args.device, "--device")
     model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
     if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>
@@ -137,6 +147,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     completion = KVCacheGenerator(model, tokenizer).generate([prompt], params)[0]
     sys.stdout.write(completion.text + "\n")
     sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from evals.runner import default_max_length
+    from workbench.checkpoint.load import load_for_inference, load_run_config
+    from workbench.data.chat import ChatTemplate
+    from workbench.inference.chat import ChatSession, run_chat
+    from workbench.inference.generator import KVCacheGenerator
+    from workbench.train.trainer import pick_device
+
+    params = _sampling_params(args)
+    if args.max_length is not None and args.max_length < 2:
+        raise WorkbenchError(f"--max-length: expected an integer >= 2, got {args.max_length}")
+    device = pick_device(args.device, "--device")
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
+    template = ChatTemplate(tokenizer)  # names the reserved chat tokens a foreign tokenizer lacks
+    job = load_run_config(args.ckpt) if args.ckpt else None
+    window = args.max_length or default_max_length(job, model)  # a run's training window (data.seq_len)
+    session = ChatSession(KVCacheGenerator(model, tokenizer), template, params, window, args.system)
+    interactive = sys.stdin.isatty()
+    _log(f"chat with {args.ckpt or args.hf_dir}: window {window} tokens, replies up to {params.max_new_tokens}; "
+         f"{', '.join(f'{c} to {what}' for c, what in (('/reset', 'start over'), ('/exit', 'end')))}")
+
+    def lines():
+        if not interactive:
+            yield from sys.stdin
+            return
+        while True:
+            try:
+                yield input("you> ")
+            except EOFError:
+                return
+
+    def say(text: str) -> None:
+        sys.stdout.write(("bot> " if interactive else "") + text + "\n")
+        sys.stdout.flush()
+
+    run_chat(session, lines(), say, _log)
     return 0
 
 
@@ -243,6 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="ask the prompt as a user turn of the chat template (an SFT or "
                                                        "DPO model's format); the reply ends at <|end|>")
 
+    p = sub.add_parser("chat", help="talk to a chat model: one message per line on stdin (interactive or piped), "
+                                    "the conversation kept (and cut from its oldest turns to fit the window)")
+    _add_source(p)
+    p.add_argument("--system", default=None, help="a system message that opens the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the longest reply")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="turn n samples with seed + n")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="the window in tokens, conversation and reply together (default: the run's data.seq_len; "
+                        "for --hf-dir the model's limit up to 2048)")
+
     p = sub.add_parser("export", help="write a Hugging Face directory (safetensors + config + tokenizer)")
     _add_source(p, required=False)
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the same as --ckpt RUN_DIR")
@@ -290,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"generate": cmd_generate, "export": cmd_export, "report": cmd_report,
+        return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
                 "plan-context": cmd_plan_context}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always

@@ -24,16 +24,22 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer, section) from a run folder or one of its checkpoints."""
+def load_run_config(path: str | Path):
+    """The resolved JobConfig (`config.toml`) of a run folder or one of its checkpoints."""
     from workbench.job import JobConfig
 
-    ckpt = resolve_checkpoint(path)
-    run_dir = run_dir_of(ckpt)
+    run_dir = run_dir_of(resolve_checkpoint(path))
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
         raise CheckpointError(f"run folder {run_dir}: no config.toml, so the model cannot be rebuilt")
-    job = load_config(JobConfig, config_path)
+    return load_config(JobConfig, config_path)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, section) from a run folder or one of its checkpoints."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = run_dir_of(ckpt)
+    job = load_run_config(ckpt)
     tokenizer = Tokenizer.from_file(run_dir / "tokenizer.json")
     check_fits(tokenizer, job.model.config.vocab_size)
     state = load_model_state(ckpt)
