@@ -147,19 +147,26 @@ class ParallelSection:
 
 
 # which objective each [objective] field belongs to (a field set for another objective is an error)
+# (RL fields are shared by ppo and grpo; `reference` and `logprob_chunk` by dpo too)
+RL_FIELDS = ("reward", "format_weight", "group_size", "max_new_tokens", "sampling_temperature", "kl_coef",
+             "clip_eps", "clip_eps_high", "epochs", "rollout_batch")
 OBJECTIVE_FIELDS = {
     "dpo": ("beta", "loss_type", "label_smoothing", "rpo_alpha", "reference", "precompute_reference",
             "precompute_batch", "logprob_chunk"),
     "distill": ("teacher", "divergence", "temperature", "alpha", "jsd_beta"),
+    "grpo": (*RL_FIELDS, "reference", "logprob_chunk", "aggregation", "scale_rewards"),
+    "ppo": (*RL_FIELDS, "reference", "logprob_chunk", "vf_coef", "value_clip", "gamma", "lam", "whiten_advantages"),
 }
+RL_OBJECTIVES = ("ppo", "grpo")
 
 
 @dataclass
 class ObjectiveSection:
-    name: Literal["lm", "sft", "dpo", "distill"] = field_(
+    name: Literal["lm", "sft", "dpo", "distill", "ppo", "grpo"] = field_(
         "lm", doc="lm: pretraining on data.dir's windows; sft: conversations of data.train_file, loss on the "
                   "assistant's tokens; dpo: preference pairs of data.train_file; distill: a student matching "
-                  "objective.teacher")
+                  "objective.teacher; ppo, grpo: reinforcement learning from rewards on the prompts of "
+                  "data.train_file")
     # dpo (workbench/train/objectives/dpo.py)
     beta: float = field_(0.1, gt=0, doc="dpo: the strength of the anchor to the reference (TRL's default 0.1)")
     loss_type: Literal["sigmoid", "ipo"] = field_("sigmoid", doc="dpo: sigmoid (DPO, cDPO with label_smoothing) or ipo")
@@ -182,13 +189,55 @@ class ObjectiveSection:
     temperature: float = field_(1.0, gt=0, doc="distill: both distributions are softened by z / T; the divergence x T^2")
     alpha: float = field_(0.5, ge=0, le=1, doc="distill: weight of the divergence; 1 - alpha weighs the label CE")
     jsd_beta: float = field_(0.5, gt=0, lt=1, doc="distill, jsd: M = beta p_teacher + (1 - beta) p_student")
+    # ppo and grpo (workbench/train/objectives/{ppo,grpo,rollout,rewards}.py)
+    reward: Literal["r1", "planted"] = field_(
+        "r1", doc="ppo, grpo: r1 = the answer checked by a program (the record's kind and params, "
+                  "data_pipelines.reasoning) plus format_weight x the R1 format (<think> then <answer>); planted = "
+                  "the share of the completion's tokens whose id is even (a test task any model can learn)")
+    format_weight: float = field_(0.2, ge=0, doc="ppo, grpo, reward r1: weight of the format reward")
+    group_size: int = field_(0, ge=0, doc="ppo, grpo: completions sampled per prompt; 0 = the objective's "
+                                          "default (grpo 8, ppo 1)")
+    max_new_tokens: int = field_(64, gt=0, doc="ppo, grpo: the longest completion sampled")
+    sampling_temperature: float = field_(1.0, gt=0, doc="ppo, grpo: rollouts sample from softmax(z / T), and every "
+                                                         "log-prob of the loss uses the same T")
+    kl_coef: float = field_(0.05, ge=0, doc="ppo, grpo: weight of the KL penalty to the reference (ppo: in the "
+                                            "per-token reward; grpo: the k3 estimate in the loss); 0 = no reference")
+    clip_eps: float = field_(0.2, gt=0, lt=1, doc="ppo, grpo: the ratio is clipped to [1 - eps, 1 + eps_high]")
+    clip_eps_high: float = field_(0.0, ge=0, doc="ppo, grpo: the upper clip (DAPO's clip-higher, 0.28); 0 = clip_eps")
+    epochs: int = field_(0, ge=0, doc="ppo, grpo: optimizer updates over each batch of experience (PPO epochs; "
+                                      "GRPO's mu); 0 = the objective's default (ppo 4, grpo 1)")
+    rollout_batch: int = field_(64, gt=0, doc="ppo, grpo: completions decoded together")
+    aggregation: Literal["grpo", "dr_grpo", "dapo"] = field_(
+        "grpo", doc="grpo: grpo = each completion's token mean, then the mean over completions; dr_grpo = the sum "
+                    "over tokens / (completions x max_new_tokens); dapo = the sum / all completion tokens")
+    scale_rewards: bool = field_(True, doc="grpo: divide each group's advantages by its reward std (off in Dr. GRPO)")
+    vf_coef: float = field_(0.1, ge=0, doc="ppo: weight of the value loss")
+    value_clip: float = field_(0.2, gt=0, doc="ppo: new values are clipped to the old ones +- this")
+    gamma: float = field_(1.0, ge=0, le=1, doc="ppo: discount")
+    lam: float = field_(0.95, ge=0, le=1, doc="ppo: GAE's lambda")
+    whiten_advantages: bool = field_(True, doc="ppo: advantages normalised to mean 0, std 1 over the step's tokens")
+
+    def rl_defaults(self) -> tuple[int, int]:
+        """(group_size, epochs) with 0 replaced by the objective's default."""
+        group = self.group_size or (8 if self.name == "grpo" else 1)
+        return group, self.epochs or (4 if self.name == "ppo" else 1)
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step: the PPO epochs over each batch of experience, else 1."""
+        return self.rl_defaults()[1] if self.name in RL_OBJECTIVES else 1
 
     def validate(self) -> None:
         defaults = ObjectiveSection.__dataclass_fields__
+        owners: dict[str, list[str]] = {}
         for owner, names in OBJECTIVE_FIELDS.items():
             for n in names:
-                if owner != self.name and getattr(self, n) != defaults[n].default:
-                    fail(n, f"is an option of objective.name = '{owner}', but objective.name is '{self.name}'")
+                owners.setdefault(n, []).append(owner)
+        for n, its in owners.items():
+            if self.name not in its and getattr(self, n) != defaults[n].default:
+                fail(n, f"is an option of objective.name = {' or '.join(repr(o) for o in its)}, but objective.name "
+                        f"is '{self.name}'")
+        if self.name == "grpo" and self.rl_defaults()[0] < 2:
+            fail("group_size", "grpo needs at least 2 completions per prompt (its advantages compare them)")
         if self.name == "distill" and not self.teacher:
             fail("teacher", "objective.name = 'distill' needs a teacher: a run folder or checkpoint folder")
         if self.loss_type == "ipo" and self.label_smoothing:

@@ -2,6 +2,8 @@
 
     conversations   {"messages": [{"role", "content"}, ...]}  or  {"prompt", "response"[, "system"]}
     pairs           {"prompt": str or messages, "chosen": str, "rejected": str}
+    prompts         {"prompt": str or messages, ...}: what RL (ppo, grpo) samples completions for; the other keys
+                    (a reasoning problem's kind and params) are what the reward reads
 
 `ExampleSet(path, kind, template, seq_len)` reads and tokenizes the whole file through the chat template
 (`workbench.data.chat`): a conversation becomes its ids and target mask (the assistant's tokens); a pair
@@ -25,6 +27,8 @@ Batches (`collate`)
                             RoPE positions restart at each one; padding after the last one
     pairs                   2B rows, the B chosen completions after their prompts, then the B rejected ones,
                             right-padded: one forward serves both sides of every pair (DPO)
+    prompts                 `index` and `examples` (the Example objects themselves): the RL objectives generate
+                            from the prompt ids and score with the meta, then build their own rows
 Each batch holds `input_ids`, `labels` (the next token where it is a target, -100 elsewhere), `positions`,
 `index` (the example's position among the file's kept examples) and `lengths` (real tokens per row); packed
 batches add
@@ -46,7 +50,7 @@ from workbench.data.chat import ChatTemplate, check_messages, check_text, messag
 from workbench.data.packed import IGNORE_INDEX
 from workbench.errors import DataError
 
-KINDS = ("chat", "pairs")
+KINDS = ("chat", "pairs", "prompts")
 
 
 @dataclass
@@ -121,7 +125,9 @@ class ExampleSet:
         self.truncated = self.dropped = 0
         for line, rec in records:
             where = f"{self.path}:{line}"
-            ex = self._conversation(rec, where, train_on) if kind == "chat" else self._pair(rec, where)
+            read = {"chat": lambda: self._conversation(rec, where, train_on), "pairs": lambda: self._pair(rec, where),
+                    "prompts": lambda: self._prompt(rec, where)}[kind]
+            ex = read()
             if ex is not None:
                 ex.index = len(self.examples)
                 self.examples.append(ex)
@@ -129,9 +135,10 @@ class ExampleSet:
             raise DataError(f"config key '{option}': no example of {self.path} fits data.seq_len = {seq_len} "
                             f"({self.dropped} dropped)")
         self.fingerprint = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        what = "conversations" if kind == "chat" else "preference pairs"
+        what = {"chat": "conversations", "pairs": "preference pairs", "prompts": "prompts"}[kind]
         cut = f"; {self.truncated} cut to data.seq_len + 1 = {seq_len + 1} tokens" if self.truncated else ""
-        dropped = f"; {self.dropped} dropped (no target within the window)" if self.dropped else ""
+        why = "no room for a completion" if kind == "prompts" else "no target within the window"
+        dropped = f"; {self.dropped} dropped ({why})" if self.dropped else ""
         log(f"{self.path}: {len(self.examples)} {what}{cut}{dropped}")
 
     # --- reading
@@ -177,6 +184,19 @@ class ExampleSet:
         meta = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
         return Example(0, np.asarray(prompt, dtype=np.int64), chosen=chosen, rejected=rejected, meta=meta)
 
+    def _prompt(self, rec: dict, where: str) -> Example | None:
+        if "prompt" not in rec:
+            raise DataError(f"{where}: missing key 'prompt' (an RL prompt record has a prompt, and what its reward "
+                            f"reads)")
+        if isinstance(rec["prompt"], str) and not rec["prompt"]:
+            raise DataError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+        ids = self.template.prompt_ids(_prompt_messages(rec["prompt"], where))
+        if len(ids) >= self.seq_len:  # no room left in the window for a completion
+            self.dropped += 1
+            return None
+        meta = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
+        return Example(0, np.asarray(ids, dtype=np.int64), meta=meta)
+
     # --- the global index
 
     def __len__(self) -> int:
@@ -203,7 +223,9 @@ class ExampleSet:
         """Every example in file order, `size` per batch."""
         return [self.batch(range(s, min(len(self), s + size))) for s in range(0, len(self), size)]
 
-    def collate(self, samples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    def collate(self, samples: Sequence[Example]) -> dict:
+        if self.kind == "prompts":
+            return {"index": torch.tensor([s.index for s in samples], dtype=torch.long), "examples": list(samples)}
         if self.kind == "pairs":
             return collate_pairs(samples, self.pad_id)
         return collate_chat(samples, self.pad_id, self.seq_len if self.pack else None)

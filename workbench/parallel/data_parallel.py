@@ -153,7 +153,7 @@ class _DataParallelEngine(SingleEngine):
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
 
     @contextlib.contextmanager
-    def gather_for_generation(self):
+    def gather_for_generation(self, independent: bool = False):
         # context parallel cores run as plain cores: every rank decodes the whole sequence (cp.py)
         with context_parallel_disabled(self.unwrap()), super().gather_for_generation() as model:
             yield model
@@ -161,6 +161,18 @@ class _DataParallelEngine(SingleEngine):
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         with self._autocast():
             return self.unwrap().logits(hidden, positions=positions)
+
+
+def whole_copy(engine, full: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain model of the engine's family on its device, holding the consolidated weights `full` (a value head's
+    keys, PPO's, are left out: generation needs none); built once per engine and refilled after."""
+    model = engine.unwrap()
+    copy = getattr(engine, "_whole_copy", None)
+    if copy is None:
+        copy = type(model)(model.cfg).to(engine.device)
+        engine._whole_copy = copy
+    copy.load_state_dict({k: v for k, v in full.items() if not k.startswith("value_head.")})
+    return copy
 
 
 class DDPEngine(_DataParallelEngine):
@@ -223,6 +235,8 @@ class FSDP2Engine(_DataParallelEngine):
             # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
             fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
             register_fsdp_forward_method(model, "logits")
+            if hasattr(model, "value_head"):  # PPO's critic lives in the root unit beside the head
+                register_fsdp_forward_method(model, "values")
         elif autocast_dtype is not None:  # bf16 comes from FSDP2's mixed-precision policy
             raise ConfigError("config key 'run.precision': bf16 with tensor parallel alone is not supported; "
                               "set run.precision = 'fp32' or add parallel.dp_shard > 1")
@@ -248,17 +262,20 @@ class FSDP2Engine(_DataParallelEngine):
         finally:
             self._in_loss = False
 
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.values(hidden)  # an FSDP forward method of the root unit (gathers the value head)
+
     @contextlib.contextmanager
-    def gather_for_generation(self):
-        if self.tp_mesh is None:  # every rank decodes in lockstep, each block gathering as in training
+    def gather_for_generation(self, independent: bool = False):
+        if self.tp_mesh is None and not (independent and self.fsdp):
+            # every rank decodes in lockstep, each block gathering as in training
             with super().gather_for_generation() as model:
                 yield model
             return
-        # heads are split across tp ranks (and a KV cache is per head): decode a whole copy on every rank
+        # heads split across tp ranks (a KV cache is per head), or ranks decoding their own prompts: a whole copy
+        # on every rank, kept between calls (only the weights are gathered again)
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        copy = type(self.model)(self.model.cfg).to(self.device)
-        copy.load_state_dict(full)
-        yield copy.eval()
+        yield whole_copy(self, full).eval()
 
     @contextlib.contextmanager
     def no_sync(self):

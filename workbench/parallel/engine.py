@@ -6,6 +6,8 @@ parameters and gathers them per block), and those differences stay inside the en
 
     forward(batch) -> DecoderOutput      the wrapped model's forward
     logits(hidden, positions)            the vocabulary projection (the lm head may be sharded)
+    values(hidden)                       PPO's critic: the model's value head (`objectives.ppo.attach_value_head`),
+                                         reached like the head (root unit under FSDP2, gathered under ZeRO-3)
     backward(loss)                       accumulate gradients of a (normalized) micro-batch loss
     no_sync()                            context: skip gradient communication for all but the last micro-batch
     loss_context()                       context the loss and its backward run in (loss parallel under tp: the
@@ -24,7 +26,11 @@ parameters and gathers them per block), and those differences stay inside the en
     save_state(folder) / load_state(folder)
                                          the resume state (optimizer moments, schedule), written and read by
                                          every rank: DCP for single/ddp/fsdp2/tp, DeepSpeed's own for ZeRO
-    gather_for_generation()              context yielding a module with full parameters for decoding
+    gather_for_generation(independent)   context yielding a module with full parameters for decoding. By
+                                         default a sharded model may decode in lockstep (every rank the same
+                                         prompt and tokens: a sample); `independent=True` gives every rank a
+                                         model it can decode its own prompts with, stopping when they do (RL
+                                         rollouts: FSDP2 and ZeRO-3 gather a whole copy)
     rank, world_size, is_main, device, lr
 
 Frozen models (a DPO reference, a distillation teacher) get an engine without an optimizer;
@@ -59,6 +65,8 @@ class Engine(Protocol):
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor: ...
 
+    def values(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
     def backward(self, loss: torch.Tensor) -> None: ...
 
     def no_sync(self) -> AbstractContextManager: ...
@@ -84,4 +92,4 @@ class Engine(Protocol):
 
     def load_state(self, folder: Path) -> None: ...
 
-    def gather_for_generation(self) -> AbstractContextManager[nn.Module]: ...
+    def gather_for_generation(self, independent: bool = False) -> AbstractContextManager[nn.Module]: ...

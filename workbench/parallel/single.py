@@ -84,6 +84,10 @@ class SingleEngine:
         with self._autocast():
             return self.model.logits(hidden, positions=positions)
 
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.unwrap().values(hidden)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -167,6 +171,6 @@ class SingleEngine:
             self.scheduler.load_state_dict(meta["scheduler"])
 
     @contextlib.contextmanager
-    def gather_for_generation(self):
-        with eval_mode(self.unwrap()) as model:
+    def gather_for_generation(self, independent: bool = False):
+        with eval_mode(self.unwrap()) as model:  # whole on this process: independent either way
             yield model

@@ -149,7 +149,9 @@ class _Dispatch(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch=None, hidden=None, positions=None):
+    def forward(self, batch=None, hidden=None, positions=None, values=None):
+        if values is not None:  # PPO's critic (the value head is a submodule: ZeRO-3 gathers it on call)
+            return self.model.values(values)
         if hidden is not None:
             return self.model.logits(hidden, positions=positions)
         return vars(self.model(batch))
@@ -185,7 +187,7 @@ class ZeroEngine(_DataParallelEngine):
         self.ds, _, _, _ = deepspeed.initialize(
             model=wrapper, model_parameters=param_groups(model, job.optim.weight_decay),
             config=deepspeed_config(job, self.stage, dims, bf16=autocast_dtype == torch.bfloat16),
-            lr_scheduler=lambda opt: build_scheduler(opt, job.optim, job.train.steps), mpu=_Mpu(dims))
+            lr_scheduler=lambda opt: build_scheduler(opt, job.optim, job.train.steps * job.objective.updates_per_step()), mpu=_Mpu(dims))
         assert not self.ds.managed_gradient_accumulation()  # the version check above guarantees it
         self.max_norm = job.optim.grad_clip
         super().__init__(model, dims, optimizer=None, scheduler=None, frozen=False)  # DeepSpeed owns the optimizer
@@ -199,6 +201,9 @@ class ZeroEngine(_DataParallelEngine):
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.ds(hidden=hidden, positions=positions)
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ds(values=hidden)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss * self.dims.dp_size, scale_wrt_gas=False)
@@ -238,7 +243,15 @@ class ZeroEngine(_DataParallelEngine):
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     @contextlib.contextmanager
-    def gather_for_generation(self):
+    def gather_for_generation(self, independent: bool = False):
+        if independent and self.stage == 3:
+            # ZeRO-3's hooks would gather (a collective) at every forward of the live model: decode a whole copy
+            from workbench.parallel.data_parallel import whole_copy
+
+            with self._gathered():
+                full = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            yield whole_copy(self, full).eval()
+            return
         with self._gathered(), super().gather_for_generation() as model:
             yield model
 

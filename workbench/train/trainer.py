@@ -101,6 +101,7 @@ from workbench.train.optim.muon import qk_clip_
 from workbench.train.report import REPORT_FILE, write_run_report
 
 ADAPTER_DIR = "adapter"  # LoRA adapters inside a checkpoint folder (workbench.nn.lora.save_adapter)
+VALUE_HEAD_FILE = "value_head.safetensors"  # PPO's critic head inside a checkpoint folder (not in model.safetensors)
 
 # what a mixture of experts (and DeepSeek-V3's multi-token prediction) adds to a train record
 AUX_METRICS = ("aux_loss", "balance_loss", "expert_load", "expert_load_max", "mtp_loss")
@@ -117,10 +118,15 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors moved to `device`; anything else (an RL batch's Example objects) as it is."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def describe_validation(rec: dict, baseline: float | None = None) -> str:
     """One line of held-out metrics: the loss (with bits per byte and the unigram baseline when known), then
     the objective's other val_ metrics."""
-    parts = [f"val loss {rec['val_loss']:.3f}"]
+    parts = [f"val loss {rec['val_loss']:.3f}"] if "val_loss" in rec else []  # RL scores rewards, not a loss
     if "val_bpb" in rec:
         parts[0] += f" nats/token, {rec['val_bpb']:.3f} bits/byte"
     if baseline is not None:
@@ -145,7 +151,7 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
 
     def make_optimizer(m: torch.nn.Module):
         optimizer = build_optimizer(m, job.optim)
-        return optimizer, build_scheduler(optimizer, job.optim, job.train.steps)
+        return optimizer, build_scheduler(optimizer, job.optim, job.train.steps * job.objective.updates_per_step())
 
     backend, plan, par = job.parallel.backend, plan_for(job.model.family), job.parallel
     if plan.expert is not None and par.tp > 1:
@@ -389,6 +395,8 @@ class Trainer:
                 load_lora_state(self.model, read_file(adapter), str(adapter))
             else:
                 self.model.load_state_dict(model_state)
+        if getattr(self.objective, "value_head", False):  # PPO's critic, on the policy's trunk
+            self._attach_value_head()
         self.engine = build_engine(self.model, job, self.dims, autocast)
         self.autocast = autocast
         self.engines = {"policy": self.engine, **self._frozen_engines()}
@@ -415,6 +423,18 @@ class Trainer:
         self.last_val: dict | None = None
         self.stop_signal: int | None = None  # set when every rank has agreed to stop (see _agree_on_stop)
         self._pending_signal: int | None = None  # set by the signal handler on this rank
+
+    def _attach_value_head(self) -> None:
+        """`model.value_head` (objectives.ppo), zero-initialised, or on resume the checkpoint's."""
+        from workbench.train.objectives.ppo import attach_value_head
+
+        attach_value_head(self.model)
+        if self.resume_from is not None:
+            path = self.resume_from / VALUE_HEAD_FILE
+            if not path.is_file():
+                raise CheckpointError(f"{self.resume_from}: no {VALUE_HEAD_FILE} (the critic of a PPO run); it was "
+                                      f"not written by objective.name = 'ppo'")
+            self.model.value_head.load_state_dict({k.partition(".")[2]: v for k, v in read_file(path).items()})
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -443,7 +463,7 @@ class Trainer:
             self.collate = self.data.collate
             val = val_set.batches(mbs) if val_set is not None else []
         # context parallel: each cp rank scores its slice of the same windows
-        self._val_batches = [{k: v.to(self.device) for k, v in shard_batch(b, self.dims.cp, self.dims.cp_rank(self.rank)).items()}
+        self._val_batches = [to_device(shard_batch(b, self.dims.cp, self.dims.cp_rank(self.rank)), self.device)
                              for b in val]
 
     def _frozen_engines(self) -> dict:
@@ -465,7 +485,7 @@ class Trainer:
             batch = self.collate([self.data.sample(i) for i in idx])
             # context parallel: the cp ranks read the same samples, each keeps its zig-zag slice of them
             batch = shard_batch(batch, self.dims.cp, self.dims.cp_rank(self.rank))
-            out.append({k: v.to(self.device) for k, v in batch.items()})
+            out.append(to_device(batch, self.device))
         return out
 
     def val_batches(self) -> list[dict]:
@@ -490,11 +510,31 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ steps
 
     def train_step(self) -> dict:
+        """One batch of experience and its optimizer updates: one for every objective but PPO and GRPO with
+        `objective.epochs` > 1, which update that many times over the same experience (the PPO epochs)."""
         engines = self.engines
         micro_batches = self.objective.experience(self.step, engines, self.next_micro_batches())
         total = self.engine.all_reduce(
             torch.tensor(sum(self.objective.units(mb) for mb in micro_batches), device=self.device))
         total_units = int(total)
+        updates = self.job.objective.updates_per_step()
+        losses, sums, skipped = [], {}, False
+        for _ in range(updates):
+            loss, tokens, aux, update_sums, grad_norm, applied, lr = self._update(micro_batches, total_units)
+            losses.append(loss)
+            skipped |= not applied
+            for k, v in update_sums.items():  # the mean over the updates
+                sums[k] = sums.get(k, 0.0) + v / updates
+        self.step += 1
+        rec = {"step": self.step, "loss": sum(losses) / updates, "grad_norm": grad_norm, "lr": lr,
+               "tokens": tokens * self.dims.dp_size * self.dims.cp, "skipped": skipped, **aux, **sums}
+        if updates > 1:
+            rec["loss_first_update"] = losses[0]
+        return {**rec, **getattr(self.objective, "step_metrics", {})}  # e.g. RL's mean reward of the rollouts
+
+    def _update(self, micro_batches: list[dict], total_units: int):
+        """Forward and backward over the micro-batches, then one optimizer step and the post-step hooks."""
+        engines = self.engines
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         aux: dict[str, float] = {}  # a mixture of experts' terms, summed over the micro-batches
@@ -533,13 +573,10 @@ class Trainer:
         if self.job.optim.qk_clip_tau > 0:  # QK-Clip (MuonClip): the heads' max logits, MAX-reduced over the ranks
             aux.update(qk_clip_(self.engine.unwrap(), self.job.optim.qk_clip_tau, applied,
                                 reduce=lambda t: self.engine.all_reduce(t, op="max")))
-        skipped = not applied
-        if skipped:
+        if not applied:
             self.log(f"step {self.step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
                      f"the update is not applied")
-        self.step += 1
-        return {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                "tokens": tokens * self.dims.dp_size * self.dims.cp, "skipped": skipped, **aux, **per_unit}
+        return loss, tokens, aux, per_unit, grad_norm, applied, lr
 
     def save(self) -> Path:
         """Every rank gathers (a sharding engine's state is spread over them) and writes its shards of the engine
@@ -547,7 +584,13 @@ class Trainer:
         train_state = {"step": self.step, "cursor": self.cursor.state_dict(), "data": self.data.state_dict(),
                        "layout": self.dims.describe(), "weights_read": self.weights_read}
         multi = self.dims.world_size > 1
-        state, write_extra = self.engine.model_state_dict(), None
+        state, extras = self.engine.model_state_dict(), []
+        value_head = {k: state.pop(k) for k in [k for k in state if k.startswith("value_head.")]}
+        if value_head and self.is_main:  # PPO's critic: beside the weights, so model.safetensors stays a plain model
+            from safetensors.torch import save_file
+
+            extras.append(lambda folder: save_file({k: v.detach().cpu().contiguous() for k, v in value_head.items()},
+                                                   str(folder / VALUE_HEAD_FILE)))
         if self.job.lora.enabled and self.is_main:
             # model.safetensors: the merged weights every consumer reads; adapter/: the adapters alone
             from workbench.nn.lora import save_adapter, split_state
@@ -556,11 +599,16 @@ class Trainer:
             meta = {"family": self.job.model.family, "flavor": self.job.model.flavor,
                     "base": self.job.train.init_from, "tokenizer_sha256": self.manifest.tokenizer_sha256}
 
-            def write_extra(folder: Path) -> None:
-                save_adapter(self.engine.unwrap(), folder / ADAPTER_DIR, self.job.lora, meta, state=adapter)
+            extras.append(lambda folder: save_adapter(self.engine.unwrap(), folder / ADAPTER_DIR, self.job.lora, meta,
+                                                      state=adapter))
+
+        def write_extra(folder: Path) -> None:
+            for write in extras:
+                write(folder)
         path = save_checkpoint(self.run_dir, self.step, state, train_state,
                                self.engine.save_state, keep_last=self.job.train.keep_last, is_main=self.is_main,
-                               barrier=torch.distributed.barrier if multi else lambda: None, write_extra=write_extra)
+                               barrier=torch.distributed.barrier if multi else lambda: None,
+                               write_extra=write_extra if extras else None)
         if multi:
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that is still being written
         self.saved_step = self.step

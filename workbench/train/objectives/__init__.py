@@ -4,6 +4,9 @@
     sft       cross-entropy on the assistant's tokens of conversations                 sft.py
     dpo       direct preference optimization (sigmoid / cDPO, IPO) against a reference dpo.py
     distill   a student matching a frozen teacher (forward KL, reverse KL, JSD)        distill.py
+    ppo       PPO: actor, critic (value head), reference and a reward program; GAE      ppo.py
+    grpo      GRPO: groups of samples per prompt, group-normalised advantages, k3 KL    grpo.py
+              (what the two share: rollouts, rewards, held-out scoring: rollout.py, rewards.py)
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ def build_objective(cfg):
     """The objective named by the [objective] section `cfg` (workbench.job.ObjectiveSection)."""
     from workbench.train.objectives.distill import DistillObjective
     from workbench.train.objectives.dpo import DPOObjective
+    from workbench.train.objectives.grpo import GRPOObjective
     from workbench.train.objectives.lm import LMObjective
+    from workbench.train.objectives.ppo import PPOObjective
     from workbench.train.objectives.sft import SFTObjective
 
-    kinds = {"lm": LMObjective, "sft": SFTObjective, "dpo": DPOObjective, "distill": DistillObjective}
+    kinds = {"lm": LMObjective, "sft": SFTObjective, "dpo": DPOObjective, "distill": DistillObjective,
+             "ppo": PPOObjective, "grpo": GRPOObjective}
     return kinds[cfg.name](cfg)
