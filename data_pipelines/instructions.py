@@ -42,6 +42,16 @@ between) with that definition, in two kinds:
 Comments that are licence headers (mentioning copyright, licence or SPDX) are skipped. Nothing more clever
 is attempted: macros, K&R declarations and templates spanning lines are missed, not misread.
 
+Verilog modules besides (`data_pipelines.verilog` reads their headers: ANSI and non-ANSI ports, parameters),
+each module with ports gives two more kinds, its header as the prompt:
+
+    ports       user: "Verilog:\n" + the header (for non-ANSI modules with their port declarations) and "List the
+                ports of this module ..."; assistant: one port per line, `input wire [7:0] data`
+    instance    the same header and "Write an instantiation of this module ..."; assistant: the instantiation
+                template (parameters at their defaults, every port connected by name)
+
+Which miner reads a file goes by its extension (`miner_for`): Python, Verilog, the generic comment miner.
+
 Design choices
     Lengths: a pair whose prompt is longer than `max_prompt_chars` or whose answer is longer than
     `max_answer_chars` is skipped (counted), so that records fit a 256-512 token window of a small byte-level
@@ -83,13 +93,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipelines import verilog
 from data_pipelines.corpus import Document, iter_documents, stdlib_root
 from workbench.errors import DataError
 from workbench.train.metrics import atomic_write_text
 
 PY_KINDS = ("docstring", "signature", "doctest")
 OTHER_KINDS = ("comment", "definition")
-KINDS = PY_KINDS + OTHER_KINDS
+KINDS = PY_KINDS + OTHER_KINDS + verilog.KINDS
 
 INSTRUCTIONS = {
     "docstring": ("Write the first line of a docstring for this function.",
@@ -382,6 +393,22 @@ def comment_pairs(doc: Document, seed: int, kinds: Sequence[str], stats: Counter
     return out
 
 
+def verilog_pairs(doc: Document, seed: int, kinds: Sequence[str], stats: Counter) -> list[dict]:
+    """The comment/definition pairs of a Verilog file, and its modules' `ports` and `instance` pairs (read by
+    `data_pipelines.verilog`; a module it cannot read is counted as `verilog_skipped_<reason>`)."""
+    modules = verilog.parse_modules(doc.text, doc.path, stats) if set(kinds) & set(verilog.KINDS) else []
+    return comment_pairs(doc, seed, kinds, stats) + verilog.instruction_records(modules, seed, kinds)
+
+
+def miner_for(path: str):
+    """The miner of a file, by its extension: (doc, seed, kinds, stats) -> records."""
+    if path.endswith(".py"):
+        return python_pairs
+    if path.endswith(verilog.EXTENSIONS):
+        return verilog_pairs
+    return comment_pairs
+
+
 # ---- the miner and the split ---------------------------------------------------------------------------------
 
 
@@ -430,12 +457,8 @@ def mine_instructions(source: str | Path | None = None, *, seed: int = 0, kinds:
         docs = (d for d in docs if any(fnmatch(d.path, pattern) for pattern in include))
     records = []
     for doc in tqdm(docs, desc="mining instructions", unit=" files", disable=not progress, dynamic_ncols=True):
-        if doc.path.endswith(".py"):
-            counts["python_files"] += 1
-            found = python_pairs(doc, seed, kinds, counts)
-        else:
-            counts["other_files"] += 1
-            found = comment_pairs(doc, seed, kinds, counts)
+        counts["python_files" if doc.path.endswith(".py") else "other_files"] += 1
+        found = miner_for(doc.path)(doc, seed, kinds, counts)
         for rec in found:
             if len(rec["prompt"]) > max_prompt_chars or len(rec["answer"]) > max_answer_chars:
                 counts[f"too_long_{rec['kind']}"] += 1

@@ -42,8 +42,15 @@ How a pair is made
     A tree other than the standard library is appended to the sandbox's sys.path, so its modules import
     (`from geometry import area`) and a module named like a standard one (a tree's json.py) is shadowed by it
     and gives no pair; the `teaching` eval needs the same folder in `--teaching.paths`.
-    Non-Python trees (Verilog, C, launch files) give no pairs: their examples cannot be run here, and a pair
-    whose example was never run is exactly what this module exists to avoid. `make_pairs` says so in its error;
+    Verilog and SystemVerilog files (.v, .sv) give pairs about their modules, made by `data_pipelines.verilog`
+    (the language dispatch: `LANGUAGES`): "What does module fifo do?", "How do I instantiate fifo?", ...; the
+    chosen answer explains the module (its header comment, its parameters, every port with direction and width)
+    and shows an instantiation template built from the real port list; the rejected one is terse, or the same
+    answer with a wrong port list or instantiation. Its checker (`verilog.check_answer`) plays the sandbox's part:
+    every chosen answer passes it and every wrong one fails it. These records carry `"language": "verilog"` (and
+    the wrong ones a `perturbation`). A mixed tree gives both kinds of pairs.
+    Other trees (C, launch files) give no pairs: an answer about them cannot be checked here, and a pair whose
+    answer was never checked is exactly what this module exists to avoid. `make_pairs` says so in its error;
     `data_pipelines.instructions` mines such trees.
 
 The sandbox (`check_examples`, `check_many`, `Sandbox`)
@@ -110,10 +117,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipelines import verilog
 from data_pipelines.corpus import iter_documents, stdlib_root
 from data_pipelines.instructions import (
     count_table,
@@ -125,6 +134,7 @@ from data_pipelines.instructions import (
 from workbench.errors import DataError
 
 KINDS = ("wrong", "terse")
+LANGUAGES = {"python": (".py",), "verilog": verilog.EXTENSIONS}  # the trees whose answers can be checked
 MAX_EXAMPLE_CHARS = 600  # the example part of a chosen answer
 MAX_OUTPUT_CHARS = 300  # one statement's shown output
 MAX_STATEMENTS = 8
@@ -1171,15 +1181,51 @@ def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: in
     root = stdlib_root() if source is None else Path(source)
     if not root.is_dir():
         raise DataError(f"preferences: source {root} {'is not a directory' if root.exists() else 'does not exist'}")
+    counts: Counter = Counter()
+    has = {lang: next(iter_documents(root, exts), None) is not None for lang, exts in LANGUAGES.items()}
+    if not any(has.values()):
+        raise DataError(f"preferences: {root} has no Python ({', '.join(LANGUAGES['python'])}) or Verilog "
+                        f"({', '.join(LANGUAGES['verilog'])}) files. Preference pairs need answers that can be "
+                        f"checked (Python examples that run, Verilog port lists and instantiations); for C or launch "
+                        f"files use data_pipelines.instructions, whose comment/definition pairs need no checking")
+    most = min(len(PROMPTS) if has["python"] else 99, len(verilog.PROMPTS) if has["verilog"] else 99)
+    if not 1 <= pairs_per_subject <= most:
+        raise DataError(f"preferences: pairs_per_subject must be in [1, {most}] (one phrasing each), got "
+                        f"{pairs_per_subject}")
+    records = []
+    if has["python"]:
+        records += python_records(root, seed, wrong_fraction, modules, include, timeout, workers, counts,
+                                  pairs_per_subject)
+    if has["verilog"]:
+        docs = iter_documents(root, LANGUAGES["verilog"])
+        if include is not None:
+            docs = (d for d in docs if any(fnmatch(d.path, pattern) for pattern in include))
+        records += verilog.preference_records(verilog.module_records(docs, counts), seed, pairs_per_subject,
+                                              wrong_fraction, stats=counts)
+    if max_pairs is not None and len(records) > max_pairs:
+        records = random.Random(seed).sample(records, max_pairs)
+    records.sort(key=lambda r: (r["source"].rpartition(":")[0], int(r["source"].rpartition(":")[2] or 0),
+                                r["subject"]))
+    counts.update({f"kind_{k}": sum(r["kind"] == k for r in records) for k in KINDS})
+    if stats is not None:
+        stats.update(counts)
+    if not records:
+        raise DataError(f"preferences: no pair could be made from {root} ({counts['doctest_subjects']} functions with "
+                        f"doctests, {counts['synthesized_subjects']} synthesized subjects; none gave an example "
+                        f"that runs and reproduces; {counts['verilog_modules']} Verilog modules read"
+                        + "".join(f", {n} {k.removeprefix('verilog_')}" for k, n in sorted(counts.items())
+                                  if k.startswith("verilog_skipped_")) + ")")
+    return records
+
+
+def python_records(root: Path, seed: int, wrong_fraction: float, modules: Sequence[str] | None,
+                   include: Sequence[str] | None, timeout: float, workers: int, counts: Counter,
+                   pairs_per_subject: int) -> list[dict]:
+    """The pairs about a tree's Python functions: doctest and curated subjects, run twice in the sandbox."""
     std = stdlib_root().resolve()
     in_stdlib = root.resolve().is_relative_to(std)
     prefix = (root.resolve().relative_to(std).as_posix() + "/") if in_stdlib and root.resolve() != std else ""
     paths = [] if in_stdlib else [root.resolve()]
-    counts: Counter = Counter()
-    if next(iter_documents(root, (".py",)), None) is None:
-        raise DataError(f"preferences: {root} has no Python files. Preference pairs need examples that run (Python "
-                        f"doctests or calls); for Verilog, C or launch files use data_pipelines.instructions, "
-                        f"whose comment/definition pairs need no running")
     subjects = doctest_subjects(root, prefix, include, counts)
     taken = {s.subject for s in subjects}
     curated = [m for m in (CURATED if modules is None else modules)] if in_stdlib else []
@@ -1192,22 +1238,7 @@ def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: in
     for c in candidates:
         best.setdefault(c.subject.subject, c)
     candidates = sorted(best.values(), key=lambda c: c.subject.subject)
-    if not 1 <= pairs_per_subject <= len(PROMPTS):
-        raise DataError(f"preferences: pairs_per_subject must be in [1, {len(PROMPTS)}] (one phrasing each), got "
-                        f"{pairs_per_subject}")
-    records = assemble(candidates, seed, wrong_fraction, timeout, workers, paths, counts, pairs_per_subject)
-    if max_pairs is not None and len(records) > max_pairs:
-        records = random.Random(seed).sample(records, max_pairs)
-    records.sort(key=lambda r: (r["source"].rpartition(":")[0], int(r["source"].rpartition(":")[2] or 0),
-                                r["subject"]))
-    counts.update({f"kind_{k}": sum(r["kind"] == k for r in records) for k in KINDS})
-    if stats is not None:
-        stats.update(counts)
-    if not records:
-        raise DataError(f"preferences: no pair could be made from {root} ({counts['doctest_subjects']} functions with "
-                        f"doctests, {counts['synthesized_subjects']} synthesized subjects; none gave an example "
-                        f"that runs and reproduces)")
-    return records
+    return assemble(candidates, seed, wrong_fraction, timeout, workers, paths, counts, pairs_per_subject)
 
 
 def assemble(candidates: Sequence[Candidate], seed: int, wrong_fraction: float, timeout: float, workers: int,
@@ -1278,7 +1309,8 @@ def rephrased(records: Sequence[dict], seed: int = 0) -> list[dict]:
         if r["subject"] not in asked:
             continue
         rng = random.Random(f"{seed}\x1frephrase\x1f{r['subject']}")
-        others = [p.format(s=r["subject"]) for p in PROMPTS if p.format(s=r["subject"]) not in asked[r["subject"]]]
+        phrasings = verilog.PROMPTS if r.get("language") == "verilog" else PROMPTS
+        others = [p.format(s=r["subject"]) for p in phrasings if p.format(s=r["subject"]) not in asked[r["subject"]]]
         del asked[r["subject"]]
         if others:
             out.append(dict(r, prompt=rng.choice(others)))

@@ -156,7 +156,8 @@ def test_python_kinds_prompt_answer_and_source_line(tree):
     for r in records:
         assert messages_of(r) == r["messages"]  # the chat reader takes every record as is
         assert r["messages"][0]["content"] == r["prompt"] and r["messages"][1]["content"] == r["answer"]
-        assert set(r) == {"messages", "prompt", "answer", "kind", "source"}
+        verilog = {"language"} if r["kind"] in ("ports", "instance") else set()
+        assert set(r) == {"messages", "prompt", "answer", "kind", "source"} | verilog
 
     doc = {r["answer"]: r for r in by(records, "docstring", "geo/shapes.py")}
     assert set(doc) == {"Return the area of a rectangle.", "Length of the hypotenuse.", "Do nothing at all.",
@@ -206,6 +207,18 @@ def test_comment_miner_for_verilog_c_and_launch_files(tree):
     launch = by(records, "definition", "robot.launch")
     assert [r["answer"] for r in launch] == ['<node name="camera" pkg="usb_cam" type="usb_cam_node">']
     assert by(records, "comment", "robot.launch")[0]["answer"] == "<!-- The camera driver, publishing raw images. -->"
+
+
+def test_verilog_modules_give_ports_and_instance_pairs_from_their_headers(tree):
+    stats = {}
+    records = ins.mine_instructions(tree, progress=False, kinds=["ports", "instance"], stats=stats)
+    assert {ins.file_of(r) for r in records} == {"rtl/alu.v"} and all(r["language"] == "verilog" for r in records)
+    ports = {r["source"]: r for r in by(records, "ports")}
+    assert set(ports) == {"rtl/alu.v:2", "rtl/alu.v:7", "rtl/alu.v:17", "rtl/alu.v:21"}  # every module with ports
+    assert ports["rtl/alu.v:7"]["answer"] == "input [3:0] a\ninput [3:0] b\noutput [4:0] sum"
+    assert ports["rtl/alu.v:7"]["prompt"].startswith("Verilog:\nmodule adder4 (\n    input  [3:0] a,")
+    instance = {r["source"]: r["answer"] for r in by(records, "instance")}
+    assert instance["rtl/alu.v:17"] == "and2 u_and2 (\n    .a(a),\n    .b(b),\n    .y(y)\n);"
 
 
 def test_split_holds_out_whole_files_and_drops_repeated_prompts(tree):

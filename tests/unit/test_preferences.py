@@ -113,7 +113,10 @@ def tree(tmp_path):
 
 def test_pairs_from_a_tree_show_real_outputs_and_pass_the_checker(tree):
     stats = {}
-    records = pf.make_pairs(tree, seed=0, workers=2, stats=stats)
+    everything = pf.make_pairs(tree, seed=0, workers=2, stats=stats)
+    adder = [r for r in everything if r.get("language") == "verilog"]  # the tree's Verilog module (test_verilog.py)
+    assert [r["subject"] for r in adder] == ["adder"] and stats["verilog_modules"] == 1
+    records = [r for r in everything if r not in adder]
     by_subject = {r["subject"]: r for r in records}
     assert set(by_subject) == {"geometry.area", "geometry.scale", "geometry.describe", "geometry.double",
                                "shapes.circle.Circle.area"}  # broken, fresh, _private and tests/ give none
@@ -138,7 +141,7 @@ def test_pairs_from_a_tree_show_real_outputs_and_pass_the_checker(tree):
             assert r["rejected"].split("Example:")[0] == r["chosen"].split("Example:")[0]  # same form
         else:
             assert not c["found"] and "\n" not in r["rejected"] and ">>>" not in r["rejected"]
-    assert pf.make_pairs(tree, seed=0, workers=2) == records  # deterministic
+    assert pf.make_pairs(tree, seed=0, workers=2) == everything  # deterministic
     some = pf.make_pairs(tree, wrong_fraction=1.0, max_pairs=2)
     assert len(some) == 2 and {r["kind"] for r in some} == {"wrong"}
 
@@ -172,8 +175,15 @@ def test_a_slice_of_the_standard_library_with_synthesized_calls():
 def test_non_python_trees_and_bad_arguments_are_refused_by_name(tmp_path):
     (tmp_path / "rtl").mkdir()
     (tmp_path / "rtl" / "adder.v").write_text("// An adder.\nmodule adder (input a);\nendmodule\n")
-    with pytest.raises(DataError, match="no Python files.*data_pipelines.instructions"):
-        pf.make_pairs(tmp_path / "rtl")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "util.c").write_text("/* Add. */\nint add(int a, int b)\n{\n    return a + b;\n}\n")
+    with pytest.raises(DataError, match="no Python .* or Verilog .* files.*data_pipelines.instructions"):
+        pf.make_pairs(tmp_path / "c")
+    (tmp_path / "rtl" / "bad.v").write_text("module bad (a);\nendmodule\n")  # a is never declared
+    with pytest.raises(DataError, match="no pair could be made.*1 skipped_port_without_direction"):
+        pf.make_pairs(tmp_path / "rtl", include=["bad.v"])
+    with pytest.raises(DataError, match="pairs_per_subject must be in \\[1, 7\\]"):
+        pf.make_pairs(tmp_path / "rtl", pairs_per_subject=8)
     with pytest.raises(DataError, match="does not exist"):
         pf.make_pairs(tmp_path / "missing")
     with pytest.raises(DataError, match="wrong_fraction"):
