@@ -21,14 +21,8 @@
 #   PRETRAIN_ARGS, SFT_ARGS, DPO_ARGS, DISTILL_ARGS, EVAL_ARGS, MAKER_ARGS   extra overrides
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ -z "${WORKBENCH:-}" ]]; then
-    if [[ -x .venv/bin/workbench ]]; then WORKBENCH=.venv/bin/workbench; else WORKBENCH=workbench; fi
-fi
-read -r -a wb <<< "$WORKBENCH"
-if [[ -z "${PYTHON:-}" ]]; then
-    PYTHON=$(dirname "$(command -v "${wb[0]}")")/python
-    [[ -x "$PYTHON" ]] || PYTHON=python3
-fi
+source launch/lib.sh  # resolve_tools, stage, made
+resolve_tools
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data/post}
 DOC=${DOC:-docs/post-training.md}
@@ -44,22 +38,6 @@ read -r -a maker_args <<< "${MAKER_ARGS:-}"
 TIMES="$RUNS/post-training-times.tsv"
 mkdir -p "$RUNS"
 touch "$TIMES"
-
-stage() {  # stage NAME COMMAND...: run it and record its wall time; a rerun that reuses a finished stage (always
-           # the quicker) keeps the time of the run that did the work
-    local name=$1 t0=$SECONDS took old
-    shift
-    echo "== $name: $*"
-    "$@"
-    took=$((SECONDS - t0))
-    old=$(awk -F'\t' -v n="$name" '$1 == n {print $2}' "$TIMES")
-    if [[ -n "$old" && "$old" -gt "$took" ]]; then took=$old; fi
-    awk -F'\t' -v n="$name" '$1 != n' "$TIMES" > "$TIMES.tmp"
-    printf '%s\t%s\n' "$name" "$took" >> "$TIMES.tmp"
-    mv "$TIMES.tmp" "$TIMES"
-}
-
-made() { [[ -s "$1/train.jsonl" && -s "$1/val.jsonl" ]]; }
 
 make_data() {
     made "$DATA/reasoning" || "$PYTHON" -m data_pipelines.reasoning --sft --out "$DATA/reasoning" --n-train 6000 \
