@@ -1200,7 +1200,7 @@ def make_pairs(source: str | Path | None = None, *, seed: int = 0, max_pairs: in
         docs = iter_documents(root, LANGUAGES["verilog"])
         if include is not None:
             docs = (d for d in docs if any(fnmatch(d.path, pattern) for pattern in include))
-        records += verilog.preference_records(verilog.module_records(docs, counts), seed, pairs_per_subject,
+        records += verilog.preference_records(verilog.read_modules(docs, counts), seed, pairs_per_subject,
                                               wrong_fraction, stats=counts)
     if max_pairs is not None and len(records) > max_pairs:
         records = random.Random(seed).sample(records, max_pairs)

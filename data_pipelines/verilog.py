@@ -158,11 +158,6 @@ class Token:
     kind: str
 
 
-def blank(text: str, start: int, end: int) -> str:
-    """text with [start, end) replaced by spaces, newlines kept (so lines keep their numbers)."""
-    return text[:start] + re.sub(r"[^\n]", " ", text[start:end]) + text[end:]
-
-
 def split_comments(text: str) -> tuple[str, list[tuple[int, int, str]]]:
     """(the text with comments blanked, [(first line, last line, comment text)]). Strings are respected."""
     comments, out, i, n = [], [], 0, len(text)
@@ -331,9 +326,7 @@ def parse_parameters(tokens: Sequence[Token], local_too: bool = False) -> list[P
             ptype = ""
             i = 1
         eq = next((k for k, t in enumerate(item) if t.text == "="), None)
-        if eq is None or eq <= i:
-            if eq is None and i < len(item):  # `parameter W` without a default (SV): nothing to instantiate with
-                continue
+        if eq is None or eq <= i:  # `parameter W` without a default (SV): nothing to instantiate it with
             continue
         head = item[i:eq]
         name_tok = next((t for t in reversed(head) if t.kind == "ident"), None)
@@ -906,7 +899,7 @@ def check_answer(text: str, module: Module) -> dict:
 # ---- records --------------------------------------------------------------------------------------------------
 
 
-def module_records(docs, stats: Counter) -> list[Module]:
+def read_modules(docs, stats: Counter) -> list[Module]:
     """Every readable module of the documents with a Verilog extension, in path order; a module name seen in an
     earlier file is left out (counted: `verilog_duplicate_names`), so a name asks about one module."""
     out, seen = [], set()

@@ -220,7 +220,7 @@ def test_preference_records_are_checked_held_out_by_file_and_deterministic(tmp_p
     (tmp_path / "rtl" / "broken.v").write_text(BROKEN)
     (tmp_path / "rtl" / "copy.v").write_text(MUX)  # the same module names again: asked about once
     stats = Counter()
-    modules = vl.module_records(iter_documents(tmp_path, vl.EXTENSIONS), stats)
+    modules = vl.read_modules(iter_documents(tmp_path, vl.EXTENSIONS), stats)
     assert [m.name for m in modules] == ["inner", "mux2", "full_adder", "counter", "fifo"]  # in path order
     assert stats["verilog_duplicate_names"] == 2 and stats["verilog_files"] == 5
     records = pf.make_pairs(tmp_path, seed=3, pairs_per_subject=4, wrong_fraction=0.75)
