@@ -13,7 +13,9 @@
 #                                    in SFT, the rest DPO pairs; validation from held-out files
 #   4. SFT                           configs/post/sft.toml from the pretrained model
 #   5. teacher-DPO                   configs/post/dpo.toml (with RPO's NLL term) from the SFT model
-#   (optional) GRPO=1                configs/post/grpo.toml from the DPO model (the hook below)
+#   (optional) GRPO=1                configs/post/grpo.toml from the DPO model on generated checkable reasoning
+#                                    problems (data_pipelines.reasoning, also mixed into SFT so their answer
+#                                    format is known; data made before GRPO=1 is not remade: remove DATA/sft)
 #   6. held-out eval                 exact match (and token F1) on held-out instruction pairs, pretrained vs SFT
 #                                    vs DPO; preference accuracy and reward margin on held-out pairs (DPO against
 #                                    its SFT reference; for a Python tree also the teaching rubric)
@@ -97,9 +99,15 @@ make_data() {
     made "$DATA/preferences" || "$PYTHON" -m data_pipelines.preferences "${source_args[@]}" \
         --out "$DATA/preferences" --pairs-per-subject "$PAIRS_PER_SUBJECT" --demonstrations "$DEMONSTRATIONS" \
         "${maker_args[@]}"
+    local reasoning=()
+    if [[ "${GRPO:-0}" == 1 ]]; then  # GRPO's checkable questions; SFT shows their answer format first
+        made "$DATA/reasoning" || "$PYTHON" -m data_pipelines.reasoning --sft --out "$DATA/reasoning" \
+            --n-train 2000 --n-val 100 --seed 1
+        reasoning=("$DATA/reasoning/train.jsonl")
+    fi
     made "$DATA/sft" || {
         "$PYTHON" -m data_pipelines.mix --out "$DATA/sft/train.jsonl" "$DATA/instructions/train.jsonl" \
-            "$DATA/preferences/sft.jsonl"
+            "$DATA/preferences/sft.jsonl" "${reasoning[@]}"
         "$PYTHON" -m data_pipelines.mix --out "$DATA/sft/val.jsonl" "$DATA/instructions/val.jsonl:$N_EVAL"
     }
 }
@@ -141,7 +149,8 @@ FINAL=$DPO
 # ---- optional: GRPO on generated checkable questions, from the DPO model --------------------------------------
 if [[ "${GRPO:-0}" == 1 ]]; then
     stage grpo "${wb[@]}" train configs/post/grpo.toml --run.name "$NAME-grpo" --run.out_dir "$RUNS" \
-        "${corpus[@]}" --data.seq_len "$SEQ_LEN" --train.init_from "$DPO" --resume "${model_args[@]}" \
+        "${corpus[@]}" --data.seq_len "$SEQ_LEN" --data.train_file "$DATA/reasoning/train.jsonl" \
+        --data.val_file "$DATA/reasoning/val.jsonl" --train.init_from "$DPO" --resume "${model_args[@]}" \
         "${grpo_args[@]}"
     FINAL="$RUNS/$NAME-grpo"
 fi
