@@ -18,6 +18,7 @@
 #   RUNS       folder of the runs (default runs); DATA folder of the post-training data (default data/post)
 #   DOC, IMAGES  the markdown written and its plot folder (default docs/post-training.md, docs/images)
 #   SEEDS      distillation seeds (default "0 1 2"); N_EVAL held-out items per eval (default 150)
+#   STOP_AFTER=sft ends after the SFT stage (what launch/rl.sh starts from)
 #   PRETRAIN_ARGS, SFT_ARGS, DPO_ARGS, DISTILL_ARGS, EVAL_ARGS, MAKER_ARGS   extra overrides
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +87,7 @@ stage pretrain "${wb[@]}" train configs/llama3/demo.toml --run.out_dir "$RUNS" -
 stage data-post make_data
 stage sft "${wb[@]}" train configs/post/sft.toml "${post_data[@]}" "$DATA/sft/train.jsonl" \
     --data.val_file "$DATA/sft/val.jsonl" --train.init_from "$RUNS/llama3-demo" --resume "${sft_args[@]}"
+if [[ "${STOP_AFTER:-}" == sft ]]; then exit 0; fi  # launch/rl.sh needs only the SFT start
 stage eval-pretrained-chat post_eval "$RUNS/llama3-demo" post true
 stage eval-pretrained-plain post_eval "$RUNS/llama3-demo" post-plain false
 stage eval-pretrained-copying copying_eval "$RUNS/llama3-demo"

@@ -13,35 +13,21 @@ without the markers gets them appended.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from evals.measured import eval_results, fmt, machine, times_table, write_measured
 from evals.plots import new_figure, save_figure
 from workbench.train.metrics import METRICS_FILE, read_metrics
 
-BEGIN, END = "<!-- measured:begin (launch/post_training_report.py) -->", "<!-- measured:end -->"
-
-
-def results(run: Path, folder: str) -> dict:
-    path = run / "evals" / folder / "results.json"
-    return json.loads(path.read_text())["tasks"] if path.is_file() else {}
+SCRIPT = "launch/post_training_report.py"
+results = eval_results
 
 
 def metrics(run: Path) -> list[dict]:
     return read_metrics(run / METRICS_FILE)
-
-
-def fmt(x, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
 
 
 # ---------------------------------------------------------------------------------------------------- SFT
@@ -233,25 +219,9 @@ def plot_distill(out: Path, pairs: list) -> None:
 
 
 def times_section(times: Path | None) -> list[str]:
-    if times is None or not times.is_file():
-        return []
-    rows = [line.split("\t") for line in times.read_text().splitlines() if "\t" in line]
-    return (["### Wall times", "", "Each stage's seconds on the run of `launch/post_training.sh` that did its work; a "
-             "stage whose run was already finished before the script first ran (`pretrain`, when `make demo` trained "
-             "the model) shows only the seconds it took to find it.", "", "| stage | seconds |", "|---|---|"]
-            + [f"| {a} | {b} |" for a, b in rows])
-
-
-def write(doc: Path, body: list[str]) -> None:
-    text = doc.read_text() if doc.is_file() else ""
-    block = "\n".join([BEGIN, *body, END])
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    return times_table(times, "launch/post_training.sh", "a stage whose run was already finished before the script "
+                       "first ran (`pretrain`, when `make demo` trained the model) shows only the seconds it took to "
+                       "find it.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     distill_section(runs, images, rel, args.seeds.split()), times_section(times)):
         if section:
             body += section + [""]
-    write(Path(args.doc), body)
+    write_measured(Path(args.doc), body, SCRIPT)
     print(f"wrote {args.doc}")
     return 0
 

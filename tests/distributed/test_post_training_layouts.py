@@ -2,7 +2,10 @@
 
 SFT and DPO under fsdp2 and DeepSpeed zero2 on 2 ranks, SFT under ddp; also SFT with LoRA under fsdp2, DPO with its
 reference log-probs precomputed under fsdp2 (the sharded reference runs the precomputation in lockstep), and
-distillation under fsdp2 (the teacher sharded like the student). DPO computes its log-probs a chunk of 16 targets at
+distillation under fsdp2 (the teacher sharded like the student), and PPO and GRPO under fsdp2, zero2 and zero3 (each
+rank samples its prompts' completions on a whole copy of the policy, gathered for generation, with seeds drawn from
+the step and the prompt's position in the file, so the rollouts and rewards are the single process's; the sharded
+reference and PPO's value head in the root unit run in lockstep). DPO computes its log-probs a chunk of 16 targets at
 a time, each chunk's logits recomputed in backward, so that path runs under FSDP2 and ZeRO too; the pairs' lengths
 differ widely, so the ranks hold different numbers of targets and FSDP2's head gathers stay in lockstep only
 because every rank pads its chunks to the most targets on any rank (without that, the ranks wait on each other
@@ -56,18 +59,28 @@ def post_setup(tmp_path_factory, debug_data):
     lora = ["--lora.r", "4", "--optim.lr", "1e-2"]
     distill = ["--objective.name", "distill", "--objective.teacher", str(out / "base"), "--model.dim", "32",
                "--model.n_heads", "2", "--model.n_kv_heads", "1", "--objective.temperature", "2.0"]
+    # RL on the planted reward (the share of even token ids: non-zero advantages from any start), 4 completions of
+    # 8 tokens per prompt, two updates per batch of experience (old log-probs, ratios and clipping), KL to the start
+    prompts = [{"prompt": f"Write about {w}"} for w in ("apple", "river", "stone", "cloud") * 8]
+    rl = ["--objective.reward", "planted", "--data.train_file", write(out / "prompts.jsonl", prompts),
+          "--data.val_file", write(out / "prompts-val.jsonl", prompts[:4]), "--train.init_from", str(out / "base"),
+          "--objective.group_size", "4", "--objective.max_new_tokens", "8", "--objective.epochs", "2",
+          "--objective.logprob_chunk", "16", "--optim.lr", "3e-3"]
     cases = {"sft": sft, "dpo": dpo, "sft-lora": [*sft, *lora],
+             "grpo": ["--objective.name", "grpo", *rl], "ppo": ["--objective.name", "ppo", *rl],
              "dpo-precompute": [*dpo, "--objective.precompute_reference", "true"], "distill": distill}
     singles = {name: train_single(out, f"single-{name}", debug_data, *args) for name, args in cases.items()}
     return out, cases, singles
 
 
 LAYOUTS = {"fsdp2": ["--parallel.backend", "fsdp2"], "zero2": ["--parallel.backend", "zero2"],
+           "zero3": ["--parallel.backend", "zero3"],
            "ddp": ["--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"]}
 RUNS = {"sft-fsdp2": ("sft", "fsdp2"), "sft-zero2": ("sft", "zero2"), "sft-ddp": ("sft", "ddp"),
         "dpo-fsdp2": ("dpo", "fsdp2"),
         "dpo-zero2": ("dpo", "zero2"), "sft-lora-fsdp2": ("sft-lora", "fsdp2"),
-        "dpo-precompute-fsdp2": ("dpo-precompute", "fsdp2"), "distill-fsdp2": ("distill", "fsdp2")}
+        "dpo-precompute-fsdp2": ("dpo-precompute", "fsdp2"), "distill-fsdp2": ("distill", "fsdp2"),
+        **{f"{rl}-{layout}": (rl, layout) for rl in ("grpo", "ppo") for layout in ("fsdp2", "zero2", "zero3")}}
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +100,13 @@ def test_post_training_layouts_match_single_process(run, launched, post_setup):
     got = launched[1][run]
     assert got["world_size"] == 2 and len(got["losses"]) == len(history) == 6
     assert isinstance(got["sample"], str)
+    rl = case in ("grpo", "ppo")
+    if rl:  # the same rollouts, so the same rewards (up to the order their float64 sum was taken in)
+        assert got["rewards"] == pytest.approx([r["reward"] for r in history], rel=1e-12)
+    # RL losses are small differences of larger terms (ratio 1 and group-centred advantages at the first update): a
+    # float32 sum in another order moves them by ~1e-7 absolutely
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([r["loss"] for r in history]),
-                               rtol=1e-5, atol=0)
+                               rtol=1e-5, atol=1e-6 if rl else 0)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor([r["grad_norm"] for r in history]),
                                rtol=1e-5, atol=0)
     assert len(set(got["losses"])) > 1  # it trained

@@ -93,6 +93,7 @@ def main() -> None:
                          "world_size": trainer.dims.world_size,
                          "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
                          "balance_losses": [r.get("balance_loss") for r in history],  # a mixture of experts
+                         "rewards": [r.get("reward") for r in history],  # RL: the rollouts' mean reward
                          "qk_clip_heads": [r.get("qk_clip_heads") for r in history],  # MuonClip's QK-Clip
                          # the ep degree each experts module runs with (1: whole on every rank)
                          "expert_parallel": [getattr(m, "ep_size", 1) for m in trainer.engine.unwrap().modules()

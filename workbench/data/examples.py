@@ -125,9 +125,10 @@ class ExampleSet:
         self.truncated = self.dropped = 0
         for line, rec in records:
             where = f"{self.path}:{line}"
-            read = {"chat": lambda: self._conversation(rec, where, train_on), "pairs": lambda: self._pair(rec, where),
-                    "prompts": lambda: self._prompt(rec, where)}[kind]
-            ex = read()
+            if kind == "chat":
+                ex = self._conversation(rec, where, train_on)
+            else:
+                ex = self._pair(rec, where) if kind == "pairs" else self._prompt(rec, where)
             if ex is not None:
                 ex.index = len(self.examples)
                 self.examples.append(ex)

@@ -32,7 +32,7 @@ import torch
 
 from workbench.data.chat import ChatTemplate
 from workbench.data.examples import _rows
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, DataError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.nn.attention import MaskSpec
 from workbench.train.objectives.base import ModelRole
@@ -111,6 +111,17 @@ class RolloutObjective:
         return self.template.ask(text), self.template.stop_ids
 
     def prepare(self, models, train_data, val_batches, log=print) -> tuple[str, ...]:
+        """Before the first rollout: every prompt must carry what the reward reads (r1: a problem's kind and
+        params), checked here rather than steps into the run."""
+        if self.cfg.reward == "r1":
+            sets = [("data.train_file", train_data.path, train_data.examples)]
+            sets += [("data.val_file", "the validation file", [e for b in val_batches for e in b["examples"]])]
+            for key, path, examples in sets:
+                bad = [e.index for e in examples if not {"kind", "params"} <= set(e.meta)]
+                if bad:
+                    raise DataError(f"config key '{key}': {path}: {len(bad)} prompt(s) (the first: prompt {bad[0]}) "
+                                    f"have no 'kind' and 'params'; objective.reward = 'r1' checks reasoning problems "
+                                    f"(data_pipelines.reasoning writes such records), or use another reward")
         return ()
 
     # ------------------------------------------------------------------------------------------ rollouts
@@ -146,7 +157,8 @@ class RolloutObjective:
         stops = set(self.template.stop_ids)
         for ex, c in samples:
             content = c.tokens[:-1] if c.tokens and c.tokens[-1] in stops else c.tokens  # without its <|end|>
-            r, parts = self.reward_fn(ex.meta, c.text or "", content)
+            # special tokens kept: <think> and <answer> are reserved tokens that a plain decode drops
+            r, parts = self.reward_fn(ex.meta, self.tokenizer.decode(content, skip_special_tokens=False), content)
             rewards.append(r)
             sums["reward"] += r
             sums["length"] += len(c.tokens)
