@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training expert-teacher clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ context-extension: setup
 # Issue 8's post-training stages (docs/post-training.md): SFT, DPO and distillation on the demo model, with evals.
 post-training: setup
 	launch/post_training.sh
+
+# GRPO and PPO from the SFT model on verifiable reasoning, three seeds each, held-out evals (docs/rl.md).
+rl: setup
+	launch/rl.sh
 
 # Issue 9's expert-teacher chatbot (docs/expert-teacher.md): a source tree (SOURCE=DIR; default the standard library)
 # -> corpus, tokenizer, pretraining, SFT and teacher-DPO on data made from the tree, held-out evals, `workbench chat`.

@@ -461,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       "OUT/val.jsonl (seed 2*SEED + 1, train prompts dropped)")
     p.add_argument("--n-train", type=int, default=None, help="train records (--sft; default 5000)")
     p.add_argument("--n-val", type=int, default=None, help="val records before dropping repeats (--sft; default 500)")
+    p.add_argument("--exclude", default=None, metavar="FILE",
+                   help="drop problems whose prompt is a prompt of this jsonl (a held-out set apart from a train set)")
     args = p.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = [k for k in kinds if k not in KINDS]
@@ -470,10 +472,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.n_train is not None or args.n_val is not None:
             p.error("--n-train and --n-val go with --sft (without it, --n problems go to one file)")
         problems = make_problems(args.n, args.seed, kinds)
+        dropped = ""
+        if args.exclude:
+            from workbench.data.examples import jsonl_records
+
+            seen = {rec.get("prompt") for _, rec in jsonl_records(args.exclude)}
+            kept = [q for q in problems if q["prompt"] not in seen]
+            dropped = f" ({len(problems) - len(kept)} dropped: their prompt is in {args.exclude})"
+            problems = kept
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(q) + "\n" for q in problems), encoding="utf-8")
-        print(f"{len(problems)} problems -> {out}")
+        print(f"{len(problems)} problems -> {out}{dropped}")
         return 0
     n_train = 5000 if args.n_train is None else args.n_train
     n_val = 500 if args.n_val is None else args.n_val

@@ -55,11 +55,6 @@ if [[ -n "$SOURCE" ]]; then
     fi
     SOURCE=$(cd "$SOURCE" && pwd)
 fi
-if [[ "${GRPO:-0}" == 1 && ! -f configs/post/grpo.toml ]]; then  # said before hours of training, not after
-    echo "error: GRPO=1 needs configs/post/grpo.toml (the GRPO objective's config), which this checkout does" \
-         "not have yet; run without GRPO=1, or add the config and rerun (finished stages are reused)" >&2
-    exit 2
-fi
 NAME=${NAME:-expert-$(if [[ -n "$SOURCE" ]]; then basename "$SOURCE"; else echo stdlib; fi)}
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data/$NAME}
@@ -161,6 +156,14 @@ pair_tasks=preference
 stage eval-pretrained held_out "$PRE"
 stage eval-sft held_out "$SFT"
 stage eval-dpo held_out "$DPO" "exact_match,$pair_tasks"
+reasoning_eval() {  # reasoning_eval RUN_DIR: held-out accuracy on GRPO's checkable questions, in the chat template
+    "${wb[@]}" eval --ckpt "$1" --out "$1/evals/reasoning" --task reasoning --reasoning.data "$DATA/reasoning/val.jsonl" \
+        --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64 "${eval_args[@]}"
+}
+if [[ "${GRPO:-0}" == 1 ]]; then
+    stage eval-dpo-reasoning reasoning_eval "$DPO"
+    stage eval-grpo reasoning_eval "$FINAL"
+fi
 "$PYTHON" - "$PRE" "$SFT" "$DPO" "$TIMES" > "$RUNS/$NAME-figures.txt" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -176,6 +179,13 @@ for run in runs:
           f"{cell(pref, 'reward_acc'):>9s} {cell(pref, 'reward_margin', '.2f'):>7s} "
           f"{cell(pref, 'logp_acc'):>8s} {cell(teach, 'passes'):>8s}")
 print("held-out items: " + ", ".join(f"{k} {v['n']}" for k, v in tasks.items()))
+grpo = Path(runs[-1]).parent / (Path(runs[-1]).name[: -len("-dpo")] + "-grpo")
+if (grpo / "evals" / "reasoning" / "results.json").is_file():  # GRPO=1
+    acc = [json.loads((Path(r) / "evals" / "reasoning" / "results.json").read_text())["tasks"]["reasoning"]
+           for r in (runs[-1], grpo)]
+    print(f"reasoning accuracy on held-out checkable questions ({acc[0]['n']}): {Path(runs[-1]).name} "
+          f"{acc[0]['metrics']['accuracy']:.3f} -> {grpo.name} {acc[1]['metrics']['accuracy']:.3f} "
+          f"(chance {acc[0]['baselines']['chance']:.3f})")
 print("stage times (s): " + ", ".join(line.replace("\t", " ") for line in Path(times).read_text().splitlines()))
 EOF
 cat "$RUNS/$NAME-figures.txt"

@@ -12,7 +12,7 @@
 #
 # Reruns reuse what exists (data files, finished runs, eval results). Environment:
 #   WORKBENCH, PYTHON (launch/lib.sh), RUNS, DATA as in launch/post_training.sh; DOC, IMAGES the markdown written and its plots
-#   (default docs/rl.md, docs/images); SEEDS (default "0 1 2"); RL_KINDS (default compare,parity,boolean,mod);
+#   (default docs/rl.md, docs/images); SEEDS (default "0 1 2"); RL_KINDS (default parity,boolean,mod);
 #   N_TRAIN training prompts (default 2000), N_EVAL held-out problems (default 400);
 #   GRPO_ARGS, PPO_ARGS, EVAL_ARGS   extra overrides
 set -euo pipefail
@@ -25,7 +25,7 @@ DATA=${DATA:-data/post}
 DOC=${DOC:-docs/rl.md}
 IMAGES=${IMAGES:-docs/images}
 SEEDS=${SEEDS:-0 1 2}
-RL_KINDS=${RL_KINDS:-compare,parity,boolean,mod}
+RL_KINDS=${RL_KINDS:-parity,boolean,mod}
 N_TRAIN=${N_TRAIN:-2000}
 N_EVAL=${N_EVAL:-400}
 read -r -a grpo_args <<< "${GRPO_ARGS:-}"
@@ -45,9 +45,11 @@ make_data() {  # seeds 40 and 41: never an SFT seed of launch/post_training.sh (
     }
 }
 
-rl_eval() {  # rl_eval RUN_DIR: held-out accuracy of the R1-style answers, per kind, beside chance
+rl_eval() {  # rl_eval RUN_DIR: held-out accuracy of the R1-style answers, per kind, beside chance: pass@1 over 8
+            # samples at the rollouts' temperature (R1's protocol), pass@8, and the greedy answer's
     "${wb[@]}" eval --ckpt "$1" --out "$1/evals/rl" --task reasoning --reasoning.data "$DATA/rl/heldout.jsonl" \
-        --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64 "${eval_args[@]}"
+        --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64 --reasoning.samples 8 \
+        --reasoning.temperature 1.0 "${eval_args[@]}"
 }
 
 [[ -d "$RUNS/post-sft" ]] || STOP_AFTER=sft RUNS="$RUNS" DATA="$DATA" launch/post_training.sh

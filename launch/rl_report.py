@@ -1,7 +1,8 @@
 """Writes the measured part of docs/rl.md and its plots from the runs of launch/rl.sh.
 
     held-out   each GRPO and PPO seed's accuracy on the held-out problems (evals/rl/, `workbench eval --task
-               reasoning`), its R1 format share and per-kind accuracy, beside the SFT start's and chance; the change
+               reasoning` with 8 samples per problem: pass@1 as DeepSeek-R1 reports it, pass@8 and the greedy
+               answer's), its R1 format share and per-kind pass@1, beside the SFT start's and chance; the change
                over the start per seed, and how many seeds improved
     curves     the rollouts' mean reward and the validation accuracy over the steps of every run (metrics.jsonl)
 
@@ -41,14 +42,24 @@ def heldout_section(runs: Path, seeds: list[str], images: Path, rel: str) -> lis
     if not start:
         return []
     kinds = sorted(per_kind(start))
+    k = start.get("details", {}).get("samples", 1)
     lines = ["### Held-out accuracy against the SFT start", "",
              f"{start.get('n')} held-out problems of the kinds {', '.join(kinds)} (seed 41, none a training prompt), "
-             f"greedy, answers checked by a program; chance {fmt(start.get('baselines', {}).get('chance'))}.", "",
-             "| model | seed | accuracy | change | R1 format | " + " | ".join(kinds) + " |",
-             "|---|---|---|---|---|" + "---|" * len(kinds)]
+             f"{k} completions each sampled at temperature {start.get('details', {}).get('temperature')}, answers "
+             f"checked by a program. pass@1 is the mean correctness over the samples (DeepSeek-R1's protocol), "
+             f"pass@{k} the share of problems with a right answer among them, greedy the one greedy answer's "
+             f"accuracy; chance {fmt(start.get('baselines', {}).get('chance'))}. Per-kind columns are pass@1.", "",
+             f"| model | seed | pass@1 | change | pass@{k} | greedy | R1 format | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(kinds)]
     a0 = accuracy(start)
-    lines.append(f"| SFT start | - | {fmt(a0)} | - | {fmt(start['metrics'].get('format'))} | "
-                 + " | ".join(fmt(per_kind(start).get(k)) for k in kinds) + " |")
+
+    def row(name, seed, task, change):
+        m = task["metrics"]
+        return (f"| {name} | {seed} | {fmt(m.get('accuracy'))} | {change} | {fmt(m.get('pass_at_k'))} | "
+                f"{fmt(m.get('greedy_accuracy'))} | {fmt(m.get('format'))} | "
+                + " | ".join(fmt(per_kind(task).get(k)) for k in kinds) + " |")
+
+    lines.append(row("SFT start", "-", start, "-"))
     summary, bars = [], {"SFT start": [per_kind(start).get(k, 0.0) for k in kinds]}
     for name in OBJECTIVES:
         deltas, by_kind = [], []
@@ -58,12 +69,10 @@ def heldout_section(runs: Path, seeds: list[str], images: Path, rel: str) -> lis
                 continue
             deltas.append(accuracy(task) - a0)
             by_kind.append([per_kind(task).get(k, 0.0) for k in kinds])
-            lines.append(f"| {name.upper()} | {seed} | {fmt(accuracy(task))} | {deltas[-1]:+.3f} | "
-                         f"{fmt(task['metrics'].get('format'))} | "
-                         + " | ".join(fmt(per_kind(task).get(k)) for k in kinds) + " |")
+            lines.append(row(name.upper(), seed, task, f"{deltas[-1]:+.3f}"))
         if deltas:
             spread = f" (std {statistics.stdev(deltas):.3f})" if len(deltas) > 1 else ""
-            summary.append(f"- {name.upper()}: held-out accuracy {fmt(a0)} -> {fmt(a0 + statistics.mean(deltas))} on "
+            summary.append(f"- {name.upper()}: held-out pass@1 {fmt(a0)} -> {fmt(a0 + statistics.mean(deltas))} on "
                            f"average, {statistics.mean(deltas):+.3f}{spread}; higher than the start in "
                            f"{sum(d > 0 for d in deltas)} of {len(deltas)} seeds, the smallest change "
                            f"{min(deltas):+.3f}.")
@@ -86,10 +95,10 @@ def plot_kinds(out: Path, kinds: list[str], bars: dict, start: dict) -> None:
             ax.hlines(chance[kind], k - width / 2, k + 0.8 - width / 2, colors="black", linewidth=1.5,
                       label="chance" if k == 0 else None)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], kinds)
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("held-out pass@1")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("Held-out accuracy per kind: SFT start vs RL")
+    ax.set_title("Held-out pass@1 per kind: SFT start vs RL")
     save_figure(fig, out)
 
 

@@ -13,6 +13,13 @@ Metrics
     accuracy   the answer in the last complete <answer> span is right
     format     R1's format: a <think> block, then exactly one <answer> block
     answered   some <answer> span exists (a model can be right without the <think> block)
+
+Greedy by default. `--reasoning.samples K --reasoning.temperature T` follows DeepSeek-R1's evaluation instead: K
+completions per problem sampled at temperature T (each from its own seed), `accuracy` = pass@1 = the mean
+correctness over all of them, `pass_at_k` = the share of problems with at least one right answer, and
+`greedy_accuracy` from one greedy pass besides. RL moves the first two apart: it raises pass@1 by making the
+policy pick its better answers more often, which can lower pass@k (the samples grow alike); the greedy answer
+may not change at all.
 Chance is the mean over problems of 1 / |answer space| (`rz.chance`: every kind's space has a known size),
 the score of answering uniformly at random; per-kind accuracy and chance are plotted side by side.
 """
@@ -42,10 +49,16 @@ class Config:
     max_new_tokens: int = field_(64, gt=0)
     chat: bool = field_(False, doc="ask each problem as a user turn of the chat template (an SFT model's format; "
                                    "the reply ends at <|end|>)")
+    samples: int = field_(1, gt=0, doc="completions per problem; > 1 samples at `temperature` and reports pass@1 "
+                                       "(the mean over them), pass@k and the greedy accuracy (R1's protocol)")
+    temperature: float = field_(0.0, ge=0, doc="sampling temperature with samples > 1 (R1 used 0.6)")
 
     def validate(self) -> None:
         if self.data is not None:
             data_file(self.data, "reasoning.data")  # before the model loads
+        if self.samples > 1 and self.temperature == 0:
+            fail("temperature", f"{self.samples} samples per problem at temperature 0 would all be the greedy one; "
+                                f"set reasoning.temperature > 0 (R1 evaluated at 0.6) or reasoning.samples = 1")
         unknown = [k for k in self.kinds if k not in rz.KINDS]
         if unknown:
             fail("kinds", f"unknown kind {unknown[0]!r} (known: {', '.join(rz.KINDS)})")
@@ -96,18 +109,39 @@ class Reasoning:
             prompts, _ = fit_prompts(tok, [p["prompt"] for p in problems], ctx.max_length, cfg.max_new_tokens,
                                      "reasoning.max_new_tokens", truncate=False)
             stop_ids = None
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stop_ids or [])
-        completions = ctx.generate(prompts, params, desc="reasoning")
+        greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stop_ids or [])
+        completions = ctx.generate(prompts, greedy, desc="reasoning")
         # special tokens kept: <think>, <answer> are reserved tokens that a plain decode would drop
         outputs = [tok.decode(c.tokens, skip_special_tokens=False) for c in completions]
         metrics, per_kind, samples = score_outputs(problems, outputs)
+        if cfg.samples > 1:
+            metrics, per_kind, samples = self.sampled(ctx, cfg, problems, prompts, stop_ids, metrics, per_kind)
         chance = sum(s["chance"] for s in samples) / len(samples)
         plot = "reasoning.png"
         bars(ctx.out_dir / plot, list(per_kind), [v["accuracy"] for v in per_kind.values()],
              [v["chance"] for v in per_kind.values()], title=f"reasoning accuracy by kind ({len(samples)} problems)",
              ylabel="accuracy")
         return TaskResult(task=self.name, primary="accuracy", metrics=metrics, baselines={"chance": chance},
-                          n=len(samples), samples=samples, plots=[plot], details={"per_kind": per_kind})
+                          n=len(problems), samples=samples, plots=[plot],
+                          details={"per_kind": per_kind, "samples": cfg.samples, "temperature": cfg.temperature})
+
+    def sampled(self, ctx: EvalContext, cfg: Config, problems, prompts, stop_ids, greedy: dict, greedy_kinds: dict):
+        """K samples per problem: pass@1 (the mean), pass@k, beside the greedy accuracy (metrics and per kind)."""
+        k = cfg.samples
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                 seed=cfg.seed * 1000 + i * k + j, stop_token_ids=stop_ids or [])
+                  for i in range(len(prompts)) for j in range(k)]
+        completions = ctx.generate([p for p in prompts for _ in range(k)], params, desc=f"reasoning x{k}")
+        outputs = [ctx.tokenizer.decode(c.tokens, skip_special_tokens=False) for c in completions]
+        metrics, per_kind, samples = score_outputs([p for p in problems for _ in range(k)], outputs)
+        for i, s in enumerate(samples):
+            s["sample"] = i % k
+        hit = [any(s["correct"] for s in samples[i * k : (i + 1) * k]) for i in range(len(problems))]
+        metrics.update(pass_at_k=sum(hit) / len(hit), greedy_accuracy=greedy["accuracy"])
+        for kind, v in per_kind.items():
+            mine = [h for h, p in zip(hit, problems) if p["kind"] == kind]
+            v.update(n=len(mine), pass_at_k=sum(mine) / len(mine), greedy=greedy_kinds[kind]["accuracy"])
+        return metrics, per_kind, samples
 
 
 TASK = Reasoning()

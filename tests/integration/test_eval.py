@@ -181,3 +181,23 @@ def test_long_context_evals_run_past_the_window_and_write_their_plots(capsys, ru
     assert any("past the trained window of 64 tokens" in line for line in err)
     one_error(*cli(capsys, "eval", "--task", "passkey", "--ckpt", run, "--out", out, "--passkey.lengths", "[160]",
                    "--passkey.past_window", "false")[::2], "passkey.lengths", "160", "past_window true")
+
+
+def test_reasoning_sampled_reports_pass_at_1_pass_at_k_and_greedy(capsys, run, tmp_path):
+    """R1's protocol: K samples per problem; pass@1 is their mean, pass@k the share of problems with any right
+    answer, and the greedy pass is scored beside them. Checked against the samples file by hand."""
+    rc, _, _ = cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--out", tmp_path / "ev", "--max-length",
+                   "128", "--reasoning.n", "5", "--reasoning.max_new_tokens", "6", "--reasoning.samples", "3",
+                   "--reasoning.temperature", "1.0", "--reasoning.kinds", "parity,compare")
+    assert rc == 0
+    task = json.loads((tmp_path / "ev" / "results.json").read_text())["tasks"]["reasoning"]
+    samples = [json.loads(x) for x in (tmp_path / "ev" / "samples" / "reasoning.jsonl").read_text().splitlines()]
+    assert task["n"] == 5 and len(samples) == 15 and [s["sample"] for s in samples[:6]] == [0, 1, 2, 0, 1, 2]
+    assert task["metrics"]["accuracy"] == sum(s["correct"] for s in samples) / 15
+    hits = [any(s["correct"] for s in samples[i * 3 : i * 3 + 3]) for i in range(5)]
+    assert task["metrics"]["pass_at_k"] == sum(hits) / 5
+    assert 0 <= task["metrics"]["greedy_accuracy"] <= 1 and task["details"]["samples"] == 3
+    assert len({s["output"] for s in samples}) > 1  # sampled, not greedy
+    # samples at temperature 0 would all be the greedy one
+    rc, _, err = cli(capsys, "eval", "--task", "reasoning", "--ckpt", run, "--reasoning.samples", "4")
+    assert rc != 0 and any("reasoning.temperature" in line or "'temperature'" in line for line in err)

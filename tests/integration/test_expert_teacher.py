@@ -321,7 +321,9 @@ def test_the_recipe_runs_every_stage_on_a_small_verilog_tree_and_ends_in_a_worki
     quick = "--train.micro_batch_size 4 --train.eval_every 0 --train.sample_tokens 0"
     env = {"RUNS": str(runs), "DATA": str(data), "NAME": "vt", "VOCAB": "500", "PRETRAIN_STEPS": "6",
            "SFT_STEPS": "6", "DPO_STEPS": "4", "N_EVAL": "4", "SEQ_LEN": "256", "MODEL_ARGS": "--model.flavor debug",
-           "PRETRAIN_ARGS": quick, "SFT_ARGS": quick, "DPO_ARGS": quick, "EVAL_ARGS": "--exact_match.max_new_tokens 12"}
+           "PRETRAIN_ARGS": quick, "SFT_ARGS": quick, "DPO_ARGS": quick, "EVAL_ARGS": "--exact_match.max_new_tokens 12",
+           # the optional GRPO stage on generated checkable questions, two steps of it
+           "GRPO": "1", "GRPO_ARGS": f"{quick} --train.steps 2 --objective.group_size 2 --objective.max_new_tokens 8"}
     done = run_script(str(tree), env_extra=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -329,10 +331,13 @@ def test_the_recipe_runs_every_stage_on_a_small_verilog_tree_and_ends_in_a_worki
     manifest = json.loads((data / "corpus" / "manifest.json").read_text())
     assert manifest["build"]["source"] == str(tree) and (data / "corpus" / "tokenizer.json").is_file()
     # 2.-5. every run finished with a complete checkpoint; SFT starts from the pretrained run, DPO from SFT
-    for name, steps in (("vt-pretrain", 6), ("vt-sft", 6), ("vt-dpo", 4)):
+    for name, steps in (("vt-pretrain", 6), ("vt-sft", 6), ("vt-dpo", 4), ("vt-grpo", 2)):
         assert (runs / name / "checkpoints" / f"step-{steps}" / "COMPLETE").is_file(), name
     assert "vt-pretrain" in (runs / "vt-sft" / "config.toml").read_text()
     assert "vt-sft" in (runs / "vt-dpo" / "config.toml").read_text()
+    assert "vt-dpo" in (runs / "vt-grpo" / "config.toml").read_text()  # GRPO=1: from the DPO model
+    grpo = [json.loads(x) for x in (runs / "vt-grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "accuracy", "format"} <= set(grpo[1]) and "val_accuracy" in grpo[-1]
     # 3. teaching data: every readable module gives its pairs; held out by file
     prefs = {split: lines(data / "preferences" / f"{split}.jsonl") for split in ("train", "val", "sft", "rephrased")}
     subjects = {r["subject"] for split in prefs.values() for r in split}
@@ -352,8 +357,9 @@ def test_the_recipe_runs_every_stage_on_a_small_verilog_tree_and_ends_in_a_worki
     instances = [r for r in instructions if r["kind"] == "instance"]  # those within the recipe's length limits
     assert len(instances) >= MODULES // 2
     assert all(r["answer"] == vl.instantiation(by_source[r["source"]]) for r in instances)
-    sft = lines(data / "sft" / "train.jsonl")
-    assert len(sft) == len(lines(data / "instructions" / "train.jsonl")) + len(prefs["sft"])
+    sft = lines(data / "sft" / "train.jsonl")  # with GRPO=1, its questions' answer format too
+    reasoning = lines(data / "reasoning" / "train.jsonl")
+    assert len(sft) == len(lines(data / "instructions" / "train.jsonl")) + len(prefs["sft"]) + len(reasoning)
     # 6. held-out evals of the three models
     for name in ("vt-pretrain", "vt-sft", "vt-dpo"):
         results = json.loads((runs / name / "evals" / "held-out" / "results.json").read_text())["tasks"]
@@ -364,8 +370,9 @@ def test_the_recipe_runs_every_stage_on_a_small_verilog_tree_and_ends_in_a_worki
     figures = (runs / "vt-figures.txt").read_text()
     assert "vt-dpo" in figures and "stage times" in figures and figures in done.stdout
     times = dict(line.split("\t") for line in (runs / "vt-times.tsv").read_text().splitlines())
-    assert set(times) == {"data", "pretrain", "teaching-data", "sft", "dpo", "eval-pretrained", "eval-sft",
-                          "eval-dpo"}
+    assert set(times) == {"data", "pretrain", "teaching-data", "sft", "dpo", "grpo", "eval-pretrained", "eval-sft",
+                          "eval-dpo", "eval-dpo-reasoning", "eval-grpo"}
+    assert "reasoning accuracy on held-out checkable questions (4): vt-dpo" in figures and "-> vt-grpo" in figures
     # 7. the printed chat command answers a piped question with a non-empty reply
     command = next(line for line in done.stdout.splitlines() if " chat --ckpt " in line)
     question = "How do I instantiate uart_tx?"
@@ -374,15 +381,15 @@ def test_the_recipe_runs_every_stage_on_a_small_verilog_tree_and_ends_in_a_worki
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip(), chat.stderr
-    assert f"--ckpt {runs / 'vt-dpo'}" in command
+    assert f"--ckpt {runs / 'vt-grpo'}" in command
 
     # a rerun reuses every stage (data built, runs finished) and prints the same figures' models
     again = run_script(str(tree), env_extra=env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "vt-dpo" in again.stdout
+    assert "vt-grpo" in again.stdout
 
 
-def test_bad_source_trees_and_a_missing_grpo_config_are_named(tmp_path):
+def test_bad_source_trees_are_named(tmp_path):
     env = {"RUNS": str(tmp_path / "runs"), "DATA": str(tmp_path / "data")}
     done = run_script(str(tmp_path / "missing"), env_extra=env, timeout=60)
     assert done.returncode == 2 and "SOURCE_TREE" in done.stderr and "does not exist" in done.stderr
@@ -393,9 +400,6 @@ def test_bad_source_trees_and_a_missing_grpo_config_are_named(tmp_path):
     (tmp_path / "c-only" / "main.c").write_text("int main(void) { return 0; }\n")
     done = run_script(str(tmp_path / "c-only"), env_extra=env, timeout=60)
     assert done.returncode == 2 and "no Python (.py) or Verilog (.v, .sv) files" in done.stderr
-    if not (ROOT / "configs" / "post" / "grpo.toml").is_file():  # the hook names the config it lacks, up front
-        done = run_script(str(tmp_path / "c-only"), env_extra=dict(env, GRPO="1"), timeout=60)
-        assert done.returncode == 2 and "GRPO=1 needs configs/post/grpo.toml" in done.stderr
     assert not (tmp_path / "runs").exists()
 
 

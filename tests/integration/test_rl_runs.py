@@ -120,3 +120,45 @@ def test_mistakes_stop_the_run_before_it_starts(tmp_path, debug_job, rl):
     # a value head option on grpo
     with pytest.raises(ConfigError, match="vf_coef.*objective.name = 'ppo'"):
         debug_job(tmp_path, "--objective.name", "grpo", "--objective.vf_coef", "0.5")
+
+
+def test_rl_report_writes_the_measured_section_from_run_folders(tmp_path):
+    """launch/rl_report.py on synthetic run folders: the tables, the per-seed changes and both plots."""
+    import runpy
+
+    root = Path(__file__).resolve().parents[2]
+    runs = tmp_path / "runs"
+
+    def reasoning_eval(run: str, acc: float, mod: float) -> None:
+        folder = runs / run / "evals" / "rl"
+        folder.mkdir(parents=True)
+        per_kind = {"mod": {"accuracy": mod, "chance": 0.2, "n": 10, "pass_at_k": 0.6, "greedy": 0.3},
+                    "parity": {"accuracy": 0.5, "chance": 0.5, "n": 10, "pass_at_k": 0.9, "greedy": 0.5}}
+        (folder / "results.json").write_text(json.dumps({"tasks": {"reasoning": {
+            "n": 20, "metrics": {"accuracy": acc, "format": 1.0, "pass_at_k": 0.8, "greedy_accuracy": 0.4},
+            "baselines": {"chance": 0.35}, "details": {"per_kind": per_kind, "samples": 8, "temperature": 1.0}}}}))
+
+    reasoning_eval("post-sft", 0.40, 0.2)
+    for seed, (g, p) in enumerate(((0.45, 0.42), (0.43, 0.39))):
+        reasoning_eval(f"rl-grpo-s{seed}", g, 0.3)
+        reasoning_eval(f"rl-ppo-s{seed}", p, 0.25)
+        for name in ("grpo", "ppo"):
+            (runs / f"rl-{name}-s{seed}" / "metrics.jsonl").write_text("".join(
+                json.dumps(r) + "\n" for r in ({"step": 0, "val_accuracy": 0.4}, {"step": 1, "reward": 0.3, "kl": 0.0},
+                                               {"step": 2, "reward": 0.5, "kl": 0.1}, {"step": 2, "val_accuracy": 0.5})))
+    doc = tmp_path / "docs" / "rl.md"
+    doc.parent.mkdir()
+    doc.write_text("# hand-written\n\n<!-- measured:begin (launch/rl_report.py) -->\nold\n<!-- measured:end -->\ntail\n")
+    module = runpy.run_path(str(root / "launch/rl_report.py"))
+    assert module["main"](["--runs", str(runs), "--doc", str(doc), "--images", str(tmp_path / "docs" / "images"),
+                           "--seeds", "0 1"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# hand-written") and text.rstrip().endswith("tail") and "\nold\n" not in text
+    assert "| SFT start | - | 0.400 | - | 0.800 | 0.400 | 1.000 | 0.200 | 0.500 |" in text
+    assert "| GRPO | 0 | 0.450 | +0.050 |" in text and "| PPO | 1 | 0.390 | -0.010 |" in text
+    assert "GRPO: held-out pass@1 0.400 -> 0.440 on average, +0.040 (std 0.014); higher than the start in 2 of 2" in text
+    assert "PPO: held-out pass@1 0.400 -> 0.405 on average" in text and "in 1 of 2 seeds" in text
+    assert "| rl-grpo-s0 | 0.300 | 0.500 | 0.100 | 0.400 -> 0.500 |" in text
+    for name in ("rl-kinds.png", "rl-curves.png"):
+        assert (tmp_path / "docs" / "images" / name).read_bytes().startswith(b"\x89PNG")
+        assert f"(images/{name})" in text
