@@ -158,7 +158,7 @@ stage eval-sft held_out "$SFT"
 stage eval-dpo held_out "$DPO" "exact_match,$pair_tasks"
 reasoning_eval() {  # reasoning_eval RUN_DIR: held-out accuracy on GRPO's checkable questions, in the chat template
     "${wb[@]}" eval --ckpt "$1" --out "$1/evals/reasoning" --task reasoning --reasoning.data "$DATA/reasoning/val.jsonl" \
-        --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64 "${eval_args[@]}"
+        --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64
 }
 if [[ "${GRPO:-0}" == 1 ]]; then
     stage eval-dpo-reasoning reasoning_eval "$DPO"
