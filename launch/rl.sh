@@ -47,6 +47,7 @@ make_data() {  # seeds 40 and 41: never an SFT seed of launch/post_training.sh (
 
 rl_eval() {  # rl_eval RUN_DIR: held-out accuracy of the R1-style answers, per kind, beside chance: pass@1 over 8
             # samples at the rollouts' temperature (R1's protocol), pass@8, and the greedy answer's
+    [[ -s "$1/evals/rl/results.json" ]] && return 0  # a rerun reuses it
     "${wb[@]}" eval --ckpt "$1" --out "$1/evals/rl" --task reasoning --reasoning.data "$DATA/rl/heldout.jsonl" \
         --reasoning.n "$N_EVAL" --reasoning.chat true --reasoning.max_new_tokens 64 --reasoning.samples 8 \
         --reasoning.temperature 1.0 "${eval_args[@]}"

@@ -209,7 +209,8 @@ class ObjectiveSection:
     rollout_batch: int = field_(64, gt=0, doc="ppo, grpo: completions decoded together")
     aggregation: Literal["grpo", "dr_grpo", "dapo"] = field_(
         "grpo", doc="grpo: grpo = each completion's token mean, then the mean over completions; dr_grpo = the sum "
-                    "over tokens / (completions x max_new_tokens); dapo = the sum / all completion tokens")
+                    "over tokens / (completions x max_new_tokens) (Dr. GRPO in full also sets scale_rewards = "
+                    "false); dapo = the sum / all completion tokens")
     scale_rewards: bool = field_(True, doc="grpo: divide each group's advantages by its reward std (off in Dr. GRPO)")
     vf_coef: float = field_(0.1, ge=0, doc="ppo: weight of the value loss")
     value_clip: float = field_(0.2, gt=0, doc="ppo: new values are clipped to the old ones +- this")
@@ -283,18 +284,20 @@ class JobConfig:
         name, data, par = self.objective.name, self.data, self.parallel
         if name == "lm" and (data.train_file or data.val_file):
             fail("data.train_file", "objective.name = 'lm' trains on data.dir's shards; examples files are for "
-                                    "sft, dpo and distill (set objective.name)")
-        if name in ("sft", "dpo") and not data.train_file:
-            fail("data.train_file", f"objective.name = '{name}' needs a jsonl of "
-                                    f"{'conversations' if name == 'sft' else 'preference pairs'}")
+                                    "sft, dpo, distill, ppo and grpo (set objective.name)")
+        if name in ("sft", "dpo", *RL_OBJECTIVES) and not data.train_file:
+            what = {"sft": "conversations", "dpo": "preference pairs"}.get(name, "prompts (what the reward reads, e.g. "
+                                                                          "data_pipelines.reasoning's problems)")
+            fail("data.train_file", f"objective.name = '{name}' needs a jsonl of {what}")
         if data.val_file and not data.train_file:
             fail("data.val_file", "is the held-out part of data.train_file, which is empty")
         chat = name == "sft" or (name == "distill" and data.train_file)
         defaults = DataSection.__dataclass_fields__
         for key in ("pack", "train_on"):  # options of conversations only
             if not chat and getattr(data, key) != defaults[key].default:
+                reads = {"dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}.get(name, "windows")
                 fail(f"data.{key}", f"applies to conversations (objective sft, or distill with data.train_file); "
-                                    f"objective.name = '{name}' reads {'pairs' if name == 'dpo' else 'windows'}")
+                                    f"objective.name = '{name}' reads {reads}")
         mtp = getattr(self.model.config, "mtp_layers", 0)
         if name in ("dpo", "distill") and mtp and par.backend == "ddp":
             fail("model.mtp_layers", f"objective.name = '{name}' does not train the multi-token-prediction modules, "
@@ -311,11 +314,16 @@ class JobConfig:
                      "Muon and QK-Clip are not built for LoRA adapters (QK-Clip rescales the frozen base weights)")
             if par.tp > 1:
                 fail("parallel.tp", "LoRA with tensor parallelism is not built (the adapters are not split)")
+            sharded = (par.backend == "fsdp2" and par.dp_replicate * par.dp_shard > 1) or par.backend == "zero3"
+            if name in RL_OBJECTIVES and sharded:
+                fail("lora.r", f"LoRA with objective.name = '{name}' under sharded parameters ({par.backend}) is not "
+                               f"built: rollouts decode a gathered plain copy of the policy, which would need the "
+                               f"adapters merged into it; use parallel.backend ddp, zero1 or zero2, or no LoRA")
         if name != "lm":
             for key in ("tp", "cp"):
                 if getattr(par, key) > 1:
                     fail(f"parallel.{key}", f"objective.name = '{name}' runs under data parallelism (ddp, fsdp2, "
                                             f"zero1-3); parallel.{key} > 1 is built for language modelling only")
-            if name in ("dpo", "distill") and par.ep > 1:
+            if name in ("dpo", "distill", *RL_OBJECTIVES) and par.ep > 1:
                 fail("parallel.ep", f"objective.name = '{name}' has a frozen second model, which is not laid out "
                                     f"for expert parallelism; use parallel.ep = 1")

@@ -56,6 +56,9 @@ class Config:
     def validate(self) -> None:
         if self.data is not None:
             data_file(self.data, "reasoning.data")  # before the model loads
+        if self.samples == 1 and self.temperature > 0:
+            fail("samples", f"temperature {self.temperature} samples, and one sample per problem would be scored as "
+                            f"the greedy pass; set reasoning.samples > 1 (pass@1 over them) or temperature 0")
         if self.samples > 1 and self.temperature == 0:
             fail("temperature", f"{self.samples} samples per problem at temperature 0 would all be the greedy one; "
                                 f"set reasoning.temperature > 0 (R1 evaluated at 0.6) or reasoning.samples = 1")
@@ -119,7 +122,9 @@ class Reasoning:
         chance = sum(s["chance"] for s in samples) / len(samples)
         plot = "reasoning.png"
         bars(ctx.out_dir / plot, list(per_kind), [v["accuracy"] for v in per_kind.values()],
-             [v["chance"] for v in per_kind.values()], title=f"reasoning accuracy by kind ({len(samples)} problems)",
+             [v["chance"] for v in per_kind.values()],
+             title=f"reasoning accuracy by kind ({len(problems)} problems"
+                   + (f", pass@1 of {cfg.samples} samples)" if cfg.samples > 1 else ")"),
              ylabel="accuracy")
         return TaskResult(task=self.name, primary="accuracy", metrics=metrics, baselines={"chance": chance},
                           n=len(problems), samples=samples, plots=[plot],

@@ -61,7 +61,9 @@ def post_setup(tmp_path_factory, debug_data):
                "--model.n_heads", "2", "--model.n_kv_heads", "1", "--objective.temperature", "2.0"]
     # RL on the planted reward (the share of even token ids: non-zero advantages from any start), 4 completions of
     # 8 tokens per prompt, two updates per batch of experience (old log-probs, ratios and clipping), KL to the start
-    prompts = [{"prompt": f"Write about {w}"} for w in ("apple", "river", "stone", "cloud") * 8]
+    # prompts of different lengths: each rank's decoding batches are left-padded differently from the single run's
+    prompts = [{"prompt": p} for p in ("Hi", "Write about a river", "Tell me a long story about the old stone bridge",
+                                       "Describe a cloud") * 8]
     rl = ["--objective.reward", "planted", "--data.train_file", write(out / "prompts.jsonl", prompts),
           "--data.val_file", write(out / "prompts-val.jsonl", prompts[:4]), "--train.init_from", str(out / "base"),
           "--objective.group_size", "4", "--objective.max_new_tokens", "8", "--objective.epochs", "2",

@@ -214,20 +214,49 @@ def test_ppo_first_update_loss_is_minus_the_mean_advantage_plus_the_value_loss()
     assert engine.unwrap().value_head.weight.grad.abs().sum() > 0  # the critic trains
 
 
-def test_ppo_value_clip_limits_how_far_a_value_moves():
-    """A value far past its old one by more than value_clip: the loss takes the worse of clipped and unclipped."""
-    ret, old, new = torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([3.0])
-    c = 0.2
-    v_clipped = old + (new - old).clamp(-c, c)
-    vf = 0.5 * torch.max((new - ret) ** 2, (v_clipped - ret) ** 2)
-    assert float(vf) == pytest.approx(0.5 * 4.0)  # unclipped (3 - 1)^2 = 4 beats clipped (0.2 - 1)^2 = 0.64
+def test_ppo_value_clip_takes_the_worse_of_clipped_and_unclipped():
+    """New values 1.0 past the old ones (clip 0.2) and equal to their returns: unclipped (V - R)^2 = 0, clipped
+    (V_old + 0.2 - R)^2 = 0.8^2; the loss takes 0.5 x 0.64 per token."""
+    obj = PPOObjective(_cfg(name="ppo", value_clip=0.2))
+    engine = _tiny_engine(value_head=True)
+    mb = _rows()
+    with torch.no_grad():
+        mb["old_logps"], values, _ = obj.logprobs_and_values(engine, mb)
+    mask = mb["mask"].float()
+    mb["old_values"], mb["returns"] = (values - 1.0) * mask, values * mask
+    mb["advantages"], mb["kl_sum"] = torch.zeros_like(mask), torch.tensor(0.0)
+    out = obj.loss({"policy": engine}, mb, total_units=5)
+    assert out.sums["value_loss"] == pytest.approx(5 * 0.5 * 0.64, rel=1e-4)
+
+
+def test_ppo_experience_charges_the_kl_per_token_and_pays_the_score_on_the_last():
+    """finish_experience: r_t = -kl_coef (old - ref) on every completion token, + the score on the row's last; with
+    gamma = lambda = 1 and V = 0 each advantage is the sum of the rewards from its token on."""
+    obj = PPOObjective(_cfg(name="ppo", kl_coef=0.1, gamma=1.0, lam=1.0, whiten_advantages=False))
+    mask = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    old = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
+    obj.logprobs_and_values = lambda engine, mb: (old, torch.zeros_like(old), None)
+    mb = {"mask": mask, "rewards": torch.tensor([1.0, 2.0]), "ref_logps": ref}
+    engine = type("E", (), {"all_reduce": staticmethod(lambda t: t)})()
+    obj.finish_experience({"policy": engine}, [mb])
+    # row 0: -0.1 x 0.5 = -0.05 at t=1; -0.1 x -1.0 + 1 = 1.1 at t=2;  row 1: 0 + 2 at t=1
+    torch.testing.assert_close(mb["advantages"], torch.tensor([[0.0, 1.05, 1.1, 0.0], [0.0, 2.0, 0.0, 0.0]]))
+    torch.testing.assert_close(mb["returns"], mb["advantages"])  # V = 0
+    assert float(mb["kl_sum"]) == pytest.approx(0.5 - 1.0)
+    # whitened over the masked tokens of every micro-batch (here: one "rank")
+    obj = PPOObjective(_cfg(name="ppo", kl_coef=0.1, gamma=1.0, lam=1.0))
+    obj.logprobs_and_values = lambda engine, mb: (old, torch.zeros_like(old), None)
+    mb = {"mask": mask, "rewards": torch.tensor([1.0, 2.0]), "ref_logps": ref}
+    obj.finish_experience({"policy": engine}, [mb])
+    white = mb["advantages"][mask]
+    assert float(white.mean()) == pytest.approx(0.0, abs=1e-6) and float(white.std()) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_prompt_records_keep_their_meta_and_drop_prompts_without_room(tmp_path):
     from data_pipelines.tokenizer import byte_tokenizer
     from workbench.data.chat import ChatTemplate
     from workbench.data.examples import ExampleSet
-    from workbench.data.tokenizer import Tokenizer
     from workbench.errors import DataError
 
     tok = byte_tokenizer()
@@ -243,4 +272,22 @@ def test_prompt_records_keep_their_meta_and_drop_prompts_without_room(tmp_path):
     path.write_text('{"question": "x"}\n')
     with pytest.raises(DataError, match="p.jsonl:1: missing key 'prompt'"):
         ExampleSet(path, "prompts", ChatTemplate(tok), seq_len=64)
-    assert isinstance(tok, Tokenizer)
+
+
+def test_rl_layouts_that_are_not_built_are_refused_by_name(tmp_path):
+    from pathlib import Path
+
+    from workbench.config import load_config
+    from workbench.errors import ConfigError
+    from workbench.job import JobConfig
+
+    toml = Path(__file__).resolve().parents[2] / "configs" / "llama3" / "debug.toml"
+    base = ["--objective.name", "grpo", "--data.train_file", "p.jsonl", "--train.init_from", "runs/x"]
+    load_config(JobConfig, toml, [*base, "--lora.r", "4", "--parallel.backend", "zero2"])  # replicas: fine
+    with pytest.raises(ConfigError, match="lora.r.*'grpo' under sharded parameters \\(zero3\\)"):
+        load_config(JobConfig, toml, [*base, "--lora.r", "4", "--parallel.backend", "zero3"])
+    with pytest.raises(ConfigError, match="parallel.ep.*frozen second model"):
+        load_config(JobConfig, toml, [*base, "--model.family", "mixtral", "--model.flavor", "debug",
+                                      "--parallel.ep", "2", "--parallel.dp_shard", "2", "--parallel.backend", "fsdp2"])
+    with pytest.raises(ConfigError, match="data.train_file.*'ppo' needs a jsonl of prompts"):
+        load_config(JobConfig, toml, ["--objective.name", "ppo"])

@@ -32,7 +32,9 @@ shards), which reshards on load, so a run saved on N ranks resumes on M.
 
 Generation: every rank runs the same greedy decode in lockstep under fsdp2 (each block all-gathers as in
 training); ddp decodes on its local replica; with tensor parallel every rank decodes a gathered whole copy
-(heads, and so the KV cache, are split across tp ranks).
+(heads, and so the KV cache, are split across tp ranks), and so does every fsdp2 rank when it decodes prompts of
+its own (`gather_for_generation(independent=True)`: RL rollouts, which stop at different tokens on each rank). The
+copy is built once per engine and refilled from the full state dict at each call (`whole_copy`).
 """
 
 from __future__ import annotations

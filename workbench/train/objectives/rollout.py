@@ -11,7 +11,9 @@ One batch of experience (`RolloutObjective.experience`, per micro-batch of promp
 
 Sampling is reproducible and independent of the layout: completion j of the prompt at file position i, at
 training step s, draws from its own generator seeded by (run.seed, s, i, j). The same weights therefore give the
-same completions on one process or on any number of ranks, which is what makes the layout tests possible.
+same completions on one process or on any number of ranks, up to the last bits of batched arithmetic (a row is
+decoded beside other rows, left-padded to the longest prompt: the sums agree to float32 rounding, and a draw would
+have to land within that of a boundary to flip); the layout tests check it with prompts of different lengths.
 
 Temperature. Rollouts sample from softmax(z / T) (`objective.sampling_temperature`), and every log-prob of the
 loss (new, old, reference) is computed from z / T as well, so the ratio compares the distributions that were
