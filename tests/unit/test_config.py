@@ -462,7 +462,7 @@ def test_out_of_range_in_toml(tmp_path: Path):
     (["--parallel.backend", "megatron"], "parallel.backend", ("'single'", "'fsdp2'", "'zero3'")),
     (["--model.attn_backend", "flash"], "model.attn_backend", ("'sdpa'", "'math'")),
     (["--model.rope.scaling", "rescaled"], "model.rope.scaling", ("'default'", "'ntk'", "'longrope'")),
-    (["--objective.name", "ppo"], "objective.name", ("'lm'", "'dpo'")),
+    (["--objective.name", "reinforce"], "objective.name", ("'lm'", "'dpo'", "'ppo'", "'grpo'")),
     (["--run.device", "CPU"], "run.device", ("'cpu'",)),
 ])
 def test_literal_outside_choices(override, key, choices):
