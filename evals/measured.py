@@ -1,6 +1,7 @@
 """The measured part of a recipe's document: what the report scripts of launch/ share.
 
-A recipe (launch/post_training.sh, launch/rl.sh) ends by running its report script, which rewrites only the text
+A recipe (launch/post_training.sh, launch/rl.sh) ends by running its report script (`report_main`: the options, the
+sections in order, the rewrite), which rewrites only the text
 between two markers of its document, `<!-- measured:begin (SCRIPT) -->` and `<!-- measured:end -->`, from the run
 folders; the hand-written rest is kept. Here: reading a run's eval results, formatting numbers, naming the machine,
 the table of stage wall times, and the rewrite itself.
@@ -8,9 +9,12 @@ the table of stage wall times, and the rewrite itself.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 END = "<!-- measured:end -->"
@@ -57,3 +61,26 @@ def write_measured(doc: Path, body: list[str], script: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def report_main(argv: list[str] | None, description: str, doc: str, script: str, recipe: str,
+                sections: Callable[[Path, Path, str, list[str], Path | None], list[list[str]]]) -> int:
+    """A report script's command line: --runs, --doc, --images, --times, --seeds; `sections(runs, images, rel,
+    seeds, times)` gives the measured sections in order (`rel`: the plot folder as the document links it)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--doc", default=doc)
+    p.add_argument("--images", default="docs/images")
+    p.add_argument("--times", default=None)
+    p.add_argument("--seeds", default="0 1 2")
+    args = p.parse_args(argv)
+    images = Path(args.images)
+    images.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(images, Path(args.doc).parent)
+    body = [f"Measured on {time.strftime('%Y-%m-%d')}, {machine()}, by `{recipe}`.", ""]
+    for section in sections(Path(args.runs), images, rel, args.seeds.split(), Path(args.times) if args.times else None):
+        if section:
+            body += section + [""]
+    write_measured(Path(args.doc), body, script)
+    print(f"wrote {args.doc}")
+    return 0

@@ -12,13 +12,10 @@ without the markers gets them appended.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import time
 from pathlib import Path
 
-from evals.measured import eval_results, fmt, machine, times_table, write_measured
+from evals.measured import eval_results, fmt, report_main, times_table
 from evals.plots import new_figure, save_figure
 from workbench.train.metrics import METRICS_FILE, read_metrics
 
@@ -225,24 +222,10 @@ def times_section(times: Path | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--doc", default="docs/post-training.md")
-    p.add_argument("--images", default="docs/images")
-    p.add_argument("--times", default=None)
-    p.add_argument("--seeds", default="0 1 2")
-    args = p.parse_args(argv)
-    runs, images = Path(args.runs), Path(args.images)
-    body = [f"Measured on {time.strftime('%Y-%m-%d')}, {machine()}, by `launch/post_training.sh`.", ""]
-    rel = os.path.relpath(images, Path(args.doc).parent)  # the plots as the document links them
-    times = Path(args.times) if args.times else None
-    for section in (sft_section(runs, images, rel), dpo_section(runs, images, rel),
-                    distill_section(runs, images, rel, args.seeds.split()), times_section(times)):
-        if section:
-            body += section + [""]
-    write_measured(Path(args.doc), body, SCRIPT)
-    print(f"wrote {args.doc}")
-    return 0
+    return report_main(argv, __doc__.split("\n")[0], "docs/post-training.md", SCRIPT, "launch/post_training.sh",
+                       lambda runs, images, rel, seeds, times: [
+                           sft_section(runs, images, rel), dpo_section(runs, images, rel),
+                           distill_section(runs, images, rel, seeds), times_section(times)])
 
 
 if __name__ == "__main__":

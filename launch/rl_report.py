@@ -11,13 +11,10 @@ The text between the `measured` markers of the document is replaced; the rest (h
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import time
 from pathlib import Path
 
-from evals.measured import eval_results, fmt, machine, times_table, write_measured
+from evals.measured import eval_results, fmt, report_main, times_table
 from evals.plots import new_figure, save_figure
 from workbench.train.metrics import METRICS_FILE, read_metrics
 
@@ -136,24 +133,10 @@ def curves_section(runs: Path, seeds: list[str], images: Path, rel: str) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", default="runs")
-    p.add_argument("--doc", default="docs/rl.md")
-    p.add_argument("--images", default="docs/images")
-    p.add_argument("--times", default=None)
-    p.add_argument("--seeds", default="0 1 2")
-    args = p.parse_args(argv)
-    runs, images, seeds = Path(args.runs), Path(args.images), args.seeds.split()
-    images.mkdir(parents=True, exist_ok=True)
-    rel = os.path.relpath(images, Path(args.doc).parent)
-    body = [f"Measured on {time.strftime('%Y-%m-%d')}, {machine()}, by `launch/rl.sh`.", ""]
-    times = times_table(Path(args.times) if args.times else None, "launch/rl.sh")
-    for section in (heldout_section(runs, seeds, images, rel), curves_section(runs, seeds, images, rel), times):
-        if section:
-            body += section + [""]
-    write_measured(Path(args.doc), body, SCRIPT)
-    print(f"wrote {args.doc}")
-    return 0
+    return report_main(argv, __doc__.split("\n")[0], "docs/rl.md", SCRIPT, "launch/rl.sh",
+                       lambda runs, images, rel, seeds, times: [
+                           heldout_section(runs, seeds, images, rel), curves_section(runs, seeds, images, rel),
+                           times_table(times, "launch/rl.sh")])
 
 
 if __name__ == "__main__":

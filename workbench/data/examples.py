@@ -243,7 +243,7 @@ class ExampleSet:
 # ---------------------------------------------------------------------------------------------------- batches
 
 
-def _rows(seqs: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+def label_rows(seqs: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows from (ids, targets) pairs: inputs ids[:-1], labels ids[1:] where targets[1:]."""
     T = max(len(ids) for ids, _ in seqs) - 1
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -261,7 +261,7 @@ def collate_chat(samples: Sequence[Example], pad_id: int, pack_len: int | None =
     """Conversations as right-padded rows, or (pack_len) packed first-fit into rows of pack_len tokens."""
     index = torch.tensor([s.index for s in samples])
     if pack_len is None:
-        return {**_rows([(s.ids, s.targets) for s in samples], pad_id), "index": index}
+        return {**label_rows([(s.ids, s.targets) for s in samples], pad_id), "index": index}
     # first-fit, longest first: each conversation contributes len(ids) - 1 input positions
     rows: list[list[Example]] = []
     room: list[int] = []
@@ -302,7 +302,7 @@ def collate_pairs(samples: Sequence[Example], pad_id: int) -> dict[str, torch.Te
             ids = np.concatenate([s.ids, completion])
             targets = np.concatenate([np.zeros(len(s.ids), dtype=bool), np.ones(len(completion), dtype=bool)])
             seqs.append((ids, targets))
-    return {**_rows(seqs, pad_id), "index": torch.tensor([s.index for s in samples])}
+    return {**label_rows(seqs, pad_id), "index": torch.tensor([s.index for s in samples])}
 
 
 def build_example_sets(job, kind: str, tokenizer, log: Callable[[str], None] = print):

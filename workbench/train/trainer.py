@@ -426,7 +426,7 @@ class Trainer:
 
     def _attach_value_head(self) -> None:
         """`model.value_head` (objectives.ppo), zero-initialised, or on resume the checkpoint's."""
-        from workbench.train.objectives.ppo import attach_value_head
+        from workbench.train.objectives.ppo import VALUE_HEAD_PREFIX, attach_value_head
 
         attach_value_head(self.model)
         if self.resume_from is not None:
@@ -434,7 +434,7 @@ class Trainer:
             if not path.is_file():
                 raise CheckpointError(f"{self.resume_from}: no {VALUE_HEAD_FILE} (the critic of a PPO run); it was "
                                       f"not written by objective.name = 'ppo'")
-            self.model.value_head.load_state_dict({k.partition(".")[2]: v for k, v in read_file(path).items()})
+            self.model.value_head.load_state_dict({k.removeprefix(VALUE_HEAD_PREFIX): v for k, v in read_file(path).items()})
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -585,7 +585,9 @@ class Trainer:
                        "layout": self.dims.describe(), "weights_read": self.weights_read}
         multi = self.dims.world_size > 1
         state, extras = self.engine.model_state_dict(), []
-        value_head = {k: state.pop(k) for k in [k for k in state if k.startswith("value_head.")]}
+        from workbench.train.objectives.ppo import VALUE_HEAD_PREFIX
+
+        value_head = {k: state.pop(k) for k in [k for k in state if k.startswith(VALUE_HEAD_PREFIX)]}
         if value_head and self.is_main:  # PPO's critic: beside the weights, so model.safetensors stays a plain model
             from safetensors.torch import save_file
 

@@ -20,6 +20,7 @@ the same number of times, though each holds a different number of targets: `rows
 holds (the caller's all-reduce), pads this rank's rows with zeros to that count before chunking, and the padded
 rows' values are dropped. Padded or not, a chunk holds the same real rows, so the values do not change.
 
+`label_logprobs` gives the per-token values at every target position (PPO and GRPO keep them per token);
 `sequence_logprobs` sums the per-token values of each row: log p(y | x) = sum_t log p(y_t | x, y_<t), the
 quantity DPO's implicit reward is built on (TRL's `sigmoid` loss sums; IPO averages, which is the sum over the
 count returned beside it).
@@ -68,17 +69,23 @@ def target_logprobs(logits_fn, hidden: torch.Tensor, targets: torch.Tensor, chun
     return torch.cat(parts)
 
 
+def label_logprobs(logits_fn, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 0,
+                   agree=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(label) at every target position, in row-major order (N,) float32; their rows; their columns) for
+    hidden (R, T, D) and labels (R, T) whose non-target positions hold IGNORE_INDEX. `agree(n)`: the most targets
+    on any rank, given this rank's n (an engine's max all-reduce), for engines whose head call communicates."""
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (N,) each: the targets in order
+    most = None if agree is None else agree(rows.shape[0])
+    return target_logprobs(logits_fn, hidden[rows, cols], labels[rows, cols], chunk, most), rows, cols
+
+
 def sequence_logprobs(logits_fn, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 0,
                       agree=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over each row's targets of log p(label), the number of targets) for hidden (R, T, D) and labels (R, T)
-    whose non-target positions hold IGNORE_INDEX. Both (R,), the sums float32. `agree(n)`: the most targets on
-    any rank, given this rank's n (an engine's max all-reduce), for engines whose head call communicates."""
-    keep = labels != IGNORE_INDEX  # (R, T)
-    rows, cols = keep.nonzero(as_tuple=True)  # (N,) each, row-major: the targets in order
-    most = None if agree is None else agree(rows.shape[0])
-    logp = target_logprobs(logits_fn, hidden[rows, cols], labels[rows, cols], chunk, most)  # (N,)
+    """(sum over each row's targets of log p(label), the number of targets), both (R,), the sums float32; the
+    arguments as `label_logprobs`'."""
+    logp, rows, _ = label_logprobs(logits_fn, hidden, labels, chunk, agree)
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, logp)
-    return sums, keep.sum(dim=1)
+    return sums, (labels != IGNORE_INDEX).sum(dim=1)
 
 
 def most_on_any_rank(engine, n: int) -> int:

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from workbench.data.chat import ChatTemplate
-from workbench.data.examples import _rows
+from workbench.data.examples import label_rows
+from workbench.data.packed import IGNORE_INDEX
 from workbench.errors import ConfigError, DataError
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.nn.attention import MaskSpec
 from workbench.train.objectives.base import ModelRole
-from workbench.train.objectives.logprobs import most_on_any_rank, target_logprobs
+from workbench.train.objectives.logprobs import label_logprobs, most_on_any_rank
 from workbench.train.objectives.rewards import build_reward
 
 EPS = 1e-4  # added to a group's reward std (TRL's)
@@ -59,21 +60,13 @@ def token_logprobs(engine, mb: dict, chunk: int, temperature: float = 1.0):
     """(log pi(label) per target position (R, T), zero elsewhere; the forward's output) of the rows of `mb`
     under `engine`, from the logits divided by `temperature`."""
     out = engine.forward({"input_ids": mb["input_ids"], "positions": mb["positions"], "mask": MaskSpec()})
-    labels = mb["labels"]
-    keep = mb["mask"]
-    rows, cols = keep.nonzero(as_tuple=True)
 
     def logits(h):
         z = engine.logits(h)
         return z if temperature == 1.0 else z / temperature
 
-    logp = target_logprobs(logits, out.hidden[rows, cols], labels[rows, cols], chunk,
-                           most_on_any_rank(engine, rows.shape[0]))
-    return scatter_tokens(logp, rows, cols, labels.shape), out
-
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum()
+    logp, rows, cols = label_logprobs(logits, out.hidden, mb["labels"], chunk, lambda n: most_on_any_rank(engine, n))
+    return scatter_tokens(logp, rows, cols, mb["labels"].shape), out
 
 
 class RolloutObjective:
@@ -177,8 +170,8 @@ class RolloutObjective:
             targets = np.zeros(len(ids), dtype=bool)
             targets[len(ex.ids):] = True
             seqs.append((ids, targets))
-        mb = {k: v.to(device) for k, v in _rows(seqs, self.pad_id).items()}
-        mb["mask"] = mb["labels"] != -100
+        mb = {k: v.to(device) for k, v in label_rows(seqs, self.pad_id).items()}
+        mb["mask"] = mb["labels"] != IGNORE_INDEX
         return mb
 
     @torch.no_grad()
