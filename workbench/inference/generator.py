@@ -15,8 +15,8 @@ How KVCacheGenerator decodes a batch
     3. Decode: one forward per new token over (B, 1), reading the cache. Rows that finished keep
        stepping (their tokens are discarded) until every row is done or the longest budget is spent.
 
-Sampling (per row): temperature 0 is greedy (argmax, first index on ties, like transformers);
-otherwise logits / temperature, then top-k, then top-p (the smallest set of tokens whose probability
+Sampling (per row): a repetition penalty first (when not 1: `apply_repetition_penalty`); then temperature 0
+is greedy (argmax, first index on ties, like transformers); otherwise logits / temperature, then top-k, then top-p (the smallest set of tokens whose probability
 reaches p), then a draw from the row's own torch.Generator when `seed` is set.
 
 Log-probs: `Completion.logprobs[i]` is log p(token_i | prefix) under the model's *unmodified*
@@ -45,6 +45,8 @@ class SamplingParams:
     temperature: float = field_(0.0, ge=0, doc="0 = greedy")
     top_k: int = field_(0, ge=0, doc="0 = off")
     top_p: float = field_(1.0, gt=0, le=1, doc="1 = off")
+    repetition_penalty: float = field_(1.0, gt=0, doc="1 = off; > 1 makes tokens already in the prompt or the "
+                                                      "output less likely (CTRL's rule, as in transformers)")
     stop: list[str] = field_([], doc="strings that end generation (matched on the decoded text)")
     stop_token_ids: list[int] = field_([], doc="token ids that end generation besides the generator's eos ids (a "
                                               "chat reply's <|end|>: ChatTemplate.stop_ids); kept in `tokens`")
@@ -60,7 +62,7 @@ class Completion:
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: Literal["stop", "length"] = "length"
+    finish_reason: Literal["stop", "length", "abort"] = "length"
     text: str | None = None
 
 
@@ -69,6 +71,19 @@ class Generator(Protocol):
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[Completion]: ...
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on a row of logits (V,): every token in `seen` (prompt and output so far)
+    has its logit divided by `penalty` when positive and multiplied by it when negative (transformers'
+    RepetitionPenaltyLogitsProcessor). Returns a new tensor; penalty 1 returns `logits` itself."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+    picked = logits[idx]
+    out = logits.clone()
+    out[idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
@@ -145,8 +160,14 @@ class KVCacheGenerator:
             greedy = logits.argmax(-1).tolist() if any(p.temperature == 0 for p in per_row) else None
             toks = [self.pad_id] * B
             for b in range(B):
-                if not done[b]:
-                    toks[b] = greedy[b] if per_row[b].temperature == 0 else sample_next(logits[b], per_row[b], rngs[b])
+                if done[b]:
+                    continue
+                p = per_row[b]
+                if p.temperature == 0 and p.repetition_penalty == 1.0:
+                    toks[b] = greedy[b]
+                else:
+                    seen = list(prompts[b]) + results[b].tokens
+                    toks[b] = sample_next(apply_repetition_penalty(logits[b], seen, p.repetition_penalty), p, rngs[b])
             tok_logp = logp.gather(1, torch.tensor(toks, device=device)[:, None])[:, 0].tolist()  # (B,)
             for b in range(B):
                 if done[b]:

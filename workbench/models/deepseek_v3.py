@@ -427,11 +427,15 @@ class DeepSeekV3(nn.Module):
         attn = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
         return 6 * n_matmul + attn
 
+    def kv_entry_shapes(self) -> list[tuple[int, ...]]:
+        """What one token leaves in each layer's cache (MLA): the normalised latent (r,) and the rotated RoPE
+        key (d_r,), shared by every head; the paged engine's pool holds the same."""
+        return [(self.cfg.kv_lora_rank,), (self.cfg.qk_rope_head_dim,)]
+
     def make_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
         """MLA's cache: the normalised latent (B, max_len, r) and the rotated RoPE key (B, max_len, d_r) per layer."""
         w = self.tok_embeddings.weight
-        return StaticKVCache(self.cfg.n_layers, batch_size, max_len,
-                             [(self.cfg.kv_lora_rank,), (self.cfg.qk_rope_head_dim,)],
+        return StaticKVCache(self.cfg.n_layers, batch_size, max_len, self.kv_entry_shapes(),
                              dtype=dtype or w.dtype, device=device or w.device)
 
     def _run_blocks(self, blocks, x, positions, mask, kv_cache, token_mask, want_logits, hidden_states, first):

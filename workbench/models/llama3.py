@@ -258,11 +258,15 @@ class Llama3(nn.Module):
         n_matmul += cfg.vocab_size * cfg.dim if self.output is None else 0  # the tied head is a matmul too
         return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
 
+    def kv_entry_shapes(self) -> list[tuple[int, ...]]:
+        """What one token leaves in each layer's cache: k and v, each (KV, D) (the paged engine's pool too)."""
+        shape = (self.cfg.n_kv_heads, self.cfg.hd)
+        return [shape, shape]
+
     def make_kv_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> StaticKVCache:
         """A cache for this model's attention type: k and v, each (B, max_len, KV, D), per layer."""
         w = self.tok_embeddings.weight
-        shape = (self.cfg.n_kv_heads, self.cfg.hd)
-        return StaticKVCache(self.cfg.n_layers, batch_size, max_len, [shape, shape],
+        return StaticKVCache(self.cfg.n_layers, batch_size, max_len, self.kv_entry_shapes(),
                              dtype=dtype or w.dtype, device=device or w.device)
 
     def forward(self, batch: dict) -> DecoderOutput:
