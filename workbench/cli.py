@@ -121,7 +121,8 @@ def _sampling_params(args: argparse.Namespace):
     try:
         return from_dict(SamplingParams, {
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-            "top_p": args.top_p, "stop": getattr(args, "stop", None) or [], "seed": args.seed})
+            "top_p": args.top_p, "stop": getattr(args, "stop", None) or [], "seed": args.seed,
+            "repetition_penalty": args.repetition_penalty})
     except ConfigError as e:  # name the flag the user typed, not the dataclass field
         raise ConfigError(re.sub(r"config key '(\w+)(\[\d+\])?'", lambda m: "--" + m.group(1).replace("_", "-"),
                                  str(e))) from None
@@ -129,7 +130,7 @@ def _sampling_params(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from workbench.checkpoint.load import load_for_inference
-    from workbench.inference.generator import KVCacheGenerator
+    from workbench.inference.engine import Engine
     from workbench.train.trainer import pick_device
 
     params = _sampling_params(args)
@@ -144,7 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise WorkbenchError("--prompt: encodes to no tokens and the tokenizer adds no bos; give some text")
-    completion = KVCacheGenerator(model, tokenizer).generate([prompt], params)[0]
+    # one request: the engine's cache holds exactly it (generate does not cap a prompt at the model's max_seq_len)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=len(prompt) + params.max_new_tokens + 1)
+    completion = engine.generate([prompt], params)[0]
     sys.stdout.write(completion.text + "\n")
     sys.stdout.flush()
     return 0
@@ -155,7 +158,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from workbench.checkpoint.load import load_for_inference, load_run_config
     from workbench.data.chat import ChatTemplate
     from workbench.inference.chat import ChatSession, run_chat
-    from workbench.inference.generator import KVCacheGenerator
+    from workbench.inference.engine import Engine
     from workbench.train.trainer import pick_device
 
     params = _sampling_params(args)
@@ -166,7 +169,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     template = ChatTemplate(tokenizer)  # names the reserved chat tokens a foreign tokenizer lacks
     job = load_run_config(args.ckpt) if args.ckpt else None
     window = args.max_length or default_max_length(job, model)  # a run's training window (data.seq_len)
-    session = ChatSession(KVCacheGenerator(model, tokenizer), template, params, window, args.system)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=window)  # the session keeps prompt + reply in the window
+    session = ChatSession(engine, template, params, window, args.system)
     interactive = sys.stdin.isatty()
     _log(f"chat with {args.ckpt or args.hf_dir}: window {window} tokens, replies up to {params.max_new_tokens}; "
          f"{', '.join(f'{c} to {what}' for c, what in (('/reset', 'start over'), ('/exit', 'end')))}")
@@ -287,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; > 1 discourages repeats")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="ask the prompt as a user turn of the chat template (an SFT or "
@@ -300,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; > 1 discourages repeats")
     p.add_argument("--seed", type=int, default=None, help="turn n samples with seed + n")
     p.add_argument("--max-length", type=int, default=None,
                    help="the window in tokens, conversation and reply together (default: the run's data.seq_len; "
