@@ -47,9 +47,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     return model.eval(), tokenizer, job.model
 
 
-def check_adapter_base(adapter: Path, family: str, tokenizer: Path) -> None:
+def check_adapter_base(adapter: Path, family: str, tokenizer: Path | None) -> None:
     """Refuse a LoRA adapter whose recorded base (adapter_config.json's `meta`, written by the trainer) is another
-    model family or used another tokenizer: its deltas would be added to weights they were not trained for."""
+    model family or used another tokenizer: its deltas would be added to weights they were not trained for.
+    `tokenizer`: the base model's tokenizer.json, or None when the caller has none (the family is still checked)."""
     from workbench.checkpoint.run import sha256_file
 
     try:
@@ -59,7 +60,7 @@ def check_adapter_base(adapter: Path, family: str, tokenizer: Path) -> None:
     if meta.get("family") and meta["family"] != family:
         raise CheckpointError(f"LoRA adapter {adapter} was trained on a {meta['family']} model, not {family}")
     sha = meta.get("tokenizer_sha256")
-    if sha and tokenizer.is_file() and sha256_file(tokenizer) != sha:
+    if sha and tokenizer is not None and tokenizer.is_file() and sha256_file(tokenizer) != sha:
         raise CheckpointError(f"LoRA adapter {adapter} was trained on a base with another tokenizer than {tokenizer}; "
                               f"load it onto the model it was trained from ({meta.get('base') or 'see its meta'})")
 

@@ -94,7 +94,7 @@ from workbench.nn.linear import Linear, linear
 __all__ = [
     "LoraConfig", "LoRALinear", "inject_lora", "lora_modules", "lora_state_dict", "load_lora_state",
     "merged_state_dict", "split_state", "merged", "disabled", "effective_weight", "save_adapter",
-    "load_adapter", "trainable_report", "format_report", "ADAPTER_KEYS",
+    "load_adapter", "read_adapter", "AdapterFiles", "trainable_report", "format_report", "ADAPTER_KEYS",
 ]
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_magnitude")
@@ -436,8 +436,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def effective_weight(lin: nn.Linear) -> torch.Tensor:
-    """The weight `lin` applies: `lin.effective_weight()` for a LoRALinear, else `lin.weight`."""
-    return lin.effective_weight() if isinstance(lin, LoRALinear) else lin.weight
+    """The weight `lin` applies: `lin.effective_weight()` for an adapted linear (a LoRALinear, or a multi-adapter
+    layer of workbench.inference.adapters, which refuses when its rows use different adapters), else `lin.weight`."""
+    own = getattr(lin, "effective_weight", None)
+    return own() if callable(own) else lin.weight
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,9 +473,20 @@ def save_adapter(model: nn.Module, folder: str | Path, cfg: LoraConfig, meta: di
     return folder
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
-    """Inject the adapter saved in `folder` into a plain model and load its tensors strictly; returns its
-    LoraConfig. Missing or damaged files raise CheckpointError naming the file."""
+@dataclasses.dataclass
+class AdapterFiles:
+    """What an adapter folder holds, read and parsed but applied to nothing (`read_adapter`)."""
+
+    folder: Path
+    cfg: LoraConfig
+    modules: list[str]  # the adapted module paths, in the order they were saved
+    state: dict[str, torch.Tensor]  # `<module>.lora_A`, `.lora_B` (and `.lora_magnitude`), on the CPU
+    meta: dict  # the base model's family, flavor, tokenizer sha256 ... as the trainer recorded them
+
+
+def read_adapter(folder: str | Path) -> AdapterFiles:
+    """Read `adapter_config.json` and `adapter.safetensors` from `folder`. Missing or damaged files raise
+    CheckpointError naming the file. Shared by `load_adapter` and multi-adapter serving."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -485,22 +498,31 @@ def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
         doc = json.loads(cfg_path.read_text())
         cfg = from_dict(LoraConfig, doc["lora"], "lora")
         modules = list(doc["modules"])
+        meta = dict(doc.get("meta") or {})
     except (OSError, ValueError, KeyError, TypeError, WorkbenchError) as e:
         raise CheckpointError(f"LoRA adapter config {cfg_path} is unreadable: {type(e).__name__}: {e}") from None
-    try:
-        paths = inject_lora(model, cfg)
-    except ConfigError as e:  # its targets match nothing in this model: the user set no config key
-        raise CheckpointError(f"LoRA adapter {cfg_path} does not fit this model: {e}") from None
-    if paths != modules:
-        extra = sorted(set(modules) ^ set(paths))
-        raise CheckpointError(f"LoRA adapter {cfg_path} was saved on other modules than its targets match in this "
-                              f"model (e.g. {extra[:3]}): a different base model?")
     try:
         state = load_file(str(tensor_path))
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
         raise CheckpointError(f"LoRA adapter file {tensor_path} is unreadable: {type(e).__name__}: {e}") from None
-    load_lora_state(model, state, str(tensor_path))
-    return cfg
+    return AdapterFiles(folder, cfg, modules, state, meta)
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> LoraConfig:
+    """Inject the adapter saved in `folder` into a plain model and load its tensors strictly; returns its
+    LoraConfig. Missing or damaged files raise CheckpointError naming the file."""
+    files = read_adapter(folder)
+    cfg_path, tensor_path = files.folder / CONFIG_FILE, files.folder / ADAPTER_FILE
+    try:
+        paths = inject_lora(model, files.cfg)
+    except ConfigError as e:  # its targets match nothing in this model: the user set no config key
+        raise CheckpointError(f"LoRA adapter {cfg_path} does not fit this model: {e}") from None
+    if paths != files.modules:
+        extra = sorted(set(files.modules) ^ set(paths))
+        raise CheckpointError(f"LoRA adapter {cfg_path} was saved on other modules than its targets match in this "
+                              f"model (e.g. {extra[:3]}): a different base model?")
+    load_lora_state(model, files.state, str(tensor_path))
+    return files.cfg
 
 
 # ----------------------------------------------------------------------------------------------------
