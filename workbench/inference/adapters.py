@@ -23,13 +23,14 @@ The math (per layer; slot a = ids[b] for batch row b; s_a, A_a (r_a, in), B_a (o
     DoRA     y_b = g_a * (W0 x_b + s_a B_a A_a x_b) + b,   g_a = m_a / ||W0 + s_a B_a A_a||   (out,), per row
              This is LoRALinear's eval forward W' x + b, W' = diag(m / ||V||) V, V = W0 + s B A: nothing trains,
              so ||V|| is a constant and g_a is computed once, at load (in fp32, as LoRALinear computes it).
-    Stacked  A (N+1, r_max, in), B (N+1, out, r_max), s (N+1,), g (N+1, out); slot 0 is the base model
-             (A = B = 0, s = 0, g = 1), so base-model rows ride in the same batch. A rank-r_a adapter fills
-             the first r_a rows of A_a and columns of B_a, zeros after: B_a[:, r:] A_a[r:] = 0 exactly.
-             An adapter that does not touch this layer has zeros (and g = 1) in its slot here.
-    Mixed    A[ids] (B, r, in), B[ids] (B, out, r) gathered once per layer per forward, then two batched
+    Stacked  A (N+1, r_max, in), sB (N+1, out, r_max) = s_a B_a (the scale folded in at load), g (N+1, out);
+             slot 0 is the base model (A = sB = 0, g = 1), so base-model rows ride in the same batch. A rank-r_a
+             adapter fills the first r_a rows of A_a and columns of sB_a, zeros after: the padding adds exactly
+             0. An adapter that does not touch this layer has zeros (and g = 1) in its slot here.
+    Mixed    A[ids] (B, r, in), sB[ids] (B, out, r) gathered once per layer per forward, then two batched
              matmuls: (B, T, in) x (B, in, r) -> (B, T, r) x (B, r, out) -> (B, T, out); r is the largest
-             rank among the slots this batch uses (zero columns beyond it are skipped).
+             rank among the slots this batch uses (zero columns beyond it are skipped), and g multiplies only
+             when a DoRA slot is among them.
     Uniform  every row on one slot a: plain matmuls with that slot's own r_a (no gather, no padding),
              and slot 0 (or an adapter that skips this layer) is exactly the base linear.
 
@@ -124,11 +125,9 @@ class MultiLoRALinear(Linear):
         kw = {"device": w.device, "dtype": w.dtype}
         # slot 0 only, rank 0, until adapters are set; buffers are not persistent: the state dict stays the base's
         self.register_buffer("lora_A", torch.zeros(1, 0, self.in_features, **kw), persistent=False)  # (N+1, r, in)
-        self.register_buffer("lora_B", torch.zeros(1, self.out_features, 0, **kw), persistent=False)  # (N+1, out, r)
-        self.register_buffer("scale", torch.zeros(1, **kw), persistent=False)  # (N+1,)
+        self.register_buffer("lora_sB", torch.zeros(1, self.out_features, 0, **kw), persistent=False)  # (N+1, out, r)
         self.register_buffer("dora_factor", torch.ones(1, self.out_features, **kw), persistent=False)  # (N+1, out)
         self.ranks: list[int] = [0]  # per slot; 0 = the slot leaves this layer alone
-        self.scales: list[float] = [0.0]  # per slot, as Python floats for the uniform path
         self.is_dora: list[bool] = [False]
         self._rows: _Rows | None = None
 
@@ -153,13 +152,11 @@ class MultiLoRALinear(Linear):
         if n_slots == n and r_max == r:
             return
         A = self.lora_A.new_zeros(n_slots, r_max, self.in_features)
-        B = self.lora_B.new_zeros(n_slots, self.out_features, r_max)
-        A[:n, :r], B[:n, :, :r] = self.lora_A, self.lora_B
-        scale = torch.cat([self.scale, self.scale.new_zeros(n_slots - n)])
+        sB = self.lora_sB.new_zeros(n_slots, self.out_features, r_max)
+        A[:n, :r], sB[:n, :, :r] = self.lora_A, self.lora_sB
         factor = torch.cat([self.dora_factor, self.dora_factor.new_ones(n_slots - n, self.out_features)])
-        self.lora_A, self.lora_B, self.scale, self.dora_factor = A, B, scale, factor
+        self.lora_A, self.lora_sB, self.dora_factor = A, sB, factor
         self.ranks += [0] * (n_slots - n)
-        self.scales += [0.0] * (n_slots - n)
         self.is_dora += [False] * (n_slots - n)
 
     @torch.no_grad()
@@ -176,10 +173,10 @@ class MultiLoRALinear(Linear):
         w = self.weight
         A, B = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
         self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        self.lora_A[slot, :r], self.lora_B[slot, :, :r] = A, B
-        self.scale[slot] = scale
-        self.ranks[slot], self.scales[slot], self.is_dora[slot] = r, float(scale), magnitude is not None
+        self.lora_sB[slot].zero_()
+        # sB = s B: the scale folded into B once, so no forward multiplies by it
+        self.lora_A[slot, :r], self.lora_sB[slot, :, :r] = A, scale * B
+        self.ranks[slot], self.is_dora[slot] = r, magnitude is not None
         if magnitude is None:
             self.dora_factor[slot] = 1.0
         else:
@@ -206,12 +203,12 @@ class MultiLoRALinear(Linear):
             if r == 0:  # the base model, or an adapter that leaves this layer alone
                 return linear(x, self.weight, self.bias)
             # s B_a A_a x                                                  (..., r) -> (..., out)
-            delta = linear(linear(x, self.lora_A[a, :r]), self.lora_B[a, :, :r])
+            delta = linear(linear(x, self.lora_A[a, :r]), self.lora_sB[a, :, :r])
             if not self.is_dora[a]:
                 # y = W0 x + b + s B A x
-                return linear(x, self.weight, self.bias) + self.scales[a] * delta
+                return linear(x, self.weight, self.bias) + delta
             # y = g (W0 x + s B A x) + b
-            y = self.dora_factor[a] * (linear(x, self.weight) + self.scales[a] * delta)
+            y = self.dora_factor[a] * (linear(x, self.weight) + delta)
             return y if self.bias is None else y + self.bias
         r = max(self.ranks[a] for a in rows.present)
         if r == 0:
@@ -220,12 +217,14 @@ class MultiLoRALinear(Linear):
         Bn = x.shape[0]
         x3 = x.reshape(Bn, -1, self.in_features)  # (B, T, in)
         A = self.lora_A[ids, :r]  # (B, r, in)
-        Bw = self.lora_B[ids, :, :r]  # (B, out, r)
+        sB = self.lora_sB[ids, :, :r]  # (B, out, r)
         # s_a B_a A_a x per row: (B, T, in) x (B, in, r) -> (B, T, r) x (B, r, out) -> (B, T, out)
-        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), Bw.transpose(1, 2))
-        base = linear(x3, self.weight)  # W0 x, (B, T, out)
-        # y = g_a (W0 x + s_a B_a A_a x) + b        (g = 1 on LoRA rows and base rows)
-        y = (base + self.scale[ids].view(Bn, 1, 1) * delta) * self.dora_factor[ids][:, None, :]
+        delta = torch.bmm(torch.bmm(x3, A.transpose(1, 2)), sB.transpose(1, 2))
+        # y = W0 x + s_a B_a A_a x                  (B, T, out)
+        y = linear(x3, self.weight) + delta
+        if any(self.is_dora[a] for a in rows.present):
+            # y = g_a (W0 x + s_a B_a A_a x)        (g = 1 on LoRA rows and base rows)
+            y = y * self.dora_factor[ids][:, None, :]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -242,7 +241,7 @@ class MultiLoRALinear(Linear):
         if r == 0:
             return self.weight
         # V = W0 + s B A
-        V = self.weight + self.scales[a] * (self.lora_B[a, :, :r] @ self.lora_A[a, :r])
+        V = self.weight + self.lora_sB[a, :, :r] @ self.lora_A[a, :r]
         return self.dora_factor[a][:, None] * V if self.is_dora[a] else V
 
 
