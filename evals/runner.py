@@ -54,7 +54,7 @@ def task_configs(names: list[str], options: list[str] | dict[str, Any] | None) -
         stray = next((a for a in options if a.startswith("--") and "." not in a.split("=")[0]), None)
         if stray is not None:
             raise ConfigError(f"eval: unknown option {stray!r} (eval's own: --task, --ckpt, --hf-dir, --out, "
-                              f"--batch-size, --max-length, --device, --dtype; a task's: --TASK.key value)")
+                              f"--batch-size, --max-length, --device, --dtype, --quant; a task's: --TASK.key value)")
     flat = parse_overrides(options) if isinstance(options, list) else dict(options or {})
     raw: dict[str, dict] = {n: {} for n in names}
     for key, value in flat.items():
@@ -71,24 +71,32 @@ def task_configs(names: list[str], options: list[str] | dict[str, Any] | None) -
     return {n: from_dict(registry.get(n).Config, raw[n], path=n) for n in names}
 
 
-def load_source(ckpt: str | None, hf_dir: str | None, device: torch.device, dtype: torch.dtype | None):
-    """(model, tokenizer, source, job): job is the run's JobConfig for --ckpt, None for --hf-dir."""
+def load_source(ckpt: str | None, hf_dir: str | None, device: torch.device, dtype: torch.dtype | None,
+                quant: str | None = None):
+    """(model, tokenizer, source, job): job is the run's JobConfig for --ckpt, None for --hf-dir; `quant`
+    (int8 | llm-int8) quantizes the model's linear layers (workbench.inference.quant), None / none leaves it."""
     from workbench.checkpoint.hf import load_hf_dir
     from workbench.checkpoint.load import load_run, run_dir_of
     from workbench.checkpoint.run import resolve_checkpoint, step_of
     from workbench.config import load_config
+    from workbench.inference.quant import apply_quant
     from workbench.job import JobConfig
 
     if (ckpt is None) == (hf_dir is None):
         raise WorkbenchError("give exactly one of --ckpt RUN_DIR or --hf-dir DIR")
     if hf_dir is not None:
         model, tokenizer, _ = load_hf_dir(hf_dir, device, dtype)
-        return model, tokenizer, {"hf_dir": str(Path(hf_dir))}, None
-    path = resolve_checkpoint(ckpt)
-    run_dir = run_dir_of(path)
-    model, tokenizer, _ = load_run(path, device, dtype)  # verifies the marker and the manifest
-    job = load_config(JobConfig, run_dir / "config.toml")
-    return model, tokenizer, {"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)}, job
+        source, job = {"hf_dir": str(Path(hf_dir))}, None
+    else:
+        path = resolve_checkpoint(ckpt)
+        run_dir = run_dir_of(path)
+        model, tokenizer, _ = load_run(path, device, dtype)  # verifies the marker and the manifest
+        job = load_config(JobConfig, run_dir / "config.toml")
+        source = {"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)}
+    apply_quant(model, quant)
+    if getattr(model, "quantization", None):  # --quant, or a directory exported quantized
+        source["quant"] = model.quantization["method"]
+    return model, tokenizer, source, job
 
 
 def default_max_length(job, model: torch.nn.Module) -> int:
@@ -101,14 +109,16 @@ def default_max_length(job, model: torch.nn.Module) -> int:
 
 
 def default_out(source: dict) -> Path:
+    tail = f"-{source['quant']}" if source.get("quant") else ""  # a quantized model's results apart (--quant)
     if "run_dir" in source:
-        return Path(source["run_dir"]) / "evals" / f"step-{source['step']}"
-    return Path("runs") / "evals" / Path(source["hf_dir"]).resolve().name
+        return Path(source["run_dir"]) / "evals" / f"step-{source['step']}{tail}"
+    return Path("runs") / "evals" / (Path(source["hf_dir"]).resolve().name + tail)
 
 
 def _same_source(a: dict, b: dict) -> bool:
     key = "ckpt" if "ckpt" in a else "hf_dir"
-    return key in b and Path(a[key]).resolve() == Path(b[key]).resolve()
+    return (key in b and Path(a[key]).resolve() == Path(b[key]).resolve()
+            and a.get("quant") == b.get("quant"))
 
 
 def read_results(out: Path) -> dict | None:
@@ -128,6 +138,7 @@ def run_eval(
     task_spec: str, ckpt: str | None = None, hf_dir: str | None = None, out: str | None = None,
     options: list[str] | dict | None = None, batch_size: int = 16, max_length: int | None = None,
     device: str = "auto", dtype: torch.dtype | None = None, log: Callable[[str], None] = print,
+    quant: str | None = None,
 ) -> Path:
     """Run the tasks of `task_spec` ("a,b") on one model; returns the eval folder (see the module notes)."""
     from workbench.inference.generator import KVCacheGenerator
@@ -139,7 +150,7 @@ def run_eval(
         raise WorkbenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     if max_length is not None and max_length < 2:
         raise WorkbenchError(f"--max-length: expected an integer >= 2, got {max_length}")
-    model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype)
+    model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)
     previous = read_results(out_dir)
     if previous is not None and not _same_source(source, previous.get("source", {})):

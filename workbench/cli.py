@@ -11,6 +11,7 @@
                                                                          (a conversation: one message per line
                                                                           on stdin, /reset, /exit, EOF ends)
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --out DIR [--dtype D] [--max-shard-mb M]
+                     [--quant int8|llm-int8]                             (int8 weights + scales; docs/quantization.md)
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
     workbench eval --task A,B (--ckpt RUN_DIR | --hf-dir DIR) [--out DIR] [--batch-size N] [--max-length N]
                    [--TASK.key value ...]                                (task options, e.g. --reasoning.n 50)
@@ -18,6 +19,8 @@
     workbench report RUN_DIR                                             (rewrite the run's report.md)
     workbench plan-context [--model llama3:8B] [--seq-len 128k,1M,4M] [--cp 1,8,32] [--pattern dense]
                            [--ac full] [--dp-shard N] [--measure]      (per-rank memory and FLOPs, long context)
+
+generate, chat, eval and export take `--quant {none,int8,llm-int8}`: the model's linear layers quantized on load.
 
 Under a launcher, `--local_rank N` / `--local-rank=N` (which the deepspeed launcher adds before the command)
 is accepted and ignored: the LOCAL_RANK environment variable, which every launcher sets, is what counts.
@@ -57,6 +60,9 @@ def _add_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     src.add_argument("--hf-dir", metavar="DIR", help="a Hugging Face model directory (config.json, safetensors)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto keeps the stored dtype")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "llm-int8"],
+                   help="quantize the linear layers to int8 (weight-only) or LLM.int8() (docs/quantization.md); "
+                        "export writes them quantized")
     if p.prog.split()[-1] in ("generate", "chat", "export"):
         p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (adapter.safetensors + "
                                                         "adapter_config.json, e.g. a checkpoint's adapter/) merged "
@@ -135,7 +141,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     device = pick_device(args.device, "--device")
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
+                                              quant=args.quant)
     if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>
         from workbench.data.chat import ChatTemplate
 
@@ -165,7 +172,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise WorkbenchError(f"--max-length: expected an integer >= 2, got {args.max_length}")
     device = pick_device(args.device, "--device")
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter)
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
+                                              quant=args.quant)
     template = ChatTemplate(tokenizer)  # names the reserved chat tokens a foreign tokenizer lacks
     job = load_run_config(args.ckpt) if args.ckpt else None
     window = args.max_length or default_max_length(job, model)  # a run's training window (data.seq_len)
@@ -214,10 +222,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise WorkbenchError("export: where to? give --to hf OUT or --out DIR")
     if args.max_shard_mb is not None and args.max_shard_mb <= 0:
         raise WorkbenchError(f"--max-shard-mb: expected a size > 0 in MiB, got {args.max_shard_mb}")
-    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype), args.adapter)
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, "cpu", _dtype(args.dtype), args.adapter,
+                                                   quant=args.quant)
     max_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
-    out = export_hf_dir(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
-    _log(f"exported {section.family} to {out}")
+    quantized = getattr(model, "quantization", None)  # --quant, or a quantized source: int8 weights + scales
+    if quantized:
+        from workbench.inference.quant import save_quantized
+
+        out = save_quantized(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
+    else:
+        out = export_hf_dir(model, section, tokenizer, args.out, tokenizer_source=args.hf_dir, max_shard_bytes=max_bytes)
+    _log(f"exported {section.family}{' ' + quantized['method'] if quantized else ''} to {out}")
     return 0
 
 
@@ -239,7 +254,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise WorkbenchError("eval: which model? give --ckpt RUN_DIR or --hf-dir DIR")
     out = run_eval(args.task, ckpt=args.ckpt, hf_dir=args.hf_dir, out=args.out, options=overrides,
                    batch_size=args.batch_size, max_length=args.max_length, device=args.device,
-                   dtype=_dtype(args.dtype), log=_log)
+                   dtype=_dtype(args.dtype), log=_log, quant=args.quant)
     print(out / "report.md")  # stdout: the eval's report, for scripts
     return 0
 

@@ -67,11 +67,12 @@ def check_adapter_base(adapter: Path, family: str, tokenizer: Path | None) -> No
 
 def load_for_inference(
     ckpt: str | None = None, hf_dir: str | None = None, device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None, adapter: str | None = None,
+    dtype: torch.dtype | None = None, adapter: str | None = None, quant: str | None = None,
 ) -> tuple[torch.nn.Module, Tokenizer, ModelSection]:
     """(model, tokenizer, model section) of a run folder / checkpoint or a Hugging Face directory; with `adapter`,
     a LoRA adapter folder (adapter.safetensors + adapter_config.json, e.g. a checkpoint's `adapter/`) is loaded
-    onto it and merged into its weights."""
+    onto it and merged into its weights; `quant` ("int8" | "llm-int8"; None / "none": as stored) then quantizes
+    its linear layers (workbench.inference.quant; a directory exported with --quant is int8 already)."""
     if (ckpt is None) == (hf_dir is None):
         raise WorkbenchError("give exactly one of --ckpt RUN_DIR or --hf-dir DIR")
     model, tokenizer, section = load_hf_dir(hf_dir, device, dtype) if hf_dir is not None else load_run(ckpt, device, dtype)
@@ -82,4 +83,8 @@ def load_for_inference(
         check_adapter_base(Path(adapter), section.family, base_tokenizer)
         load_adapter(model, adapter)
         merge_and_unload(model)  # plain linears again: every decode path, and export, read them as they are
+    if quant not in (None, "none"):
+        from workbench.inference.quant import apply_quant
+
+        apply_quant(model, quant)  # after the merge: LoRA layers cannot be quantized
     return model, tokenizer, section

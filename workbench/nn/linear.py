@@ -21,7 +21,9 @@ Design choices
     The kernel compiles on first use through `torch.utils.cpp_extension` (about 20 s with a C++ compiler
     and ninja; cached in torch's extension folder afterwards, and rebuilt when the source changes). If
     that fails, one warning says why and everything takes `F.linear`. `WORKBENCH_CPU_KERNELS=0` turns the
-    fast path off. Inside `torch.compile` (parallel.compile) it is skipped too: the op is opaque to the
+    fast path off. The same file holds `int8_linear`, the int8 weight-only variant used by
+    `workbench.inference.quant.Int8Linear` (`int8_linear_op()`); it is built and turned off together with
+    `skinny_linear`. Inside `torch.compile` (parallel.compile) it is skipped too: the op is opaque to the
     tracer, and the compiled graph makes its own kernel for `F.linear`.
 """
 
@@ -59,6 +61,13 @@ def skinny_linear_op():
             if _state["error"]:
                 log.warning("CPU decode kernel unavailable, using F.linear: %s", _state["error"])
     return _state["op"]
+
+
+def int8_linear_op():
+    """`torch.ops.workbench.int8_linear(x, w_int8, scale)` = (x w^T) * scale for 1 to 4 rows of fp32 x: the
+    int8 weight-only decode kernel (workbench/inference/quant.py), compiled in the same extension as
+    `skinny_linear`, so it is built, cached and turned off with it; None if that cannot be built."""
+    return None if skinny_linear_op() is None else torch.ops.workbench.int8_linear
 
 
 def skinny_linear_error() -> str | None:

@@ -71,7 +71,11 @@ def read_hf_config(directory: str | Path) -> tuple[ModelSection, dict]:
 def load_hf_dir(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer, section) from a Hugging Face directory; dtype None keeps the stored dtype."""
     directory = Path(directory)
-    section, _ = read_hf_config(directory)
+    section, hf = read_hf_config(directory)
+    if "quantization" in hf:  # int8 weights + scales (`workbench export --quant`): workbench.inference.quant
+        from workbench.inference.quant import load_quantized
+
+        return load_quantized(directory, device, dtype)
     adapter = adapter_for(section.family)
     if not any(directory.glob("*.safetensors")) and any(directory.glob("*.bin")):
         raise CheckpointError(f"model directory {directory}: only .bin (pickle) weights; convert them to safetensors")
@@ -100,9 +104,13 @@ def export_hf_dir(
     tokenizer_source: str | Path | None = None,
     max_shard_bytes: int | None = None,
     dtype: torch.dtype | None = None,
+    hf_state: dict[str, torch.Tensor] | None = None,
+    config_extra: dict | None = None,
 ) -> Path:
     """Write a directory transformers can load (`from_pretrained`) and `load_hf_dir` reads back exactly.
 
+    `hf_state` (tensors under Hugging Face names) replaces the model's mapped state dict and `config_extra` is
+    merged into config.json: how `workbench.inference.quant.save_quantized` writes int8 weights and scales.
     The export never overwrites: `out_dir` must not exist or be an empty directory. Files are written into
     `out_dir.tmp` and the folder is renamed into place at the end, so a crash leaves no half export.
     """
@@ -122,13 +130,14 @@ def export_hf_dir(
     params = {name for name, _ in model.named_parameters()}  # buffers keep their dtype (fp32 router biases)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k in params else v)
              for k, v in model.state_dict().items()}
-    hf_sd = adapter.state_dict_to_hf(state)
+    hf_sd = adapter.state_dict_to_hf(state) if hf_state is None else hf_state
     write_dir(hf_sd, tmp, max_shard_bytes=max_shard_bytes)
     stored = next(iter(hf_sd.values())).dtype
     eos = sorted(tokenizer.eos_ids)
     eos_value = eos[0] if len(eos) == 1 else eos
     config = adapter.config_to_hf(section.config, tokenizer.bos_id, eos_value, tokenizer.pad_id)
     config["dtype"] = str(stored).removeprefix("torch.")
+    config.update(config_extra or {})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_value, "pad_token_id": tokenizer.pad_id}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
