@@ -358,26 +358,13 @@ class Engine:
         B, Tq = len(rows), max(feeds)
         # the first position each row reads: past the blocks a sliding window dropped
         starts = [next((i for i, b in enumerate(r.blocks) if b != NULL_BLOCK), 0) * bs for r in rows]
-        lengths = [r.computed + t - s for r, t, s in zip(rows, feeds, starts)]
-        Tk = max(lengths)
-        ids = torch.full((B, Tq), self.pad_id, dtype=torch.long)
-        positions = torch.zeros(B, Tq, dtype=torch.long)
-        read = torch.zeros(B, Tk, dtype=torch.long)  # slot 0 is in the null block
-        valid = torch.zeros(B, Tk, dtype=torch.bool)
-        write_rows, write_slots = [], []
-        for b, (req, t, start, n) in enumerate(zip(rows, feeds, starts, lengths)):
-            c = req.computed
-            ids[b, Tq - t:] = torch.tensor(req.tokens[c : c + t])
-            positions[b, Tq - t:] = torch.arange(c, c + t)
-            write_rows += range(b * Tq + Tq - t, b * Tq + Tq)
-            write_slots += self.cache.slots(req.blocks, c, c + t)
-            read[b, Tk - n:] = torch.tensor(self.cache.slots(req.blocks, start, start + n))
-            valid[b, Tk - n:] = True
+        plan = self.cache.plan([r.blocks for r in rows], [r.computed for r in rows], feeds, starts)
+        ids = torch.tensor([[self.pad_id] * (Tq - t) + _feed_tokens(r, t) for r, t in zip(rows, feeds)])
         dev = self.device
-        self.cache.bind(torch.tensor(write_rows, device=dev), torch.tensor(write_slots, device=dev),
-                        read.to(dev), Tq)
+        valid = plan["valid"]
+        self.cache.bind(plan["write_rows"].to(dev), plan["write_slots"].to(dev), plan["read"].to(dev), Tq)
         mask = MaskSpec() if bool(valid.all()) else MaskSpec(key_padding=valid.to(dev))
-        batch = {"input_ids": ids.to(dev), "positions": positions.to(dev), "mask": mask, "kv_cache": self.cache}
+        batch = {"input_ids": ids.to(dev), "positions": plan["positions"].to(dev), "mask": mask, "kv_cache": self.cache}
         adapter_ctx = nullcontext()
         if self.adapters is not None:
             from workbench.inference.adapters import adapter_rows
@@ -397,19 +384,18 @@ class Engine:
         # every row ends at the last column, so its last hidden state gives its next token
         logits = self.model.logits(out.hidden[ready, -1:])[:, 0].float()  # (R, V)
         logp = torch.log_softmax(logits, dim=-1)
-        greedy = logits.argmax(-1).tolist()
+        toks = logits.argmax(-1).tolist()
+        for i, b in enumerate(ready):
+            p = rows[b].params
+            if p.temperature != 0 or p.repetition_penalty != 1.0:
+                toks[i] = sample_next(apply_repetition_penalty(logits[i], rows[b].tokens, p.repetition_penalty),
+                                      p, rows[b].rng)
+        tok_logp = logp.gather(1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].tolist()
         outputs = []
         for i, b in enumerate(ready):
-            req = rows[b]
-            p = req.params
-            if p.temperature == 0 and p.repetition_penalty == 1.0:
-                tok = greedy[i]
-            else:
-                row = apply_repetition_penalty(logits[i], req.tokens, p.repetition_penalty)
-                tok = sample_next(row, p, req.rng)
-            req.completion.tokens.append(tok)
-            req.completion.logprobs.append(float(logp[i, tok]))
-            outputs.append(self._advance_request(req, tok))
+            rows[b].completion.tokens.append(toks[i])
+            rows[b].completion.logprobs.append(tok_logp[i])
+            outputs.append(self._advance_request(rows[b], toks[i]))
         return outputs
 
     def _advance_request(self, req: _Request, tok: int) -> RequestOutput:
@@ -448,6 +434,14 @@ class Engine:
         self._release(req)
         req.finished = True
         self._requests.pop(req.id, None)
+
+
+def _feed_tokens(req: _Request, t: int) -> list[int]:
+    """The next `t` tokens of a request whose KV is not cached yet (without copying prompt + output)."""
+    prompt, out, c = req.completion.prompt_tokens, req.completion.tokens, req.computed
+    if c >= len(prompt):
+        return out[c - len(prompt) : c - len(prompt) + t]
+    return (prompt + out)[c : c + t]
 
 
 def _safe_prefix(text: str, stops: Sequence[str]) -> int:

@@ -118,6 +118,38 @@ class PagedKVCache(KVCache):
         bs = self.block_size
         return [blocks[p // bs] * bs + p % bs for p in range(start, stop)]
 
+    def plan(self, tables: Sequence[Sequence[int]], computed: Sequence[int], feeds: Sequence[int],
+             starts: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The tensors of one step, for rows whose block tables are `tables`, with `computed[b]` positions
+        cached and `feeds[b]` new ones, reading from position `starts[b]` on (past a dropped window):
+
+            positions (B, Tq)   RoPE positions of the right-aligned queries (0 in pad columns)
+            real      (B, Tq)   which query columns hold new tokens
+            write_rows (W,)     those columns in the flattened (B * Tq) input, and
+            write_slots (W,)    the pool slots they go to
+            read      (B, Tk)   pool slots of the right-aligned key grid (the null slot 0 in empty columns)
+            valid     (B, Tk)   which key columns hold a token
+
+        Built with a few tensor ops whatever the batch, so a decode step's bookkeeping stays small."""
+        bs = self.block_size
+        nb = max(len(t) for t in tables)
+        table = torch.tensor([list(t) + [NULL_BLOCK] * (nb - len(t)) for t in tables])  # (B, nb)
+        comp, start = torch.tensor(computed), torch.tensor(starts)
+        end = comp + torch.tensor(feeds)  # (B,) positions cached after this step
+        Tq, Tk = max(feeds), int((end - start).max())
+
+        def slot_of(pos):  # pool slot of each (clamped) position through the row's block table
+            pos = pos.clamp(min=0)
+            return table.gather(1, pos // bs) * bs + pos % bs
+
+        kpos = end[:, None] - Tk + torch.arange(Tk)  # (B, Tk) the position in each key column
+        valid = kpos >= start[:, None]
+        qpos = end[:, None] - Tq + torch.arange(Tq)  # (B, Tq) the position in each query column
+        real = qpos >= comp[:, None]
+        return {"positions": torch.where(real, qpos, 0), "real": real,
+                "write_rows": real.reshape(-1).nonzero()[:, 0], "write_slots": slot_of(qpos)[real],
+                "read": torch.where(valid, slot_of(kpos), 0), "valid": valid}
+
     def bind(self, write_rows: torch.Tensor, write_slots: torch.Tensor, read_slots: torch.Tensor, q_len: int) -> None:
         """Lay out the next forward: new token (row i of the flattened (B * Tq) input) `write_rows[j]` goes to
         pool slot `write_slots[j]`; the (B, Tk) grid `read_slots` is what each layer reads back."""
