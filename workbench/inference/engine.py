@@ -73,7 +73,7 @@ class RequestOutput:
     completion: Completion  # the request so far (final once `finished`)
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity (`in self.running`), not field by field
 class _Request:
     id: int
     params: SamplingParams
