@@ -10,6 +10,10 @@
                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-length N]
                                                                          (a conversation: one message per line
                                                                           on stdin, /reset, /exit, EOF ends)
+    workbench serve (--ckpt RUN_DIR | --hf-dir DIR) [--port N] [--host H] [--lora NAME=DIR ...] [--model-name M]
+                    [--max-batch N] [--block-size N] [--num-blocks N] [--max-len N] [--api-key KEY]
+                                                                         (an OpenAI-compatible HTTP server;
+                                                                          prints its URL on stdout)
     workbench export (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --out DIR [--dtype D] [--max-shard-mb M]
                      [--quant int8|llm-int8]                             (int8 weights + scales; docs/quantization.md)
     workbench export RUN_DIR --to hf OUT                                 (the same, short)
@@ -201,6 +205,55 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workbench.checkpoint.load import load_for_inference, run_dir_of
+    from workbench.checkpoint.run import resolve_checkpoint
+    from workbench.inference.engine import Engine
+    from workbench.inference.server import serve
+    from workbench.train.trainer import pick_device
+
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--block-size", args.block_size, 1),
+                             ("--num-blocks", args.num_blocks, 2), ("--max-len", args.max_len, 2),
+                             ("--max-body-bytes", args.max_body_bytes, 1)):
+        if value is not None and value < low:
+            raise WorkbenchError(f"{flag}: expected an integer >= {low}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise WorkbenchError(f"--port: expected 0 (any free port) to 65535, got {args.port}")
+    loras = {}
+    for spec in args.lora or []:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder or name in loras:
+            raise WorkbenchError(f"--lora: expected NAME=DIR with a new name, got {spec!r}")
+        loras[name] = folder
+    device = pick_device(args.device, "--device")
+    quant = {"quant": args.quant} if getattr(args, "quant", "none") != "none" else {}
+    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), **quant)
+    base = Path(args.hf_dir) if args.hf_dir else run_dir_of(resolve_checkpoint(args.ckpt))
+    registry = None
+    if loras:
+        from workbench.inference.adapters import load_adapters
+
+        try:
+            registry = load_adapters(model, loras, tokenizer=base / "tokenizer.json")
+        except ValueError as e:
+            raise WorkbenchError(f"--lora: {e}") from None
+    try:
+        engine = Engine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+                        max_batch=args.max_batch, max_len=args.max_len, adapters=registry)
+    except ValueError as e:
+        raise WorkbenchError(str(e)) from None
+    name = args.model_name or base.resolve().name
+    _log(f"engine: max_len {engine.max_len}, KV cache {engine.capacity_tokens} tokens "
+         f"({engine.free_blocks} blocks of {engine.block_size}), max_batch {engine.max_batch}"
+         + (f", adapters {', '.join(registry.names)}" if registry else ""))
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+
+    return serve(engine, tokenizer, name, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                 api_key=args.api_key or os.environ.get("WORKBENCH_API_KEY"), log=_log, announce=announce)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from workbench.checkpoint.hf import export_hf_dir
     from workbench.checkpoint.load import load_for_inference
@@ -326,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the window in tokens, conversation and reply together (default: the run's data.seq_len; "
                         "for --hf-dir the model's limit up to 2048)")
 
+    p = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, "
+                                     "/v1/models) on the continuous-batching engine; see docs/inference.md")
+    _add_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL printed on start names it)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run or HF folder name)")
+    p.add_argument("--lora", action="append", metavar="NAME=DIR",
+                   help="serve a LoRA/DoRA adapter folder under NAME (repeatable): requests whose `model` is NAME use it")
+    p.add_argument("--max-batch", type=int, default=16, help="requests in one step at most")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: max-batch full windows, "
+                                                                "1 GiB at most)")
+    p.add_argument("--max-len", type=int, default=None, help="prompt + completion tokens at most (default: the "
+                                                             "model's max_seq_len)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: the "
+                                                   "WORKBENCH_API_KEY environment variable; unset = no key)")
+
     p = sub.add_parser("export", help="write a Hugging Face directory (safetensors + config + tokenizer)")
     _add_source(p, required=False)
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the same as --ckpt RUN_DIR")
@@ -374,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
-                "plan-context": cmd_plan_context}[args.command](args)
+                "plan-context": cmd_plan_context, "serve": cmd_serve}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
