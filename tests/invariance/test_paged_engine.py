@@ -210,3 +210,29 @@ def test_abort_frees_blocks_and_errors_name_the_field():
     with pytest.raises(ValueError, match="max_batch: expected an integer >= 1"):
         Engine(model, max_batch=0)
     assert engine.generate([[3, 4]], SamplingParams(max_new_tokens=0))[0].tokens == []
+
+
+def test_engine_serves_many_adapters_in_one_batch_like_each_merged_model(tmp_path):
+    """Requests naming different LoRA/DoRA adapters (and none) share the engine's batches; each gets the tokens
+    of the base model with its adapter merged, run alone."""
+    from tests.unit.test_multi_adapter import LLAMA_ADAPTERS, make_adapter, merged_model
+    from workbench.inference.adapters import load_adapters
+
+    folders = {name: make_adapter(tmp_path / name, "llama3", cfg, seed=10 + i)
+               for i, (name, cfg) in enumerate(LLAMA_ADAPTERS.items())}
+    model = tiny("llama3-gqa")
+    registry = load_adapters(model, folders)
+    names = ["a", None, "c", "b", "a", "c", None]
+    prompts = prompts_for(model, (6, 19, 3, 11, 25, 8, 14), seed=8)
+    params = SamplingParams(max_new_tokens=8)
+    engine = Engine(model, eos_ids=[], block_size=4, max_batch=4, max_step_tokens=20, adapters=registry)
+    got = engine.generate(prompts, params, adapters=names)
+    refs = {n: merged_model("llama3", folders[n] if n else None) for n in set(names)}
+    differs = 0
+    for name, prompt, g in zip(names, prompts, got):
+        want = KVCacheGenerator(refs[name], eos_ids=[]).generate([prompt], params)[0]
+        assert g.tokens == want.tokens, name
+        differs += g.tokens != KVCacheGenerator(refs[None], eos_ids=[]).generate([prompt], params)[0].tokens
+    assert differs >= 3  # the adapters change the outputs, so the equality above checks their rows
+    with pytest.raises(Exception, match="zzz"):
+        engine.add_request([3, 4], params, adapter="zzz")
