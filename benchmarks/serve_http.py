@@ -3,11 +3,13 @@
     python benchmarks/serve_http.py --ckpt runs/llama3-demo               # 16 requests of 64 tokens, 3 repeats
     python benchmarks/serve_http.py --ckpt runs/llama3-demo --requests 8 --max-tokens 32 --repeats 1
 
-Cases (one server, one model, fp32 on the CPU; greedy, so every case produces the same text per request: checked)
-    engine      the requests one by one through `Engine.generate` in-process: no HTTP at all
-    sequential  the same requests over HTTP, one after another (one client thread)
+Cases (one server, one model, fp32 on the CPU; greedy, so every case must give the texts `Engine.generate`
+gives the same requests one by one in-process: checked)
+    sequential  the requests over HTTP, one after another (one client thread)
     concurrent  the same requests over HTTP, one client thread each, all sent at once: the engine batches them
-The cases alternate within each repeat (after one warm-up pass). Reported: wall seconds (median of the repeats) and generated tokens per second (usage.completion_tokens).
+The cases alternate within each repeat (after one warm-up pass). Reported: wall seconds (median of the repeats),
+generated tokens per second (usage.completion_tokens), and the median round trip of 20 one-token requests (what
+HTTP, JSON and the loop thread add to each request).
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def main() -> None:
         out = client.completions.create(model="bench", prompt=p, max_tokens=args.max_tokens, temperature=0)
         return out.choices[0].text, out.usage.completion_tokens
 
+    alone = Engine(model, tokenizer, max_batch=args.max_batch)  # its own: the server's belongs to its loop thread
+
     def direct():
-        # the loop thread is idle between HTTP cases: one thread drives the engine at a time
         params = SamplingParams(max_new_tokens=args.max_tokens)
-        outs = [engine.generate([tokenizer.encode(p)], params)[0] for p in prompts]
+        outs = [alone.generate([tokenizer.encode(p)], params)[0] for p in prompts]
         return [(c.text, len(c.tokens)) for c in outs]
 
     def sequential():
@@ -70,9 +73,9 @@ def main() -> None:
             t.join()
         return results
 
-    cases = {"engine": direct, "sequential": sequential, "concurrent": concurrent}
+    cases = {"sequential": sequential, "concurrent": concurrent}
     times: dict[str, list[float]] = {name: [] for name in cases}
-    reference = direct()  # also a warm-up
+    reference = direct()  # the texts every case must give (and a warm-up)
     tokens = sum(n for _, n in reference)
     for _ in range(args.repeats):  # the cases alternate, so a busy spell on a shared machine hits all of them
         for name, fn in cases.items():
@@ -80,6 +83,12 @@ def main() -> None:
             results = fn()
             times[name].append(time.perf_counter() - t0)
             assert results == reference, f"{name}: the texts differ from the engine's"
+    # one-token requests one after another: what HTTP, JSON and the loop thread add to a request
+    t_req = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        client.completions.create(model="bench", prompt="x", max_tokens=1, temperature=0)
+        t_req.append(time.perf_counter() - t0)
     server.close()
     rows = [(name, statistics.median(t), tokens / statistics.median(t)) for name, t in times.items()]
     print(f"{section.family}:{section.flavor} from {args.ckpt}; {args.requests} greedy requests of up to "
@@ -88,6 +97,7 @@ def main() -> None:
     print("| case | wall s | tokens/s |\n|---|---:|---:|")
     for name, wall, tps in rows:
         print(f"| {name} | {wall:.2f} | {tps:.0f} |")
+    print(f"\none-token request round trip: median {1000 * statistics.median(t_req):.1f} ms of 20")
 
 
 if __name__ == "__main__":

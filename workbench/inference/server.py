@@ -157,6 +157,7 @@ class Ticket:
         self.jobs = list(jobs)
         self.events: queue.Queue[Event] = queue.Queue()
         self.cancelled = False
+        self.done = False  # every job finished and was read: nothing to cancel
 
 
 class EngineLoop:
@@ -197,7 +198,7 @@ class EngineLoop:
     def cancel(self, ticket: Ticket) -> None:
         """Abort every unfinished job of `ticket` (its blocks go back to the pool); a no-op when all finished."""
         with self._cv:
-            if ticket.cancelled:
+            if ticket.cancelled or ticket.done:
                 return
             ticket.cancelled = True
             self._cancelled.append(ticket)
@@ -847,6 +848,7 @@ class _Handler(BaseHTTPRequestHandler):
             if ev.output.finished:
                 finals[ev.index] = ev.output.completion
                 left -= 1
+        ticket.done = True
         tok = self.server.app.tokenizer
         choices = []
         for i, c in enumerate(finals):
@@ -901,6 +903,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if out.finished:
                     left -= 1
                     if not left:
+                        ticket.done = True
                         break
                 ev = self._next(ticket)
         except ApiError as e:  # after the 200: tell the client in the stream, then end it
