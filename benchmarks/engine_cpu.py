@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import time
 
 import torch
 from llama_cpu import pair, timed_pair
