@@ -166,6 +166,10 @@ def test_seeds_reproduce_and_differ(client):
     a, b = (complete(client, temperature=1.0, seed=1, max_tokens=24).choices[0].text for _ in range(2))
     c = complete(client, temperature=1.0, seed=2, max_tokens=24).choices[0].text
     assert a == b and a != c
+    # 64-bit seeds work, n past the largest one wraps around; a vanishing temperature is greedy, not NaN
+    assert len(complete(client, n=2, temperature=1.0, seed=2**63 - 1, max_tokens=4).choices) == 2
+    greedy = complete(client, temperature=0, max_tokens=12).choices[0].text
+    assert complete(client, temperature=1e-40, max_tokens=12).choices[0].text == greedy
 
 
 def test_chat_completions(client, server):
@@ -269,6 +273,9 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, server):
         ({"prompt": "x", "best_of": 3}, 400, "best_of", "best_of = n"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream: true"),
         ({"prompt": "x", "colour": "blue"}, 400, "colour", "unknown field"),
+        ({"prompt": "x", "seed": 2**64}, 400, "seed", "an integer from"),
+        ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty", "from 0.01 to 100"),
+        ({"prompt": "x", "top_k": -2}, 400, "top_k", ">= -1"),
         ({"prompt": "x", "model": "gpt-9"}, 404, "model", "not served here"),
         # too long: the numbers are in the message (context 512, cache 256 tokens)
         ({"prompt": "x", "max_tokens": 600}, 400, "max_tokens", "context is 512 tokens, but 602 were asked for "

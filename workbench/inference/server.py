@@ -49,6 +49,9 @@ Design choices
     therefore counts as gone, as in uvicorn.
     Choices: n samples of each prompt are n engine requests (index = prompt * n + sample); with a seed,
     sample j uses seed + j, so the choices differ yet a repeated request returns the same ones.
+    One request's sampling settings must not break a step that other requests share: a temperature below
+    1e-5 is greedy (as in vLLM), the repetition penalty is bounded to [0.01, 100] and seeds to 64 bits, so no
+    row's logits become inf or NaN from its settings alone.
 
 Errors ({"error": {"message", "type", "param", "code"}}; the connection stays usable unless said)
     400 bad JSON, a missing or invalid field (named in `message` and `param`), an unknown field, a request
@@ -107,6 +110,7 @@ POLL_S = 0.05  # how often a waiting handler checks that its client is still the
 IDLE_TIMEOUT_S = 300  # a keep-alive connection with no request for this long is closed
 LINGER_S, LINGER_BYTES = 2.0, 4 << 20  # what is read and dropped of a refused body before closing
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy
 
 
 class ApiError(Exception):
@@ -242,9 +246,13 @@ class EngineLoop:
                 continue
             try:
                 rid = self.engine.add_request(job.prompt, job.params, adapter=job.adapter, stream_text=job.stream_text)
-            except (ValueError, WorkbenchError) as e:  # validated before, so rare: refuse the whole request
+            except Exception as e:  # validated before, so rare: refuse the whole request, and only it
                 self._abort(ticket)
-                self._fail(ticket, [i], ApiError(400, f"{e}"))
+                if isinstance(e, (ValueError, WorkbenchError)):
+                    self._fail(ticket, [i], ApiError(400, f"{e}"))
+                else:
+                    self.log("engine.add_request failed:\n" + traceback.format_exc())
+                    self._fail(ticket, [i], ApiError(500, "the engine could not take this request (see the server log)"))
                 return
             self.stats["requests"] += 1
             self._owner[rid] = (ticket, i)
@@ -451,9 +459,11 @@ class OpenAIServer:
                                                        "extension field that penalizes repeats)")
         _refuse(body, "logit_bias", lambda v: v == {}, "not supported by this server")
         temperature = _number(body, "temperature", 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2 (0 = greedy)")
+        if temperature < MIN_TEMPERATURE:  # as vLLM: greedy, not logits / 1e-40 = inf -> NaN for the whole step
+            temperature = 0.0
         top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
         top_k = _int(body, "top_k", 0, -1)
-        rp = _number(body, "repetition_penalty", 1.0, lambda v: v > 0, "a number > 0 (1 = off)")
+        rp = _number(body, "repetition_penalty", 1.0, lambda v: 0.01 <= v <= 100, "a number from 0.01 to 100 (1 = off)")
         stop = body.get("stop")
         if stop is None:
             stop = []
@@ -463,7 +473,7 @@ class OpenAIServer:
             raise ApiError(400, "stop: expected a non-empty string or a list of them", "stop")
         if len(stop) > MAX_STOP:
             raise ApiError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
-        seed = _int(body, "seed", None)
+        seed = _int(body, "seed", None, -(2**63), 2**63 - 1)  # a 64-bit integer, as torch.Generator takes
         return {"temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0), "repetition_penalty": rp,
                 "stop": stop, "seed": seed}
 
@@ -562,7 +572,7 @@ class OpenAIServer:
     def _jobs(prompt, sampling, budget, n, adapter, stream, stop_ids) -> list[Job]:
         jobs = []
         for j in range(n):
-            seed = sampling["seed"] + j if sampling["seed"] is not None else None
+            seed = None if sampling["seed"] is None else (sampling["seed"] + j + 2**63) % 2**64 - 2**63  # stays int64
             params = SamplingParams(max_new_tokens=budget, temperature=sampling["temperature"], top_k=sampling["top_k"],
                                     top_p=sampling["top_p"], repetition_penalty=sampling["repetition_penalty"],
                                     stop=list(sampling["stop"]), stop_token_ids=list(stop_ids), seed=seed)
@@ -682,7 +692,12 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         self._sent, self._polled = False, time.monotonic()
         try:
-            body = self._read_body() if method in ("POST", "PUT", "PATCH") else b""
+            if method in ("POST", "PUT", "PATCH"):
+                body = self._read_body()
+            else:  # a body we do not read would be taken for the next request: close after answering
+                body = b""
+                if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+                    self.close_connection = True
             path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
             model = path[len("/v1/models/"):] if path.startswith("/v1/models/") else None
             allowed = "GET" if model is not None else self.ROUTES.get(path)
