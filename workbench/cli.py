@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "/v1/models) on the continuous-batching engine; see docs/inference.md")
     _add_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL printed on start names it)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port (the URL printed on start names it)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run or HF folder name)")
     p.add_argument("--lora", action="append", metavar="NAME=DIR",
                    help="serve a LoRA/DoRA adapter folder under NAME (repeatable): requests whose `model` is NAME use it")
