@@ -52,7 +52,7 @@ def test_quantize_weight_by_hand_half_to_even_zero_row_and_symmetric_range():
     assert ((rnd - q.float() * s[:, None]).abs() <= s[:, None] / 2 * (1 + 1e-5)).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 37])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 37, 80])  # the kernel: 4 rows per pass up to 64; 80: the fallback
 @pytest.mark.parametrize("kernel", [True, False])
 def test_int8_linear_matches_the_dequantized_matmul(rows, kernel):
     if kernel and int8_linear_op() is None:

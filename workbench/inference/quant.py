@@ -61,7 +61,7 @@ Design choices
     an instance `logits` that runs the `Int8Linear` head on the selected positions. DeepSeek-V3's absorbed MLA
     decode reads wkv_b through `lora.effective_weight`, which calls `Int8Linear.effective_weight()` (the
     dequantized weight).
-    Speed: up to `SKINNY_ROWS` rows of fp32 on a CPU go through `torch.ops.workbench.int8_linear`, compiled
+    Speed: up to `INT8_KERNEL_ROWS` rows of fp32 on a CPU go through `torch.ops.workbench.int8_linear`, compiled
     in the same extension as the fp32 decode kernel (`workbench/nn/kernels/skinny_linear.cpp`, built and
     turned off with it: `WORKBENCH_CPU_KERNELS=0`); more rows (prefill, batched scoring), other dtypes and
     devices, or no compiler: the weight is widened to the input dtype and F.linear runs (exact for int8 in
@@ -100,7 +100,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import CheckpointError, ConfigError, WorkbenchError
-from workbench.nn.linear import SKINNY_ROWS, int8_linear_op
+from workbench.nn.linear import int8_linear_op
 
 __all__ = [
     "METHODS", "DEFAULT_SKIP", "Int8Linear", "quantize_weight", "int8_linear", "llm_int8_linear", "int_mm",
@@ -117,6 +117,10 @@ EPS = 1e-12
 SCALE_SUFFIX = "_scale"
 """In a saved directory, `<name>.weight` (int8) has its scales in `<name>.weight_scale`."""
 FORMAT = "per-channel-absmax"
+INT8_KERNEL_ROWS = 64
+"""Up to this many rows of fp32 CPU input take the int8 kernel (4 rows per pass over the weight); more take the
+fallback (the weight widened to the input dtype, then F.linear). At 64 rows the kernel still beats widening on the
+124M shapes and about matches fp32 F.linear (`python benchmarks/int8_decode.py`, projection rows; docs/quantization.md)."""
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +139,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
                 kernel: bool = True) -> torch.Tensor:
     """y = (x Wq^T) * s + b for int8 `weight` (N, K) and fp32 `scale` (N,); y in x's dtype.
 
-    Up to SKINNY_ROWS rows of fp32 CPU input go through the int8 decode kernel (when it built and `kernel`);
+    Up to INT8_KERNEL_ROWS rows of fp32 CPU input go through the int8 decode kernel (when it built and `kernel`);
     otherwise the weight is widened to x's dtype for F.linear, then scaled."""
     rows = x.numel() // max(x.shape[-1], 1)
-    op = int8_linear_op() if (kernel and 0 < rows <= SKINNY_ROWS and x.device.type == "cpu"
+    op = int8_linear_op() if (kernel and 0 < rows <= INT8_KERNEL_ROWS and x.device.type == "cpu"
                               and x.dtype == torch.float32 and not torch.compiler.is_compiling()) else None
     if op is not None:
         y = op(x.reshape(rows, x.shape[-1]), weight, scale).view(*x.shape[:-1], weight.shape[0])  # (..., N)

@@ -64,8 +64,8 @@ def skinny_linear_op():
 
 
 def int8_linear_op():
-    """`torch.ops.workbench.int8_linear(x, w_int8, scale)` = (x w^T) * scale for 1 to 4 rows of fp32 x: the
-    int8 weight-only decode kernel (workbench/inference/quant.py), compiled in the same extension as
+    """`torch.ops.workbench.int8_linear(x, w_int8, scale)` = (x w^T) * scale for fp32 x (M, K), 4 rows per pass
+    over the weight: the int8 weight-only decode kernel (workbench/inference/quant.py), compiled in the same extension as
     `skinny_linear`, so it is built, cached and turned off with it; None if that cannot be built."""
     return None if skinny_linear_op() is None else torch.ops.workbench.int8_linear
 
