@@ -67,3 +67,12 @@ def test_attention_patterns_benchmark_smoke(tmp_path):
     assert len(rows) == 8 and all(float(r[2]) > 0 and float(r[6]) > 0 for r in rows)
     assert rows[0][7].strip() == "1.00x"  # ratios are against dense-sdpa at the same length
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_int8_decode_benchmark_smoke():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_decode.py"), "--smoke", "--llm-int8"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and rows[0].count("x |") == 2  # int8 / fp32 and llm-int8 / fp32
+    assert "smaller: goal met" in res.stdout and "batch-1 decode" in res.stdout
