@@ -159,6 +159,14 @@ def test_what_stays_floating_point():
     names = quantize_model(model, skip=("output", "*.w2"))
     assert "output" not in names and not any(n.endswith("w2") for n in names)
     assert type(model.output) is Linear and "logits" not in vars(model)  # the class's logits, unchanged
+    # a tied head is the embedding: it stays fp, and logits() reads it as before
+    torch.manual_seed(0)
+    tied = build_model(ModelSection.of("llama3", "debug", tie_embeddings=True)).eval()
+    ids = torch.randint(0, tied.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    ref = logits_of(tied, ids)
+    names = quantize_model(tied)
+    assert len(names) == 2 * 7 and "logits" not in vars(tied)
+    assert 0 < ((logits_of(tied, ids) - ref).abs().max() / ref.abs().max()) < INT8_REL_BOUND
 
 
 def test_mla_absorbed_decode_reads_the_dequantized_wkv_b():
