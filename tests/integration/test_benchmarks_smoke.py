@@ -76,3 +76,12 @@ def test_int8_decode_benchmark_smoke():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |")]
     assert len(rows) == 1 and rows[0].count("x |") == 2  # int8 / fp32 and llm-int8 / fp32
     assert "smaller: goal met" in res.stdout and "batch-1 decode" in res.stdout
+
+
+def test_engine_benchmark_smoke():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_cpu.py"), "--smoke", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| debug")]
+    assert len(rows) == 3 and all("x speed" in r for r in rows)
+    assert "TOKENS DIFFER" not in res.stdout  # continuous and static batching gave every request the same tokens
