@@ -4,7 +4,8 @@ The interface is shared by every attention type, and each type decides *what* it
 
     plain / GQA attention   k, v             each (B, T, KV, D)
     MLA (DeepSeek-V3)       latent, k_rope   (B, T, kv_lora_rank), (B, T, rope_dim)  (deepseek_v3.py)
-    sliding window          k, v in a ring buffer of window slots
+    sliding window          k, v as plain attention; the mask's window hides old slots, and the paged
+                            engine hands back the blocks that fell out of the window
 
 A layer calls `update(layer_idx, *new)` with the tensors of its new tokens (time on dim 1), and gets
 back everything stored for that layer so far, new tokens included. The decoder calls `advance(T)` once
@@ -13,7 +14,8 @@ Slots are per row of the batch; rows that started with left padding keep their p
 mask spec's `key_padding` hides.
 
 `StaticKVCache` preallocates `max_len` slots (no reallocation while decoding, friendly to CUDA graphs
-and compile). The paged cache of the inference engine implements the same interface over a block pool.
+and compile). `workbench.inference.paged.PagedKVCache` implements the same interface over a block pool shared
+by the requests of the serving engine (each model names its per-token entries in `kv_entry_shapes()`).
 """
 
 from __future__ import annotations
