@@ -45,6 +45,7 @@ def shuffle_pool(engine: Engine, seed: int = 0) -> None:
     random.Random(seed).shuffle(engine.cache.allocator._free)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_engine_equals_each_request_alone(kind):
     """Mixed lengths and budgets; blocks of 4 tokens handed out in a random order; a 16-token step budget
@@ -236,3 +237,37 @@ def test_engine_serves_many_adapters_in_one_batch_like_each_merged_model(tmp_pat
     assert differs >= 3  # the adapters change the outputs, so the equality above checks their rows
     with pytest.raises(Exception, match="zzz"):
         engine.add_request([3, 4], params, adapter="zzz")
+
+
+def test_bad_settings_are_refused_and_a_failed_step_ends_only_its_requests():
+    """Params built in code are range-checked (a request cannot break a shared step); a temperature below 1e-5
+    is greedy; when a step's forward fails, its requests are aborted with their blocks returned and the queued
+    ones still run."""
+    from workbench.errors import ConfigError
+    from workbench.inference.engine import StepError
+
+    model = tiny("llama3-gqa")
+    engine = Engine(model, eos_ids=[], max_batch=1)
+    for bad, field in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+                       (dict(top_p=0.0), "top_p"), (dict(temperature=float("inf")), "temperature"),
+                       (dict(seed=2**64), "seed")):
+        with pytest.raises(ConfigError, match=field):
+            engine.add_request([3, 4], SamplingParams(**bad))
+    prompt = prompts_for(model, (6,))[0]
+    tiny_t = engine.generate([prompt], SamplingParams(max_new_tokens=6, temperature=1e-30, seed=1))[0]
+    assert tiny_t.tokens == engine.generate([prompt], SamplingParams(max_new_tokens=6))[0].tokens
+
+    first = engine.add_request(prompt, SamplingParams(max_new_tokens=4))
+    second = engine.add_request(prompt[:3], SamplingParams(max_new_tokens=4))
+    forward = model.forward
+    model.forward = lambda batch: (_ for _ in ()).throw(RuntimeError("planted"))
+    with pytest.raises(StepError) as err:
+        engine.step()
+    model.forward = forward
+    assert err.value.request_ids == [first] and isinstance(err.value.__cause__, RuntimeError)
+    assert not engine.abort(first)  # gone already
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == [second]
+    assert engine.free_blocks == engine.cache.allocator.capacity

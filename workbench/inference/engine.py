@@ -62,6 +62,14 @@ from workbench.nn.attention import MaskSpec
 DEFAULT_CACHE_BYTES = 1 << 30  # the pool's size when num_blocks is not given: 1 GiB at most
 
 
+class StepError(RuntimeError):
+    """A step's forward or sampling failed: its requests (`request_ids`) were aborted, the others are intact."""
+
+    def __init__(self, request_ids: list[int]):
+        super().__init__(f"the engine step over requests {request_ids} failed (they were aborted)")
+        self.request_ids = request_ids
+
+
 @dataclass
 class RequestOutput:
     """What one step did for one request: the tokens it added and the text they completed."""
@@ -196,6 +204,7 @@ class Engine:
             self.waiting.remove(req)
         self._release(req)
         req.finished = True
+        req.completion.finish_reason = "abort"
         return True
 
     def has_unfinished(self) -> bool:
@@ -254,7 +263,13 @@ class Engine:
         rows, feeds = self._schedule()
         if not rows:
             return []
-        outputs = self._run(rows, feeds)
+        try:
+            outputs = self._run(rows, feeds)
+        except Exception as e:  # the step's requests end here (their blocks back in the pool); the rest go on
+            ids = [r.id for r in rows]
+            for rid in ids:
+                self.abort(rid)
+            raise StepError(ids) from e
         used = self.cache.allocator.capacity - self.cache.allocator.free
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], used)
         return outputs
@@ -387,7 +402,7 @@ class Engine:
         toks = logits.argmax(-1).tolist()
         for i, b in enumerate(ready):
             p = rows[b].params
-            if p.temperature != 0 or p.repetition_penalty != 1.0:
+            if not p.greedy or p.repetition_penalty != 1.0:
                 toks[i] = sample_next(apply_repetition_penalty(logits[i], rows[b].tokens, p.repetition_penalty),
                                       p, rows[b].rng)
         tok_logp = logp.gather(1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].tolist()

@@ -15,8 +15,8 @@ How KVCacheGenerator decodes a batch
     3. Decode: one forward per new token over (B, 1), reading the cache. Rows that finished keep
        stepping (their tokens are discarded) until every row is done or the longest budget is spent.
 
-Sampling (per row): a repetition penalty first (when not 1: `apply_repetition_penalty`); then temperature 0
-is greedy (argmax, first index on ties, like transformers); otherwise logits / temperature, then top-k, then top-p (the smallest set of tokens whose probability
+Sampling (per row): a repetition penalty first (when not 1: `apply_repetition_penalty`); then a temperature
+below 1e-5 (`MIN_TEMPERATURE`, 0 included) is greedy (argmax, first index on ties, like transformers); otherwise logits / temperature, then top-k, then top-p (the smallest set of tokens whose probability
 reaches p), then a draw from the row's own torch.Generator when `seed` is set.
 
 Log-probs: `Completion.logprobs[i]` is log p(token_i | prefix) under the model's *unmodified*
@@ -29,6 +29,8 @@ before the stop string, the tokens keep the one that completed it. An eos token,
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -38,6 +40,9 @@ import torch
 from workbench.config import fail, field_
 from workbench.nn.attention import MaskSpec
 
+MIN_TEMPERATURE = 1e-5
+"""Below it sampling is greedy (as vLLM does): dividing logits by a tinier temperature overflows."""
+
 
 @dataclass
 class SamplingParams:
@@ -45,16 +50,30 @@ class SamplingParams:
     temperature: float = field_(0.0, ge=0, doc="0 = greedy")
     top_k: int = field_(0, ge=0, doc="0 = off")
     top_p: float = field_(1.0, gt=0, le=1, doc="1 = off")
-    repetition_penalty: float = field_(1.0, gt=0, doc="1 = off; > 1 makes tokens already in the prompt or the "
-                                                      "output less likely (CTRL's rule, as in transformers)")
+    repetition_penalty: float = field_(1.0, ge=0.01, le=100, doc="1 = off; > 1 makes tokens already in the prompt "
+                                                                 "or the output less likely (CTRL's rule, as in "
+                                                                 "transformers)")
     stop: list[str] = field_([], doc="strings that end generation (matched on the decoded text)")
     stop_token_ids: list[int] = field_([], doc="token ids that end generation besides the generator's eos ids (a "
                                               "chat reply's <|end|>: ChatTemplate.stop_ids); kept in `tokens`")
-    seed: int | None = None
+    seed: int | None = field_(None, ge=-(2**63), le=2**64 - 1, doc="a 64-bit integer (torch.Generator's range)")
 
     def validate(self) -> None:
+        """Every field's range, also for params built in code (from_dict checks them too): one request's
+        settings must not be able to break a decoding step that other requests share."""
+        from workbench.config import _check_range
+
+        for f in dataclasses.fields(self):
+            _check_range(getattr(self, f.name), f.metadata, f.name)
+        if isinstance(self.temperature, float) and not math.isfinite(self.temperature):
+            fail("temperature", f"expected a finite number, got {self.temperature}")
         if any(not s for s in self.stop):
             fail("stop", "stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below MIN_TEMPERATURE decode greedily (logits / 1e-40 would overflow to inf and NaN)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
@@ -88,7 +107,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[int], penalty:
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, rng: torch.Generator | None) -> int:
     """One token id from a row of logits (V,) under temperature / top-k / top-p."""
-    if p.temperature == 0:
+    if p.greedy:
         return int(torch.argmax(logits))
     logits = logits.float() / p.temperature
     if p.top_k and p.top_k < logits.numel():
@@ -157,13 +176,13 @@ class KVCacheGenerator:
             # every row ends at the same slot (left padding), so its last hidden state gives the next token
             logits = self.model.logits(out.hidden[:, -1:])[:, 0].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)
-            greedy = logits.argmax(-1).tolist() if any(p.temperature == 0 for p in per_row) else None
+            greedy = logits.argmax(-1).tolist() if any(p.greedy for p in per_row) else None
             toks = [self.pad_id] * B
             for b in range(B):
                 if done[b]:
                     continue
                 p = per_row[b]
-                if p.temperature == 0 and p.repetition_penalty == 1.0:
+                if p.greedy and p.repetition_penalty == 1.0:
                     toks[b] = greedy[b]
                 else:
                     seen = list(prompts[b]) + results[b].tokens

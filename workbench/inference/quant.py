@@ -47,6 +47,9 @@ Design choices
     `CB[:, outlier_cols] * SCB / 127`); it keeps an fp16 copy of the whole weight only with has_fp16_weights
     =True, for training. The outlier *columns* are zeroed in X' before the row scales are taken (the paper's
     column split); bitsandbytes' kernels zero the outlier *elements* and take the whole columns for Y_O.
+    As in bitsandbytes, the outlier set is chosen over every row of the input, so under LLM.int8 a row's output
+    depends on what it is batched with (another request's outlier makes that column fp for all rows): the
+    serving engine's batch invariance holds for "int8" (a per-row computation), not for "llm-int8".
     The int8 x int8 -> int32 product is `torch._int_mm` on a GPU; on a CPU (where this build's `_int_mm` is a
     slow loop) and wherever it refuses a shape, an exact emulation: a float32 matmul (every partial sum is an
     integer below K * 127^2 < 2^24 for K <= 1040, so exact) or a float64 one for wider inputs.
@@ -98,6 +101,7 @@ Sources
 from __future__ import annotations
 
 import fnmatch
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,8 +129,9 @@ SCALE_SUFFIX = "_scale"
 FORMAT = "per-channel-absmax"
 INT8_KERNEL_ROWS = 64
 """Up to this many rows of fp32 CPU input take the int8 kernel (4 rows per pass over the weight); more take the
-fallback (the weight widened to the input dtype, then F.linear). At 64 rows the kernel still beats widening on the
-124M shapes and about matches fp32 F.linear (`python benchmarks/int8_decode.py`, projection rows; docs/quantization.md)."""
+fallback (the weight widened to the input dtype, then F.linear). At 64 rows the kernel beats widening on the
+larger 124M matrices and loses on the smallest (wk, 256 x 768: one thread does all of its rows), see
+`python benchmarks/int8_decode.py` (projection rows) and docs/quantization.md."""
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,12 +292,11 @@ def _bind_head(model: nn.Module) -> None:
     """A quantized `output` head: an instance `logits` that applies the module (see the module notes)."""
     from workbench.models.base import select_positions
 
-    head = model.output
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(select_positions(hidden, positions))  # (B, T|K, V)
 
-    def logits(hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return head(select_positions(hidden, positions))  # (B, T|K, V)
-
-    model.logits = logits
+    # a method bound to this instance (it reads self.output), so a deep copy calls its own head
+    model.logits = types.MethodType(logits, model)
 
 
 def _finish(model: nn.Module, method: str, threshold: float, names: list[str]) -> None:

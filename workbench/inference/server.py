@@ -51,7 +51,9 @@ Design choices
     sample j uses seed + j, so the choices differ yet a repeated request returns the same ones.
     One request's sampling settings must not break a step that other requests share: a temperature below
     1e-5 is greedy (as in vLLM), the repetition penalty is bounded to [0.01, 100] and seeds to 64 bits, so no
-    row's logits become inf or NaN from its settings alone.
+    row's logits become inf or NaN from its settings alone (`SamplingParams.validate` holds the same ranges
+    for the engine's other callers). If a step fails anyway, the engine aborts that step's requests
+    (`StepError.request_ids`), their HTTP requests get a 500, and every other request goes on.
 
 Errors ({"error": {"message", "type", "param", "code"}}; the connection stays usable unless said)
     400 bad JSON, a missing or invalid field (named in `message` and `param`), an unknown field, a request
@@ -100,8 +102,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from workbench.errors import WorkbenchError
-from workbench.inference.engine import Engine, RequestOutput
-from workbench.inference.generator import Completion, SamplingParams
+from workbench.inference.engine import Engine, RequestOutput, StepError
+from workbench.inference.generator import MIN_TEMPERATURE, Completion, SamplingParams
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 64  # prompts x n in one request
@@ -110,7 +112,6 @@ POLL_S = 0.05  # how often a waiting handler checks that its client is still the
 IDLE_TIMEOUT_S = 300  # a keep-alive connection with no request for this long is closed
 LINGER_S, LINGER_BYTES = 2.0, 4 << 20  # what is read and dropped of a refused body before closing
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy
 
 
 class ApiError(Exception):
@@ -258,15 +259,15 @@ class EngineLoop:
             self._owner[rid] = (ticket, i)
 
     def _step(self) -> None:
-        running = [r.id for r in self.engine.running]
         try:
             outputs = self.engine.step()
-        except Exception:
+        except Exception as e:
             self.stats["failed_steps"] += 1
             self.log("engine step failed; failing the requests it ran:\n" + traceback.format_exc())
-            # the requests that were in the step; if none were (the scheduler failed), every request
-            affected = [rid for rid in self._owner if rid in set(running) | {r.id for r in self.engine.running}]
-            affected = affected or list(self._owner)
+            # a failed forward or sampling names its requests (the engine aborted them, the rest are intact);
+            # anything else (the scheduler itself) leaves no request it can vouch for
+            affected = [rid for rid in e.request_ids if rid in self._owner] if isinstance(e, StepError) \
+                else list(self._owner)
             for ticket in {self._owner[rid][0] for rid in affected}:  # the whole HTTP request fails
                 self._abort(ticket, ApiError(500, "the engine failed while generating this request "
                                                   "(the server log has the traceback); other requests go on"))
@@ -459,7 +460,7 @@ class OpenAIServer:
                                                        "extension field that penalizes repeats)")
         _refuse(body, "logit_bias", lambda v: v == {}, "not supported by this server")
         temperature = _number(body, "temperature", 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2 (0 = greedy)")
-        if temperature < MIN_TEMPERATURE:  # as vLLM: greedy, not logits / 1e-40 = inf -> NaN for the whole step
+        if temperature < MIN_TEMPERATURE:  # greedy (SamplingParams.greedy), reported as 0
             temperature = 0.0
         top_p = _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
         top_k = _int(body, "top_k", 0, -1)
@@ -494,6 +495,10 @@ class OpenAIServer:
                                 f"(prompt and completion together)", "messages" if where == "messages" else "prompt",
                            "context_length_exceeded")
         if max_tokens is None:
+            if P >= cap:
+                raise ApiError(400, f"{where}: {P} tokens, but the KV cache holds {cap} (prompt and completion "
+                                    f"together); shorten it or start the server with more --num-blocks",
+                               "messages" if where == "messages" else "prompt", "context_length_exceeded")
             return min(limit, cap) - P
         if P + max_tokens > limit:
             raise ApiError(400, f"{param}: this model's context is {limit} tokens, but {P + max_tokens} were asked "
