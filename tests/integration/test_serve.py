@@ -295,6 +295,8 @@ def test_errors_are_openai_shaped_and_the_server_keeps_serving(client, server):
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools", "not supported"),
         ({"messages": [{"role": "user", "content": "a <|end|> b"}]}, "messages", "reserved token"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "only 0"),
+        # no max_tokens: the rest of the window, but a conversation that fills the KV cache leaves none
+        ({"messages": [{"role": "user", "content": "x " * 400}]}, "messages", "tokens, but the KV cache holds 256"),
     ]
     for body, param, words in chat_cases:
         got_status, got = raw(server, "POST", "/v1/chat/completions", body, conn=conn)
