@@ -5,7 +5,8 @@ same config, weights, dtype and threads.
     python benchmarks/llama_cpu.py --flavors 20M --cases decode --repeats 7 --threads 2
     python benchmarks/llama_cpu.py --flavors mixtral-small --cases train decode
     python benchmarks/llama_cpu.py --flavors deepseek-small --cases train decode
-    python benchmarks/llama_cpu.py --smoke         # seconds: every case once on the debug flavors
+    python benchmarks/llama_cpu.py --smoke         # seconds: every default case once on the debug flavors
+    python benchmarks/llama_cpu.py --flavors 20M --cases engine mixed    # the serving engine (not in the default)
 
 Models
     20M    the "20M" flavor (dim 384, 8 layers, 6 heads / 2 KV heads, ffn 1152, vocab 8192)
@@ -27,6 +28,14 @@ Cases (each timed for both implementations, alternating, median of the repeats)
             (ours: KVCacheGenerator; theirs: generate(do_sample=False) with its dynamic cache)
     cache   ours only: greedy generation of `--cache-tokens` tokens with the KV cache vs recomputing the
             whole prefix every token (the first flavor only: the no-cache side is quadratic)
+    engine  the serving engine (`Engine.generate`: paged cache, continuous batching) against transformers'
+            `generate`, batch 1 and batch 16 (16 prompts of 16 tokens, one batch for transformers); tokens/s
+            counts every row's new tokens
+    mixed   ours only: `--requests` requests with prompt lengths and output budgets drawn uniformly from
+            [`--min-len`, `--max-len`] (seeded), all queued at once: continuous batching (the engine,
+            max_batch 16) against static batching (`KVCacheGenerator` over batches of 16 in arrival order,
+            each decoding until its longest request is done); the same tokens per request (checked);
+            tokens/s counts requested tokens
 
 A ratio < 1 means the workbench takes less time (train) / > 1 means it decodes faster (decode), or the
 cache is faster than recomputing (cache). Results go to stdout as a markdown table followed by the targets
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import random
 import statistics
 import time
 
@@ -45,6 +55,7 @@ import torch.nn.functional as F
 import transformers
 
 from workbench.checkpoint.hf import adapter_for
+from workbench.inference.engine import Engine
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.models.base import ModelSection, build_model, count_params
 
@@ -150,6 +161,54 @@ def cache_fns(ours, prompt: list[int], new_tokens: int):
     return with_cache, without_cache
 
 
+def engine_fns(ours, theirs, batch: int, prompt_len: int, new_tokens: int, vocab: int):
+    """The serving engine vs transformers' generate on `batch` random prompts of `prompt_len` tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    engine = Engine(ours, eos_ids=[], max_batch=batch, max_step_tokens=max(512, batch * prompt_len),
+                    max_len=prompt_len + new_tokens + 1)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    rows = prompts.tolist()
+
+    def run_ours():
+        out = engine.generate(rows, params)
+        assert all(len(c.tokens) == new_tokens for c in out)
+
+    @torch.inference_mode()
+    def run_theirs():
+        out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert out.shape == (batch, prompt_len + new_tokens)
+
+    return run_ours, run_theirs
+
+
+def mixed_requests(n: int, lo: int, hi: int, vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    params = [SamplingParams(max_new_tokens=rng.randint(lo, hi)) for _ in range(n)]
+    return prompts, params
+
+
+def mixed_fns(ours, n: int, lo: int, hi: int, vocab: int, batch: int = 16):
+    """Continuous batching (the engine) vs static batches of `batch` (KVCacheGenerator) on mixed lengths."""
+    prompts, params = mixed_requests(n, lo, hi, vocab)
+    engine = Engine(ours, eos_ids=[], max_batch=batch)
+    static = KVCacheGenerator(ours, eos_ids=[])
+    results = {}
+
+    def run_continuous():
+        results["continuous"] = [c.tokens for c in engine.generate(prompts, params)]
+
+    def run_static():
+        out = []
+        for s in range(0, n, batch):
+            out += [c.tokens for c in static.generate(prompts[s : s + batch], params[s : s + batch])]
+        results["static"] = out
+
+    return run_continuous, run_static, results, sum(p.max_new_tokens for p in params)
+
+
 def memory_bandwidth(repeats: int = 5) -> float:
     """Bytes/s this machine streams with the current thread count: best of `repeats` sums of 512 MB."""
     big = torch.ones(128 * 2**20)  # fp32: 512 MB, far past any cache
@@ -202,18 +261,23 @@ def timed_pair(fn_a, fn_b, repeats: int, warmup: int = 1) -> tuple[float, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flavors", nargs="+", default=["20M", "124M"])
-    ap.add_argument("--cases", nargs="+", default=["train", "decode", "cache"], choices=["train", "decode", "cache"])
+    ap.add_argument("--cases", nargs="+", default=["train", "decode", "cache"],
+                    choices=["train", "decode", "cache", "engine", "mixed"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="training batch for models without a TRAIN_SHAPES entry")
     ap.add_argument("--seq", type=int, default=256, help="training sequence length, likewise")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--cache-tokens", type=int, default=256, help="new tokens of the cache vs no-cache case")
+    ap.add_argument("--requests", type=int, default=48, help="requests of the mixed case")
+    ap.add_argument("--min-len", type=int, default=8, help="mixed case: shortest prompt and output budget")
+    ap.add_argument("--max-len", type=int, default=128, help="mixed case: longest prompt and output budget")
     ap.add_argument("--smoke", action="store_true", help="debug flavor, tiny shapes, one repeat")
     args = ap.parse_args()
     if args.smoke:
         args.flavors, args.repeats, args.batch, args.seq = ["debug", "mixtral:debug", "deepseek_v3:debug"], 1, 2, 32
         args.new_tokens, args.cache_tokens = 8, 8
+        args.requests, args.min_len, args.max_len = 12, 2, 16
     torch.set_num_threads(args.threads)
     print(f"# CPU: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, fp32, median of {args.repeats} interleaved runs\n")
@@ -249,6 +313,24 @@ def main() -> None:
                   f"recomputing the prefix | {args.cache_tokens / a:,.0f} tok/s | no cache "
                   f"{args.cache_tokens / b:,.0f} tok/s | {b / a:.2f}x speed |")
             verdicts.append(f"{name} KV cache: {b / a:.2f}x the no-cache speed: {verdict('cache', b / a)}")
+        if "engine" in args.cases:
+            for batch in (1, 16):
+                a, b = timed_pair(*engine_fns(ours.eval(), theirs.eval(), batch, 16, args.new_tokens, vocab),
+                                  args.repeats)
+                tok = batch * args.new_tokens
+                print(f"| {name} | {n / 1e6:.1f}M | engine: greedy decode, batch {batch}, 16-token prompts, "
+                      f"{args.new_tokens} new | {tok / a:,.1f} tok/s | transformers {tok / b:,.1f} tok/s | "
+                      f"{b / a:.2f}x speed |")
+        if "mixed" in args.cases:
+            a, b, results, total = mixed_fns(ours.eval(), args.requests, args.min_len, args.max_len, vocab)
+            ta, tb = timed_pair(a, b, args.repeats)
+            same = results["continuous"] == results["static"]
+            print(f"| {name} | {n / 1e6:.1f}M | {args.requests} mixed requests, prompts and outputs "
+                  f"{args.min_len}-{args.max_len} tokens | continuous {total / ta:,.1f} tok/s ({ta:.1f} s) | static "
+                  f"batches of 16 {total / tb:,.1f} tok/s ({tb:.1f} s) | {tb / ta:.2f}x speed"
+                  f"{'' if same else ' (TOKENS DIFFER)'} |")
+            verdicts.append(f"{name} continuous vs static batching: {tb / ta:.2f}x: "
+                            + ("faster, goal met" if tb > ta else "NOT faster"))
         del ours, theirs
     if bandwidth:
         print(f"\nMBU: weight bytes per token x tokens/s over the measured bandwidth, {bandwidth / 1e9:.1f} GB/s "

@@ -79,9 +79,10 @@ def test_int8_decode_benchmark_smoke():
 
 
 def test_engine_benchmark_smoke():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_cpu.py"), "--smoke", "--threads", "1"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "llama_cpu.py"), "--smoke", "--threads", "1",
+                          "--cases", "engine", "mixed"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| debug")]
-    assert len(rows) == 3 and all("x speed" in r for r in rows)
+    for family in ("debug", "mixtral:debug", "deepseek_v3:debug"):  # batch 1, batch 16, mixed per family
+        rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {family} |")]
+        assert len(rows) == 3 and all("x speed" in r for r in rows), res.stdout
     assert "TOKENS DIFFER" not in res.stdout  # continuous and static batching gave every request the same tokens
