@@ -27,6 +27,21 @@ def debug_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, debug_data) -> Path:
+    """A run folder `tiny` of the debug config trained 6 steps, built once per test session for the tests
+    that only read it (chat, generate, quantized loading, serve)."""
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+    from workbench.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    job = load_config(JobConfig, DEBUG_TOML, ["--run.out_dir", str(out), "--run.name", "tiny", "--data.dir",
+                                              str(debug_data), "--train.sample_tokens", "0", "--train.steps", "6"])
+    Trainer(job, log=lambda *_: None).fit()
+    return out / "tiny"
+
+
 @pytest.fixture
 def debug_job(debug_data):
     """make(out_dir, *overrides) -> the debug JobConfig writing runs under out_dir, reading `debug_data`."""

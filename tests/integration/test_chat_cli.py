@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 
 from workbench.checkpoint.load import load_run
-from workbench.config import load_config
 from workbench.data.chat import ChatTemplate
 from workbench.inference.chat import ChatSession
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
-from workbench.job import JobConfig
-from workbench.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,13 +19,8 @@ QUESTIONS = ["What does module counter do?", "And how do I instantiate it?"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, debug_data):
-    out = tmp_path_factory.mktemp("chat")
-    job = load_config(JobConfig, ROOT / "configs" / "llama3" / "debug.toml",
-                      ["--run.out_dir", str(out), "--run.name", "tiny", "--data.dir", str(debug_data),
-                       "--train.sample_tokens", "0", "--train.steps", "6"])
-    Trainer(job, log=lambda *_: None).fit()
-    return out / "tiny"
+def run(tiny_run):
+    return tiny_run  # conftest: the debug config trained 6 steps, shared by the session
 
 
 def chat(*args, stdin: str) -> subprocess.CompletedProcess:

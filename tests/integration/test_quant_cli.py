@@ -3,7 +3,6 @@ greedy text, `export --quant int8` writes int8 safetensors that `generate --hf-d
 text and perplexity, and a bad method is refused by the parser."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,21 +11,14 @@ from workbench.cli import main
 from workbench.config import load_config
 from workbench.inference.generator import KVCacheGenerator, SamplingParams
 from workbench.job import JobConfig
-from workbench.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "def main():"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, debug_data):
-    out = tmp_path_factory.mktemp("quant")
-    job = load_config(JobConfig, ROOT / "configs" / "llama3" / "debug.toml",
-                      ["--run.out_dir", str(out), "--run.name", "tiny", "--data.dir", str(debug_data),
-                       "--train.sample_tokens", "0", "--train.steps", "6"])
-    Trainer(job, log=lambda *_: None).fit()
-    return out / "tiny"
+def run(tiny_run):
+    return tiny_run  # conftest: the debug config trained 6 steps, shared by the session
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

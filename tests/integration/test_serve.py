@@ -21,11 +21,8 @@ import pytest
 import torch
 
 from workbench.checkpoint.load import load_run
-from workbench.config import load_config
 from workbench.inference.engine import Engine
 from workbench.inference.server import OpenAIServer
-from workbench.job import JobConfig
-from workbench.train.trainer import Trainer
 
 openai = pytest.importorskip("openai", reason="the openai client (the dev extra) is not installed")
 
@@ -35,13 +32,8 @@ BLOCK, NUM_BLOCKS = 16, 17  # a KV cache of 16 blocks = 256 tokens, below the mo
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, debug_data):
-    out = tmp_path_factory.mktemp("serve")
-    job = load_config(JobConfig, ROOT / "configs" / "llama3" / "debug.toml",
-                      ["--run.out_dir", str(out), "--run.name", "tiny", "--data.dir", str(debug_data),
-                       "--train.sample_tokens", "0", "--train.steps", "4", "--train.eval_tokens", "2048"])
-    Trainer(job, log=lambda *_: None).fit()
-    return out / "tiny"
+def run(tiny_run):
+    return tiny_run  # conftest: the debug config trained 6 steps, shared by the session
 
 
 @pytest.fixture(scope="module")

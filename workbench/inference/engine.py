@@ -42,6 +42,11 @@ different positions than an unbatched run. Multi-adapter serving: with `adapters
 `workbench.inference.adapters.load_adapters`), each request names its LoRA adapter and one forward serves
 rows of different adapters.
 
+Failures: `add_request` refuses what cannot run (an empty prompt, settings out of range via
+`SamplingParams.validate`, more tokens than `max_len` or the whole pool); if a step's forward or sampling
+raises anyway, that step's requests are aborted (blocks returned) and `StepError.request_ids` names them, while
+queued and other running requests are untouched.
+
 Not thread-safe: one thread drives an Engine (the HTTP server runs it in a loop thread).
 """
 
@@ -55,7 +60,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.inference.generator import Completion, SamplingParams, apply_repetition_penalty, sample_next
+from workbench.inference.generator import (
+    Completion,
+    SamplingParams,
+    apply_repetition_penalty,
+    cut_at_stop,
+    sample_next,
+)
 from workbench.inference.paged import NULL_BLOCK, PagedKVCache
 from workbench.nn.attention import MaskSpec
 
@@ -442,8 +453,7 @@ class Engine:
         c.finish_reason = reason
         if self.tokenizer is not None:
             text = self.tokenizer.decode(c.tokens) if text is None else text
-            cuts = [text.find(s) for s in req.params.stop if s in text]
-            c.text = text[: min(cuts)] if cuts else text
+            c.text = cut_at_stop(text, req.params.stop)
         if req in self.running:
             self.running.remove(req)
         self._release(req)

@@ -92,6 +92,12 @@ class Generator(Protocol):
     ) -> list[Completion]: ...
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest stop string in it, or all of it."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty on a row of logits (V,): every token in `seen` (prompt and output so far)
     has its logit divided by `penalty` when positive and multiplied by it when negative (transformers'
@@ -216,6 +222,5 @@ class KVCacheGenerator:
             return results
         for r, p in zip(results, per_row):
             text = self.tokenizer.decode(r.tokens)
-            cuts = [text.find(s) for s in p.stop if s in text]
-            r.text = text[: min(cuts)] if cuts else text
+            r.text = cut_at_stop(text, p.stop)
         return results

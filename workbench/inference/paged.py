@@ -113,11 +113,6 @@ class PagedKVCache(KVCache):
         per_layer = sum(int(torch.Size(s).numel()) for s in self.entry_shapes) * pool.element_size()
         return per_layer * len(self.pools)
 
-    def slots(self, blocks: Sequence[int], start: int, stop: int) -> list[int]:
-        """Pool slots of positions [start, stop) of a request whose block table is `blocks`."""
-        bs = self.block_size
-        return [blocks[p // bs] * bs + p % bs for p in range(start, stop)]
-
     def plan(self, tables: Sequence[Sequence[int]], computed: Sequence[int], feeds: Sequence[int],
              starts: Sequence[int]) -> dict[str, torch.Tensor]:
         """The tensors of one step, for rows whose block tables are `tables`, with `computed[b]` positions
