@@ -4,6 +4,9 @@
                                                                          tokenizer, shards, manifest)
     workbench train CONFIG.toml [--resume] [--section.key value ...]   (--resume: continue the run if it has
                                                                          a checkpoint, start it otherwise)
+    workbench fundamentals CONFIG.toml [--resume] [--section.key value ...]
+                                                                         (the fundamentals: autograd engine, CNN,
+                                                                          RNN/LSTM, VAE; configs/fundamentals/)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
     workbench chat (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] [--system TEXT] [--max-new-tokens N]
@@ -97,6 +100,20 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return _train(trainer, job, log, main)
     finally:
         trainer.close()
+
+
+def cmd_fundamentals(args: argparse.Namespace, overrides: list[str]) -> int:
+    from workbench.train.fundamentals.runner import Interrupted, run_job
+
+    try:
+        results = run_job(args.config, overrides, resume=args.resume, log=_log)
+    except Interrupted as e:
+        _log(str(e))
+        return 128 + e.signum  # the shell's convention for "ended by signal N", checkpoint saved
+    for key, value in results.items():
+        if key != "run_dir":
+            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
 
 
 def _train(trainer, job, _log, main: bool) -> int:
@@ -352,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
     _add_local_rank(p)
 
+    p = sub.add_parser("fundamentals", help="run a fundamentals experiment (autograd engine, CNN, RNN/LSTM, VAE) "
+                                            "from configs/fundamentals/; prints its results")
+    p.add_argument("config", help="experiment file, e.g. configs/fundamentals/resnet.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
     p.add_argument("--prompt", required=True)
@@ -440,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data", "eval"):
-            return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval}[args.command](args, rest)
+        if args.command in ("train", "data", "eval", "fundamentals"):
+            return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval,
+                    "fundamentals": cmd_fundamentals}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,

@@ -10,7 +10,8 @@
                     global step `step`: train fields as "train/<name>", validation fields as
                     "val/<name without the val_ prefix>". Strings and bools are skipped (they stay in
                     the JSONL).
-    loss.png        `RunLog.plot()`: train loss and val loss (markers) against step, in nats/token, with
+    loss.png        `RunLog.plot()`: train loss and val loss (markers) against step (in nats/token for the
+                    language models; `ylabel` names other units), with
                     the baselines (e.g. a unigram model's val loss) as dashed reference lines, and
                     val bits-per-byte in a second panel when logged. Written atomically (loss.png.tmp,
                     then os.replace), so a reader never sees half a file.
@@ -94,13 +95,14 @@ class RunLog:
     """
 
     def __init__(self, run_dir: str | Path, resume_step: int | None = None,
-                 baselines: Mapping[str, float] | None = None):
+                 baselines: Mapping[str, float] | None = None, ylabel: str = "loss (nats/token)"):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self.baselines = dict(baselines or {})
+        self.ylabel = ylabel
         self.resume_step = resume_step
         if resume_step is not None:
             self.records = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
@@ -134,7 +136,7 @@ class RunLog:
     def plot(self) -> Path:
         """Draw loss.png from every record of the run (those reloaded on resume included); its path."""
         out = self.run_dir / PLOT_FILE
-        plot_loss(self.records, out, title=self.run_dir.name, baselines=self.baselines)
+        plot_loss(self.records, out, title=self.run_dir.name, baselines=self.baselines, ylabel=self.ylabel)
         return out
 
     def close(self) -> None:
@@ -158,7 +160,7 @@ def _series(records: Iterable[Mapping], key: str) -> tuple[list[int], list[float
 
 
 def plot_loss(records: Iterable[Mapping], out: str | Path, title: str = "",
-              baselines: Mapping[str, float] | None = None) -> None:
+              baselines: Mapping[str, float] | None = None, ylabel: str = "loss (nats/token)") -> None:
     """Write a PNG of train/val loss (and val bits-per-byte if present) against step, atomically.
 
     Draws on a bare Agg canvas (no pyplot, no display, no global backend change). With no records it
@@ -186,7 +188,7 @@ def plot_loss(records: Iterable[Mapping], out: str | Path, title: str = "",
     for i, (name, value) in enumerate((baselines or {}).items()):
         ax.axhline(float(value), color=f"C{i + 2}", linestyle="--", linewidth=1.0, label=f"{name} ({value:.3g})")
     ax.set_title(title)
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right")

@@ -9,6 +9,8 @@
                         (learning rate and gradient norm against step, redrawn every time)
     Throughput          median and last tokens/s and GFLOP/s (CPU) or MFU (CUDA) over the train records of
                         metrics.jsonl, and the run's facts: parameters, FLOPs per token, device, layout
+    Results             (fundamentals runs, workbench.train.fundamentals) the headline figures and pictures
+                        that the task recorded in results.json
     Checkpoints         the complete checkpoints: step, size, when the COMPLETE marker was written, path
     Evaluations         one table per RUN_DIR/evals/<name>/results.json (the eval harness's output)
 
@@ -48,6 +50,7 @@ INFO_FILE = "run_info.json"
 CONFIG_FILE = "config.toml"
 EVALS_DIR = "evals"
 EVAL_RESULTS = "results.json"
+RESULTS_FILE = "results.json"  # a fundamentals run's headline figures (workbench.train.fundamentals.runner)
 EVAL_FORMAT = "workbench-eval/"  # + the major version: what evals.runner writes and this report reads
 
 NONE = "—"
@@ -138,9 +141,11 @@ def _last(records: list[dict], key: str):
 def _summary(run_dir: Path, config: dict, records: list[dict]) -> list[str]:
     model = config.get("model", {}) if isinstance(config.get("model"), dict) else {}
     train = config.get("train", {}) if isinstance(config.get("train"), dict) else {}
-    what = " ".join(str(model[k]) for k in ("family", "flavor") if k in model) or "unknown model"
+    task = config.get("task", {}) if isinstance(config.get("task"), dict) else {}
+    what = " ".join(str(model[k]) for k in ("family", "flavor") if k in model) or (
+        f"task {task['name']}" if "name" in task else "unknown model")
     done = records[-1].get("step") if records else 0
-    planned = train.get("steps")
+    planned = train.get("steps", train.get("max_steps") or None)
     section = config.get("objective")
     objective = section.get("name", "lm") if isinstance(section, dict) else "lm"
     parts = [f"**{what}**" + (f", objective {objective}" if objective != "lm" else ""),
@@ -155,6 +160,26 @@ def _summary(run_dir: Path, config: dict, records: list[dict]) -> list[str]:
         more = [f"{k[4:]} {format_number(v)}" for k, v in last.items() if k.startswith("val_") and k != "val_loss"]
         parts.append(", ".join([f"val loss {format_number(val_loss)}", *more[:3]]))
     return [f"# {run_dir.resolve().name}", "", " · ".join(parts)]
+
+
+def _results_section(run_dir: Path) -> list[str]:
+    """The figures and pictures a fundamentals task recorded (results.json); nothing for other runs."""
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        results, figures = dict(data.get("results", {})), list(data.get("figures", []))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return ["## Results", "", f"{RESULTS_FILE} is unreadable ({type(e).__name__}: {e})"]
+    lines = ["## Results", ""]
+    if results:
+        lines += markdown_table(["", "value", "note"], [[k, (r or {}).get("value"), (r or {}).get("note", "")]
+                                                          for k, r in results.items()]) + [""]
+    for fig in figures:
+        if isinstance(fig, dict) and "file" in fig:
+            lines += [f"![{fig.get('caption', '')}]({quote(str(fig['file']))})", "", f"*{fig.get('caption', '')}*", ""]
+    return lines
 
 
 def _config_section(config_text: str | None, note: str | None) -> list[str]:
@@ -336,8 +361,9 @@ def write_run_report(run_dir: str | Path, info: Mapping | None = None) -> Path:
 
     lines = _summary(run_dir, config, records) + [""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    for section in (_config_section(config_text, config_note), _curves_section(run_dir, records),
-                    _throughput_section(records, info), _checkpoints_section(run_dir), _evals_section(run_dir)):
+    for section in (_results_section(run_dir), _config_section(config_text, config_note),
+                    _curves_section(run_dir, records), _throughput_section(records, info),
+                    _checkpoints_section(run_dir), _evals_section(run_dir)):
         lines += section + [""]
     out = run_dir / REPORT_FILE
     atomic_write_text(out, "\n".join(lines).rstrip("\n") + "\n")
