@@ -1,0 +1,172 @@
+"""The from-scratch RNN and LSTM (workbench/models/fundamentals/rnn.py) against torch.nn.RNN / torch.nn.LSTM on
+copied weights, and the sentiment data generator (data_pipelines/sentiment.py) against its documented rule."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from workbench.models.fundamentals.rnn import LSTM, RNN, Config, LSTMCell, RNNCell, SequenceModel, load_torch_weights
+
+I, H, T, B = 5, 7, 6, 3
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+CASES = [  # (kind, layers, batch_first, with initial state, dtype)
+    (kind, layers, bf, init, dtype)
+    for kind, layers, bf, init in itertools.product(("tanh", "relu", "lstm"), (1, 2), (False, True), (False, True))
+    for dtype in (torch.float64,)
+] + [(kind, 2, True, True, torch.float32) for kind in ("tanh", "relu", "lstm")]
+
+
+def make_pair(kind: str, layers: int, batch_first: bool, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "lstm":
+        ref = nn.LSTM(I, H, layers, batch_first=batch_first, dtype=dtype)
+        ours = LSTM.from_torch(ref)
+    else:
+        ref = nn.RNN(I, H, layers, nonlinearity=kind, batch_first=batch_first, dtype=dtype)
+        ours = RNN.from_torch(ref)
+    return ref, ours
+
+
+def initial_state(kind, layers, dtype, requires_grad=True):
+    make = lambda: torch.randn(layers, B, H, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    return (make(), make()) if kind == "lstm" else make()
+
+
+def flat(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+@pytest.mark.parametrize("kind,layers,batch_first,with_init,dtype", CASES)
+def test_stack_matches_torch_outputs_states_and_gradients(kind, layers, batch_first, with_init, dtype):
+    ref, ours = make_pair(kind, layers, batch_first, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(*((B, T) if batch_first else (T, B)), I, dtype=dtype)
+    state = initial_state(kind, layers, dtype) if with_init else None
+    inputs = [x] + (flat(state) if with_init else [])
+    results = []
+    for module in (ref, ours):
+        xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        st = None if not with_init else (tuple(xs[1:]) if kind == "lstm" else xs[1])
+        out, final = module(xs[0], st)
+        # a loss that weights every output and every final state differently
+        w = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
+        loss = (out * w).sum() + sum((s * s).sum() * 0.5 for s in flat(final))
+        params = list(module.parameters())
+        grads = torch.autograd.grad(loss, xs + params)
+        results.append((out, flat(final), grads))
+    (o_ref, f_ref, g_ref), (o_us, f_us, g_us) = results
+    tol = TOL[dtype]
+    assert o_us.shape == o_ref.shape == ((B, T, H) if batch_first else (T, B, H))
+    torch.testing.assert_close(o_us, o_ref, atol=tol, rtol=0)
+    for a, b in zip(f_us, f_ref):
+        assert a.shape == b.shape == (layers, B, H)
+        torch.testing.assert_close(a, b, atol=tol, rtol=0)
+    assert len(g_us) == len(g_ref)  # same parameter count and order: weight_ih, weight_hh, bias_ih, bias_hh
+    for a, b in zip(g_us, g_ref):
+        assert a.abs().sum() > 0  # every input, state and parameter receives a gradient
+        torch.testing.assert_close(a, b, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["tanh", "lstm"])
+def test_unbatched_input_matches_torch(kind):
+    ref, ours = make_pair(kind, 2, False, torch.float64)
+    x = torch.randn(T, I, dtype=torch.float64)
+    out_ref, fin_ref = ref(x)
+    out_us, fin_us = ours(x)
+    assert out_us.shape == (T, H)
+    torch.testing.assert_close(out_us, out_ref, atol=1e-10, rtol=0)
+    for a, b in zip(flat(fin_us), flat(fin_ref)):
+        assert a.shape == (2, H)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["relu", "lstm"])
+def test_lengths_match_torch_packed_sequences(kind):
+    ref, ours = make_pair(kind, 2, True, torch.float64)
+    x = torch.randn(4, T, I, dtype=torch.float64)
+    lengths = torch.tensor([T, 2, 4, 1])
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out_ref, fin_ref = ref(packed)
+    out_ref, _ = nn.utils.rnn.pad_packed_sequence(out_ref, batch_first=True, total_length=T)
+    out_us, fin_us = ours(x, lengths=lengths)
+    torch.testing.assert_close(out_us, out_ref, atol=1e-10, rtol=0)
+    for a, b in zip(flat(fin_us), flat(fin_ref)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    # padding content does not matter
+    x2 = x.clone()
+    x2[1, 2:] = 100.0
+    torch.testing.assert_close(ours(x2, lengths=lengths)[0], out_us)
+
+
+def test_cells_match_torch_cells():
+    torch.manual_seed(0)
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    for nl in ("tanh", "relu"):
+        ref = nn.RNNCell(I, H, nonlinearity=nl)
+        ours = RNNCell(I, H, nonlinearity=nl)
+        ours.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(ours(x, h), ref(x, h), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=0)
+    ref = nn.LSTMCell(I, H)
+    ours = LSTMCell(I, H)
+    ours.load_state_dict(ref.state_dict())  # same names and shapes as torch's cell
+    for a, b in zip(ours(x, (h, c)), ref(x, (h, c))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_forget_bias_and_torch_init():
+    torch.manual_seed(0)
+    lstm = LSTM(I, H, forget_bias=1.0)
+    b = lstm.layers[0].bias_ih
+    k = 1 / H**0.5
+    assert (b[H:2 * H] >= 1 - k).all() and (b[H:2 * H] <= 1 + k).all()
+    assert b[:H].abs().max() <= k and b[2 * H:].abs().max() <= k
+    plain = LSTM(I, H, forget_bias=0.0)
+    assert all(p.abs().max() <= k for p in plain.parameters())
+    assert LSTM(I, H, device="meta").layers[0].weight_ih.is_meta  # nothing allocated on meta
+
+
+def test_bad_arguments_name_what_was_expected():
+    with pytest.raises(ValueError, match="nonlinearity"):
+        RNN(I, H, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match="input_size 5"):
+        RNN(I, H)(torch.randn(T, B, I + 1))
+    with pytest.raises(ValueError, match=r"initial state of shape \(1, 3, 7\)"):
+        RNN(I, H)(torch.randn(T, B, I), torch.zeros(2, B, H))
+    with pytest.raises(ValueError, match="bidirectional"):
+        LSTM.from_torch(nn.LSTM(I, H, bidirectional=True))
+    with pytest.raises(ValueError, match="proj_size"):
+        LSTM.from_torch(nn.LSTM(I, H, proj_size=3))
+    with pytest.raises(ValueError, match="cannot load a torch LSTM"):
+        load_torch_weights(RNN(I, H), nn.LSTM(I, H))
+    with pytest.raises(ValueError, match="num_layers=2"):
+        load_torch_weights(LSTM(I, H), nn.LSTM(I, H, 2))
+
+
+@pytest.mark.parametrize("readout", ["last", "mean", "steps"])
+def test_sequence_model_readouts_respect_lengths(readout):
+    torch.manual_seed(0)
+    model = SequenceModel(Config(cell="lstm", embed_dim=4, hidden_size=8, readout=readout), num_outputs=3,
+                          vocab_size=11).double()
+    tokens = torch.randint(1, 11, (2, T))
+    lengths = torch.tensor([T, 3])
+    padded = tokens.clone()
+    padded[1, 3:] = 0
+    out = model(padded, lengths)
+    alone = model(tokens[1:, :3])  # the short sequence on its own, no padding
+    if readout == "steps":
+        assert out.shape == (2, T, 3)
+        torch.testing.assert_close(out[1, :3], alone[0])
+    else:
+        assert out.shape == (2, 3)
+        torch.testing.assert_close(out[1], alone[0])
+
+
+def test_sequence_model_real_valued_inputs():
+    model = SequenceModel(Config(cell="rnn", hidden_size=8, readout="steps"), num_outputs=1, input_size=2)
+    assert model(torch.randn(4, T, 2)).shape == (4, T, 1)
+    with pytest.raises(ValueError, match="exactly one of vocab_size"):
+        SequenceModel(Config(), num_outputs=1, vocab_size=3, input_size=2)
