@@ -561,6 +561,15 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert epoch_order(10, 0, 1).tolist() == epoch_order(10, 0, 1).tolist()
 
 
+def test_lr_schedule_equals_the_torch_runners():
+    from workbench.train.optim import lr_multiplier
+
+    for total, warmup, schedule, floor in [(50, 0, "cosine", 0.0), (50, 7, "cosine", 0.1), (20, 5, "constant", 0.0)]:
+        for step in range(total):
+            assert lr_at(step, total, 0.3, schedule, warmup, floor) == pytest.approx(
+                0.3 * lr_multiplier(step, total, warmup, schedule, floor), rel=1e-12), (total, warmup, schedule, step)
+
+
 def test_fit_learns_a_separable_task():
     x, y = _blobs(0)
     model = MLP(8, [16], 3, rng=np.random.default_rng(0), dtype=np.float32)

@@ -19,7 +19,8 @@ The intuition and the design choices
     same scheme as PyTorch, so a checkpoint is a flat dict of arrays.
     `load_state_dict` copies into the existing arrays, so an optimizer built before loading still holds
     the right parameters; missing, unexpected or mis-shaped entries are errors that name them.
-    Each layer takes a NumPy generator (initialization and dropout are reproducible from a seed) and a
+    Each layer takes a NumPy generator (initialization and dropout are reproducible from a seed; the models
+    take a separate `dropout_rng` so that its state alone can be checkpointed) and a
     dtype (float64 for gradient checks, float32 to train faster). Initialization is in one
     `init_weights(rng)` per layer.
 
@@ -220,13 +221,13 @@ class MLP(Module):
     """Flatten, then [Linear -> ReLU (-> Dropout)] per hidden size, then a Linear to the classes."""
 
     def __init__(self, in_features: int, hidden: list[int], n_classes: int, *, dropout: float = 0.0,
-                 rng: np.random.Generator, dtype: Any = np.float64):
+                 rng: np.random.Generator, dropout_rng: np.random.Generator | None = None, dtype: Any = np.float64):
         layers: list[Module] = [Flatten()]
         width = in_features
         for h in hidden:
             layers += [Linear(width, h, rng=rng, dtype=dtype), ReLU()]
             if dropout:
-                layers.append(Dropout(dropout, rng=rng))
+                layers.append(Dropout(dropout, rng=dropout_rng or rng))
             width = h
         layers.append(Linear(width, n_classes, rng=rng, dtype=dtype))
         self.net = Sequential(*layers)
@@ -242,7 +243,8 @@ class SmallCNN(Module):
     H x W image leaves the last of B blocks as (channels[-1], H / 2^B, W / 2^B) (floored at each pool)."""
 
     def __init__(self, in_channels: int, image_size: int, channels: list[int], n_classes: int, *,
-                 kernel_size: int = 3, dropout: float = 0.0, rng: np.random.Generator, dtype: Any = np.float64):
+                 kernel_size: int = 3, dropout: float = 0.0, rng: np.random.Generator,
+                 dropout_rng: np.random.Generator | None = None, dtype: Any = np.float64):
         layers: list[Module] = []
         c, size = in_channels, image_size
         for out in channels:
@@ -254,7 +256,7 @@ class SmallCNN(Module):
             c, size = out, size // 2
         layers.append(Flatten())
         if dropout:
-            layers.append(Dropout(dropout, rng=rng))
+            layers.append(Dropout(dropout, rng=dropout_rng or rng))
         # (N, C_last, size, size) -> (N, C_last size size) -> (N, classes)
         layers.append(Linear(c * size * size, n_classes, rng=rng, dtype=dtype))
         self.net = Sequential(*layers)

@@ -80,7 +80,7 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.t = int(state["t"])
+        self.t = int(np.asarray(state["t"]).item())
         for name, arrays in self._slots().items():
             for i, p in enumerate(self.params):
                 key = f"{name}.{i}"

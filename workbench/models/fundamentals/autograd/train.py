@@ -3,9 +3,9 @@ clipping, periodic evaluation, and a resumable position.
 
 What it is
     `fit` trains a classifier with cross-entropy on in-memory arrays. It knows nothing about run folders:
-    the caller passes hooks (`on_log` every `log_every` steps, `on_epoch` after each epoch with the
-    evaluation) and gets back the loop's position, which is all a checkpoint needs besides the weights
-    and the optimizer state.
+    the caller passes hooks (`on_log` every `log_every` steps, `on_epoch` after each epoch, where it
+    evaluates and checkpoints) and gets back the loop's position, which is all a checkpoint needs besides
+    the weights, the optimizer state and the dropout generator's state.
 
 The math
     Each epoch e visits the training set in the order perm_e = permutation(n) drawn from a generator
@@ -13,7 +13,9 @@ The math
     be shorter). One step: loss = mean cross-entropy of the batch, backward, clip, optimizer step.
     Learning rate at step t (0-based) of T: lr_t = lr * min(1, (t + 1) / warmup) * c_t with
         c_t = 1                                            (constant)
-        c_t = 0.5 (1 + cos(pi * (t - warmup) / (T - warmup)))   for t >= warmup   (cosine to 0)
+        c_t = r + (1 - r) 0.5 (1 + cos(pi (t - warmup) / (T - warmup)))   for t >= warmup
+    (cosine from lr down to r lr; r = min_lr_ratio, the same multiplier as workbench.train.optim).
+    `on_log` also gets `examples`, the number of training examples since the previous log.
 
 The intuition and the design choices
     The order depends only on (seed, epoch), so a run stopped after batch b of epoch e resumes by
@@ -56,12 +58,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: int = 0) -> float:
+def lr_at(step: int, total: int, lr: float, schedule: str = "constant", warmup: int = 0,
+          min_lr_ratio: float = 0.0) -> float:
     # linear warm-up: lr * (t + 1) / warmup for the first `warmup` steps
     scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-    if schedule == "cosine" and step >= warmup and total > warmup:
-        # c_t = 0.5 (1 + cos(pi (t - warmup) / (T - warmup)))
-        scale *= 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    if schedule == "cosine" and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        # c_t = r + (1 - r) 0.5 (1 + cos(pi (t - warmup) / (T - warmup)))
+        scale *= min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     elif schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     return lr * scale
@@ -85,7 +89,8 @@ def evaluate(model: Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512)
 
 
 def fit(model: Module, opt: Optimizer, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
-        seed: int, lr: float, schedule: str = "constant", warmup_steps: int = 0, grad_clip: float = 0.0,
+        seed: int, lr: float, schedule: str = "constant", warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+        grad_clip: float = 0.0,
         max_steps: int = 0, log_every: int = 10, start: Position | None = None,
         on_log: Callable[[Position, dict], None] | None = None,
         on_epoch: Callable[[Position], None] | None = None,
@@ -111,7 +116,7 @@ def fit(model: Module, opt: Optimizer, x: np.ndarray, y: np.ndarray, *, epochs: 
             if should_stop is not None and should_stop():
                 return pos
             idx = order[pos.batch * batch_size:(pos.batch + 1) * batch_size]
-            opt.lr = lr_at(pos.step, total, lr, schedule, warmup_steps)
+            opt.lr = lr_at(pos.step, total, lr, schedule, warmup_steps, min_lr_ratio)
             opt.zero_grad()
             logits = model(Tensor(x[idx]))
             loss = cross_entropy(logits, y[idx])
@@ -125,7 +130,7 @@ def fit(model: Module, opt: Optimizer, x: np.ndarray, y: np.ndarray, *, epochs: 
             window_seen += len(idx)
             if on_log is not None and (pos.step % log_every == 0 or pos.step == total):
                 on_log(pos, {"loss": window_loss / window_seen, "accuracy": window_correct / window_seen,
-                             "lr": opt.lr, "grad_norm": grad_norm, "epoch": pos.epoch + pos.batch / per_epoch})
+                             "lr": opt.lr, "grad_norm": grad_norm, "examples": window_seen})
                 window_loss, window_correct, window_seen = 0.0, 0, 0
         if pos.batch == per_epoch:
             pos.epoch, pos.batch = pos.epoch + 1, 0
