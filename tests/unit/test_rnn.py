@@ -1,13 +1,38 @@
 """The from-scratch RNN and LSTM (workbench/models/fundamentals/rnn.py) against torch.nn.RNN / torch.nn.LSTM on
 copied weights, and the sentiment data generator (data_pipelines/sentiment.py) against its documented rule."""
 
+import collections
 import itertools
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from workbench.models.fundamentals.rnn import LSTM, RNN, Config, LSTMCell, RNNCell, SequenceModel, load_torch_weights
+from data_pipelines.sentiment import (
+    FORMS,
+    NEGATIVE,
+    NEGATORS,
+    POSITIVE,
+    SentimentConfig,
+    build_vocab,
+    encode,
+    make_splits,
+    rule_label,
+    tokenize,
+    write_jsonl,
+)
+from data_pipelines.signals import SignalConfig, make_signals
+from workbench.config import ConfigError, from_dict
+from workbench.models.fundamentals.rnn import (
+    LSTM,
+    RNN,
+    Config,
+    LSTMCell,
+    RNNCell,
+    SequenceModel,
+    load_torch_weights,
+)
 
 I, H, T, B = 5, 7, 6, 3
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -170,3 +195,81 @@ def test_sequence_model_real_valued_inputs():
     assert model(torch.randn(4, T, 2)).shape == (4, T, 1)
     with pytest.raises(ValueError, match="exactly one of vocab_size"):
         SequenceModel(Config(), num_outputs=1, vocab_size=3, input_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sentiment generator and its label rule
+
+
+@pytest.mark.parametrize("text,label", [
+    ("the plot was good.", 1),
+    ("the plot was not good.", 0),
+    ("the movie was never boring.", 1),
+    ("the plot was dull, but the acting was superb.", 1),
+    ("the plot was superb, but the acting was dull.", 0),
+    ("although the plot was dull, the acting was superb.", 1),
+    ("the plot was dull, although the acting was superb.", 0),
+    ("the plot was not very good, but the ending was never boring.", 1),
+    ("i would not say the cast was good.", 0),
+    ("i would not say the cast was not good.", 1),  # two negators cancel
+    ("i had not read the book. the plot was good.", 1),  # a negator in filler does not touch the opinion
+    ("we watched it at home. the ending felt extremely tedious. my sister picked it.", 0),
+])
+def test_rule_label_on_written_cases(text, label):
+    assert rule_label(text) == label
+
+
+def test_rule_label_refuses_text_without_one_opinion():
+    with pytest.raises(ValueError, match="exactly one sentence"):
+        rule_label("we watched it at home.")
+    with pytest.raises(ValueError, match="exactly one sentence"):
+        rule_label("the plot was good. the cast was bad.")
+
+
+def test_generator_is_deterministic_disjoint_and_follows_the_rule():
+    a = make_splits(600, 100, 200, seed=3)
+    assert a == make_splits(600, 100, 200, seed=3)
+    assert a["train"] != make_splits(600, 100, 200, seed=4)["train"]
+    assert [len(a[k]) for k in ("train", "val", "test")] == [600, 100, 200]
+    texts = [r["text"] for split in a.values() for r in split]
+    assert len(set(texts)) == len(texts)  # no review in two splits (or twice in one)
+    records = [r for split in a.values() for r in split]
+    for r in records:
+        assert r["label"] == rule_label(r["text"]), r
+        words = tokenize(r["text"])
+        if r["form"] == "contrast":
+            assert "but" in words or "although" in words
+        opinion = [s for s in r["text"].split(".") if any(w in POSITIVE or w in NEGATIVE for w in tokenize(s))][0]
+        negated = any(w in NEGATORS for w in tokenize(opinion))
+        if r["form"] == "plain":
+            assert not negated and "but" not in words and "although" not in words
+        if r["form"] == "negation":
+            assert negated
+    forms = collections.Counter(r["form"] for r in records)
+    assert set(forms) == set(FORMS) and min(forms.values()) > 0.1 * len(records)
+    positive = sum(r["label"] for r in records) / len(records)
+    assert 0.45 < positive < 0.55  # balanced by construction
+    # the double negation and filler negation cases occur
+    assert any(tokenize(r["text"]).count("not") + tokenize(r["text"]).count("never") >= 2 for r in records)
+
+
+def test_generator_knobs_and_jsonl(tmp_path):
+    plain = make_splits(200, 0, 0, seed=0, cfg=SentimentConfig(p_contrast=0, p_negate=0, max_filler=0))["train"]
+    assert {r["form"] for r in plain} == {"plain"}
+    assert all(r["text"].count(".") == 1 for r in plain)
+    path = write_jsonl(plain, tmp_path / "x" / "train.jsonl")
+    back = [json.loads(line) for line in path.read_text().splitlines()]
+    assert back == plain and set(back[0]) == {"text", "label", "form"}
+    vocab = build_vocab(r["text"] for r in plain)
+    assert vocab["<pad>"] == 0 and vocab["<unk>"] == 1 and encode("the zzz", vocab) == [vocab["the"], 1]
+
+
+def test_signals_are_deterministic_and_noise_has_its_variance():
+    cfg = SignalConfig(length=50, noise=0.2)
+    noisy, clean = make_signals(400, 7, cfg)
+    assert noisy.shape == clean.shape == (400, 50)
+    assert torch.equal(noisy, make_signals(400, 7, cfg)[0])
+    assert abs((noisy - clean).std().item() - 0.2) < 0.01
+    assert clean.abs().max() <= 2 * cfg.amp_max  # K = 2 sines of amplitude <= amp_max
+    with pytest.raises(ConfigError, match="freq_min"):
+        from_dict(SignalConfig, {"freq_min": 0.3, "freq_max": 0.1})
