@@ -107,3 +107,14 @@ def test_float64_run_keeps_float64_weights(tmp_path):
     weights = read_file(Path(r["run_dir"]) / "checkpoints" / "step-3" / "model.safetensors")
     assert {str(v.dtype) for v in weights.values()} == {"torch.float64"}
     assert np.isfinite(r["test_loss"])
+
+
+def test_the_speed_benchmark_runs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("autograd_cpu", ROOT / "benchmarks" / "autograd_cpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for model in ("mlp", "cnn"):
+        engine_ms, torch_ms = bench.bench(model, batch=4, threads=1, steps=2, reps=1)
+        assert engine_ms > 0 and torch_ms > 0
