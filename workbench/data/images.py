@@ -186,10 +186,10 @@ def render_shapes(n: int, size: int = SHAPES_SIZE, *, seed: int = 0, supersample
     """`n` RGB images (n, 3, size, size) float32 in [0, 1] and their labels (n,), index into `SHAPES`.
 
     The rule: the label is the shape, and only the shape. Everything else is a nuisance drawn per image from
-    `seed`: the shape's radius (18-40% of the side), centre (the shape stays inside the image), rotation (any
+    `seed`: the shape's radius (25-45% of the side), centre (the shape stays inside the image), rotation (any
     angle: so squares, triangles, crosses and stars appear in every orientation), colour, a background colour at
-    least 0.35 away from it in RGB, a linear brightness gradient across the background and Gaussian pixel
-    noise (sigma 0.02-0.08). Edges are antialiased by averaging supersample^2 points per pixel. Classes are
+    least 0.5 away from it in RGB, a linear brightness gradient across the background and Gaussian pixel
+    noise (sigma 0.02-0.06). Edges are antialiased by averaging supersample^2 points per pixel. Classes are
     balanced (label i mod K, shuffled).
     """
     if n < 1 or size < 8:
@@ -197,19 +197,19 @@ def render_shapes(n: int, size: int = SHAPES_SIZE, *, seed: int = 0, supersample
     rng = np.random.default_rng([seed, 0x5A0E5])
     k = len(SHAPES)
     labels = rng.permutation(np.arange(n) % k).astype(np.int64)
-    radius = rng.uniform(0.18, 0.40, n) * size
+    radius = rng.uniform(0.25, 0.45, n) * size
     margin = 1.1 * radius  # a square's corner reaches 0.75 * sqrt(2) ~ 1.06 radii
     cx = rng.uniform(margin, size - margin)
     cy = rng.uniform(margin, size - margin)
     theta = rng.uniform(0.0, 2 * math.pi, n)
     fg = rng.uniform(0.0, 1.0, (n, 3))
     bg = rng.uniform(0.0, 1.0, (n, 3))
-    close = np.linalg.norm(fg - bg, axis=1) < 0.35
+    close = np.linalg.norm(fg - bg, axis=1) < 0.5
     while close.any():  # redraw the background until the shape stands out
         bg[close] = rng.uniform(0.0, 1.0, (int(close.sum()), 3))
-        close = np.linalg.norm(fg - bg, axis=1) < 0.35
-    gradient = rng.uniform(-0.15, 0.15, (n, 2))
-    sigma = rng.uniform(0.02, 0.08, n)
+        close = np.linalg.norm(fg - bg, axis=1) < 0.5
+    gradient = rng.uniform(-0.1, 0.1, (n, 2))
+    sigma = rng.uniform(0.02, 0.06, n)
     noise_seed = rng.integers(0, 2**63)
 
     s = supersample
