@@ -13,6 +13,7 @@ from workbench.config import from_dict
 from workbench.errors import ConfigError
 from workbench.models.fundamentals.vae import (
     FLAVORS,
+    MIN_LOG_SIGMA,
     VAE,
     Config,
     active_units,
@@ -71,9 +72,11 @@ def test_likelihoods_match_torch_distributions():
     ref = Bernoulli(logits=logits).log_prob(x).flatten(1).sum(-1)
     torch.testing.assert_close(bernoulli_loglik(logits, x), ref)
     mean, xs = torch.rand(3, 2, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g)
-    log_sigma = torch.tensor([math.log(0.2), math.log(0.5)])
-    ref = Normal(mean, log_sigma.exp().view(1, 2, 1, 1)).log_prob(xs).flatten(1).sum(-1)
+    log_sigma = torch.rand(2, 4, 4, generator=g) - 2.0  # per pixel, above the floor
+    ref = Normal(mean, log_sigma.exp()).log_prob(xs).flatten(1).sum(-1)
     torch.testing.assert_close(gaussian_loglik(mean, log_sigma, xs), ref)
+    floored = gaussian_loglik(mean, torch.full((2, 4, 4), -50.0), mean)  # x = mean: only the -log s terms
+    torch.testing.assert_close(floored, torch.full((3,), 32 * (-MIN_LOG_SIGMA - 0.5 * math.log(2 * math.pi))))
 
 
 def _exact_log_px(m: VAE, x: torch.Tensor, half_width=7.0, n=401) -> torch.Tensor:
@@ -171,15 +174,22 @@ def test_eval_is_deterministic_and_uses_the_posterior_mean():
     torch.testing.assert_close(e1, e2, rtol=0, atol=0)
 
 
-def test_output_bias_starts_at_the_independent_pixel_baseline():
-    train, test = _binary(200, seed=1), _binary(50, seed=2)
+@pytest.mark.parametrize("lik", ["bernoulli", "gaussian"])
+def test_init_starts_at_the_independent_pixel_baseline(lik):
+    g = torch.Generator().manual_seed(1)
+    if lik == "bernoulli":
+        train, test = _binary(200, seed=1), _binary(50, seed=2)
+    else:  # grey images whose pixels have different means and spreads
+        scale = torch.rand(1, 8, 8, generator=g)
+        train, test = (0.5 + scale * (torch.rand(n, 1, 8, 8, generator=g) - 0.5) for n in (200, 50))
     torch.manual_seed(0)
-    m = VAE(replace(FLAVORS["mlp"]))
-    m.init_weights(pixel_mean=train.mean(0))
+    m = VAE(replace(FLAVORS["mlp"], likelihood=lik))
+    m.init_weights(pixel_mean=train.mean(0), pixel_std=train.std(0, unbiased=False))
     with torch.no_grad():
         elbo = m.elbo(test, generator=torch.Generator().manual_seed(0)).elbo.mean()
-    base = task.baseline_log_px(train, test, "bernoulli").mean()
-    # small encoder and decoder heads: step 0 scores within a nat of the baseline (about 50 nats here)
+    base = task.baseline_log_px(train, test, lik).mean()
+    # the decoder starts as its bias, q near the prior: step 0 scores within a nat of the baseline
+    assert base.abs() > 10
     assert abs(elbo - base) < 1.0, (elbo, base)
 
 

@@ -10,14 +10,15 @@ What it does
         margin           test_log_px - baseline_log_px: how much better than the baseline the VAE models x
     and, beside them, the rate (KL), the active latent units and bits per dimension; and three pictures:
     decoded samples z ~ N(0, I), reconstructions (each original row above its reconstruction) and
-    interpolations (decoded points between the posterior means of two test images, linear or spherical).
+    interpolations (decoded points between the posterior means of two test images, linear or spherical);
+    with a 2-d latent also the decoded grid of z over the prior's quantiles.
 
 The baseline
     The strongest model with no interaction between pixels: each pixel d independent,
         Bernoulli: p_d = (sum_n x_nd + 1) / (N + 2)     (the training mean with add-one smoothing, so that a
                    pixel never on in training does not give log 0 on a test image where it is on)
         Gaussian:  N(mean_d, std_d^2) with the training mean and standard deviation (std floored like the
-                   decoder's s)
+                   decoder's s_d); the VAE's family contains it (a decoder that ignores z)
     Its log-likelihood on the test set is the number the VAE has to beat: everything above it is structure
     (strokes, shapes, correlations) that the latent code captures.
 
@@ -31,8 +32,9 @@ Binarisation (Bernoulli only; a Bernoulli likelihood is normalised only over x i
     The Gaussian likelihood takes the grey values as they are ("none"): a density, so it can be positive.
 
 Design choices
-    The decoder's output bias starts at the training images' mean (VAE.init_weights), so step 0 already
-        scores about the baseline and the loss curve shows what the latent code adds.
+    The decoder's output bias starts at the training images' mean (and a Gaussian's s_d at their spread:
+        VAE.init_weights), so step 0 already scores about the baseline and the loss curve shows what the
+        latent code adds.
     The test ELBO is the mean of the K log-weights log w_k whose log-mean-exp is the IWAE bound: one set of
         samples gives both (E_q[log w] is the ELBO exactly, with the KL estimated by sampling instead of in
         closed form; training and validation use the closed form).
@@ -73,6 +75,7 @@ class Config:
     interpolation: Literal["linear", "slerp"] = "slerp"
     interp_pairs: int = field_(6, gt=0, doc="rows of interpolation.png")
     interp_steps: int = field_(8, ge=2, doc="decoded points per row, the two ends included")
+    latent_grid: int = field_(12, ge=2, doc="latent = 2 only: latent_grid.png decodes a side x side grid of z")
 
     def validate(self) -> None:
         if self.flavor not in FLAVORS:
@@ -149,7 +152,8 @@ def run(ctx: Context, cfg: Config) -> None:
         fail("flavor", f"{cfg.flavor!r} halves the image {len(mcfg.channels)} times, so the side must be "
                        f"divisible by {stride}; {cfg.dataset!r} images are {mcfg.image_size} wide (set size)")
     model = VAE(mcfg)
-    model.init_weights(pixel_mean=train_x.mean(0))
+    # the output bias starts at E[x] of the images as modelled (dynamic: the grey means are the Bernoulli means)
+    model.init_weights(pixel_mean=train_fixed.mean(0), pixel_std=train_fixed.std(0, unbiased=False))
 
     baseline_val = -baseline_log_px(train_fixed, val_b, cfg.likelihood).mean().item()
     ctx.runlog.baselines["independent pixels, val"] = baseline_val
@@ -187,8 +191,9 @@ def run(ctx: Context, cfg: Config) -> None:
     margin = (b["iwae"] - base_lp)
     ctx.result("margin", margin.mean().item(),
                f"test_log_px - baseline_log_px, nats/image (+- {margin.std().item() / math.sqrt(n):.2f} s.e.)")
-    ctx.result("test_bits_per_dim", -b["iwae"].mean().item() / (dims * math.log(2)),
-               f"-L_K / (D ln 2), D = {dims} values per image")
+    if kind == "log-likelihood" and cfg.likelihood == "bernoulli":  # a density's bits would mean nothing here
+        ctx.result("test_bits_per_dim", -b["iwae"].mean().item() / (dims * math.log(2)),
+                   f"-L_K / (D ln 2), D = {dims} binary values per image")
     ctx.result("test_kl", b["kl"].mean().item(), "the rate KL(q(z|x) || N(0, I)), nats/image")
     ctx.result("active_units", active_units(b["mu"]), f"of {mcfg.latent} latent dimensions (Var_x mu_j > 0.01)")
 
@@ -220,6 +225,14 @@ def run(ctx: Context, cfg: Config) -> None:
                    ctx.figure("interpolation.png", f"{cfg.interpolation} interpolation between the posterior means "
                               "of two test images (outer columns: the two images)"),
                    title=f"{cfg.interpolation} interpolation in z")
+        if mcfg.latent == 2:  # the whole 2-d code at a glance: z on a grid of equal prior mass
+            q = torch.linspace(0.5 / cfg.latent_grid, 1 - 0.5 / cfg.latent_grid, cfg.latent_grid, device=ctx.device)
+            # z = Phi^-1(q): the normal quantiles, so each cell holds the same prior probability
+            axis = math.sqrt(2) * torch.erfinv(2 * q - 1)
+            z = torch.stack(torch.meshgrid(axis.flip(0), axis, indexing="ij")[::-1], -1).flatten(0, 1)  # (side^2, 2)
+            image_grid(model.mean_image(model.decode(z)), cfg.latent_grid,
+                       ctx.figure("latent_grid.png", "decoded z over a grid of prior quantiles (z1 left to right, "
+                                  "z2 bottom to top)"), title="the 2-d latent space")
 
 
 TASKS = {"vae": Task(config=Config, run=run)}
