@@ -166,7 +166,7 @@ def _plot_predictions(ctx, cfg, test_x, test_y, test_clean, pred, ar_pred) -> No
         ax.plot(t, pred[n], "-", color="tab:red", lw=1.3, label=f"{cfg.model.cell.upper()} one step ahead")
         ax.axvline(cfg.score_from + 0.5, color="0.7", ls=":", lw=1)
         ax.set_ylabel(f"test #{n}")
-    axes[0].legend(loc="upper right", fontsize=7, ncol=4)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", fontsize=8, ncol=4)
     axes[-1].set_xlabel("step t (dotted line: scoring starts)")
     out = ctx.figure("predictions.png", f"one-step-ahead predictions of {k} test sequences against the truth")
     save_png(fig, out)
@@ -346,6 +346,10 @@ def run_sentiment(ctx: Context, cfg: SentimentTaskConfig) -> None:
         ctx.result(f"test_accuracy_{form}", accuracy(pred, form), f"{cell} on the {n} {form} test reviews")
         ctx.result(f"bow_accuracy_{form}", accuracy(bow, form), f"bag of words on the {n} {form} test reviews")
 
+    wrong = (pred != test_y).nonzero()[:, 0].tolist()
+    for i in wrong[:5]:
+        r = splits["test"][i]
+        ctx.log(f"misclassified ({r['form']}, label {r['label']}): {r['text']}")
     cm = confusion_matrix(test_y, pred, 2)
     plot_confusion(cm, ["negative", "positive"], ctx.figure("confusion.png", f"{cell} test confusion matrix"),
                    title=f"{cell} sentiment")
@@ -371,7 +375,7 @@ def _plot_forms(ctx, preds: dict[str, Tensor], accuracy, test_forms: list[str]) 
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy by review form (dotted: chance)")
-    ax.legend(fontsize=8, loc="lower left")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=8, ncol=len(preds))
     save_png(fig, ctx.figure("forms.png", "test accuracy by review form: the model against the bag-of-words baselines"))
 
 
