@@ -273,3 +273,27 @@ def test_signals_are_deterministic_and_noise_has_its_variance():
     assert clean.abs().max() <= 2 * cfg.amp_max  # K = 2 sines of amplitude <= amp_max
     with pytest.raises(ConfigError, match="freq_min"):
         from_dict(SignalConfig, {"freq_min": 0.3, "freq_max": 0.1})
+
+
+def test_bag_of_words_baseline_learns_plain_reviews_at_the_optimum():
+    from workbench.train.fundamentals.sequence import (
+        bag_features,
+        bag_of_words_baseline,
+        bag_vocab,
+        fit_logistic,
+    )
+
+    splits = make_splits(400, 100, 200, seed=1, cfg=SentimentConfig(p_contrast=0, p_negate=0))
+    pred, l2, n_features = bag_of_words_baseline(splits, [1e-3, 1e-2], bigrams=False, min_count=2)
+    y_test = torch.tensor([r["label"] for r in splits["test"]])
+    assert (pred == y_test).double().mean() > 0.95  # without negation or contrast, the words decide
+    assert l2 in (1e-3, 1e-2) and n_features > len(POSITIVE) + len(NEGATIVE)
+    # the fit is the minimum of the convex objective: its gradient vanishes there
+    texts = [r["text"] for r in splits["train"]]
+    X = bag_features(texts, bag_vocab(texts, True, 2), bigrams=True)
+    y = torch.tensor([r["label"] for r in splits["train"]])
+    w, b = fit_logistic(X, y, 1e-2)
+    w, b = w.requires_grad_(True), b.requires_grad_(True)
+    loss = nn.functional.binary_cross_entropy_with_logits(X @ w + b, y.double()) + 0.5e-2 * (w @ w)
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert gw.abs().max() < 1e-6 and gb.abs() < 1e-6
