@@ -33,7 +33,7 @@ The intuition
         q(z_j|x) equals N(0, 1) for every x costs nothing and carries no information: the decoder ignores
         it. That is fine for spare dimensions, but with a decoder strong enough to model x alone (an
         autoregressive one) the whole code can collapse and the model becomes a plain density model.
-        `active_units` counts the dimensions still used (Burda et al.: Cov_x(E_q[z_j]) > 0.01).
+        `active_units` counts the dimensions still used (Burda et al.: Cov_x(E_q[z_j]) > ACTIVE_VARIANCE).
     What beta does. beta > 1 prices information in z higher: fewer active units, blurrier reconstructions,
         and (Higgins et al.) more factorised codes; beta < 1 makes the model an autoencoder with a weak
         prior. For beta != 1 the objective is not a bound on log p(x), so held-out figures always use the
@@ -331,7 +331,10 @@ def _fan_in(m: nn.Module) -> int:
     return m.weight[0].numel()  # Linear (out, in) -> in;  Conv2d (out, in, k, k) -> in * k * k
 
 
-def active_units(mu: torch.Tensor, threshold: float = 1e-2) -> int:
+ACTIVE_VARIANCE = 1e-2  # a latent dimension is active when Var_x(mu_j(x)) exceeds this (Burda et al.)
+
+
+def active_units(mu: torch.Tensor, threshold: float = ACTIVE_VARIANCE) -> int:
     """Latent dimensions in use: those whose posterior mean varies across images (mu (N, L)), by Burda
     et al.'s Cov_x(E_q[z_j]) > threshold; collapsed dimensions have mu_j = 0 for every x."""
     # A_u = #{j : Var_x(mu_j(x)) > threshold}

@@ -51,7 +51,15 @@ from typing import Literal
 import torch
 
 from workbench.config import fail, field_
-from workbench.models.fundamentals.vae import FLAVORS, MIN_LOG_SIGMA, VAE, active_units, gaussian_kl, slerp
+from workbench.models.fundamentals.vae import (
+    ACTIVE_VARIANCE,
+    FLAVORS,
+    MIN_LOG_SIGMA,
+    VAE,
+    active_units,
+    gaussian_kl,
+    slerp,
+)
 from workbench.train.fundamentals.runner import Context, Task
 
 EVAL_ROWS = 16384  # images decoded at once when evaluating (batch x samples): bounds evaluation memory
@@ -195,7 +203,7 @@ def run(ctx: Context, cfg: Config) -> None:
         ctx.result("test_bits_per_dim", -b["iwae"].mean().item() / (dims * math.log(2)),
                    f"-L_K / (D ln 2), D = {dims} binary values per image")
     ctx.result("test_kl", b["kl"].mean().item(), "the rate KL(q(z|x) || N(0, I)), nats/image")
-    ctx.result("active_units", active_units(b["mu"]), f"of {mcfg.latent} latent dimensions (Var_x mu_j > 0.01)")
+    ctx.result("active_units", active_units(b["mu"]), f"of {mcfg.latent} latent dimensions (Var_x mu_j > {ACTIVE_VARIANCE})")
 
     # -- pictures ------------------------------------------------------------------------------------
     g = torch.Generator(device=ctx.device).manual_seed(seed + 5)
