@@ -24,7 +24,8 @@ import torch
 
 from workbench.models.fundamentals.autograd import AdamW, Tensor
 from workbench.models.fundamentals.autograd.functional import cross_entropy
-from workbench.train.fundamentals.autograd import Config, build_model, cpu_threads, torch_twin
+from workbench.train.fundamentals.autograd import Config, build_model, torch_twin
+from workbench.train.fundamentals.runner import cpu_threads
 
 SHAPE = (1, 8, 8)
 CLASSES = 10

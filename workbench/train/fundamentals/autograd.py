@@ -33,7 +33,6 @@ Design choices
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -72,8 +71,6 @@ class Config:
     n: int = field_(0, ge=0, doc="a seeded subset of the 1797 digits (0 = all)")
     val_fraction: float = field_(0.1, ge=0, lt=1, doc="share of the training pool held out for validation")
     eval_batch_size: int = field_(512, gt=0)
-    threads: int = field_(1, ge=0, doc="CPU threads for NumPy's BLAS and for the torch twin; 0 = the libraries' "
-                                       "defaults (on a busy machine more threads can be much slower)")
     compare_torch: bool = field_(False, doc="also train the same model in torch from the same start; "
                                             "record its test accuracy and ms per step")
 
@@ -197,7 +194,7 @@ def run(ctx: Context, cfg: Config) -> None:
         validate(pos)
     start_step = pos.step
     t0 = time.perf_counter()
-    with ctx.signals(), cpu_threads(cfg.threads):
+    with ctx.signals():
         pos = fit(model, opt, x_train, y_train, epochs=t.epochs, batch_size=t.batch_size, seed=seed, lr=t.lr,
                   schedule=t.schedule, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
                   grad_clip=t.grad_clip, max_steps=t.max_steps, log_every=t.log_every, start=pos,
@@ -234,33 +231,15 @@ def run(ctx: Context, cfg: Config) -> None:
 
     if cfg.compare_torch:
         twin = torch_twin(cfg, data.shape, k, build_model(cfg, data.shape, k, seed))
-        with cpu_threads(cfg.threads):
-            pred_t, ms = train_torch_twin(twin, ctx, (x_train, y_train), (x_val, y_val), x_test, total)
+        pred_t, ms = train_torch_twin(twin, ctx, (x_train, y_train), (x_val, y_val), x_test, total)
         acc_t = float((pred_t == y_test).mean())
         ctx.result("torch_test_accuracy", acc_t, "the same architecture in torch.nn, the same initial weights, "
                                                  "batches and schedule, torch.optim")
         ctx.result("torch_agreement", float((pred_t == pred).mean()),
                    "share of the test digits on which the engine and the torch twin predict the same class")
         ctx.result("torch_ms_per_step", round(ms, 3), f"the torch twin's loop on the CPU, {total} steps, "
-                                                      f"{cfg.threads or torch.get_num_threads()} thread(s)")
+                                                      f"{torch.get_num_threads()} thread(s)")
         ctx.log(f"autograd: torch twin test accuracy {acc_t:.4f}, {ms:.2f} ms/step")
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    """Limit NumPy's BLAS and torch's intra-op pool to `n` threads inside the block (0: leave them)."""
-    if n <= 0:
-        yield
-        return
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ class RunSection:
     out_dir: str = field_("runs", doc="run folders are created as out_dir/name")
     seed: int = field_(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = field_(0, ge=0, doc="CPU threads for torch and NumPy's BLAS; 0 = the libraries' defaults. Small "
+                                      "models run best on 1 (and a machine other jobs share can make 2 threads "
+                                      "many times slower than 1: idle workers wait for a core)")
 
 
 @dataclass
@@ -422,6 +425,23 @@ def _read_results(run_dir: Path) -> dict:
 # Entry
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Limit torch's intra-op pool and NumPy's BLAS to `n` threads inside the block (0: leave them)."""
+    if n <= 0:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_job(config: str | Path | dict, overrides: Sequence[str] | dict = (), resume: bool = False,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Run one fundamentals config end to end; returns {key: value} of its results plus "run_dir".
@@ -433,7 +453,8 @@ def run_job(config: str | Path | dict, overrides: Sequence[str] | dict = (), res
     ctx = Context(job, run_dir, resume, log)
     log(f"run folder: {run_dir}")
     try:
-        get_task(job.task.name).run(ctx, job.task.config)
+        with cpu_threads(job.run.threads):
+            get_task(job.task.name).run(ctx, job.task.config)
     finally:
         ctx.runlog.plot()
         ctx.runlog.close()
