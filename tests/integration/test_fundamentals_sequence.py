@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from workbench.errors import ConfigError
 from workbench.train.fundamentals.runner import run_job
@@ -17,13 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SEQUENCE = ROOT / "configs/fundamentals/rnn_sequence.toml"
 SENTIMENT = ROOT / "configs/fundamentals/lstm_sentiment.toml"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_sequence_run_beats_persistence(tmp_path):

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from workbench.train.fundamentals.runner import run_job
 from workbench.train.metrics import read_metrics
@@ -14,16 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "fundamentals" / "vae.toml"
 
 
-@pytest.fixture
-def one_thread():
-    """The model is tiny: one ATen thread is fastest, and far faster than two when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def test_short_vae_run_learns_and_writes_its_pictures(tmp_path, one_thread):
+def test_short_vae_run_learns_and_writes_its_pictures(tmp_path):
     results = run_job(CONFIG, overrides=["--run.out_dir", str(tmp_path), "--run.name", "vae", "--train.max_steps", "200",
                                          "--task.iw_samples", "50", "--task.n_samples", "16"], log=lambda m: None)
     run_dir = Path(results["run_dir"])
