@@ -59,10 +59,11 @@ Design choices
     Models return logits (B, classes); the loss lives in the task (workbench/train/fundamentals/vision.py).
 
 What differs from the papers
-    The He et al. CIFAR recipe (SGD 0.1, momentum 0.9, decay 1e-4, 164 epochs, 4-pixel pad-and-crop plus
-    flips) is what the configs follow in spirit, but the CPU configs train for minutes, not hours. Bottleneck
-    flavors use post-activation blocks; the published ResNet-164 used pre-activation ones (He et al. 2016),
-    which has the same parameter count up to the BN layers' placement.
+    He et al. trained with SGD (lr 0.1, momentum 0.9, weight decay 1e-4) for about 160 epochs with 4-pixel
+    pad-and-crop and flips; the CPU configs (configs/fundamentals/resnet.toml) keep the augmentation but train
+    for minutes with AdamW and a cosine schedule (docs/cnn.md gives the command for the paper's recipe).
+    Bottleneck flavors use post-activation blocks; the published ResNet-164 used pre-activation ones (He et al.
+    2016), whose parameter count differs only by where the BN layers sit.
 
 Sources
     He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv 1512.03385), section

@@ -28,13 +28,14 @@ Augmentation (`augment`)
     a resumed run augments exactly as the uninterrupted one.
 
 The loss plot shows two references: log K (the cross-entropy of a uniform guess) and the entropy of the
-training class frequencies (the best loss without looking at the image).
+training class frequencies (the best loss without looking at the image); one line when the classes are balanced.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -166,8 +167,11 @@ def run(ctx: Context, cfg: Config) -> None:
 
     base = class_baselines(y_train, y_test, k)
     ctx.runlog.ylabel = "cross-entropy (nats/image)"
-    ctx.runlog.baselines["uniform guess (log K)"] = base["uniform_loss"]
-    ctx.runlog.baselines["class prior"] = base["prior_loss"]
+    if base["uniform_loss"] - base["prior_loss"] > 1e-3:
+        ctx.runlog.baselines["uniform guess (log K)"] = base["uniform_loss"]
+        ctx.runlog.baselines["class prior (its entropy)"] = base["prior_loss"]
+    else:  # balanced classes: the two are the same line
+        ctx.runlog.baselines["uniform guess = class prior (log K)"] = base["uniform_loss"]
 
     def loss_fn(m: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict]:
         x, y = batch
@@ -212,16 +216,17 @@ def run(ctx: Context, cfg: Config) -> None:
     if cfg.errors_per_class:
         rows, labels = [], []
         for i in range(k):
-            wrong = torch.nonzero((y_test == i) & (pred != i)).flatten()[:cfg.errors_per_class]
+            every = torch.nonzero((y_test == i) & (pred != i)).flatten()
+            wrong = every[:cfg.errors_per_class]
             if len(wrong):
-                guesses = ", ".join(data.classes[j] for j in pred[wrong].tolist())
-                labels.append(f"{data.classes[i]} -> {guesses}" if len(guesses) < 40 else f"{data.classes[i]}")
+                guesses = Counter(data.classes[j] for j in pred[every].tolist()).most_common(2)
+                labels.append(f"{data.classes[i]} -> " + ", ".join(f"{g} {c}" for g, c in guesses))
                 fill = torch.ones(cfg.errors_per_class - len(wrong), c, h, w)  # white tiles pad short rows
                 rows.append(torch.cat([x_test[wrong], fill]))
         if rows:
             image_grid(torch.cat(rows), cfg.errors_per_class,
-                       ctx.figure("cnn-errors.png", "misclassified test images, one row per true class (the row "
-                                  "label lists the predictions when they fit)"),
+                       ctx.figure("cnn-errors.png", "misclassified test images, one row per true class; the "
+                                  "row label gives the two most frequent wrong answers and their counts"),
                        title=f"{cfg.model} errors on {name}", row_labels=labels)
 
 
