@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,16 @@ rl: setup
 # -> corpus, tokenizer, pretraining, SFT and teacher-DPO on data made from the tree, held-out evals, `workbench chat`.
 expert-teacher: setup
 	launch/expert_teacher.sh $(SOURCE)
+
+# Issue 11's fundamentals (docs/fundamentals.md): every configs/fundamentals/*.toml (the autograd engine's MLP and
+# CNN, the ResNet, the RNN and LSTM tasks, the VAE), each in runs/<its run.name>/ with report.md; --resume reuses
+# finished runs. CIFAR=DIR points the ResNet at the CIFAR-10 python batches (otherwise it trains on shapes).
+fundamentals: setup
+	set -e; for c in configs/fundamentals/*.toml; do \
+	  echo "== $$c"; \
+	  $(BIN)/workbench fundamentals $$c --resume; \
+	done
+	$(if $(CIFAR),$(BIN)/workbench fundamentals configs/fundamentals/resnet.toml --task.data_dir $(CIFAR) --run.name resnet-cifar10 --resume)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
