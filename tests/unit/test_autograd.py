@@ -398,6 +398,47 @@ def test_bad_input_errors_name_the_shapes():
         Tensor(np.arange(3), requires_grad=True, dtype=np.int64)
 
 
+@pytest.mark.parametrize("kind", ["rows", "cells", "mask_and_int", "tensor"])
+def test_boolean_masks_select_like_numpy_and_torch(kind):
+    """A boolean mask picks its True positions (not the indices 0 and 1); the gradient goes back to them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3))
+    rows, cells = np.array([True, False, True, True]), rng.random((4, 3)) < 0.5
+    index = {"rows": rows, "cells": cells, "mask_and_int": (rows, np.array([2, 0, 2])),
+             "tensor": Tensor(rows, dtype=bool)}[kind]
+    tindex = (torch.as_tensor(rows) if kind == "tensor" else
+              tuple(torch.as_tensor(i) for i in index) if isinstance(index, tuple) else torch.as_tensor(index))
+    ours, theirs = Tensor(x, requires_grad=True), torch.tensor(x, requires_grad=True)
+    out, ref = ours[index], theirs[tindex]
+    np.testing.assert_array_equal(out.data, x[index.data if kind == "tensor" else index])
+    np.testing.assert_array_equal(out.data, ref.detach().numpy())
+    r = rng.standard_normal(out.shape)
+    (out * r).sum().backward()
+    (ref * torch.as_tensor(r)).sum().backward()
+    np.testing.assert_array_equal(ours.grad, theirs.grad.numpy())
+    if kind == "rows":  # a list of bools is a mask too
+        np.testing.assert_array_equal(ours[rows.tolist()].data, x[rows])
+
+
+def test_float_index_tensors_and_axis_0_of_a_scalar_are_refused():
+    a = Tensor(np.arange(4.0))
+    # Tensor() stores bools as float64: reading [1., 0., 1., 0.] back as a mask or as indices would be a guess
+    with pytest.raises(TypeError, match="dtype float64 cannot index"):
+        a[Tensor([True, False, True, False])]
+    with pytest.raises(TypeError, match="cannot index"):
+        a[(Tensor([0.0, 1.0]),)]
+    np.testing.assert_array_equal(a[Tensor([2, 0], dtype=np.int64)].data, [2.0, 0.0])
+    s = Tensor(3.0, requires_grad=True)
+    for reduce in ("sum", "mean", "max"):
+        for axis in (0, -1, (0,)):
+            with pytest.raises(ValueError, match=f"axis {axis if isinstance(axis, int) else 0} is out of range "
+                                                 f"for a tensor with 0 dimensions"):
+                getattr(s, reduce)(axis)
+        with pytest.raises(np.exceptions.AxisError):  # NumPy refuses it too (an int 0 only where legacy allows)
+            getattr(np.array(3.0), reduce)((0,))
+        assert getattr(s, reduce)().item() == 3.0 and getattr(s, reduce)(()).item() == 3.0
+
+
 def test_softmax_is_stable_for_huge_logits():
     z = Tensor(np.array([[1000.0, 0.0, -1000.0]]), requires_grad=True)
     ls = F.log_softmax(z)

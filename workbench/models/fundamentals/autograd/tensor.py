@@ -27,9 +27,10 @@ The intuition and the design choices
         tensors created with `requires_grad=True`; intermediate gradients live in a dict during the walk
         and are dropped afterwards.
     No-grad mode: inside `with no_grad():` operations build no graph (evaluation, optimizer updates).
-    dtype: Python numbers and integer arrays become float64 (the default; exact enough for finite-
+    dtype: Python numbers and integer or bool arrays become float64 (the default; exact enough for finite-
         difference checks); a float32 array stays float32, and Python scalars combined with a tensor take
-        the tensor's dtype, so a float32 model stays float32 for speed.
+        the tensor's dtype, so a float32 model stays float32 for speed. Indexing takes NumPy integer arrays
+        and boolean masks, never a float tensor (it cannot tell a converted mask from indices).
     Ties in `max`: the gradient is split evenly between tied maxima (as torch.amax does); conv / pool ops
         with their own backward live in `functional.py`.
 
@@ -103,9 +104,9 @@ def _normalize_axes(axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int,
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in axes:
-        if not -ndim <= a < max(ndim, 1):
+        if not -ndim <= a < ndim:  # a 0-d tensor has no axis 0, as in NumPy (torch accepts 0 and -1)
             raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
-    return tuple(sorted(a % max(ndim, 1) for a in axes))
+    return tuple(sorted(a % ndim for a in axes))
 
 
 def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: Backward, op: str) -> Tensor:
@@ -395,7 +396,8 @@ class Tensor:
 
         def backward(g: np.ndarray) -> tuple[np.ndarray]:
             # y = a[index] picks elements; each picked element gets its gradient back, and an element picked
-            # several times (repeated integer indices) gets the sum: an unbuffered scatter-add
+            # several times (repeated integer indices) gets the sum: an unbuffered scatter-add (a boolean
+            # mask scatters to its True positions, in the order a[mask] read them)
             grad = np.zeros(shape, dtype=dtype)
             np.add.at(grad, index, g)
             return (grad,)
@@ -415,11 +417,20 @@ class Tensor:
 
 
 def _plain_index(index: Any) -> Any:
-    """An index with any Tensor inside replaced by its (integer) array."""
+    """An index with any Tensor inside replaced by its array, for NumPy's indexing rules.
+
+    Integer arrays pick elements (repeats allowed) and boolean arrays are masks (NumPy and lists of
+    bools stay boolean). A float Tensor is refused: `Tensor` turns Python ints and bools into float64, so
+    Tensor([True, False]) and Tensor([1, 0]) hold the same numbers and neither can be read back safely;
+    index with the NumPy array, a list, or a Tensor made with an integer or bool dtype instead.
+    """
     if isinstance(index, tuple):
         return tuple(_plain_index(i) for i in index)
     if isinstance(index, Tensor):
-        return index.data.astype(np.int64) if np.issubdtype(index.data.dtype, np.floating) else index.data
+        if not (np.issubdtype(index.dtype, np.integer) or index.dtype == np.bool_):
+            raise TypeError(f"index: a Tensor of dtype {index.dtype} cannot index (Tensor() stores ints and bools "
+                            f"as float64); pass the NumPy integer / bool array, or Tensor(..., dtype=np.int64 or bool)")
+        return index.data
     if isinstance(index, list):
         return np.asarray(index)
     return index
