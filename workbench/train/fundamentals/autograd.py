@@ -112,19 +112,9 @@ def build_optimizer(model: Module, train) -> Optimizer:
     return AdamW(model.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
 
-def class_baselines(y_train: np.ndarray, y_test: np.ndarray, k: int) -> dict[str, float]:
-    """Accuracies and cross-entropies of predictors that ignore the image."""
-    prior = np.bincount(y_train, minlength=k) / len(y_train)
-    majority = int(prior.argmax())
-    nz = prior[prior > 0]
-    return {"chance": 1.0 / k, "majority": float((y_test == majority).mean()), "majority_class": majority,
-            "uniform_loss": math.log(k),  # -log(1 / K)
-            "prior_loss": float(-(nz * np.log(nz)).sum())}  # H(prior) = -sum_c p_c log p_c
-
-
 def run(ctx: Context, cfg: Config) -> None:
     from workbench.data.images import load_images
-    from workbench.train.fundamentals.plots import confusion_matrix, plot_confusion
+    from workbench.train.fundamentals.plots import class_baselines, confusion_matrix, plot_confusion
 
     t, seed = ctx.job.train, ctx.job.run.seed
     if ctx.device.type != "cpu":
@@ -143,7 +133,7 @@ def run(ctx: Context, cfg: Config) -> None:
     ctx.log(f"autograd: {cfg.model} in {cfg.dtype}, {model.num_parameters():,} parameters, {per_epoch} batches "
             f"of {t.batch_size} per epoch, {total} steps, optimizer {t.optimizer}")
 
-    base = class_baselines(y_train, y_test, k)
+    base = class_baselines(torch.from_numpy(y_train), torch.from_numpy(y_test), k)
     ctx.runlog.ylabel = "cross-entropy (nats/image)"
     ctx.runlog.baselines["uniform guess (log K)"] = base["uniform_loss"]
     ctx.runlog.baselines["class prior"] = base["prior_loss"]
@@ -281,9 +271,7 @@ def train_torch_twin(net: torch.nn.Module, ctx: Context, train, val, x_test: np.
     net.to(device)
     x, y = (torch.from_numpy(a).to(device) for a in train)
     params = list(net.parameters())
-    opt = (torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-           if t.optimizer == "sgd" else torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas),
-                                                          weight_decay=t.weight_decay))
+    opt = ctx.build_optimizer(params)  # the torch runner's SGD / AdamW from the same [train] settings
     xv, yv = (torch.from_numpy(a).to(device) for a in val)
     step, epoch = 0, 0
     t0 = time.perf_counter()

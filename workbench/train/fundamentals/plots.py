@@ -1,5 +1,7 @@
-"""Pictures the fundamentals tasks share: confusion matrices and image grids (PNG, written atomically).
+"""Pictures and baseline figures the tasks share: confusion matrices, image grids (PNG, written atomically)
+and the scores of classifiers that ignore the input.
 
+    class_baselines(y_train, y_test, k)        chance and majority-class accuracy, uniform and prior cross-entropy
     confusion_matrix(y_true, y_pred, k)        (k, k) counts: row = true class, column = predicted class
     plot_confusion(cm, classes, out, title)    the counts as a heat map, each row also as a share of its class
     image_grid(images, nrow, out, title)       (N, C, H, W) images in [0, 1] tiled nrow per row (C = 1 or 3)
@@ -16,6 +18,21 @@ from pathlib import Path
 import torch
 
 from workbench.train.metrics import save_png
+
+
+def class_baselines(y_train: torch.Tensor, y_test: torch.Tensor, k: int) -> dict[str, float]:
+    """Accuracies and cross-entropies of predictors that ignore the input, from integer labels (tensors)."""
+    counts = torch.bincount(torch.as_tensor(y_train).long().flatten(), minlength=k).double()
+    prior = counts / counts.sum()
+    majority = int(counts.argmax())
+    nz = prior[prior > 0]
+    return {
+        "chance": 1.0 / k,
+        "majority": (torch.as_tensor(y_test) == majority).double().mean().item(),
+        "majority_class": majority,
+        "uniform_loss": math.log(k),  # -log(1 / K)
+        "prior_loss": float(-(nz * nz.log()).sum()),  # H(prior) = -sum_c p_c log p_c
+    }
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, k: int) -> torch.Tensor:

@@ -33,7 +33,6 @@ training class frequencies (the best loss without looking at the image); one lin
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -122,25 +121,15 @@ def predict(model: nn.Module, x: Tensor, device: torch.device, batch_size: int) 
     return out
 
 
-def class_baselines(y_train: Tensor, y_test: Tensor, k: int) -> dict[str, float]:
-    """Accuracies and cross-entropies of predictors that ignore the image."""
-    counts = torch.bincount(y_train, minlength=k).double()
-    prior = counts / counts.sum()
-    majority = int(counts.argmax())
-    nz = prior[prior > 0]
-    return {
-        "chance": 1.0 / k,
-        "majority": (y_test == majority).double().mean().item(),
-        "majority_class": majority,
-        "uniform_loss": math.log(k),  # -log(1 / K)
-        "prior_loss": float(-(nz * nz.log()).sum()),  # H(prior) = -sum_c p_c log p_c
-    }
-
-
 def run(ctx: Context, cfg: Config) -> None:
     from workbench.data.images import find_cifar10, load_images
     from workbench.models.fundamentals.cnn import build, count_parameters, flops_per_image, make_config
-    from workbench.train.fundamentals.plots import confusion_matrix, image_grid, plot_confusion
+    from workbench.train.fundamentals.plots import (
+        class_baselines,
+        confusion_matrix,
+        image_grid,
+        plot_confusion,
+    )
 
     seed = ctx.job.run.seed
     name, why = cfg.dataset, ""
