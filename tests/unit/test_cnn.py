@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from workbench.data.images import (
     SHAPES,
     ImageSet,
     find_cifar10,
+    image_options_error,
     load_images,
     render_shapes,
     stratified_split,
@@ -383,6 +386,45 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps(eval, protocol=2))  # builtins.eval itself
     with pytest.raises(DataError, match=r"data_batch_3.*__builtin__\.eval' is not allowed"):
         load_images("cifar10", tmp_path)
+
+
+class _FakePointers:
+    """An object array whose "pointers" are bytes the file chose: numpy.ndarray(shape, 'O', buffer=...)."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1,), "O", b"\x41" * 8)
+
+
+class _ObjectScalar:
+    def __reduce__(self):
+        return np.float64(0).__reduce__()[0], (np.dtype("O"), b"\x41" * 8)
+
+
+@pytest.mark.parametrize("payload", ["labels-ndarray", "names-ndarray", "labels-scalar"])
+def test_restricted_unpickler_builds_no_object_arrays(tmp_path, payload):
+    """A crafted batch must be refused with a DataError, not dereference its bytes (which segfaults): run in a
+    child process so that a regression fails this test instead of killing pytest."""
+    _write(tmp_path)
+    evil = _ObjectScalar() if payload.endswith("scalar") else _FakePointers()
+    if payload.startswith("labels"):
+        d = pickle.loads((tmp_path / "data_batch_1").read_bytes(), encoding="bytes")
+        d[b"labels"] = evil
+        (tmp_path / "data_batch_1").write_bytes(pickle.dumps(d, protocol=2))
+    else:
+        d = pickle.loads((tmp_path / "batches.meta").read_bytes(), encoding="bytes")
+        d[b"label_names"] = [evil]
+        (tmp_path / "batches.meta").write_bytes(pickle.dumps(d, protocol=2))
+    code = ("from workbench.errors import DataError\nfrom workbench.data.images import load_images\n"
+            f"try:\n    load_images('cifar10', {str(tmp_path)!r})\nexcept DataError as e:\n    print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"the loader crashed (status {out.returncode}): {out.stderr[-500:]}"
+    assert out.stdout.startswith("refused:") and "not allowed" in out.stdout, out.stdout + out.stderr
+
+
+def test_image_options_are_checked_before_loading():
+    assert image_options_error("digits", 0, 0) is None and image_options_error("shapes", 600, 16) is None
+    assert image_options_error("digits", 5000, 0)[0] == "n" and image_options_error("digits", 5, 0)[0] == "n"
+    assert image_options_error("shapes", 0, 4)[0] == "size" and image_options_error("cifar10", 60_000, 0)[0] == "n"
 
 
 def test_broken_cifar_files_give_errors_naming_the_file(tmp_path):

@@ -25,7 +25,10 @@ b"data" a uint8 array (10000, 3072) whose rows are 1024 red, then 1024 green, th
 Pickles can run arbitrary code when loaded, so they are read with `RestrictedUnpickler`, which resolves only
 the few numpy names an array needs (its reconstructor, ndarray, dtype, scalar) and a latin-1 bytes decoder
 (how Python 3 stores bytes at protocol 2); any other global (os.system, builtins.eval, ...) is refused with a
-`DataError` naming the file. `write_cifar_batches` writes files in the same format, for tests and for users
+`DataError` naming the file. Even numpy's own names are wrapped: `numpy.ndarray` resolves to a token only the
+reconstructor accepts (called directly, `ndarray(shape, 'O', buffer=...)` would make an object array of
+pointers the file chose, which crashes or worse when read), and no object dtype is built. The loaded values
+are then checked: uint8 pixels, integer labels, string class names. `write_cifar_batches` writes files in the same format, for tests and for users
 who want to feed their own 32x32 images through the CIFAR-10 path.
 
 `find_cifar10(data_dir)` says where the batches are, or None when they are not there: a task falls back to
@@ -48,7 +51,7 @@ from torch import Tensor
 from workbench.errors import DataError
 
 __all__ = [
-    "ImageSet", "load_images", "NAMES", "SHAPES", "SHAPES_N", "SHAPES_SIZE", "TEST_FRACTION",
+    "ImageSet", "load_images", "image_options_error", "NAMES", "SHAPES", "SHAPES_N", "SHAPES_SIZE", "TEST_FRACTION",
     "render_shapes", "find_cifar10", "load_cifar10", "write_cifar_batches", "RestrictedUnpickler",
     "CIFAR_TRAIN_FILES", "CIFAR_TEST_FILE", "CIFAR_META_FILE",
 ]
@@ -58,6 +61,8 @@ TEST_FRACTION = 0.2  # digits and shapes: share of every class kept for the test
 SHAPES = ("circle", "ring", "square", "triangle", "cross", "star")
 SHAPES_N = 6000  # shapes images rendered when n = 0
 SHAPES_SIZE = 32  # shapes pixels when size = 0
+SHAPES_MIN_SIZE = 8  # render_shapes' smallest side
+DIGITS_N = 1797  # images in scikit-learn's digits
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
 CIFAR_META_FILE = "batches.meta"
@@ -81,6 +86,23 @@ class ImageSet:
     def summary(self) -> str:
         return (f"{self.name}: {len(self.classes)} classes, images {self.shape}, train {len(self.train[1])}, "
                 f"val {len(self.val[1])}, test {len(self.test[1])} ({self.source})")
+
+
+def image_options_error(name: str, n: int, size: int) -> tuple[str, str] | None:
+    """(option, message) when `n` or `size` cannot work for image set `name`, else None: for a task's
+    Config.validate, so a bad value fails before any work, naming its key (`fail(*error)`)."""
+    if n < 0 or size < 0:
+        return ("n" if n < 0 else "size"), "expected a number >= 0 (0 = the default)"
+    if name == "digits" and n and not 10 * 5 <= n <= DIGITS_N:
+        return "n", f"the digits hold {DIGITS_N} images: n must be 0 (all) or 50..{DIGITS_N} (enough of every class for train, val and test), got {n}"
+    if name == "shapes":
+        if size and size < SHAPES_MIN_SIZE:
+            return "size", f"shapes are drawn at >= {SHAPES_MIN_SIZE} pixels, got {size}"
+        if n and n < 5 * len(SHAPES):
+            return "n", f"shapes needs n >= {5 * len(SHAPES)} (enough of each of {len(SHAPES)} classes for the splits), got {n}"
+    if name == "cifar10" and n and not 50 <= n <= 50_000:
+        return "n", f"CIFAR-10's training batches hold 50000 images: n must be 0 (all) or 50..50000, got {n}"
+    return None
 
 
 def load_images(name: str, data_dir: str | Path = "", *, seed: int = 0, val_fraction: float = 0.1,
@@ -192,8 +214,8 @@ def render_shapes(n: int, size: int = SHAPES_SIZE, *, seed: int = 0, supersample
     noise (sigma 0.02-0.06). Edges are antialiased by averaging supersample^2 points per pixel. Classes are
     balanced (label i mod K, shuffled).
     """
-    if n < 1 or size < 8:
-        raise ValueError(f"render_shapes needs n >= 1 and size >= 8, got n={n}, size={size}")
+    if n < 1 or size < SHAPES_MIN_SIZE:
+        raise ValueError(f"render_shapes needs n >= 1 and size >= {SHAPES_MIN_SIZE}, got n={n}, size={size}")
     rng = np.random.default_rng([seed, 0x5A0E5])
     k = len(SHAPES)
     labels = rng.permutation(np.arange(n) % k).astype(np.int64)
@@ -254,13 +276,44 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's ndarray reconstructor, whatever module holds it
 _SCALAR = np.float64(0).__reduce__()[0]
+
+
+class _NdarrayName:
+    """What the name numpy.ndarray resolves to inside a CIFAR-10 pickle: a token that only `_reconstruct` accepts.
+
+    The real class must never reach the pickle: `ndarray(shape, 'O', buffer=...)` builds an object array whose
+    "pointers" are bytes the file chose, and reading it (np.asarray, str) dereferences them."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("calling numpy.ndarray is not allowed in a CIFAR-10 batch")
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's array reconstructor, for plain ndarrays of non-object dtypes only."""
+    if subtype is not _NdarrayName:
+        raise pickle.UnpicklingError(f"array reconstruction of {subtype!r} is not allowed in a CIFAR-10 batch")
+    return _RECONSTRUCT(np.ndarray, shape, _dtype(dtype))
+
+
+def _dtype(*args):
+    """np.dtype, refusing object dtypes (whose items are pointers: the file would choose them)."""
+    d = np.dtype(*args)
+    if d.hasobject:
+        raise pickle.UnpicklingError("object arrays are not allowed in a CIFAR-10 batch")
+    return d
+
+
+def _scalar(dtype, *args):
+    return _SCALAR(_dtype(dtype), *args)
+
+
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the name in the official (numpy 1) files
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the name numpy 2 writes
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the name in the official (numpy 1) files
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # the name numpy 2 writes
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): _NdarrayName,
+    ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _latin1_encode,
 }
 
@@ -299,8 +352,12 @@ def _read_batch(path: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
             or data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"CIFAR-10 file {path}: 'data' must be uint8 of shape (N, {3 * CIFAR_SIDE ** 2}), got {got}")
+    raw = d["labels"]
+    plain = isinstance(raw, list) and all(isinstance(v, int) for v in raw)
+    if not (plain or isinstance(raw, np.ndarray) and raw.dtype.kind in "iu"):
+        raise DataError(f"CIFAR-10 file {path}: 'labels' must be a list of integers")
     try:
-        labels = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+        labels = np.asarray(raw, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError):
         raise DataError(f"CIFAR-10 file {path}: 'labels' must be a list of integers") from None
     if len(labels) != len(data):
@@ -339,8 +396,8 @@ def load_cifar10(data_dir: str | Path, *, seed: int = 0, val_fraction: float = 0
     meta_path = folder / CIFAR_META_FILE
     meta = _read_pickle(meta_path)
     names = meta.get("label_names")
-    if not isinstance(names, list) or not names:
-        raise DataError(f"CIFAR-10 file {meta_path}: 'label_names' must be a non-empty list")
+    if not isinstance(names, list) or not names or not all(isinstance(v, (bytes, str)) for v in names):
+        raise DataError(f"CIFAR-10 file {meta_path}: 'label_names' must be a non-empty list of strings")
     classes = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in names]
     parts = [_read_batch(folder / f, len(classes)) for f in CIFAR_TRAIN_FILES]
     data = np.concatenate([p[0] for p in parts])
