@@ -1,7 +1,7 @@
 """Tiny runs of the "sequence" and "sentiment" fundamentals tasks through run_job learn above their baselines.
 
-The models are small enough that one thread is faster than two fighting over the shared cores, so the runs
-use one (restored afterwards).
+The models are small enough that one thread is faster than two fighting over the shared cores; the configs'
+`run.threads = 1` decides that, so the tests set no thread count themselves.
 """
 
 import json

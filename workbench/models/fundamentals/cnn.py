@@ -54,8 +54,10 @@ Design choices
     `init_weights()`: Kaiming-normal convs (std = sqrt(2 / fan_out), He et al. 2015's derivation for ReLU
         through the backward pass), BN gamma 1 and beta 0, running statistics reset; optionally
         (`zero_init_residual`) the last BN of every block starts at gamma 0, so every block starts as the
-        identity (Goyal et al.). The linear head keeps PyTorch's default uniform init. `__init__` allocates
-        under torch.device("meta") and `init_weights()` materialises nothing itself, like the other models.
+        identity (Goyal et al.). The linear head keeps PyTorch's default uniform init. `__init__` is meta-device
+        safe (built under torch.device("meta") it allocates nothing) and `init_weights()` only fills tensors
+        in place, so a model can be built on meta, materialised with `to_empty()`, then initialised, like the
+        other models.
     Models return logits (B, classes); the loss lives in the task (workbench/train/fundamentals/vision.py).
 
 What differs from the papers

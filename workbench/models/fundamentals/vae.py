@@ -54,9 +54,9 @@ The design choices
         weights, so the decoder starts as its output bias. That bias can be set to the logit of the training
         pixel mean (and a Gaussian's s_d to the pixels' spread), so that step 0 scores the independent-pixel
         baseline and training spends its steps on structure, not on the average image. The zero weights get
-        a gradient at once (their inputs are not zero), the layers below from the second step on: measured,
-        the digits run is a few tenths of a nat behind a 0.1-scaled start after 200 steps and level by 1000,
-        while a Gaussian decoder with small s_d starts hundreds of nats below the baseline without it.
+        a gradient at once (their inputs are not zero), the layers below from the second step on, so the zero
+        start holds training back only in its first steps, while a Gaussian decoder with a small s_d and no
+        such start begins far below the baseline.
     The Gaussian decoder learns one log s_d per pixel, not a function of z, with a floor (`MIN_LOG_SIGMA`):
         a density on pixel values that are in fact discrete grows without bound as s -> 0 on pixels that
         never change. Per pixel, so that the model family contains the independent-pixel Gaussian (a constant
