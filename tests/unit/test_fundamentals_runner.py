@@ -87,14 +87,17 @@ def test_a_run_writes_its_folder_and_learns(tmp_path):
     assert runner.load_job(run_dir / "config.toml") == runner.load_job(job(tmp_path))
 
 
-def test_a_signal_saves_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("stop_at", [9, 6])  # mid-epoch 2; the last batch of epoch 1 (6 batches an epoch)
+def test_a_signal_saves_and_resume_continues_exactly(tmp_path, stop_at):
     straight = runner.run_job(job(tmp_path, "straight"), log=lambda m: None)
-    CALLS.update(n=0, stop_at=9)  # mid-epoch 2 (6 batches an epoch)
+    CALLS.update(n=0, stop_at=stop_at)
     with pytest.raises(runner.Interrupted) as stop:
         runner.run_job(job(tmp_path, "cut"), log=lambda m: None)
     CALLS.update(stop_at=0)
-    assert stop.value.signum == signal.SIGINT and stop.value.step == 9
-    assert latest_checkpoint(tmp_path / "cut").name == "step-9"
+    assert stop.value.signum == signal.SIGINT and stop.value.step == stop_at
+    assert latest_checkpoint(tmp_path / "cut").name == f"step-{stop_at}"
+    with pytest.raises(WorkbenchError, match="train.batch_size"):
+        runner.run_job(job(tmp_path, "cut"), ["--train.batch_size", "32"], resume=True, log=lambda m: None)
     with pytest.raises(WorkbenchError, match="--resume"):
         runner.run_job(job(tmp_path, "cut"), log=lambda m: None)
     with pytest.raises(WorkbenchError, match="task"):
@@ -104,8 +107,12 @@ def test_a_signal_saves_and_resume_continues_exactly(tmp_path):
     a = load_model_state(latest_checkpoint(tmp_path / "straight"))
     b = load_model_state(latest_checkpoint(tmp_path / "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [r["step"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "loss" in r and "val_loss" not in r]
+    cut_records = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    steps = [r["step"] for r in cut_records if "loss" in r and "val_loss" not in r]
     assert steps == sorted(set(steps))  # the records after the checkpoint were not logged twice
+    val = lambda records: [(r["step"], r["epoch"], r["val_loss"]) for r in records if "val_loss" in r]  # noqa: E731
+    if stop_at % 6 == 0:  # stopped at an epoch's end: the same validations as the run that was never stopped
+        assert val(cut_records) == val(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
     # resuming a finished run trains nothing more and keeps its results
     again = runner.run_job(job(tmp_path, "cut"), resume=True, log=lambda m: None)
     assert again["val_mse"] == straight["val_mse"]

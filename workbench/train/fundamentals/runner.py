@@ -30,11 +30,12 @@ Design choices
 - Determinism: the model is initialised after `torch.manual_seed(run.seed)`; epoch e's batch order is a
   permutation drawn from a generator seeded with (seed, e), so a resumed run replays exactly the batches the
   interrupted one would have seen. A checkpoint holds the model, the optimizer, the step, the position inside
-  the epoch and the torch RNG state (dropout, augmentation), so resuming the same config continues the same
-  run bit for bit on the same machine (tested).
-- Resume: `--resume` continues the newest complete checkpoint. The saved [task] and run.seed must equal the
-  new ones (a different task in the same folder would mix two experiments); [train] may change, e.g. more
-  epochs. Without --resume, a folder that already has checkpoints is refused.
+  the epoch and the torch RNG states (CPU, and CUDA on a GPU: dropout, augmentation), so resuming the same
+  config continues the same run bit for bit on the same machine (tested on the CPU).
+- Resume: `--resume` continues the newest complete checkpoint. The saved [task], run.seed and
+  train.batch_size must equal the new ones (a different task in the same folder would mix two experiments;
+  the position inside an epoch is counted in batches); the rest of [train] may change, e.g. more epochs.
+  Without --resume, a folder that already has checkpoints is refused.
 - Validation is evaluated under `torch.no_grad()` in eval mode (batch norm uses its running statistics).
 - Loss normalisation: the loss is the task's mean over the mini-batch; the last, smaller batch of an epoch is
   kept (not dropped), so every example is seen once per epoch.
@@ -112,7 +113,8 @@ class RunSection:
 
 @dataclass
 class FitSection:
-    epochs: int = field_(10, gt=0)
+    epochs: int = field_(10, gt=0, lt=100_003, doc="epoch e of seed s is shuffled from seed s x 100003 + e, so "
+                                                    "below 100003 epochs no two (seed, epoch) share an order")
     batch_size: int = field_(64, gt=0)
     optimizer: Literal["sgd", "adamw"] = field_("adamw", doc="sgd: with momentum (PyTorch's form); adamw: decoupled decay")
     lr: float = field_(1e-3, gt=0)
@@ -204,7 +206,8 @@ class Context:
                                  f"or choose another --run.name")
         if self._ckpt is not None:
             saved = load_job(run_dir / CONFIG_FILE)
-            for what, a, b in (("task", to_dict(saved.task), to_dict(job.task)), ("run.seed", saved.run.seed, job.run.seed)):
+            for what, a, b in (("task", to_dict(saved.task), to_dict(job.task)), ("run.seed", saved.run.seed, job.run.seed),
+                               ("train.batch_size", saved.train.batch_size, job.train.batch_size)):
                 if a != b:
                     raise WorkbenchError(f"--resume: {run_dir / CONFIG_FILE} was written with {what} = {a}, this "
                                          f"config has {b}; continue with the same {what} or choose another --run.name")
@@ -330,6 +333,8 @@ class Context:
                                                       skeleton))
             if "rng" in extra:
                 torch.set_rng_state(extra["rng"])
+            if "cuda_rng" in extra and self.device.type == "cuda":  # dropout, augmentation drawn on the GPU
+                torch.cuda.set_rng_state(extra["cuda_rng"], self.device)
             step, epoch, pos = state["step"], state["epoch"], state["batch"]
         saved_at = step if resumed is not None else -1
         params = sum(p.numel() for p in model.parameters())
@@ -343,6 +348,8 @@ class Context:
             saved_at = step
             opt_tensors, skeleton = flatten_state(optimizer.state_dict())
             extra = {f"opt.{k}": v for k, v in opt_tensors.items()} | {"rng": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             self.checkpoint(step, model.state_dict(), {"epoch": epoch, "batch": pos, "optimizer": skeleton}, extra)
 
         def validate() -> None:
@@ -361,7 +368,7 @@ class Context:
         bar = tqdm(total=total, initial=step, desc=self.job.run.name, unit="step", file=sys.stderr,
                    dynamic_ncols=True, leave=False)
         with self.signals():
-            while step < total:
+            while step < total and self.stop_signal is None:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.job.run.seed * 100_003 + epoch))
                 while pos < batches_per_epoch and step < total:
                     idx = order[pos * t.batch_size:(pos + 1) * t.batch_size]
@@ -389,9 +396,7 @@ class Context:
                         window, t0 = [], time.perf_counter()
                     if self.stop_signal is not None:
                         break
-                if self.stop_signal is not None:
-                    break
-                if pos >= batches_per_epoch:  # an epoch ended: validate, maybe checkpoint
+                if pos >= batches_per_epoch:  # an epoch ended (a signal on its last batch too): validate, maybe save
                     epoch, pos = epoch + 1, 0
                     validate()
                     if t.ckpt_every and epoch % t.ckpt_every == 0 and step < total:
