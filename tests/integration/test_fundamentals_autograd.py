@@ -97,6 +97,9 @@ def test_config_errors_name_the_field():
         load_job(MLP_TOML, ["--task.hidden", "[64,0]"])
     with pytest.raises(ConfigError, match=r"task.dtype"):
         load_job(MLP_TOML, ["--task.dtype", "float16"])
+    for n in ("3000", "5"):  # more than the digits hold; too few for every class in every split
+        with pytest.raises(ConfigError, match=rf"task\.n.*1797 images.*got {n}"):
+            load_job(MLP_TOML, ["--task.n", n])
 
 
 def test_float64_run_keeps_float64_weights(tmp_path):

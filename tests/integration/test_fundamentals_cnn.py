@@ -15,6 +15,7 @@ from workbench.train.fundamentals.runner import load_job, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET_TOML = ROOT / "configs" / "fundamentals" / "resnet.toml"
+DIGITS_TOML = ROOT / "configs" / "fundamentals" / "cnn_digits.toml"
 
 
 def _colour_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +91,19 @@ def test_cnn_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="task.data_dir"):
         load_job(RESNET_TOML, ["--task.dataset", "digits", "--task.data_dir", "/x"])
     assert load_job(RESNET_TOML).task.config.dataset == "cifar10"
+
+
+def test_cnn_data_sizes_are_checked_against_the_set_the_run_loads(tmp_path):
+    """Before any work, naming the key: the fallback's limits when CIFAR-10 is absent, CIFAR-10's when present."""
+    with pytest.raises(ConfigError, match=r"task\.size.*got 4 \(for the fallback 'shapes'"):
+        load_job(RESNET_TOML, ["--task.size", "4"])
+    with pytest.raises(ConfigError, match=r"task\.n.*1797 images.*got 3000 \(for the fallback 'digits'"):
+        load_job(RESNET_TOML, ["--task.fallback", "digits", "--task.n", "3000"])
+    with pytest.raises(ConfigError, match=r"task\.n.*got 5$"):
+        load_job(DIGITS_TOML, ["--task.n", "5"])
+    x, y = _colour_images(12, 0)
+    write_cifar_batches(tmp_path, x, y, ["red", "green", "blue"], x, y)
+    present = ["--task.data_dir", str(tmp_path)]
+    assert load_job(RESNET_TOML, present + ["--task.fallback", "digits", "--task.n", "3000"]).task.config.n == 3000
+    with pytest.raises(ConfigError, match=r"task\.n.*CIFAR-10.*got 60000$"):
+        load_job(RESNET_TOML, present + ["--task.n", "60000"])

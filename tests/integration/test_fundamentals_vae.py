@@ -1,12 +1,14 @@
 """Task "vae" end to end through the fundamentals runner: a short run of configs/fundamentals/vae.toml improves
-the held-out ELBO over its step-0 value, beats the independent-pixel baseline, and writes its pictures."""
+the held-out ELBO over its step-0 value, beats the independent-pixel baseline, and writes its pictures; a data
+size the image set cannot give is a config error naming its key."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from workbench.train.fundamentals.runner import run_job
+from workbench.errors import ConfigError
+from workbench.train.fundamentals.runner import load_job, run_job
 from workbench.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,3 +35,11 @@ def test_short_vae_run_learns_and_writes_its_pictures(tmp_path):
         assert name in {f["file"] for f in saved["figures"]}
     report = (run_dir / "report.md").read_text()
     assert "interpolation.png" in report and "test_log_px" in report
+
+
+def test_bad_data_sizes_name_the_key_before_any_work():
+    with pytest.raises(ConfigError, match=r"task\.n.*1797 images.*got 5000"):
+        load_job(CONFIG, ["--task.n", "5000"])
+    with pytest.raises(ConfigError, match=r"task\.size.*shapes.*got 4"):
+        load_job(CONFIG, ["--task.dataset", "shapes", "--task.size", "4"])
+    assert load_job(CONFIG, ["--task.dataset", "shapes", "--task.size", "16", "--task.n", "600"]).task.config.size == 16

@@ -75,6 +75,10 @@ class Config:
                                             "record its test accuracy and ms per step")
 
     def validate(self) -> None:
+        from workbench.data.images import image_options_error
+
+        if bad := image_options_error("digits", self.n, 0):
+            fail(*bad)
         if any(h < 1 for h in self.hidden):
             fail("hidden", f"expected positive widths, got {self.hidden}")
         if self.model == "cnn":

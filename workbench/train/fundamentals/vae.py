@@ -86,6 +86,10 @@ class Config:
     latent_grid: int = field_(12, ge=2, doc="latent = 2 only: latent_grid.png decodes a side x side grid of z")
 
     def validate(self) -> None:
+        from workbench.data.images import image_options_error
+
+        if bad := image_options_error(self.dataset, self.n, self.size):
+            fail(*bad)
         if self.flavor not in FLAVORS:
             fail("flavor", f"expected one of {', '.join(FLAVORS)}, got {self.flavor!r}")
         if self.likelihood == "gaussian" and self.binarize != "none":

@@ -62,12 +62,20 @@ class Config:
     errors_per_class: int = field_(8, ge=0, doc="misclassified test images drawn per true class; 0 = no picture")
 
     def validate(self) -> None:
+        from workbench.data.images import find_cifar10, image_options_error
         from workbench.models.fundamentals.cnn import FLAVORS
 
         if self.model not in FLAVORS:
             fail("model", f"expected one of {', '.join(FLAVORS)}, got {self.model!r}")
         if self.data_dir and self.dataset != "cifar10":
             fail("data_dir", f"only read for dataset = 'cifar10' (dataset is {self.dataset!r})")
+        # n and size are checked against the set the run will load: cifar10 only when its batches are there
+        used = self.fallback if self.dataset == "cifar10" and find_cifar10(self.data_dir) is None else self.dataset
+        if bad := image_options_error(used, self.n, self.size):
+            key, message = bad
+            why = (f" (for the fallback {used!r}: CIFAR-10 is not in data_dir {self.data_dir!r})"
+                   if used != self.dataset else "")
+            fail(key, message + why)
 
 
 class Standardize(nn.Module):
