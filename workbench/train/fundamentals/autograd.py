@@ -178,6 +178,8 @@ def run(ctx: Context, cfg: Config) -> None:
         ctx.runlog.write({"step": p.step, "epoch": p.epoch, "loss": m["loss"], "acc": m["accuracy"], "lr": m["lr"],
                           "grad_norm": m["grad_norm"], "items_per_s": m["examples"] / max(now - last_log[0], 1e-9)})
         last_log[0] = now
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
 
     def on_epoch(p: Position) -> None:
         validate(p)
@@ -187,6 +189,7 @@ def run(ctx: Context, cfg: Config) -> None:
     if pos.step == 0:
         validate(pos)
     start_step = pos.step
+    bar = ctx.progress_bar(total, pos.step)
     t0 = time.perf_counter()
     with ctx.signals():
         pos = fit(model, opt, x_train, y_train, epochs=t.epochs, batch_size=t.batch_size, seed=seed, lr=t.lr,
@@ -194,6 +197,7 @@ def run(ctx: Context, cfg: Config) -> None:
                   grad_clip=t.grad_clip, max_steps=t.max_steps, log_every=t.log_every, start=pos,
                   on_log=on_log, on_epoch=on_epoch, should_stop=lambda: ctx.stop_signal is not None)
         seconds = time.perf_counter() - t0
+        bar.close()
         if pos.batch and saved_at != pos.step:  # stopped mid-epoch (max_steps or a signal)
             validate(pos)
         save(pos)

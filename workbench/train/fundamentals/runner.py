@@ -291,6 +291,13 @@ class Context:
 
     # -- the torch loop --------------------------------------------------------------------------------
 
+    def progress_bar(self, total: int, initial: int = 0):
+        """The run's progress bar on stderr (steps); `update(k)` / `set_postfix` / `close` as tqdm's."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=self.job.run.name, unit="step", file=sys.stderr,
+                    dynamic_ncols=True, leave=False)
+
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         t = self.job.train
         if t.optimizer == "sgd":
@@ -311,8 +318,6 @@ class Context:
             loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, dict]],
             evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> None:
         """Train `model` on the tensors of `train` (first dimension = examples); see the module doc."""
-        from tqdm import tqdm
-
         t = self.job.train
         n = len(train[0])
         if any(len(x) != n for x in train):
@@ -365,8 +370,7 @@ class Context:
         model.train()
         window: list[dict] = []
         t0 = time.perf_counter()
-        bar = tqdm(total=total, initial=step, desc=self.job.run.name, unit="step", file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
+        bar = self.progress_bar(total, step)
         with self.signals():
             while step < total and self.stop_signal is None:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.job.run.seed * 100_003 + epoch))
