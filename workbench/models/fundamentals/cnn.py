@@ -311,16 +311,7 @@ class ResNet(nn.Module):
         return [b for s in (self.stage1, self.stage2, self.stage3) for b in s]
 
     def init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # std = sqrt(2 / fan_out), fan_out = out_channels k^2
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-                m.reset_running_stats()
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
+        init_conv_bn_linear(self)
         if self.cfg.zero_init_residual:
             for b in self.blocks():
                 nn.init.zeros_(b.last_bn.weight)
@@ -331,6 +322,20 @@ class ResNet(nn.Module):
         # global average pool: (B, C, H', W') -> (B, C)
         x = x.mean(dim=(2, 3))
         return self.head(x)  # (B, classes)
+
+
+def init_conv_bn_linear(model: nn.Module) -> None:
+    """Kaiming (fan-out) convolutions, BN as the identity with fresh running statistics, torch's default Linear."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            # std = sqrt(2 / fan_out), fan_out = out_channels k^2
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            m.reset_running_stats()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
 
 
 class PlainCNN(nn.Module):
@@ -348,15 +353,7 @@ class PlainCNN(nn.Module):
         self.fc2 = nn.Linear(hidden, cfg.num_classes)
 
     def init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-                m.reset_running_stats()
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
+        init_conv_bn_linear(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool(F.relu(self.bn1(self.conv1(x))))  # (B, c1, H / 2, W / 2)
