@@ -186,19 +186,13 @@ def load_job(config: str | Path | dict, overrides: Sequence[str] | dict = ()) ->
 # The run context
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError("config key 'run.device': 'cuda' asked for, but torch sees no CUDA device")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Context:
     """What a task's `run` gets: the job, the run folder, and the loop (see the module doc)."""
 
     def __init__(self, job: FundamentalsJob, run_dir: Path, resume: bool, log: Callable[[str], None]):
         self.job, self.run_dir, self.log = job, run_dir, log
+        from workbench.train.trainer import pick_device  # the trainer's: the same rule and message
+
         self.device = pick_device(job.run.device)
         self._ckpt = latest_checkpoint(run_dir)
         if self._ckpt is not None and not resume:
