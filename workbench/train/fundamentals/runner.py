@@ -207,7 +207,8 @@ class Context:
                                          f"config has {b}; continue with the same {what} or choose another --run.name")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, dumps_toml(job))
-        self.step = 0 if self._ckpt is None else load_for_resume(self._ckpt)[1]["step"]
+        # the step only (JSON, nothing unpickled); resume_state() verifies the checkpoint and reads it whole, once
+        self.step = 0 if self._ckpt is None else json.loads((self._ckpt / "train_state.json").read_text())["step"]
         self.runlog = RunLog(run_dir, resume_step=None if self._ckpt is None else self.step, ylabel="loss")
         self.results: dict[str, dict] = {}
         self.figures: list[dict] = []
