@@ -156,17 +156,19 @@ OBJECTIVE_FIELDS = {
     "distill": ("teacher", "divergence", "temperature", "alpha", "jsd_beta"),
     "grpo": (*RL_FIELDS, "reference", "logprob_chunk", "aggregation", "scale_rewards"),
     "ppo": (*RL_FIELDS, "reference", "logprob_chunk", "vf_coef", "value_clip", "gamma", "lam", "whiten_advantages"),
+    "vlm": ("train_parts", "blind", "val_questions", "answer_tokens"),
 }
 RL_OBJECTIVES = ("ppo", "grpo")
 
 
 @dataclass
 class ObjectiveSection:
-    name: Literal["lm", "sft", "dpo", "distill", "ppo", "grpo"] = field_(
+    name: Literal["lm", "sft", "dpo", "distill", "ppo", "grpo", "vlm"] = field_(
         "lm", doc="lm: pretraining on data.dir's windows; sft: conversations of data.train_file, loss on the "
                   "assistant's tokens; dpo: preference pairs of data.train_file; distill: a student matching "
                   "objective.teacher; ppo, grpo: reinforcement learning from rewards on the prompts of "
-                  "data.train_file")
+                  "data.train_file; vlm: questions about the images of the vision folder data.dir, loss on the "
+                  "answers (workbench/train/objectives/vlm.py)")
     # dpo (workbench/train/objectives/dpo.py)
     beta: float = field_(0.1, gt=0, doc="dpo: the strength of the anchor to the reference (TRL's default 0.1)")
     loss_type: Literal["sigmoid", "ipo"] = field_("sigmoid", doc="dpo: sigmoid (DPO, cDPO with label_smoothing) or ipo")
@@ -217,6 +219,14 @@ class ObjectiveSection:
     gamma: float = field_(1.0, ge=0, le=1, doc="ppo: discount")
     lam: float = field_(0.95, ge=0, le=1, doc="ppo: GAE's lambda")
     whiten_advantages: bool = field_(True, doc="ppo: advantages normalised to mean 0, std 1 over the step's tokens")
+    # vlm (workbench/train/objectives/vlm.py)
+    train_parts: Literal["all", "projector", "vision"] = field_(
+        "all", doc="vlm: what trains: all; projector (multi_modal_projector alone: the warm-up of PaliGemma's "
+                   "recipe); vision (the vision tower and the projector, the language model frozen)")
+    blind: bool = field_(False, doc="vlm: every image replaced by a constant (the blind, question-only baseline)")
+    val_questions: int = field_(64, gt=0, doc="vlm: held-out samples (the first of data.dir's val split) scored by "
+                                               "loss and greedy exact match at each validation")
+    answer_tokens: int = field_(16, gt=0, doc="vlm: the longest greedy answer decoded for exact match")
 
     def rl_defaults(self) -> tuple[int, int]:
         """(group_size, epochs) with 0 replaced by the objective's default."""
@@ -282,6 +292,12 @@ class JobConfig:
     def _validate_objective(self) -> None:
         """What each objective needs from the data and the layout (post-training: workbench/train/objectives)."""
         name, data, par = self.objective.name, self.data, self.parallel
+        if name == "vlm" and (data.train_file or data.val_file):
+            fail("data.train_file", "objective.name = 'vlm' reads the vision folder data.dir (`workbench diagrams "
+                                    "DIR`), not examples files")
+        if name == "vlm" and not hasattr(self.model.config, "image_token_id"):
+            fail("model.family", f"objective.name = 'vlm' needs a vision-language model (paligemma2), got "
+                                 f"{self.model.family!r}")
         if name == "lm" and (data.train_file or data.val_file):
             fail("data.train_file", "objective.name = 'lm' trains on data.dir's shards; examples files are for "
                                     "sft, dpo, distill, ppo and grpo (set objective.name)")
@@ -295,7 +311,7 @@ class JobConfig:
         defaults = DataSection.__dataclass_fields__
         for key in ("pack", "train_on"):  # options of conversations only
             if not chat and getattr(data, key) != defaults[key].default:
-                reads = {"dpo": "pairs", "ppo": "prompts", "grpo": "prompts"}.get(name, "windows")
+                reads = {"dpo": "pairs", "ppo": "prompts", "grpo": "prompts", "vlm": "images"}.get(name, "windows")
                 fail(f"data.{key}", f"applies to conversations (objective sft, or distill with data.train_file); "
                                     f"objective.name = '{name}' reads {reads}")
         mtp = getattr(self.model.config, "mtp_layers", 0)

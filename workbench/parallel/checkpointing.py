@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from workbench.parallel.plans import Plan
+from workbench.parallel.plans import Plan, block_modules
 
 MODES = ("none", "full", "selective")
 _SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -40,7 +40,7 @@ def apply_activation_checkpointing(model: nn.Module, plan: Plan, mode: str) -> N
     if mode == "none":
         return
     context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) if mode == "selective" else None
-    for block in model.get_submodule(plan.blocks):
+    for block in block_modules(model, plan):
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
@@ -60,5 +60,5 @@ def apply_compile(model: nn.Module, plan: Plan, enabled: bool) -> None:
     before FSDP2 or ZeRO (DESIGN.md rule 2). Meant for CUDA; on CPU it works but the compile takes minutes."""
     if not enabled:
         return
-    for block in model.get_submodule(plan.blocks):
+    for block in block_modules(model, plan):
         block.compile()

@@ -55,7 +55,7 @@ from workbench.parallel.checkpointing import apply_activation_checkpointing, app
 from workbench.parallel.cp import apply_context_parallel, context_parallel_disabled
 from workbench.parallel.dims import ParallelDims
 from workbench.parallel.ep import apply_expert_parallel
-from workbench.parallel.plans import Plan
+from workbench.parallel.plans import Plan, block_modules
 from workbench.parallel.rendezvous import bound_store
 from workbench.parallel.single import FULL, SingleEngine
 from workbench.parallel.tensor_parallel import apply_tensor_parallel, tp_logits
@@ -232,7 +232,7 @@ class FSDP2Engine(_DataParallelEngine):
                 # copying and would divide again after a forced sum
                 if dist.get_backend() != "nccl" and dims.expert_fsdp_mesh.size(-1) > 1:
                     module.set_force_sum_reduction_for_comms(True)
-            for block in model.get_submodule(plan.blocks):
+            for block in block_modules(model, plan):
                 fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
             # the root unit: embedding, final norm and head (a tied head shares the embedding's parameter)
             fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)

@@ -25,7 +25,8 @@ Data. The dataset folder `data.dir` (webdataset shards + manifest, see data_pipe
 on first use when it does not exist, and always gives the tokenizer. Language modelling (and distillation
 without `data.train_file`) streams the train split through `ShardStream` at the global cursor, and the first
 `eval_tokens` of the validation split are the fixed validation set; sft, dpo and distill on examples read
-`data.train_file` / `data.val_file` through `workbench.data.examples.ExampleSet` at the same global cursor.
+`data.train_file` / `data.val_file` through `workbench.data.examples.ExampleSet` at the same global cursor; vlm
+reads (image, question, answer) rows of the vision folder `data.dir` (`workbench.data.vqa.VQASet`) the same way.
 
 LoRA (`[lora]`, workbench.nn.lora): adapters are injected into the policy after its starting weights
 (`train.init_from`, needed) are loaded, and only they train. A checkpoint's `model.safetensors` holds the
@@ -246,9 +247,14 @@ def main_first(is_main: bool, world: int):
 
 
 def prepare_data(job: JobConfig, log=print) -> Manifest:
-    """The dataset folder of `job.data`: built on first use, checked against the config when it exists."""
+    """The dataset folder of `job.data`: built on first use, checked against the config when it exists (a vision
+    folder for objective vlm: it must exist, its tokenizer is trained on first use)."""
     from data_pipelines.shards import build_dataset
 
+    if job.objective.name == "vlm":
+        from workbench.data.vqa import prepare_vision_data
+
+        return prepare_vision_data(job, log=log)
     return build_dataset(job.data, log=log)
 
 
@@ -397,6 +403,8 @@ class Trainer:
                 self.model.load_state_dict(model_state)
         if getattr(self.objective, "value_head", False):  # PPO's critic, on the policy's trunk
             self._attach_value_head()
+        if hasattr(self.objective, "freeze"):  # e.g. vlm's projector warm-up: frozen towers get no optimizer state
+            self.log(self.objective.freeze(self.model))
         self.engine = build_engine(self.model, job, self.dims, autocast)
         self.autocast = autocast
         self.engines = {"policy": self.engine, **self._frozen_engines()}
@@ -458,6 +466,10 @@ class Trainer:
             val = [collate(windows[i : i + mbs]) for i in range(0, len(windows), mbs)]
             labels = torch.cat([b["labels"].flatten() for b in val])
             self.baseline = unigram_loss(self.manifest.unigram_counts, labels[labels != IGNORE_INDEX].numpy())
+        elif self.objective.data == "vision":  # objective vlm: (image, question, answer) rows of a vision folder
+            self.data, val_set = self.objective.build_data(job, self.tokenizer, log=self.log)
+            self.collate = self.data.collate
+            val = val_set.batches(mbs)
         else:
             self.data, val_set = build_example_sets(job, self.objective.data, self.tokenizer, log=self.log)
             self.collate = self.data.collate
@@ -765,6 +777,9 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
         """Every rank calls this (a sharded model decodes in lockstep); each gets the same text."""
+        if hasattr(self.objective, "closing_sample"):  # vlm: the prompt is a question about a held-out image
+            with eval_mode(self.engine.unwrap()):
+                return self.objective.closing_sample(self.engines, prompt, max_new_tokens)
         ids, stop_ids = self.objective.sample_prompt(prompt)  # chat objectives: a user turn, stopped at <|end|>
         with self.engine.gather_for_generation() as model:
             gen = KVCacheGenerator(model, self.tokenizer)

@@ -7,6 +7,7 @@
     ppo       PPO: actor, critic (value head), reference and a reward program; GAE      ppo.py
     grpo      GRPO: groups of samples per prompt, group-normalised advantages, k3 KL    grpo.py
               (what the two share: rollouts, rewards, held-out scoring: rollout.py, rewards.py)
+    vlm       a vision-language model answering questions about images, loss on the answers vlm.py
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def build_objective(cfg):
     from workbench.train.objectives.lm import LMObjective
     from workbench.train.objectives.ppo import PPOObjective
     from workbench.train.objectives.sft import SFTObjective
+    from workbench.train.objectives.vlm import VLMObjective
 
     kinds = {"lm": LMObjective, "sft": SFTObjective, "dpo": DPOObjective, "distill": DistillObjective,
-             "ppo": PPOObjective, "grpo": GRPOObjective}
+             "ppo": PPOObjective, "grpo": GRPOObjective, "vlm": VLMObjective}
     return kinds[cfg.name](cfg)
