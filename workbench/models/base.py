@@ -41,6 +41,7 @@ FAMILIES: dict[str, str] = {
     "llama3": "workbench.models.llama3",
     "mixtral": "workbench.models.mixtral",
     "deepseek_v3": "workbench.models.deepseek_v3",
+    "paligemma2": "workbench.models.paligemma2",
 }
 
 

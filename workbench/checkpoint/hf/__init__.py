@@ -26,7 +26,7 @@ from workbench.errors import CheckpointError
 from workbench.models.base import ModelSection, build_model
 
 ADAPTERS = {"llama3": "workbench.checkpoint.hf.llama3", "mixtral": "workbench.checkpoint.hf.mixtral",
-            "deepseek_v3": "workbench.checkpoint.hf.deepseek_v3"}
+            "deepseek_v3": "workbench.checkpoint.hf.deepseek_v3", "paligemma2": "workbench.checkpoint.hf.paligemma2"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
