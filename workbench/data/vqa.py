@@ -290,6 +290,45 @@ def prompt_batch(samples: Sequence[VQASample], images: torch.Tensor, pad_id: int
             "pixel_values": pixel_values(images[image])}
 
 
+def mask_of(batch: dict):
+    """The prefix-LM mask of a right-padded batch (`lengths`, `prefix_len`): image, bos and question
+    bidirectional, the suffix causal, the padding never attended."""
+    from workbench.nn.attention import MaskSpec
+
+    ids = batch["input_ids"]
+    key_padding = torch.arange(ids.shape[1], device=ids.device)[None, :] < batch["lengths"][:, None]  # (B, T)
+    return MaskSpec(prefix_len=batch["prefix_len"], key_padding=key_padding)
+
+
+def model_logits(model: torch.nn.Module, blind: bool = False) -> Callable[[dict], torch.Tensor]:
+    """`logits_fn` of a plain model (a paligemma2): its float32 logits (B, T, V) for a prompt batch; `blind`: every
+    image replaced by the constant a blind run trained with (0 after normalisation, objective vlm)."""
+
+    def logits_fn(batch: dict) -> torch.Tensor:
+        pixels = torch.zeros_like(batch["pixel_values"]) if blind else batch["pixel_values"]
+        out = model({"input_ids": batch["input_ids"], "pixel_values": pixels, "mask": mask_of(batch)})
+        return model.logits(out.hidden).float()
+
+    return logits_fn
+
+
+@torch.no_grad()
+def answer_samples(logits_fn: Callable[[dict], torch.Tensor], samples: Sequence[VQASample], images: torch.Tensor,
+                   tokenizer: Tokenizer, max_new_tokens: int, batch_size: int, device: torch.device,
+                   progress: str | None = None) -> list[str]:
+    """Greedy answers (decoded text) to `samples` about `images` (uint8 (N, 3, S, S): the split's, or noise),
+    `batch_size` prompts at a time."""
+    from tqdm import tqdm
+
+    out: list[str] = []
+    starts = range(0, len(samples), batch_size)
+    for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        batch = {k: v.to(device) for k, v in prompt_batch(samples[s : s + batch_size], images, tokenizer.pad_id).items()}
+        ids = greedy_answers(logits_fn, batch, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
+        out += [tokenizer.decode(i) for i in ids]
+    return out
+
+
 @torch.no_grad()
 def greedy_answers(logits_fn: Callable[[dict], torch.Tensor], batch: dict, max_new_tokens: int,
                    eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.data.packed import IGNORE_INDEX
-from workbench.data.vqa import encode_prompt, greedy_answers, normalize
-from workbench.nn.attention import MaskSpec
+from workbench.data.vqa import encode_prompt, greedy_answers, mask_of, normalize
 from workbench.train.objectives.base import LossOutput
 from workbench.train.objectives.lm import LMObjective
 
@@ -55,13 +54,6 @@ def freeze_parts(model: torch.nn.Module, train_parts: str) -> dict[str, int]:
         p.requires_grad_(keep is None or name.split(".")[0] in keep)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "frozen": sum(p.numel() for p in model.parameters()) - trainable}
-
-
-def mask_of(batch: dict) -> MaskSpec:
-    """The prefix-LM mask of a right-padded batch: prefix bidirectional, suffix causal, padding never attended."""
-    ids = batch["input_ids"]
-    key_padding = torch.arange(ids.shape[1], device=ids.device)[None, :] < batch["lengths"][:, None]  # (B, T)
-    return MaskSpec(prefix_len=batch["prefix_len"], key_padding=key_padding)
 
 
 class VLMObjective(LMObjective):
