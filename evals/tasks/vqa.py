@@ -16,7 +16,8 @@ Metrics
     exact_match_noise   the same questions with each image replaced by uniform noise (seeded): a model that reads
                         the images should fall to about the blind level, one that does not stays where it was
 Baselines (same questions, same scoring)
-    majority (train)    per question type, the train split's most frequent answer: what the answer priors give
+    majority (train)    the train split's most frequent answer to the same question text, else to the same
+                        question type: what the answer priors give
     blind run           `blind_run`'s greedy answers (a run trained with objective.blind = true on the same
                         questions): what the questions alone give a trained model
 `margin_over_blind` (and `margin_over_majority`) = exact_match minus that baseline: the stated margin.
@@ -83,6 +84,21 @@ def _scores(samples, outputs) -> dict[str, float]:
         if s.type != CAPTION_TYPE:
             hits.setdefault("all", []).append(hit)
     return {("exact_match" if k == "all" else f"em_{k}"): sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def majority_answers(train, samples) -> list[str]:
+    """The blind guess for each sample: the train split's most frequent answer to that exact question, else to
+    its type (what a model that knows the question but not the picture can learn)."""
+    by_question: dict[str, Counter] = {}
+    by_type: dict[str, Counter] = {}
+    for s in train:
+        by_question.setdefault(normalize(s.question), Counter())[normalize(s.answer)] += 1
+        by_type.setdefault(s.type, Counter())[normalize(s.answer)] += 1
+    out = []
+    for s in samples:
+        counts = by_question.get(normalize(s.question)) or by_type.get(s.type)
+        out.append(counts.most_common(1)[0][0] if counts else "")
+    return out
 
 
 def _blind_answers(ctx: EvalContext, cfg: Config, root: str, device) -> tuple[list[str], VQASet]:
@@ -171,12 +187,8 @@ class VQATask:
                                        ctx.batch_size, device, progress="vqa noise")
             metrics.update({k.replace("exact_match", "exact_match_noise").replace("em_", "em_noise_"): v
                             for k, v in _scores(samples, noise_out).items()})
-        # the majority baseline: per type, the train split's most frequent answer
-        train = _vqa_set(root, "train", ctx.tokenizer, model, ctx, lambda *a: None)
-        counts: dict[str, Counter] = {}
-        for s in train.samples:
-            counts.setdefault(s.type, Counter())[normalize(s.answer)] += 1
-        majority = [counts[s.type].most_common(1)[0][0] if s.type in counts else "" for s in samples]
+        majority = majority_answers(_vqa_set(root, "train", ctx.tokenizer, model, ctx, lambda *a: None).samples,
+                                    samples)
         majority_scores = _scores(samples, majority)
         baselines = {"majority (train)": majority_scores["exact_match"]}
         by_type = {"majority (train)": {k[3:]: v for k, v in majority_scores.items() if k.startswith("em_")}}

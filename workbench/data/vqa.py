@@ -2,8 +2,8 @@
 
 A vision dataset folder (`workbench.data.vision`: diagram documents and captioned shapes, each image with a
 caption and question/answer pairs) becomes one sample per (image, question): each QA pair of an image, and the
-image's caption asked for with the prompt `caption` (PaliGemma's task-prefix convention), so an image of the
-split gives 1 + len(qa) samples. A sample is the PaliGemma row
+image's caption asked for with the prompt `caption` (PaliGemma's task-prefix convention; left out where a question
+of type `caption` already asks for it). A sample is the PaliGemma row
 
     <image> x N   <|bos|>   question "\\n"   answer   <|eos|>
     '----------------- prefix -----------'   '--- suffix ---'
@@ -17,7 +17,8 @@ so the loss is on the answer and its closing eos only. The question and the answ
 prompt it answers at test time share their first prefix_len ids exactly. Rows are right-padded with <|pad|>
 (`key_padding` masks the padding, `lengths` counts the real ids); a causal suffix never sees the padding after it.
 
-Images. Each image is resized once to the model's `image_size` (bilinear, PIL) and kept as uint8; a batch's
+Images. Each image is resized once to the model's `image_size` (bicubic, PIL, as
+`workbench.inference.vlm.preprocess` does) and kept as uint8; a batch's
 `pixel_values` are SigLIP's normalisation, x / 255 * 2 - 1 (mean = std = 0.5), (B, 3, S, S) float32.
 
 Tokenizer. `vision_tokenizer` trains a byte-level BPE (`data_pipelines.tokenizer.train_bpe`: the reserved tokens
@@ -70,13 +71,13 @@ def pixel_values(images: torch.Tensor) -> torch.Tensor:
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, size, size) uint8 (bilinear when the size differs)."""
+    """(H, W, 3) uint8 -> (3, size, size) uint8 (bicubic when the size differs, as inference.vlm.preprocess)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise DataError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     if image.shape[:2] != (size, size):
         from PIL import Image
 
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
     return np.ascontiguousarray(image.transpose(2, 0, 1))  # (3, S, S)
 
 
@@ -202,7 +203,9 @@ class VQASet:
         self.images = torch.from_numpy(np.stack([resize_image(ex.image, image_size) for ex in self.examples]))
         self.samples: list[VQASample] = []
         for i, ex in enumerate(self.examples):
-            pairs = [(CAPTION_TYPE, CAPTION_PROMPT, ex.caption)] if captions else []
+            # the caption, asked for unless a question of the image already asks for it (shapes' "Describe ...")
+            asked = any(qa.get("type") == CAPTION_TYPE for qa in ex.qa)
+            pairs = [(CAPTION_TYPE, CAPTION_PROMPT, ex.caption)] if captions and not asked else []
             pairs += [(qa.get("type", "qa"), qa["question"], qa["answer"]) for qa in ex.qa]
             for kind, question, answer in pairs:
                 prompt = encode_prompt(tokenizer, question, num_image_tokens, image_token_id)
