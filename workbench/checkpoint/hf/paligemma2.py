@@ -145,6 +145,11 @@ _HF_CONFIG_NAMES = {
 }
 
 
+def _int_if_whole(x: float) -> int | float:
+    """transformers types query_pre_attn_scalar as an int (and refuses 16.0); keep a fractional one as is."""
+    return int(x) if float(x).is_integer() else x
+
+
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
                  pad_id: int | None = None) -> dict:
     v = cfg.vision
@@ -158,7 +163,7 @@ def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int]
         "initializer_range": cfg.init_std, "intermediate_size": cfg.ffn_dim, "layer_types": layer_types,
         "max_position_embeddings": cfg.max_seq_len, "num_attention_heads": cfg.n_heads,
         "num_hidden_layers": cfg.n_layers, "num_image_tokens": cfg.num_image_tokens,
-        "num_key_value_heads": cfg.n_kv_heads, "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "num_key_value_heads": cfg.n_kv_heads, "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),
         "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope_to_hf(cfg.rope),
         "sliding_window": cfg.sliding_window or None, "tie_word_embeddings": True, "use_cache": True,
         "vocab_size": cfg.vocab_size,

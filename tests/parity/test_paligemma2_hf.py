@@ -1,0 +1,350 @@
+"""PaliGemma 2 and SigLIP parity with transformers on tiny random configs (fp32, eager attention).
+
+SigLIP: every hidden state and the last one. PaliGemma (Gemma 2 text config): logits and hidden states
+with the training mask (labels + token_type_ids), the inference prefill mask and the plain causal one; a
+batch of two with left padding; sliding layers whose window (4) is shorter than the sequence; soft-caps
+small enough to bite (attention 0.7, final 2). Then the KV cache (prefill + decode == one forward), greedy
+generation against transformers' `generate` (left-padded batch), preprocessing and prompt ids against the
+processors, and the HF directory round trip (import, export bit for bit, transformers reloads the export).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+
+from conftest import save_test_tokenizer  # noqa: E402
+
+from workbench.checkpoint.hf.paligemma2 import config_from_hf, state_dict_from_hf  # noqa: E402
+from workbench.models.paligemma2 import PaliGemma2  # noqa: E402
+from workbench.nn.attention import MaskSpec  # noqa: E402
+
+IMAGE_TOKEN = 11  # "<image>" in the project's reserved tokens (workbench.data.tokenizer.SPECIAL_TOKENS)
+BOS = 0
+N_IMG = 4  # 28 px / 14 px patches -> 2 x 2
+
+
+def hf_config(vocab_size: int = 320, attn_cap: float | None = 0.7, final_cap: float | None = 2.0,
+              layer_types=None, **text):
+    """models.md's tiny config, 3 text layers (sliding, full, sliding) with a 4-token window."""
+    text_config = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                       vocab_size=vocab_size, sliding_window=4, attn_logit_softcapping=attn_cap,
+                       final_logit_softcapping=final_cap, initializer_range=0.2, bos_token_id=BOS,
+                       eos_token_id=1, pad_token_id=2, **text)
+    if layer_types is not None:
+        text_config["layer_types"] = layer_types
+    return transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14, vision_use_head=False, initializer_range=0.2),
+        text_config=text_config, image_token_index=IMAGE_TOKEN, projection_dim=64, attn_implementation="eager",
+        bos_token_id=BOS, eos_token_id=1, pad_token_id=2)
+
+
+def make_hf(seed: int = 0, embed_std: float = 0.05, **kw):
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(hf_config(**kw)).eval()
+    with torch.no_grad():  # random norms, so a swapped norm or a missing (1 + w) cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(0.0 if "language_model" in name else 1.0, 0.3)
+        # small embeddings: with tied ones at the init scale, a random model's top token is its input token
+        # (e . e * sqrt(d) dominates), and greedy text would repeat one token
+        model.model.language_model.embed_tokens.weight.normal_(0.0, embed_std)
+    return model
+
+
+def ours_from(hf_model, backend: str = "sdpa") -> PaliGemma2:
+    cfg = config_from_hf(hf_model.config.to_dict())
+    cfg.attn_backend = backend
+    cfg.vision.attn_backend = backend
+    model = PaliGemma2(cfg).eval()
+    model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), cfg), strict=True)
+    return model
+
+
+def make_hf_paligemma2_dir(path, seed: int = 0):
+    """A tiny real PaliGemma 2 directory (save_pretrained) with the project's test tokenizer (bos 0, eos 1,
+    pad 2, <image> 11); returns the path."""
+    tok = save_test_tokenizer(path)
+    assert tok.token_to_id("<image>") == IMAGE_TOKEN and tok.bos_id == BOS
+    make_hf(seed, vocab_size=tok.vocab_size).save_pretrained(path)
+    return path
+
+
+def rows(seed: int = 0, lens=(13, 10), prefix=(9, 7), vocab: int = 320):
+    """Left-padded rows: <image> x 4, bos, random text; `prefix` real tokens of each row are the prefix."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lens)
+    ids = torch.full((len(lens), T), 2, dtype=torch.long)
+    att = torch.zeros(len(lens), T, dtype=torch.long)
+    tt = torch.ones(len(lens), T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        row = torch.randint(12, vocab, (n,), generator=g)
+        row[:N_IMG], row[N_IMG] = IMAGE_TOKEN, BOS
+        ids[b, T - n:], att[b, T - n:] = row, 1
+        tt[b, : T - n + prefix[b]] = 0
+    pos = (att.cumsum(-1) - 1).clamp(min=0)  # HF's positions for padded rows (before PaliGemma's + 1)
+    pix = torch.randn(len(lens), 3, 28, 28, generator=g)
+    return ids, att, tt, pos, pix
+
+
+# ------------------------------------------------------------------------------------------------- SigLIP
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_siglip_hidden_states_match(backend):
+    hf = make_hf()
+    ours = ours_from(hf, backend)
+    pix = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        ref = hf.model.vision_tower(pix, output_hidden_states=True)
+        last, states = ours.vision_tower(pix, output_hidden_states=True)
+    assert len(states) == len(ref.hidden_states) == 3
+    for a, b in zip(states, ref.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert (last - ref.last_hidden_state).abs().max() < 1e-5 < last.abs().max()
+
+
+def test_siglip_rejects_wrong_image_size():
+    ours = ours_from(make_hf())
+    with pytest.raises(ValueError, match=r"pixel_values: expected \(B, 3, 28, 28\)"):
+        ours.vision_tower(torch.zeros(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------- PaliGemma
+
+
+def _check_forward(hf, ours, ids, att, tt, pos, pix, mask, labels: bool):
+    kw = dict(input_ids=ids, pixel_values=pix, attention_mask=att, position_ids=pos + 1, output_hidden_states=True)
+    if tt is not None:
+        kw["token_type_ids"] = tt
+    if labels:
+        kw["labels"] = torch.where(tt == 1, ids, -100)
+    with torch.no_grad():
+        ref = hf(**kw)
+        out = ours({"input_ids": ids, "pixel_values": pix, "positions": pos + 1, "mask": mask,
+                    "output_hidden_states": True})
+        logits = ours.logits(out.hidden)
+    real = att.bool()
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for a, b in zip(out.hidden_states[:-1], ref.hidden_states[:-1]):
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.hidden[real], ref.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    return logits, ref.logits
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "flex"])
+def test_paligemma_logits_match_with_every_mask(backend):
+    """Training mask (labels), inference prefill (token_type_ids, whole prompt as prefix), causal; padded batch."""
+    hf = make_hf()
+    ours = ours_from(hf, backend)
+    ids, att, tt, pos, pix = rows()
+    pad = (att == 0).sum(-1)
+    kp = att.bool()
+    # training: prefix = image + bos + question + "\n" (the first `prefix` real tokens), suffix causal
+    prefix_slots = pad + torch.tensor([9, 7])
+    _check_forward(hf, ours, ids, att, tt, pos, pix, MaskSpec(prefix_len=prefix_slots, key_padding=kp), labels=True)
+    # inference prefill: every real token is prefix
+    tt_all = torch.zeros_like(tt)
+    full = torch.full((2,), ids.shape[1])
+    _check_forward(hf, ours, ids, att, tt_all, pos, pix, MaskSpec(prefix_len=full, key_padding=kp), labels=False)
+    # no token_type_ids: transformers is plain causal, and so is our default spec (plus padding)
+    lg, ref = _check_forward(hf, ours, ids, att, None, pos, pix, MaskSpec(key_padding=kp), labels=False)
+    real = att.bool()
+    assert (lg - ref)[real].abs().max() < 1e-5 < lg[real].std()
+
+
+def test_the_mask_features_actually_bite():
+    """Each feature the parity test covers changes the logits when removed, so the parity is not vacuous."""
+    hf = make_hf()
+    ours = ours_from(hf)
+    ids, att, tt, pos, pix = rows(lens=(13, 13), prefix=(9, 9))
+    T = ids.shape[1]
+
+    def logits(model, mask):
+        with torch.no_grad():
+            return model.logits(model({"input_ids": ids, "pixel_values": pix, "positions": pos + 1,
+                                       "mask": mask}).hidden)
+
+    base = logits(ours, MaskSpec(prefix_len=torch.tensor([9, 9])))
+    assert (base - logits(ours, MaskSpec())).abs().max() > 1e-3  # prefix-LM vs causal
+    cfg = ours.cfg
+    for change in (dict(sliding_window=0), dict(attn_softcap=0.0), dict(final_softcap=0.0)):
+        other = PaliGemma2(type(cfg)(**{**cfg.__dict__, **change})).eval()
+        other.load_state_dict(ours.state_dict())
+        assert (base - logits(other, MaskSpec(prefix_len=torch.tensor([9, 9])))).abs().max() > 1e-3, change
+    assert T > cfg.sliding_window + 4  # the window is shorter than the suffix part of the sequence
+
+
+def test_layer_types_from_the_config_are_followed():
+    types = ["full_attention", "sliding_attention", "sliding_attention"]
+    hf = make_hf(layer_types=types)
+    ours = ours_from(hf)
+    assert [ours.cfg.sliding(i) for i in range(3)] == [False, True, True]
+    ids, att, tt, pos, pix = rows(seed=1)
+    _check_forward(hf, ours, ids, att, tt, pos, pix,
+                   MaskSpec(prefix_len=(att == 0).sum(-1) + torch.tensor([9, 7]), key_padding=att.bool()), labels=True)
+
+
+def test_embed_then_inputs_embeds_equals_input_ids_and_text_only_forward():
+    hf = make_hf()
+    ours = ours_from(hf)
+    ids, att, tt, pos, pix = rows(lens=(12, 12), prefix=(8, 8))
+    mask = MaskSpec(prefix_len=torch.tensor([8, 8]))
+    with torch.no_grad():
+        a = ours({"input_ids": ids, "pixel_values": pix, "mask": mask}).hidden
+        b = ours({"inputs_embeds": ours.embed(ids, pix), "mask": mask}).hidden
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        # image slots hold the projector output unscaled; text slots E * sqrt(d)
+        emb = ours.embed(ids, pix)
+        torch.testing.assert_close(emb[:, :N_IMG], ours.image_features(pix), atol=0, rtol=0)
+        # text only: no placeholder replaced, same as transformers without pixel_values
+        ref = hf(input_ids=ids[:, N_IMG:]).logits
+        got = ours.logits(ours({"input_ids": ids[:, N_IMG:]}).hidden)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="image placeholders"):
+        ours.embed(ids[:, 1:], pix)
+
+
+def test_kv_cache_prefill_and_decode_equal_one_forward():
+    """Bidirectional prefill of the prompt, then causal decode steps == one forward with prefix_len = prompt."""
+    ours = ours_from(make_hf())
+    ids, att, tt, pos, pix = rows(lens=(14, 11), prefix=(9, 7))
+    P, T = 9, ids.shape[1]  # prompt slots (row 1's padding included: its prefix ends at slot 3 + 7 - 1 = 9)
+    prefix = torch.tensor([P, P])
+    kp = att.bool()
+    with torch.no_grad():
+        full = ours({"input_ids": ids, "pixel_values": pix, "positions": pos + 1,
+                     "mask": MaskSpec(prefix_len=prefix, key_padding=kp)}).hidden
+        cache = ours.make_kv_cache(2, T)
+        parts = [ours({"input_ids": ids[:, :P], "pixel_values": pix, "positions": pos[:, :P] + 1, "kv_cache": cache,
+                       "mask": MaskSpec(prefix_len=prefix, key_padding=kp[:, :P])}).hidden]
+        for t in range(P, T):
+            parts.append(ours({"input_ids": ids[:, t:t + 1], "positions": pos[:, t:t + 1] + 1, "kv_cache": cache,
+                               "mask": MaskSpec(key_padding=kp[:, :t + 1])}).hidden)
+    torch.testing.assert_close(torch.cat(parts, 1)[kp], full[kp], atol=1e-5, rtol=1e-5)
+    assert T - P > ours.cfg.sliding_window  # decode steps run past the window
+
+
+def test_greedy_generate_matches_transformers_on_a_left_padded_batch():
+    from workbench.inference.vlm import generate
+
+    hf = make_hf()
+    ours = ours_from(hf)
+    ids, att, tt, pos, pix = rows(lens=(12, 9), prefix=(12, 9))
+    n = 10
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=att, token_type_ids=torch.zeros_like(tt), pixel_values=pix,
+                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2)[:, ids.shape[1]:]
+    prompts = [ids[b, att[b].bool()].tolist() for b in range(2)]
+    got = generate(ours, prompts, pix, max_new_tokens=n, temperature=0.0)
+    assert got == ref.tolist()
+    assert len(set(got[0])) > 1  # not a degenerate repeat of one token
+
+
+def test_sampling_is_seeded_and_stops_at_eos():
+    from workbench.inference.vlm import generate
+
+    ours = ours_from(make_hf())
+    ids, att, tt, pos, pix = rows(lens=(10,), prefix=(10,))
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9)
+    a = generate(ours, ids, pix, seed=3, **kw)
+    assert a == generate(ours, ids, pix, seed=3, **kw) and a != generate(ours, ids, pix, seed=4, **kw)
+    greedy = generate(ours, ids, pix, max_new_tokens=12)[0]
+    stop = generate(ours, ids, pix, max_new_tokens=12, eos_ids=[greedy[2]])[0]
+    assert stop == greedy[: greedy.index(greedy[2]) + 1]
+
+
+# ------------------------------------------------------------------------------------------ processors
+
+
+def _processor(tmp_path, size=28):
+    save_test_tokenizer(tmp_path)
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    image_proc = transformers.SiglipImageProcessorPil(size={"height": size, "width": size})
+    image_proc.image_seq_length = (size // 14) ** 2
+    return transformers.PaliGemmaProcessor(image_processor=image_proc, tokenizer=fast)
+
+
+def test_preprocess_and_prompt_ids_equal_the_paligemma_processor(tmp_path):
+    from PIL import Image
+
+    from workbench.data.tokenizer import Tokenizer
+    from workbench.inference.vlm import build_prompt, preprocess
+
+    proc = _processor(tmp_path)
+    ours_tok = Tokenizer.from_hf_dir(tmp_path)
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (53, 37, 4), dtype=np.uint8), "RGBA")
+    images = {"RGBA 37x53": rgba, "L 300x17": Image.fromarray(rng.integers(0, 256, (17, 300), dtype=np.uint8), "L"),
+              "P": rgba.convert("RGB").convert("P"), "CMYK": rgba.convert("CMYK"), "RGB 28x28": rgba.convert("RGB").crop((0, 0, 28, 28))}
+    for prompt in ("caption en", "what is the gate's output?", " two  spaces\tand tab"):
+        for name, img in images.items():
+            ref = proc(images=img, text="<image>" + prompt, return_tensors="pt")
+            got = preprocess(img, 28)
+            assert got.dtype == ref["pixel_values"].dtype == torch.float32
+            torch.testing.assert_close(got, ref["pixel_values"][0], atol=0, rtol=0, msg=name)
+        ids = build_prompt(ours_tok, prompt, N_IMG, IMAGE_TOKEN)
+        assert ids == ref["input_ids"][0].tolist(), prompt
+        assert ref["token_type_ids"][0].tolist() == [0] * len(ids)  # the whole prompt is prefix
+
+
+# ------------------------------------------------------------------------------------------ HF directories
+
+
+def test_hf_dir_import_export_round_trip(tmp_path):
+    from workbench.checkpoint.hf import export_hf_dir, load_hf_dir
+    from workbench.checkpoint.safetensors_io import read_dir
+
+    src = make_hf_paligemma2_dir(tmp_path / "src")
+    model, tok, section = load_hf_dir(src)
+    assert section.family == "paligemma2" and section.config.image_token_id == IMAGE_TOKEN
+    out = export_hf_dir(model, section, tok, tmp_path / "out", tokenizer_source=src)
+    a, b = read_dir(src), read_dir(out)
+    a.pop("lm_head.weight", None)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    # transformers reads the export and computes the same logits as the source and as ours
+    ids, att, tt, pos, pix = rows(lens=(10,), prefix=(10,))
+    with torch.no_grad():
+        ref = transformers.PaliGemmaForConditionalGeneration.from_pretrained(src, attn_implementation="eager").eval()
+        back = transformers.PaliGemmaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+        want = ref(input_ids=ids, pixel_values=pix, token_type_ids=torch.zeros_like(tt)).logits
+        got = back(input_ids=ids, pixel_values=pix, token_type_ids=torch.zeros_like(tt)).logits
+        mine = model.logits(model({"input_ids": ids, "pixel_values": pix, "mask": MaskSpec(prefix_len=torch.tensor([10]))}).hidden)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(mine, want, atol=1e-5, rtol=1e-5)
+    # and importing the export gives the same model again
+    again, _, section2 = load_hf_dir(out)
+    assert section2.config == section.config
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_hub_layout_and_config_errors():
+    """The hub's older tensor names (vision_tower.vision_model.*) load too; unsupported configs name the field."""
+    from workbench.errors import CheckpointError
+
+    hf = make_hf()
+    cfg = config_from_hf(hf.config.to_dict())
+    hub = {}
+    for k, v in hf.state_dict().items():
+        k = k.removeprefix("model.")
+        k = k.replace("vision_tower.", "vision_tower.vision_model.").replace("language_model.", "language_model.model.")
+        hub[k] = v
+    ours = PaliGemma2(cfg)
+    ours.load_state_dict(state_dict_from_hf(hub, cfg), strict=True)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'vision_tower.head.probe'"):
+        state_dict_from_hf({**hub, "vision_tower.head.probe": torch.zeros(1)}, cfg)
+    d = hf.config.to_dict()
+    for change, match in ((dict(text_config={**d["text_config"], "model_type": "gemma"}), "text_config.model_type"),
+                          (dict(vision_config={**d["vision_config"], "vision_use_head": True}), "vision_use_head"),
+                          (dict(projection_dim=32), "projection_dim"),
+                          (dict(text_config={**d["text_config"], "num_key_value_heads": 3}), "num_key_value_heads")):
+        with pytest.raises(CheckpointError, match=match):
+            config_from_hf(json.loads(json.dumps({**d, **change})))
