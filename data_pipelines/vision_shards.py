@@ -1,0 +1,234 @@
+"""`workbench diagrams OUT`: the diagram dataset as webdataset shards with a manifest, a Verilog tree and a PDF.
+
+    OUT/manifest.json         {"format": "workbench-vision/1",
+                               "settings": {"kinds", "counts": {"train", "val", "test"}, "size", "seed", "version"},
+                               "splits": {"train"|"val"|"test": [{"file", "sha256", "size", "samples", "keys"}]},
+                               "verilog": {"dir", "files"}, "documents": {"file", "sha256", "pages", "index"},
+                               "stats": {"kinds", "answers", "blind"}}
+    OUT/{split}-{k:05d}.tar   SAMPLES_PER_SHARD samples each: KEY.png (size x size RGB) and KEY.json
+                              ({"id", "kind", "caption", "qa", ...the structure}; see data_pipelines.diagrams)
+    OUT/verilog/NAME.v        every circuit's gate-level netlist, one module per file: a Verilog source tree
+                              for the expert-chatbot recipe (launch/expert_teacher.sh OUT/verilog)
+    OUT/documents.pdf         pages that show a diagram of the held-out split with a paragraph about it
+    OUT/documents.json        per page (1-based, as `--page K` counts): the sample's id, kind, caption and qa
+
+Samples. Sample g (train first, then val, then test, so ids are unique across splits) has kind
+`kinds[g % len(kinds)]`, id `KIND_{g:05d}` (also its tar key and, for a circuit, its module name) and its own
+`random.Random(f"{seed}/{g}")`: the same settings give the same samples, shards and sha256s. A val or test sample
+whose picture equals one of an earlier split (same structure, see `diagrams.signature`) is drawn again, so no
+held-out picture was trained on; there are only a handful of one-gate circuits, so held-out circuits are
+somewhat larger than training ones (the manifest's stats say how many of each size).
+
+Every circuit's netlist is evaluated from its text (`diagrams.netlist_truth_table`) and compared with the
+simulated structure before anything is written; a difference is a bug and stops the build.
+
+Builds follow `data_pipelines.shards`: the folder is written under a temporary name and renamed into place, so an
+interrupted build leaves the previous dataset or nothing; a folder built with the same settings is reused; one
+built with other settings is an error naming the setting unless `force` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from data_pipelines import diagrams
+from data_pipelines.diagram_render import document_page, layout_circuit, render, write_pdf
+from data_pipelines.shards import _remove_stale_builds
+from workbench.errors import DataError
+
+VERSION = 1  # bump when the makers change what a seed gives: folders built before are then rebuilt
+SAMPLES_PER_SHARD = 256
+MIN_SIZE, MAX_SIZE = 32, 1024
+PAGES_PER_KIND = 2
+RETRIES = 100  # redraws of a held-out sample whose picture is in an earlier split
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settings_of(*, n_train: int, n_val: int, n_test: int, size: int, seed: int, kinds: Sequence[str]) -> dict:
+    """The settings that decide the content, checked; a bad one is a DataError naming it."""
+    for name, value, least in (("n_train", n_train, 1), ("n_val", n_val, 0), ("n_test", n_test, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataError(f"diagrams: {name} must be an integer >= {least}, got {value!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise DataError(f"diagrams: size must be an integer number of pixels in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DataError(f"diagrams: seed must be an integer, got {seed!r}")
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in diagrams.KINDS]
+    if not kinds or unknown or len(set(kinds)) != len(kinds):
+        raise DataError(f"diagrams: kinds must be distinct names among {', '.join(diagrams.KINDS)}, got "
+                        f"{', '.join(kinds) or '(none)'}")
+    return {"kinds": kinds, "counts": {"train": n_train, "val": n_val, "test": n_test}, "size": size, "seed": seed,
+            "version": VERSION}
+
+
+def make_samples(settings: dict) -> tuple[dict[str, list[dict]], int]:
+    """({split: sample JSONs}, held-out samples that had to keep a picture of an earlier split)."""
+    kinds, seed = settings["kinds"], settings["seed"]
+    splits: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    g = kept_duplicates = 0
+    for split in ("train", "val", "test"):
+        samples, mine = [], set()
+        for _ in range(settings["counts"][split]):
+            kind = kinds[g % len(kinds)]
+            rng = random.Random(f"{seed}/{g}")
+            for _ in range(RETRIES + 1):
+                sample = diagrams.make_sample(kind, rng, f"{kind}_{g:05d}", layout=layout_circuit)
+                if split == "train" or diagrams.signature(sample) not in seen:
+                    break
+            else:
+                kept_duplicates += 1
+            mine.add(diagrams.signature(sample))
+            samples.append(sample)
+            g += 1
+        seen |= mine
+        splits[split] = samples
+    return splits, kept_duplicates
+
+
+def check_circuit(sample: dict) -> None:
+    """The netlist text must compute what the structure does; a difference is a bug of this module."""
+    if diagrams.netlist_truth_table(sample["netlist"]) != diagrams.truth_table(sample):
+        raise RuntimeError(f"{sample['id']}: its netlist does not compute its circuit's truth table")
+
+
+def write_shard(path: Path, items: list[tuple[str, bytes, bytes]]) -> dict:
+    """One webdataset tar of (key, png, json) written deterministically; returns its manifest entry."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, png, meta in items:
+            for ext, payload in (("png", png), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    return {"file": path.name, "sha256": _sha256(path), "size": path.stat().st_size, "samples": len(items),
+            "keys": [k for k, _, _ in items]}
+
+
+def png_bytes(sample: dict, size: int) -> bytes:
+    buf = io.BytesIO()
+    render(sample, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def statistics(splits: dict[str, list[dict]]) -> dict:
+    """Kinds per split, circuit sizes per split, answer statistics per question type over all splits, and the
+    blind guesser's accuracy (trained on train) on val and test."""
+    every = [s for samples in splits.values() for s in samples]
+    stats = {"kinds": {n: dict(Counter(s["kind"] for s in ss)) for n, ss in splits.items()},
+             "circuit_gates": {n: dict(sorted(Counter(str(len(s["gates"])) for s in ss if s["kind"] == "circuit")
+                                              .items())) for n, ss in splits.items()},
+             "answers": diagrams.answer_stats(every),
+             "blind": {n: diagrams.blind_accuracy(splits["train"], splits[n]) for n in ("val", "test") if splits[n]}}
+    return stats
+
+
+def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, seed: int = 0,
+          kinds: Sequence[str] = diagrams.KINDS, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Build (or find up to date) the dataset folder `out` (see the module notes); returns its path."""
+    out = Path(out)
+    settings = settings_of(n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, kinds=kinds)
+    _remove_stale_builds(out)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        from workbench.data.vision import load_vision_manifest
+
+        try:
+            existing = load_vision_manifest(out)["settings"]
+        except DataError:
+            if not force:  # `force` rebuilds even a folder whose manifest no longer loads
+                raise
+            existing = {}
+        changed = [k for k in settings if existing.get(k) != settings[k]]
+        if not changed and not force:
+            log(f"diagrams: {out} is up to date")
+            return out
+        if changed and not force:
+            key = changed[0]
+            raise DataError(f"diagrams: setting '{key}': {out} was built with {existing.get(key)!r}, this build asks "
+                            f"for {settings[key]!r}; rebuild it with --force, or choose another folder")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"diagrams: {out} exists and is not a vision dataset (no manifest.json); choose another "
+                        f"folder")
+
+    t0 = time.perf_counter()
+    splits, kept_duplicates = make_samples(settings)
+    for samples in splits.values():
+        for s in samples:
+            if s["kind"] == "circuit":
+                check_circuit(s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        shard_lists = {}
+        for name, samples in splits.items():
+            shards = []
+            for k, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
+                items = [(s["id"], png_bytes(s, size), json.dumps(s, sort_keys=True).encode())
+                         for s in samples[start : start + SAMPLES_PER_SHARD]]
+                shards.append(write_shard(tmp / f"{name}-{k:05d}.tar", items))
+            shard_lists[name] = shards
+        (tmp / "verilog").mkdir()
+        circuits = [s for samples in splits.values() for s in samples if s["kind"] == "circuit"]
+        for s in circuits:
+            (tmp / "verilog" / f"{s['name']}.v").write_text(s["netlist"])
+        held_out = next((splits[n] for n in ("test", "val", "train") if splits[n]), [])
+        chosen = [s for kind in settings["kinds"] for s in [x for x in held_out if x["kind"] == kind][:PAGES_PER_KIND]]
+        write_pdf(tmp / "documents.pdf", [document_page(s, i + 1) for i, s in enumerate(chosen)])
+        index = [{"page": i + 1, "id": s["id"], "kind": s["kind"], "caption": s["caption"], "qa": s["qa"]}
+                 for i, s in enumerate(chosen)]
+        (tmp / "documents.json").write_text(json.dumps(index, indent=1) + "\n")
+        from workbench.data.vision import FORMAT
+
+        manifest = {"format": FORMAT, "settings": settings, "splits": shard_lists,
+                    "verilog": {"dir": "verilog", "files": len(circuits)},
+                    "documents": {"file": "documents.pdf", "sha256": _sha256(tmp / "documents.pdf"),
+                                  "pages": len(chosen), "index": "documents.json"},
+                    "stats": {**statistics(splits), "held_out_duplicates": kept_duplicates}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: it means complete
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    log(summary(manifest, out) + f"\ndiagrams: built in {time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def summary(manifest: dict, out: Path) -> str:
+    """A few lines: samples per split and kind, files, and per question type the answer spread and the blind
+    guesser's test accuracy."""
+    st = manifest["stats"]
+    lines = [f"diagrams: wrote {out} ({manifest['settings']['size']} px, seed {manifest['settings']['seed']})"]
+    for name, shards in manifest["splits"].items():
+        kinds = ", ".join(f"{k} {n}" for k, n in st["kinds"][name].items())
+        lines.append(f"  {name:5s} {sum(s['samples'] for s in shards):6d} samples in {len(shards)} shard(s)"
+                     + (f": {kinds}" if kinds else ""))
+    lines.append(f"  verilog/: {manifest['verilog']['files']} netlists; documents.pdf: "
+                 f"{manifest['documents']['pages']} pages (index in documents.json)")
+    blind = st["blind"].get("test") or st["blind"].get("val") or {}
+    lines.append(f"  {'question type':14s} {'questions':>9s} {'answers':>7s} {'top answer':>18s} {'blind acc':>9s}")
+    for t, a in st["answers"].items():
+        top = f"{a['top'][:10]} {a['top_share']:.0%}"
+        lines.append(f"  {t:14s} {a['n']:9d} {a['distinct']:7d} {top:>18s} "
+                     f"{format(blind[t], '.3f') if t in blind else '-':>9s}")
+    return "\n".join(lines)
