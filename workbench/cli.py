@@ -2,6 +2,9 @@
 
     workbench data CONFIG.toml [--force] [--data.key value ...]        (build the dataset folder data.dir:
                                                                          tokenizer, shards, manifest)
+    workbench diagrams OUT [--train N] [--val N] [--test N] [--size PX] [--seed S] [--kinds a,b] [--force]
+                                                                         (diagram documents for a VLM: shards,
+                                                                          Verilog tree, PDF; docs/diagrams.md)
     workbench train CONFIG.toml [--resume] [--section.key value ...]   (--resume: continue the run if it has
                                                                          a checkpoint, start it otherwise)
     workbench fundamentals CONFIG.toml [--resume] [--section.key value ...]
@@ -354,6 +357,15 @@ def _add_local_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def cmd_diagrams(args: argparse.Namespace) -> int:
+    from workbench.data.vision import build_vision_dataset
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    build_vision_dataset(args.out, n_train=args.train, n_val=args.val, n_test=args.test, size=args.size,
+                         seed=args.seed, kinds=kinds, force=args.force, log=_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n")[0])
     _add_local_rank(parser)  # the deepspeed launcher puts it before the command
@@ -362,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="build a dataset folder (tokenizer, webdataset shards, manifest) from a config")
     p.add_argument("config", help="experiment file; its [data] section says what to build")
     p.add_argument("--force", action="store_true", help="rebuild data.dir even if it was built from other settings")
+
+    p = sub.add_parser("diagrams", help="build the diagram dataset (flowcharts, circuits with Verilog netlists, "
+                                        "captioned shapes): webdataset shards, verilog/, documents.pdf")
+    p.add_argument("out", help="dataset folder (reused when built with the same settings)")
+    p.add_argument("--train", type=int, default=3000, help="training samples")
+    p.add_argument("--val", type=int, default=300, help="validation samples")
+    p.add_argument("--test", type=int, default=300, help="test samples")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default="flowchart,circuit,shapes", help="comma-separated: flowchart, circuit, shapes")
+    p.add_argument("--force", action="store_true", help="rebuild OUT even if it was built with other settings")
 
     p = sub.add_parser("train", help="train a model from a TOML config (overrides: --section.key value)")
     p.add_argument("config", help="experiment file, e.g. configs/llama3/demo.toml")
@@ -469,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
-                "plan-context": cmd_plan_context, "serve": cmd_serve}[args.command](args)
+                "plan-context": cmd_plan_context, "serve": cmd_serve, "diagrams": cmd_diagrams}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
