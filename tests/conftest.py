@@ -159,3 +159,49 @@ def make_hf_llama_dir(path, *, tie: bool = False, dtype: torch.dtype = torch.flo
 def hf_llama_dir(tmp_path_factory):
     """A sharded fp32 HF Llama directory, shared by the tests that only read it."""
     return make_hf_llama_dir(tmp_path_factory.mktemp("hf-llama"), max_shard_size="40KB")
+
+
+PALIGEMMA2_IMAGE_TOKEN = 11  # "<image>" among the reserved tokens (workbench.data.tokenizer.SPECIAL_TOKENS)
+
+
+def paligemma2_hf_config(vocab_size: int = 320, attn_cap: float | None = 0.7, final_cap: float | None = 2.0,
+                         layer_types=None, **text):
+    """models.md's tiny PaliGemma 2 config (28 px, 14 px patches: 4 image tokens), 3 Gemma 2 layers (sliding,
+    full, sliding) with a 4-token window, and soft-caps small enough to bite."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    text_config = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                       vocab_size=vocab_size, sliding_window=4, attn_logit_softcapping=attn_cap,
+                       final_logit_softcapping=final_cap, initializer_range=0.2, bos_token_id=0,
+                       eos_token_id=1, pad_token_id=2, **text)
+    if layer_types is not None:
+        text_config["layer_types"] = layer_types
+    return transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=14, vision_use_head=False, initializer_range=0.2),
+        text_config=text_config, image_token_index=PALIGEMMA2_IMAGE_TOKEN, projection_dim=64,
+        attn_implementation="eager", bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def make_hf_paligemma2(seed: int = 0, embed_std: float = 0.05, **kw):
+    """A random PaliGemmaForConditionalGeneration of `paligemma2_hf_config(**kw)`, in eval mode."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(paligemma2_hf_config(**kw)).eval()
+    with torch.no_grad():  # random norms, so a swapped norm or a missing (1 + w) cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(0.0 if "language_model" in name else 1.0, 0.3)
+        # small embeddings: with tied ones at the init scale, a random model's top token is its input token
+        # (e . e * sqrt(d) dominates), and greedy text would repeat one token
+        model.model.language_model.embed_tokens.weight.normal_(0.0, embed_std)
+    return model
+
+
+def make_hf_paligemma2_dir(path, seed: int = 0):
+    """A tiny real PaliGemma 2 directory (save_pretrained) with the project's test tokenizer (bos 0, eos 1,
+    pad 2, <image> 11); returns the path."""
+    tok = save_test_tokenizer(path)
+    assert tok.token_to_id("<image>") == PALIGEMMA2_IMAGE_TOKEN and tok.bos_id == 0
+    make_hf_paligemma2(seed, vocab_size=tok.vocab_size).save_pretrained(path)
+    return path

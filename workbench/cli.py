@@ -12,6 +12,8 @@
                                                                           RNN/LSTM, VAE; configs/fundamentals/)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
+                       [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
+                                                                         image or a PDF page; docs/paligemma2.md)
     workbench chat (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] [--system TEXT] [--max-new-tokens N]
                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-length N]
                                                                          (a conversation: one message per line
@@ -164,9 +166,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from workbench.train.trainer import pick_device
 
     params = _sampling_params(args)
+    if args.page is not None and args.image is None:
+        raise WorkbenchError("--page K needs --image FILE (a PDF)")
+    if args.image is not None and args.chat:
+        raise WorkbenchError("--chat cannot be combined with --image (a vision-language prompt has no chat template)")
     device = pick_device(args.device, "--device")
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
-                                              quant=args.quant)
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
+                                                    quant=args.quant)
+    if (section.family == "paligemma2") != (args.image is not None):  # vision-language models: inference/vlm.py
+        if args.image is None:
+            raise WorkbenchError(f"{args.ckpt or args.hf_dir} is a vision-language model ({section.family}): "
+                                 "give --image FILE (and --page K for a PDF)")
+        raise WorkbenchError(f"--image needs a vision-language model (paligemma2); {args.ckpt or args.hf_dir} is a "
+                             f"text-only {section.family} model")
+    if args.image is not None:
+        from workbench.inference.generator import cut_at_stop
+        from workbench.inference.vlm import generate_text
+
+        if params.repetition_penalty != 1.0:
+            raise WorkbenchError("--repetition-penalty is not supported with --image")
+        text = generate_text(model, tokenizer, args.image, args.prompt, page=args.page,
+                             max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
+                             top_p=params.top_p, seed=params.seed)
+        sys.stdout.write(cut_at_stop(text, params.stop) + "\n")
+        sys.stdout.flush()
+        return 0
     if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>
         from workbench.data.chat import ChatTemplate
 
@@ -410,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="ask the prompt as a user turn of the chat template (an SFT or "
                                                        "DPO model's format); the reply ends at <|end|>")
+    p.add_argument("--image", metavar="FILE", help="an image (PNG, JPEG, ...) or a PDF for a vision-language model "
+                                                   "(paligemma2): the prompt is asked about it (docs/paligemma2.md)")
+    p.add_argument("--page", type=int, metavar="K", help="with a PDF --image: the page to read, numbered from 1 "
+                                                         "(default 1)")
 
     p = sub.add_parser("chat", help="talk to a chat model: one message per line on stdin (interactive or piped), "
                                     "the conversation kept (and cut from its oldest turns to fit the window)")

@@ -16,45 +16,14 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
 
-from conftest import save_test_tokenizer  # noqa: E402
+from conftest import PALIGEMMA2_IMAGE_TOKEN, make_hf_paligemma2_dir, save_test_tokenizer  # noqa: E402
+from conftest import make_hf_paligemma2 as make_hf  # noqa: E402
 
 from workbench.checkpoint.hf.paligemma2 import config_from_hf, state_dict_from_hf  # noqa: E402
 from workbench.models.paligemma2 import PaliGemma2  # noqa: E402
 from workbench.nn.attention import MaskSpec  # noqa: E402
 
-IMAGE_TOKEN = 11  # "<image>" in the project's reserved tokens (workbench.data.tokenizer.SPECIAL_TOKENS)
-BOS = 0
-N_IMG = 4  # 28 px / 14 px patches -> 2 x 2
-
-
-def hf_config(vocab_size: int = 320, attn_cap: float | None = 0.7, final_cap: float | None = 2.0,
-              layer_types=None, **text):
-    """models.md's tiny config, 3 text layers (sliding, full, sliding) with a 4-token window."""
-    text_config = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                       vocab_size=vocab_size, sliding_window=4, attn_logit_softcapping=attn_cap,
-                       final_logit_softcapping=final_cap, initializer_range=0.2, bos_token_id=BOS,
-                       eos_token_id=1, pad_token_id=2, **text)
-    if layer_types is not None:
-        text_config["layer_types"] = layer_types
-    return transformers.PaliGemmaConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=14, vision_use_head=False, initializer_range=0.2),
-        text_config=text_config, image_token_index=IMAGE_TOKEN, projection_dim=64, attn_implementation="eager",
-        bos_token_id=BOS, eos_token_id=1, pad_token_id=2)
-
-
-def make_hf(seed: int = 0, embed_std: float = 0.05, **kw):
-    torch.manual_seed(seed)
-    model = transformers.PaliGemmaForConditionalGeneration(hf_config(**kw)).eval()
-    with torch.no_grad():  # random norms, so a swapped norm or a missing (1 + w) cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(0.0 if "language_model" in name else 1.0, 0.3)
-        # small embeddings: with tied ones at the init scale, a random model's top token is its input token
-        # (e . e * sqrt(d) dominates), and greedy text would repeat one token
-        model.model.language_model.embed_tokens.weight.normal_(0.0, embed_std)
-    return model
+IMAGE_TOKEN, BOS, N_IMG = PALIGEMMA2_IMAGE_TOKEN, 0, 4  # <image> x 4: 28 px / 14 px patches -> 2 x 2
 
 
 def ours_from(hf_model, backend: str = "sdpa") -> PaliGemma2:
@@ -64,15 +33,6 @@ def ours_from(hf_model, backend: str = "sdpa") -> PaliGemma2:
     model = PaliGemma2(cfg).eval()
     model.load_state_dict(state_dict_from_hf(hf_model.state_dict(), cfg), strict=True)
     return model
-
-
-def make_hf_paligemma2_dir(path, seed: int = 0):
-    """A tiny real PaliGemma 2 directory (save_pretrained) with the project's test tokenizer (bos 0, eos 1,
-    pad 2, <image> 11); returns the path."""
-    tok = save_test_tokenizer(path)
-    assert tok.token_to_id("<image>") == IMAGE_TOKEN and tok.bos_id == BOS
-    make_hf(seed, vocab_size=tok.vocab_size).save_pretrained(path)
-    return path
 
 
 def rows(seed: int = 0, lens=(13, 10), prefix=(9, 7), vocab: int = 320):

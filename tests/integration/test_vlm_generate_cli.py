@@ -1,0 +1,95 @@
+"""`workbench generate --hf-dir DIR --image FILE [--page K]` on a tiny real PaliGemma 2 directory prints
+transformers' greedy continuation, for a PNG of odd size with transparency, a JPEG and page 2 of a PDF;
+bad inputs give one clear error line. The CLI's main runs in-process (one model load per call, no
+interpreter start-up)."""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
+
+from conftest import make_hf_paligemma2_dir  # noqa: E402
+
+from workbench.cli import main  # noqa: E402
+
+PROMPT, N = "what is on the page?", 8
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    return make_hf_paligemma2_dir(tmp_path_factory.mktemp("hf-paligemma2"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """An RGBA PNG 37 x 53, an RGB JPEG 300 x 200, and a 2-page PDF whose pages are different pictures."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (53, 37, 4), dtype=np.uint8), "RGBA").save(d / "odd.png")
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), "RGB").save(d / "photo.jpg", quality=90)
+    pages = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), "RGB") for _ in range(2)]
+    pages[0].save(d / "doc.pdf", save_all=True, append_images=pages[1:])
+    (d / "notes.txt").write_text("not an image\n")
+    return d
+
+
+def hf_greedy(directory, image) -> str:
+    """transformers' processor + greedy generate on a PIL image, decoded without special tokens."""
+    fast = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
+    image_proc = transformers.SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    image_proc.image_seq_length = 4
+    proc = transformers.PaliGemmaProcessor(image_processor=image_proc, tokenizer=fast)
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(directory, attn_implementation="eager")
+    inputs = proc(images=image, text="<image>" + PROMPT, return_tensors="pt")
+    inputs.pop("labels")
+    with torch.no_grad():
+        out = model.eval().generate(**inputs, max_new_tokens=N, do_sample=False)
+    return fast.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err.strip()
+
+
+def test_generate_prints_transformers_greedy_text_for_png_jpeg_and_a_pdf_page(vlm_dir, images, capsys):
+    import pypdfium2 as pdfium
+    from PIL import Image
+
+    page2 = pdfium.PdfDocument(str(images / "doc.pdf"))[1].render(scale=2).to_pil()  # 144 dpi, our default
+    cases = {"odd.png": (Image.open(images / "odd.png"), []), "photo.jpg": (Image.open(images / "photo.jpg"), []),
+             "doc.pdf": (page2, ["--page", "2"])}
+    texts = []
+    for name, (image, extra) in cases.items():
+        expected = hf_greedy(vlm_dir, image)
+        rc, out, err = run(capsys, "generate", "--hf-dir", str(vlm_dir), "--image", str(images / name), *extra,
+                           "--prompt", PROMPT, "--max-new-tokens", str(N), "--temperature", "0")
+        assert rc == 0, err
+        assert out == expected + "\n", name
+        texts.append(out)
+    assert len(set(texts)) == 3  # the image matters: three pictures, three continuations
+    assert all(len(t.strip()) > 3 for t in texts)
+
+
+def one_error(rc, err, *needles):
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_bad_inputs_give_one_clear_error(vlm_dir, images, hf_llama_dir, capsys):
+    gen = ("generate", "--hf-dir", str(vlm_dir), "--prompt", "x", "--max-new-tokens", "2")
+    one_error(*run(capsys, *gen, "--image", str(images / "missing.png"))[::2], "missing.png", "not found")
+    one_error(*run(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "3")[::2], "page 3", "2 pages")
+    one_error(*run(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "0")[::2], "--page 0")
+    one_error(*run(capsys, *gen, "--image", str(images / "notes.txt"))[::2], "notes.txt", "not an image")
+    one_error(*run(capsys, *gen, "--image", str(images / "odd.png"), "--page", "2")[::2], "not a PDF")
+    one_error(*run(capsys, *gen)[::2], "vision-language model", "--image")
+    one_error(*run(capsys, *gen[:-2], "--page", "2")[::2], "--page K needs --image")
+    llama = ("generate", "--hf-dir", str(hf_llama_dir), "--prompt", "x", "--image", str(images / "odd.png"))
+    one_error(*run(capsys, *llama)[::2], "--image needs a vision-language model", "llama3")
