@@ -81,6 +81,7 @@ TASK_MODULES = {
     "sequence": "workbench.train.fundamentals.sequence",
     "sentiment": "workbench.train.fundamentals.sequence",
     "vae": "workbench.train.fundamentals.vae",
+    "diffusion": "workbench.train.diffusion",
 }
 
 
@@ -311,8 +312,10 @@ class Context:
 
     def fit(self, model: torch.nn.Module, train: tuple[torch.Tensor, ...],
             loss_fn: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], tuple[torch.Tensor, dict]],
-            evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> None:
-        """Train `model` on the tensors of `train` (first dimension = examples); see the module doc."""
+            evaluate: Callable[[torch.nn.Module], dict[str, float]],
+            after_step: Callable[[int], None] | None = None) -> None:
+        """Train `model` on the tensors of `train` (first dimension = examples); see the module doc.
+        `after_step(step)` runs after each optimizer step (e.g. an EMA update of weights kept in `model`)."""
         t = self.job.train
         n = len(train[0])
         if any(len(x) != n for x in train):
@@ -384,6 +387,8 @@ class Context:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
                     optimizer.step()
                     step, pos = step + 1, pos + 1
+                    if after_step is not None:
+                        after_step(step)
                     bar.update(1)
                     window.append({"loss": loss.item(), "grad_norm": norm.item(), "items": len(idx), **metrics})
                     if step % t.log_every == 0 or step == total:
