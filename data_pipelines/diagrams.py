@@ -274,11 +274,10 @@ def netlist(circuit: dict) -> str:
     name, ins, outs = circuit["name"], circuit["inputs"], list(circuit["outputs"])
     funcs = "; ".join(f"{o} = {expression(circuit, o)}" for o in outs)
     wires = [g["output"] for g in circuit["gates"] if g["output"] not in outs]
-    gates = ", ".join(f"{g['name']} ({g['type']})" for g in circuit["gates"])
-    lines = [f"// Combinational logic computing {funcs}.",
+    gates = ", ".join(f"{g['name']} {g['type']}" for g in circuit["gates"])
+    lines = [f"// Combinational logic computing {funcs}.",  # short: the instruction makers skip long comments
              "//",
-             f"// Gate-level netlist of diagram {name}: gates {gates}; inputs {', '.join(ins)}; "
-             f"output{'s' if len(outs) > 1 else ''} {', '.join(outs)}.",
+             f"// Gate-level netlist of diagram {name}: {gates}.",
              f"module {name}(" + ", ".join([f"input {i}" for i in ins] + [f"output {o}" for o in outs]) + ");"]
     if wires:
         lines.append(f"  wire {', '.join(wires)};")
@@ -288,6 +287,10 @@ def netlist(circuit: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Verilog's gate primitives, written apart from `_gate_value` so the netlist check does not share its code
+PRIMITIVES = {"and": lambda v: int(all(v)), "or": lambda v: int(any(v)), "nand": lambda v: int(not all(v)),
+              "nor": lambda v: int(not any(v)), "xor": lambda v: sum(v) % 2, "xnor": lambda v: 1 - sum(v) % 2,
+              "not": lambda v: 1 - v[0]}
 _MODULE_RE = re.compile(r"\bmodule\s+(\w+)\s*\((.*?)\)\s*;(.*?)\bendmodule\b", re.S)
 _GATE_RE = re.compile(r"^\s*(and|or|not|nand|nor|xor|xnor)\s+(?:\w+\s*)?\(([^)]*)\)\s*;", re.M)
 
@@ -310,7 +313,7 @@ def netlist_truth_table(text: str) -> dict[str, list[int]]:
     gates = []
     for g in _GATE_RE.finditer(body):
         nets = [s.strip() for s in g.group(2).split(",")]
-        gates.append((g.group(1).upper(), nets[0], nets[1:]))
+        gates.append((g.group(1), nets[0], nets[1:]))
     rest = _GATE_RE.sub("", body).strip()
     if rest:
         raise ValueError(f"cannot evaluate {rest.splitlines()[0]!r}: only gate primitives are understood")
@@ -323,9 +326,9 @@ def netlist_truth_table(text: str) -> dict[str, list[int]]:
             if not ready:
                 raise ValueError(f"nets {sorted({s for g in pending for s in g[2]} - set(nets))} are never driven")
             for kind, out, args in ready:
-                if kind == "NOT" and len(args) != 1 or kind != "NOT" and len(args) != 2:
-                    raise ValueError(f"gate {kind.lower()} driving {out}: wrong number of inputs ({len(args)})")
-                nets[out] = _gate_value(kind, [nets[a] for a in args])
+                if kind == "not" and len(args) != 1 or kind != "not" and len(args) < 2:
+                    raise ValueError(f"gate {kind} driving {out}: wrong number of inputs ({len(args)})")
+                nets[out] = PRIMITIVES[kind]([nets[a] for a in args])
                 pending.remove((kind, out, args))
         for o in outs:
             if o not in nets:
