@@ -8,7 +8,9 @@ A task file defines `TASK`, an object with
     run(ctx, cfg) -> TaskResult
 
 and nothing else is needed: the registry imports every module of the package, so a later issue adds a
-task by adding a file. `EvalContext` is what a task gets: the model and tokenizer, a Generator, the
+task by adding a file. A task that scores something other than a language model names it in an optional
+`model_kind` ("diffusion": `EvalContext.model` is then a `workbench.train.diffusion.DiffusionRun`, and
+tokenizer and generator are None); evals/runner.py loads it. `EvalContext` is what a task gets: the model and tokenizer, a Generator, the
 scoring defaults, where the model came from, the run's config when it came from a run folder, and the
 folder to write plots into.
 """

@@ -55,6 +55,11 @@ def write_eval_report(out_dir: Path, results: dict) -> Path:
         if per_kind:
             lines += [""] + markdown_table(["kind", "accuracy", "chance", "n"],
                                           [[k, v["accuracy"], v.get("chance", "-"), v["n"]] for k, v in per_kind.items()])
+        refs = details.get("references")  # {name: {metric: value}}: the task's metrics beside reference inputs
+        if isinstance(refs, dict) and refs and all(isinstance(r, dict) for r in refs.values()):
+            keys = [k for k in t["metrics"] if all(k in r for r in refs.values())]
+            lines += [""] + markdown_table(["metric", "model", *refs], [[k, t["metrics"][k], *(r[k] for r in refs.values())]
+                                                                       for k in keys])
         plain = {k: v for k, v in details.items() if k != "per_kind" and not isinstance(v, (dict, list))}
         if plain:
             lines += ["", "; ".join(f"{k}: {fmt(v)}" for k, v in plain.items())]

@@ -71,6 +71,16 @@ def task_configs(names: list[str], options: list[str] | dict[str, Any] | None) -
     return {n: from_dict(registry.get(n).Config, raw[n], path=n) for n in names}
 
 
+def model_kind(names: list[str]) -> str:
+    """What the tasks need loaded: "lm" (a language model, the default) or a task's `model_kind` (e.g.
+    "diffusion": a `workbench diffusion` run); tasks that need different models cannot share one eval."""
+    kinds = {n: getattr(registry.get(n), "model_kind", "lm") for n in names}
+    if len(set(kinds.values())) > 1:
+        raise WorkbenchError(f"--task: these tasks need different models ({', '.join(f'{n}: {k}' for n, k in kinds.items())}); "
+                             f"run them in separate evals")
+    return next(iter(kinds.values()))
+
+
 def load_source(ckpt: str | None, hf_dir: str | None, device: torch.device, dtype: torch.dtype | None,
                 quant: str | None = None):
     """(model, tokenizer, source, job): job is the run's JobConfig for --ckpt, None for --hf-dir; `quant`
@@ -150,7 +160,16 @@ def run_eval(
         raise WorkbenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     if max_length is not None and max_length < 2:
         raise WorkbenchError(f"--max-length: expected an integer >= 2, got {max_length}")
-    model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
+    kind = model_kind(names)
+    if kind == "diffusion":  # ctx.model is a workbench.train.diffusion.DiffusionRun (its EMA net, data, sampler)
+        from workbench.train.diffusion import load_run
+
+        if ckpt is None or hf_dir is not None:
+            raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench diffusion` run")
+        model, tokenizer = load_run(ckpt, pick_device(device, "--device")), None
+        source, job = model.source, model.job
+    else:
+        model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)
     previous = read_results(out_dir)
     if previous is not None and not _same_source(source, previous.get("source", {})):
@@ -158,8 +177,9 @@ def run_eval(
                              f"choose another folder")
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     if max_length is None:
-        max_length = default_max_length(job, model)
-    ctx = registry.EvalContext(model=model, tokenizer=tokenizer, generator=KVCacheGenerator(model, tokenizer),
+        max_length = default_max_length(job, model) if kind == "lm" else 0
+    generator = KVCacheGenerator(model, tokenizer) if kind == "lm" else None
+    ctx = registry.EvalContext(model=model, tokenizer=tokenizer, generator=generator,
                                out_dir=out_dir, source=source, job=job, batch_size=batch_size,
                                max_length=max_length, log=log)
     results = previous or {"format": FORMAT, "source": source, "tasks": {}}
