@@ -10,6 +10,9 @@
     workbench fundamentals CONFIG.toml [--resume] [--section.key value ...]
                                                                          (the fundamentals: autograd engine, CNN,
                                                                           RNN/LSTM, VAE; configs/fundamentals/)
+    workbench diffusion CONFIG.toml [--resume] [--section.key value ...]
+                                                                         (a small text-to-image diffusion model,
+                                                                          EMA, sample grids; configs/diffusion/)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
                        [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
@@ -119,6 +122,16 @@ def cmd_fundamentals(args: argparse.Namespace, overrides: list[str]) -> int:
         if key != "run_dir":
             print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     return 0
+
+
+def cmd_diffusion(args: argparse.Namespace, overrides: list[str]) -> int:
+    from workbench.config import load_toml
+
+    task = load_toml(args.config).get("task", {})
+    if not isinstance(task, dict) or task.get("name") != "diffusion":
+        raise WorkbenchError(f"diffusion: {args.config} is not a diffusion config ([task] name = \"diffusion\"; "
+                             f"see configs/diffusion/)")
+    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
 
 
 def _train(trainer, job, _log, main: bool) -> int:
@@ -422,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
+    p = sub.add_parser("diffusion", help="train a small text-to-image diffusion model (EMA, sample grids) from "
+                                         "configs/diffusion/; prints its results")
+    p.add_argument("config", help="experiment file, e.g. configs/diffusion/shapes.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
     p.add_argument("--prompt", required=True)
@@ -514,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data", "eval", "fundamentals"):
+        if args.command in ("train", "data", "eval", "fundamentals", "diffusion"):
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval,
-                    "fundamentals": cmd_fundamentals}[args.command](args, rest)
+                    "fundamentals": cmd_fundamentals, "diffusion": cmd_diffusion}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
