@@ -50,7 +50,7 @@ def hf_greedy(directory, image) -> str:
     return fast.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def run(capsys, *argv):
+def run_cli(capsys, *argv):
     rc = main(list(argv))
     cap = capsys.readouterr()
     return rc, cap.out, cap.err.strip()
@@ -66,13 +66,41 @@ def test_generate_prints_transformers_greedy_text_for_png_jpeg_and_a_pdf_page(vl
     texts = []
     for name, (image, extra) in cases.items():
         expected = hf_greedy(vlm_dir, image)
-        rc, out, err = run(capsys, "generate", "--hf-dir", str(vlm_dir), "--image", str(images / name), *extra,
+        rc, out, err = run_cli(capsys, "generate", "--hf-dir", str(vlm_dir), "--image", str(images / name), *extra,
                            "--prompt", PROMPT, "--max-new-tokens", str(N), "--temperature", "0")
         assert rc == 0, err
         assert out == expected + "\n", name
         texts.append(out)
     assert len(set(texts)) == 3  # the image matters: three pictures, three continuations
     assert all(len(t.strip()) > 3 for t in texts)
+
+
+def test_generate_ckpt_run_folder_equals_the_hf_dir(vlm_dir, images, tmp_path, capsys):
+    """--ckpt RUN_DIR of a paligemma2 run (a run folder holding the HF model's weights) prints the same text."""
+    import dataclasses
+    import shutil
+
+    from conftest import DEBUG_TOML
+
+    from workbench.checkpoint.hf import load_hf_dir
+    from workbench.checkpoint.run import save_checkpoint
+    from workbench.config import load_config, save_config
+    from workbench.job import JobConfig
+
+    model, _, section = load_hf_dir(vlm_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    job = load_config(JobConfig, DEBUG_TOML, ["--data.vocab_size", str(section.config.vocab_size)])
+    save_config(dataclasses.replace(job, model=section), run / "config.toml")
+    shutil.copy(vlm_dir / "tokenizer.json", run / "tokenizer.json")
+    save_checkpoint(run, 1, model.state_dict(), {"step": 1})
+    outs = []
+    for source in (["--ckpt", str(run)], ["--hf-dir", str(vlm_dir)]):
+        rc, out, err = run_cli(capsys, "generate", *source, "--image", str(images / "photo.jpg"), "--prompt", PROMPT,
+                               "--max-new-tokens", str(N))
+        assert rc == 0, err
+        outs.append(out)
+    assert outs[0] == outs[1] and len(outs[0].strip()) > 3
 
 
 def one_error(rc, err, *needles):
@@ -84,12 +112,12 @@ def one_error(rc, err, *needles):
 
 def test_bad_inputs_give_one_clear_error(vlm_dir, images, hf_llama_dir, capsys):
     gen = ("generate", "--hf-dir", str(vlm_dir), "--prompt", "x", "--max-new-tokens", "2")
-    one_error(*run(capsys, *gen, "--image", str(images / "missing.png"))[::2], "missing.png", "not found")
-    one_error(*run(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "3")[::2], "page 3", "2 pages")
-    one_error(*run(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "0")[::2], "--page 0")
-    one_error(*run(capsys, *gen, "--image", str(images / "notes.txt"))[::2], "notes.txt", "not an image")
-    one_error(*run(capsys, *gen, "--image", str(images / "odd.png"), "--page", "2")[::2], "not a PDF")
-    one_error(*run(capsys, *gen)[::2], "vision-language model", "--image")
-    one_error(*run(capsys, *gen[:-2], "--page", "2")[::2], "--page K needs --image")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "missing.png"))[::2], "missing.png", "not found")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "3")[::2], "page 3", "2 pages")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "0")[::2], "--page 0")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "notes.txt"))[::2], "notes.txt", "not an image")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "odd.png"), "--page", "2")[::2], "not a PDF")
+    one_error(*run_cli(capsys, *gen)[::2], "vision-language model", "--image")
+    one_error(*run_cli(capsys, *gen[:-2], "--page", "2")[::2], "--page K needs --image")
     llama = ("generate", "--hf-dir", str(hf_llama_dir), "--prompt", "x", "--image", str(images / "odd.png"))
-    one_error(*run(capsys, *llama)[::2], "--image needs a vision-language model", "llama3")
+    one_error(*run_cli(capsys, *llama)[::2], "--image needs a vision-language model", "llama3")
