@@ -163,3 +163,130 @@ def test_diffusion_loss_targets():
         xt = s.add_noise(x0, noise, torch.tensor([tt]))
         out = noise if kind == "epsilon" else s.velocity(x0, noise, torch.tensor([tt]))
         torch.testing.assert_close(s.step(out, tt, xt).pred_original_sample, x0, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+from workbench.models.diffusion import autoencoder as vae_mod  # noqa: E402
+
+VAE_CASES = {
+    # models.md's tiny VAE
+    "tiny": dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                 up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4),
+    # three levels, two layers per block, SD3-style scale + shift, no quant convs, no mid attention
+    "deeper": dict(block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3,
+                   up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=3, layers_per_block=2, norm_num_groups=4,
+                   scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+                   mid_block_add_attention=False),
+}
+
+
+@pytest.mark.parametrize("case", list(VAE_CASES))
+def test_autoencoder_matches_diffusers(case):
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**VAE_CASES[case]).eval()
+    _randomize(ref, 3)
+    cfg = sd_io.vae_config_from_diffusers(dict(ref.config))
+    ours = vae_mod.AutoencoderKL(cfg).eval()
+    sd_io.load_into(ours, sd_io.vae_state_from_diffusers(ref.state_dict()), "vae")
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 16, 12, generator=g) * 2 - 1
+    with torch.no_grad():
+        want, got = ref.encode(x).latent_dist, ours.encode(x)
+        torch.testing.assert_close(got.mean, want.mean, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got.std, want.std, atol=ATOL, rtol=1e-5)
+        # a posterior sample with the same generator seed draws the same noise
+        torch.testing.assert_close(got.sample(torch.Generator().manual_seed(9)),
+                                   want.sample(torch.Generator().manual_seed(9)), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(got.kl(), want.kl(), atol=1e-3, rtol=1e-5)
+        z = torch.randn(2, cfg.latent_channels, 5, 7, generator=g)
+        torch.testing.assert_close(ours.decode(z), ref.decode(z).sample, atol=ATOL, rtol=0)
+        # the scaled latent round trip applies scale and shift exactly once each way
+        lat = ours.latents_from_images(x, sample=False)
+        torch.testing.assert_close(lat, (want.mean - cfg.shift_factor) * cfg.scaling_factor, atol=ATOL, rtol=0)
+        torch.testing.assert_close(ours.images_from_latents(lat), ref.decode(want.mean).sample, atol=1e-4, rtol=0)
+
+
+def test_vae_pre_014_attention_names():
+    """Older diffusers VAE files name the mid attention query/key/value/proj_attn (1x1-conv shaped here)."""
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(**VAE_CASES["tiny"]).eval()
+    sd = {}
+    for k, v in ref.state_dict().items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+            if "mid_block.attentions.0" in k:
+                k = k.replace(new, old)
+        sd[k] = v[:, :, None, None] if v.ndim == 2 else v
+    ours = vae_mod.AutoencoderKL(sd_io.vae_config_from_diffusers(dict(ref.config))).eval()
+    sd_io.load_into(ours, sd_io.vae_state_from_diffusers(sd), "vae")
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.decode(z), ref.decode(z).sample, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ CLIP text
+
+from workbench.models.diffusion import clip_tokenizer as ct  # noqa: E402
+from workbench.models.diffusion import text_encoder as clip_mod  # noqa: E402
+
+
+@pytest.mark.parametrize("eos", [2, 999])
+def test_clip_text_model_matches_transformers(eos):
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=5, vocab_size=1000, eos_token_id=eos,
+                                         hidden_act="quick_gelu" if eos == 2 else "gelu", attn_implementation="eager")
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(hf_cfg).eval()
+    _randomize(ref, 5)
+    cfg = sd_io.text_config_from_hf(hf_cfg.to_dict())
+    ours = clip_mod.CLIPTextModel(cfg).eval()
+    sd_io.load_into(ours, sd_io.text_state_from_hf(ref.state_dict()), "text_encoder")
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 990, (3, 77), generator=g)
+    ids[:, 0] = 998
+    ids[0, 9:], ids[1, 30:] = 999, 999  # eos then eos-padding (SD 1.x); row 2 ends without one
+    mask = (torch.arange(77)[None] < torch.tensor([[10], [31], [77]])).long()
+    with torch.no_grad():
+        want = ref(ids, output_hidden_states=True)
+        got = ours(ids, output_hidden_states=True)
+        torch.testing.assert_close(got["last_hidden_state"], want.last_hidden_state, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got["pooled"], want.pooler_output, atol=ATOL, rtol=0)
+        for a, b in zip(got["hidden_states"], want.hidden_states):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        # with a padding mask: the real tokens agree (pad query rows are unspecified, see text_encoder.py)
+        want_m = ref(ids, attention_mask=mask).last_hidden_state
+        got_m = ours(ids, attention_mask=mask)["last_hidden_state"]
+        real = mask.bool()
+        torch.testing.assert_close(got_m[real], want_m[real], atol=ATOL, rtol=0)
+
+
+CORPUS = ["a photograph of an astronaut riding a horse on the moon", "A painting of a red cube on a blue sphere, 4k!!",
+          "it's the dog's toy; they're here and we've won", "café naïve déjà vu, über straße", "numbers 2024 and 3.14159",
+          "a cat sitting on a mat", "the quick brown fox jumps over the lazy dog"]
+PROMPTS = ["a photograph of an astronaut riding a horse", "  Hello,   WORLD!!  ", "it's 2024... can't stop",
+           "naïve café 東京 🚀 emoji", "<|endoftext|> inside <|startoftext|>", "tab\tnew\nline\u00a0nbsp", "A's B'S",
+           "don't'll 'sup ''quoted''", "3.14e-10 + ½ ² ٣", "Ǆ ǅ İstanbul ΣΊΣΥΦΟΣ", "", "   ", "x" * 300,
+           "a very long prompt " * 40, "e\u0301 (combining accent, NFC)", "under_score-dash/slash\\back", "`~@#$%^&*()"]
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_clip_tokenizer_matches_transformers(tmp_path, pad):
+    transformers = pytest.importorskip("transformers")
+    vocab, merges = ct.learn_bpe(CORPUS, 300)
+    ct.save_vocab(tmp_path, vocab, merges, pad_token=pad)
+    ref = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    ours = ct.CLIPTokenizer.from_dir(tmp_path)
+    assert len(merges) > 100 and ours.pad_id == vocab[pad]
+    assert max(ours.encode(PROMPTS[0])) >= 512  # merged symbols are used, not only single bytes
+    for prompts in ([p] for p in PROMPTS):
+        want = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        got = ours(prompts)
+        assert got["input_ids"].tolist() == want.input_ids.tolist(), prompts
+        assert got["attention_mask"].tolist() == want.attention_mask.tolist(), prompts
+    # the batch form, and a folder written by transformers itself (tokenizer.json and friends)
+    out = tmp_path / "resaved"
+    ref.save_pretrained(out)
+    again = ct.CLIPTokenizer.from_dir(out)
+    torch.testing.assert_close(again(PROMPTS)["input_ids"], ref(PROMPTS, padding="max_length", max_length=77,
+                                                               truncation=True, return_tensors="pt").input_ids)

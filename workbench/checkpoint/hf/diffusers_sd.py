@@ -26,6 +26,8 @@ import torch
 
 from workbench.checkpoint.safetensors_io import read_file
 from workbench.errors import CheckpointError
+from workbench.models.diffusion import autoencoder as vae_mod
+from workbench.models.diffusion import text_encoder as clip_mod
 from workbench.models.diffusion import unet as unet_mod
 from workbench.models.diffusion.schedulers import ScheduleConfig
 
@@ -178,6 +180,77 @@ def read_weights(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no {single.name} (or its shard index)")
 
 
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def vae_config_from_diffusers(hf: dict, where: str = "vae/config.json") -> vae_mod.Config:
+    for key, allowed in (("act_fn", ("silu", "swish")), ("latents_mean", None), ("latents_std", None),
+                         ("norm_type", (None, "group"))):
+        _refuse(hf, where, key, allowed)
+    n = len(hf.get("block_out_channels", [64]))
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        kinds = hf.get(key, [want] * n)
+        if len(kinds) != n or any(k != want for k in kinds):
+            raise CheckpointError(f"{where}: {key}={kinds!r} is not supported (expected {n} x {want})")
+    shift = hf.get("shift_factor")
+    cfg = vae_mod.Config(
+        in_channels=hf.get("in_channels", 3), out_channels=hf.get("out_channels", 3),
+        block_out_channels=list(hf.get("block_out_channels", [64])), layers_per_block=hf.get("layers_per_block", 1),
+        latent_channels=hf.get("latent_channels", 4), norm_num_groups=hf.get("norm_num_groups", 32),
+        sample_size=hf.get("sample_size", 32), scaling_factor=float(hf.get("scaling_factor", 0.18215)),
+        shift_factor=float(shift) if shift is not None else 0.0,
+        mid_block_add_attention=bool(hf.get("mid_block_add_attention", True)),
+        use_quant_conv=bool(hf.get("use_quant_conv", True)), use_post_quant_conv=bool(hf.get("use_post_quant_conv", True)),
+    )
+    try:
+        cfg.validate()
+    except Exception as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
+def vae_state_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = rename_from_diffusers(sd)
+    # pre-0.14 files store the attention projections as 1x1 convs (C, C, 1, 1); ours are Linear
+    return {k: v[:, :, 0, 0] if v.ndim == 4 and ".attn.to_" in k else v for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------ text encoder
+
+
+def text_config_from_hf(hf: dict, where: str = "text_encoder/config.json") -> clip_mod.Config:
+    """transformers' CLIPTextConfig (or a full CLIPConfig's text_config) -> the text encoder's Config."""
+    if "text_config" in hf and "hidden_size" not in hf:
+        hf = hf["text_config"] or {}
+    archs = hf.get("architectures") or ["CLIPTextModel"]
+    if not any(a in ("CLIPTextModel", "CLIPTextModelWithProjection") for a in archs):
+        raise CheckpointError(f"{where}: architectures {archs} is not a CLIP text model")
+    act = hf.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"{where}: hidden_act={act!r} is not supported (supported: quick_gelu, gelu)")
+    cfg = clip_mod.Config(
+        vocab_size=hf.get("vocab_size", 49408), dim=hf.get("hidden_size", 512), n_layers=hf.get("num_hidden_layers", 12),
+        n_heads=hf.get("num_attention_heads", 8), ffn_dim=hf.get("intermediate_size", 2048),
+        max_positions=hf.get("max_position_embeddings", 77), norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        activation=act, eos_token_id=hf.get("eos_token_id", 49407) if hf.get("eos_token_id") is not None else 49407,
+    )
+    try:
+        cfg.validate()
+    except Exception as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return cfg
+
+
+def text_state_from_hf(sd: dict[str, torch.Tensor], where: str = "text_encoder") -> dict[str, torch.Tensor]:
+    """`text_model.X` (transformers 4 files, the Hub's SD repositories) or `X` (transformers 5) -> `X`; the
+    position_ids buffer and a projection head (unused by SD) are dropped."""
+    out = {k.removeprefix("text_model."): v for k, v in sd.items() if not k.startswith("text_projection.")}
+    if "embeddings.token_embedding.weight" not in out:
+        raise CheckpointError(f"{where}: no embeddings.token_embedding.weight: not a CLIPTextModel checkpoint")
+    out.pop("embeddings.position_ids", None)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ scheduler
 
 # diffusers' defaults for keys a scheduler_config.json may leave out (the same for DDPM and DDIM)
@@ -204,3 +277,54 @@ def schedule_config_from_diffusers(hf: dict, where: str = "scheduler/scheduler_c
         if values[key] not in allowed:
             raise CheckpointError(f"{where}: {key}={values[key]!r} is not supported (supported: {', '.join(allowed)})")
     return ScheduleConfig(**values)
+
+
+# ------------------------------------------------------------------------------------------------ the directory
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_sd_dir(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A diffusers Stable Diffusion directory -> `SDComponents` (models in eval mode on `device`). Every
+    problem (a missing component folder or file, an unsupported option, a pickle) is a CheckpointError or
+    DataError naming the file."""
+    from workbench.models.diffusion.clip_tokenizer import CLIPTokenizer
+    from workbench.models.diffusion.pipeline import SDComponents
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    index = _read_json(root / "model_index.json")
+    for name in COMPONENTS:
+        if not (root / name).is_dir():
+            listed = "listed in model_index.json" if name in index else "not in model_index.json either"
+            raise CheckpointError(f"{root}: component folder {name}/ is missing ({listed}); a Stable Diffusion "
+                                  f"directory needs {', '.join(c + '/' for c in COMPONENTS)}")
+    unet_cfg = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"), str(root / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(_read_json(root / "vae" / "config.json"), str(root / "vae" / "config.json"))
+    text_hf = _read_json(root / "text_encoder" / "config.json")
+    text_cfg = text_config_from_hf(text_hf, str(root / "text_encoder" / "config.json"))
+    sched_cfg = schedule_config_from_diffusers(_read_json(root / "scheduler" / "scheduler_config.json"),
+                                               str(root / "scheduler" / "scheduler_config.json"))
+    if unet_cfg.cross_attention_dim != text_cfg.dim:
+        raise CheckpointError(f"{root}: unet cross_attention_dim {unet_cfg.cross_attention_dim} != text_encoder "
+                              f"hidden_size {text_cfg.dim}")
+    if unet_cfg.in_channels != vae_cfg.latent_channels:
+        raise CheckpointError(f"{root}: unet in_channels {unet_cfg.in_channels} != vae latent_channels "
+                              f"{vae_cfg.latent_channels}")
+    with torch.device("meta"):
+        unet, vae, text = unet_mod.UNet(unet_cfg), vae_mod.AutoencoderKL(vae_cfg), clip_mod.CLIPTextModel(text_cfg)
+    parts = ((unet, unet_state_from_diffusers(read_weights(root / "unet", "diffusion_pytorch_model")), "unet"),
+             (vae, vae_state_from_diffusers(read_weights(root / "vae", "diffusion_pytorch_model")), "vae"),
+             (text, text_state_from_hf(read_weights(root / "text_encoder", "model"), str(root / "text_encoder")),
+              "text_encoder"))
+    for model, sd, name in parts:
+        model.to_empty(device="cpu")
+        load_into(model, sd, str(root / name))
+        model.to(device=device, dtype=dtype).eval()
+    tokenizer = CLIPTokenizer.from_dir(root / "tokenizer")
+    if max(tokenizer.vocab.values()) >= text_cfg.vocab_size:
+        raise CheckpointError(f"{root / 'tokenizer'}: token ids up to {max(tokenizer.vocab.values())}, the text "
+                              f"encoder has {text_cfg.vocab_size} embeddings")
+    return SDComponents(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, schedule=sched_cfg,
+                        use_attention_mask=bool(text_hf.get("use_attention_mask", False)))
