@@ -48,7 +48,7 @@ SUPERSAMPLE = 4
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 LINE = 0.022  # line width, share of the side
 MAIN_X, SIDE_X = 0.29, 0.8
-BOX_W, SIDE_W, DIAMOND_W = 0.4, 0.3, 0.46
+BOX_W, SIDE_W, DIAMOND_W = 0.4, 0.3, 0.5
 IN_X, WIRE_X0, OUT_X, WIRE_X1 = 0.05, 0.1, 0.95, 0.9  # circuit: input letters, wire starts, outputs
 COL_X0, COL_X1 = 0.1, 0.85  # circuit gate columns: a channel for the wires in, then the gate
 TEXT_STROKE = 0.003  # letters are drawn this much bolder (share of the side): thin strokes vanish at 64 px
@@ -90,7 +90,7 @@ class Canvas:
         self.draw.text(self.p(x, y), s, font=font(round(height * self.side)), fill=INK, anchor=anchor,
                        stroke_width=round(TEXT_STROKE * self.side), stroke_fill=INK)
 
-    def arrow(self, pts, head: float = 0.035) -> None:
+    def arrow(self, pts, head: float = 0.028) -> None:
         """A polyline ending in a filled arrowhead at its last point."""
         self.line(pts)
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
@@ -117,7 +117,7 @@ def render_flowchart(chart: dict, size: int) -> Image.Image:
     pitch = 1 / rows
     bh = 0.62 * pitch  # box height
     dh = 0.8 * pitch  # diamond height
-    fh = min(0.095, 0.62 * bh)  # label height
+    fh = min(0.11, 0.8 * bh)  # label height: as big as the box allows
     nodes = {n["id"]: n for n in chart["nodes"]}
 
     def centre(n):
@@ -153,7 +153,7 @@ def render_flowchart(chart: dict, size: int) -> Image.Image:
             radius = h * c.side if n["kind"] in ("start", "end") else 0.15 * h * c.side
             c.draw.rounded_rectangle((*c.p(x - w, y - h), *c.p(x + w, y + h)), radius=radius, fill=PAPER,
                                      outline=INK, width=c.lw)
-        c.text(x, y, n["label"], fh)
+        c.text(x, y, n["label"], 0.85 * fh if n["kind"] == "decision" else fh)  # a diamond narrows at its corners
     return c.done()
 
 
@@ -173,8 +173,13 @@ def _column_x(level: int, levels: int) -> float:
     return COL_X0 + level * cw - gw / 2
 
 
-def _input_y(i: int, n: int) -> float:
-    return 0.14 + i * 0.72 / (n - 1) if n > 1 else 0.5
+def _input_ys(n: int, rng: random.Random) -> list[float]:
+    """The inputs' heights: evenly spaced over a span of the left edge that varies from picture to picture."""
+    if n == 1:
+        return [round(rng.uniform(0.3, 0.7), 4)]
+    span = rng.uniform(0.55, 0.76)
+    top = rng.uniform(0.12, 0.88 - span)
+    return [round(top + i * span / (n - 1), 4) for i in range(n)]
 
 
 def _pins(gate: dict, levels: int) -> tuple[list[tuple[float, float]], tuple[float, float]]:
@@ -298,13 +303,13 @@ def layout_circuit(circuit: dict, rng: random.Random, tries: int = 12) -> dict |
         g["level"] = level[g["output"]] = 1 + max(level[s] for s in g["inputs"])
     levels = max(g["level"] for g in circuit["gates"])
     _, _, gh = _geometry(levels)
-    circuit["input_y"] = [round(_input_y(i, len(circuit["inputs"])), 4) for i in range(len(circuit["inputs"]))]
+    circuit["input_y"] = _input_ys(len(circuit["inputs"]), rng)
     for attempt in range(tries):
         y = dict(zip(circuit["inputs"], circuit["input_y"]))
         for lv in range(1, levels + 1):
             col = [g for g in circuit["gates"] if g["level"] == lv]
             for g in col:
-                g["y"] = sum(y[s] for s in g["inputs"]) / len(g["inputs"]) + rng.uniform(-1, 1) * 0.04 * attempt
+                g["y"] = sum(y[s] for s in g["inputs"]) / len(g["inputs"]) + rng.uniform(-1, 1) * (0.04 + 0.04 * attempt)
             col.sort(key=lambda g: g["y"])
             gap, lo, hi = 1.45 * gh, 0.08 + gh / 2, 0.92 - gh / 2
             for a, b in zip(col, col[1:]):  # spread apart, then shift the column back inside the picture

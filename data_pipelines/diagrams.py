@@ -10,8 +10,8 @@ the webdataset shards read back by `workbench.data.vision`.
 Structures (plain JSON dicts: they travel in each sample's JSON and are all a renderer needs)
     flowchart  {"nodes": [{"id", "kind": start|step|decision|end, "label", "row", "col"}],
                 "edges": [{"src", "dst", "label": ""|"yes"|"no", "route": main|side|rejoin|loop}]}
-               A main column from `start` to `end` of 1-3 middle rows (steps and one or two decisions, at most
-               5 rows in all so the words stay readable at 64-96 px). A decision's "yes" continues down the
+               A main column from `start` to `end` with 2 middle rows (3 in 30 % of charts) of steps and one
+               or two decisions: 4 or 5 rows in all, so the words stay readable at 64-96 px. A decision's "yes" continues down the
                main column; its "no" goes right, either to a side step that rejoins the main column below the
                decision, or back up to an earlier step (a loop). Labels are distinct words from `STEP_WORDS`
                and `DECISION_WORDS`.
@@ -88,12 +88,9 @@ QA_TYPES = {"flowchart": ("next_step", "branch_no", "branch_yes"), "circuit": ("
 def make_flowchart(rng: random.Random) -> dict:
     """A random flowchart structure (see the module notes)."""
     n_dec = 2 if rng.random() < 0.3 else 1
-    n_mid = rng.randint(max(2, n_dec), 3)  # middle rows of the main column: 5 rows at most with start and end
+    n_mid = 3 if rng.random() < 0.3 else 2  # middle rows: 4 or 5 rows with start and end (4 read better)
     kinds = ["decision"] * n_dec + ["step"] * (n_mid - n_dec)
-    while True:  # a decision may not be the first middle row when it would have nothing to loop back to
-        rng.shuffle(kinds)
-        if not (kinds[0] == "decision" and kinds.count("step") == 0 and n_mid == n_dec and n_mid > 2):
-            break
+    rng.shuffle(kinds)
     steps = iter(rng.sample(STEP_WORDS, 6))
     decisions = iter(rng.sample(DECISION_WORDS, 2))
     nodes = [{"id": "n0", "kind": "start", "label": "start", "row": 0, "col": 0}]
@@ -242,7 +239,7 @@ def expression(circuit: dict, net: str, top: bool = True) -> str:
         return net
     args = [expression(circuit, s, top=False) for s in gate["inputs"]]
     text = f"NOT {args[0]}" if gate["type"] == "NOT" else f"{args[0]} {gate['type']} {args[1]}"
-    return text if top or gate["type"] == "NOT" else f"({text})"
+    return text if top else f"({text})"
 
 
 def circuit_caption(circuit: dict) -> str:
@@ -418,11 +415,13 @@ def make_sample(kind: str, rng: random.Random, sample_id: str, layout=None) -> d
 
 
 def signature(sample: dict) -> str:
-    """What the picture shows, without ids and question choices: equal signatures mean the same picture."""
+    """What the picture shows, without ids and question choices: equal signatures mean the same picture (a
+    circuit's includes its layout, a shapes picture its positions)."""
     if sample["kind"] == "flowchart":
         return repr((sample["nodes"], sample["edges"]))
     if sample["kind"] == "circuit":
-        return repr((sample["inputs"], [(g["type"], g["inputs"], g["output"]) for g in sample["gates"]]))
+        return repr((sample["inputs"], sample.get("input_y"),
+                     [(g["type"], g["inputs"], g["output"], g.get("y")) for g in sample["gates"]]))
     return repr(sample["shapes"])
 
 

@@ -15,9 +15,9 @@
 Samples. Sample g (train first, then val, then test, so ids are unique across splits) has kind
 `kinds[g % len(kinds)]`, id `KIND_{g:05d}` (also its tar key and, for a circuit, its module name) and its own
 `random.Random(f"{seed}/{g}")`: the same settings give the same samples, shards and sha256s. A val or test sample
-whose picture equals one of an earlier split (same structure, see `diagrams.signature`) is drawn again, so no
-held-out picture was trained on; there are only a handful of one-gate circuits, so held-out circuits are
-somewhat larger than training ones (the manifest's stats say how many of each size).
+whose picture equals one of an earlier split (`diagrams.signature`: same structure and layout) is drawn again,
+so no held-out picture was trained on. Layouts are jittered, so this rarely happens and does not make held-out
+circuits larger than training ones (the manifest's stats count circuits by size per split).
 
 Every circuit's netlist is evaluated from its text (`diagrams.netlist_truth_table`) and compared with the
 simulated structure before anything is written; a difference is a bug and stops the build.
