@@ -17,6 +17,10 @@
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
                        [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
                                                                          image or a PDF page; docs/paligemma2.md)
+    workbench sample --hf-dir DIR --prompt TEXT --out PNG [--negative-prompt T] [--steps N] [--guidance G]
+                     [--seed S] [--height H] [--width W] [--scheduler ddim|ddpm] [--eta E] [--device D]
+                                                                         (text-to-image from a diffusers Stable
+                                                                          Diffusion folder; docs/stable-diffusion.md)
     workbench chat (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] [--system TEXT] [--max-new-tokens N]
                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--max-length N]
                                                                          (a conversation: one message per line
@@ -380,6 +384,39 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from workbench.checkpoint.hf.diffusers_sd import load_sd_dir
+    from workbench.models.diffusion.pipeline import check_size, sample_from, save_png
+
+    for name, value, ok in (("--steps", args.steps, args.steps > 0), ("--guidance", args.guidance, args.guidance >= 0),
+                            ("--eta", args.eta, args.eta >= 0)):
+        if not ok:
+            raise WorkbenchError(f"sample: {name} must be {'> 0' if name == '--steps' else '>= 0'}, got {value}")
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise WorkbenchError(f"sample: {name} must be a positive multiple of 8, got {value}")
+    if not args.out.lower().endswith(".png"):
+        raise WorkbenchError(f"sample: --out must name a .png file, got {args.out!r}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    components = load_sd_dir(args.hf_dir, device=device, dtype=_dtype(args.dtype) if args.dtype != "auto" else None)
+    try:
+        f = components.vae.cfg.downscale
+        check_size(args.height or components.unet.cfg.sample_size * f, args.width or components.unet.cfg.sample_size * f, f)
+    except ValueError as e:
+        raise WorkbenchError(f"sample: {e}") from None
+    with tqdm(total=args.steps, desc="sample", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+        images = sample_from(components, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                             guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                             scheduler=args.scheduler, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                             progress=bar.update)
+    for path in save_png(images, args.out):
+        print(path)
+    return 0
+
+
 def cmd_plan_context(args: argparse.Namespace) -> int:
     from workbench.parallel.memory_plan import run_cli
 
@@ -509,6 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rewrite a run folder's report.md (training runs write it at each checkpoint)")
     p.add_argument("run_dir", metavar="RUN_DIR")
 
+    p = sub.add_parser("sample", help="text-to-image with classifier-free guidance from a diffusers Stable Diffusion "
+                                      "folder (the same image diffusers gives for the seed); prints the PNG path")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", metavar="DIR", help="a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
+                                                     "text_encoder/, tokenizer/, scheduler/)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None, help="the unconditional branch's prompt (default: empty)")
+    p.add_argument("--out", required=True, metavar="PNG", help="the image file to write")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="0 = off; 0.7 for zero-terminal-SNR models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the UNet's sample size x 8)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM: 0 deterministic, 1 DDPM-like noise")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = float32")
+
     p = sub.add_parser("plan-context", help="per-rank memory and attention FLOPs of long-context training "
                                             "(comma-separated values give one row each; see docs/context-memory.md)")
     p.add_argument("--model", default="llama3:8B", help="FAMILY:FLAVOR, e.g. llama3:8B, deepseek_v3:671B, kimi-k2")
@@ -539,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
-                "plan-context": cmd_plan_context, "serve": cmd_serve, "diagrams": cmd_diagrams}[args.command](args)
+                "plan-context": cmd_plan_context, "serve": cmd_serve, "diagrams": cmd_diagrams,
+                "sample": cmd_sample}[args.command](args)
     except (WorkbenchError, OSError) as e:  # OSError: the file system said no (permissions, full disk, ...)
         msg = " ".join(str(e).split())  # one line, always
         print(f"error: {msg}", file=sys.stderr)
