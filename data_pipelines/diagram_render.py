@@ -177,8 +177,8 @@ def _input_ys(n: int, rng: random.Random) -> list[float]:
     """The inputs' heights: evenly spaced over a span of the left edge that varies from picture to picture."""
     if n == 1:
         return [round(rng.uniform(0.3, 0.7), 4)]
-    span = rng.uniform(0.55, 0.76)
-    top = rng.uniform(0.12, 0.88 - span)
+    span = rng.uniform(0.5, 0.68)  # inside the band gates may take, so a gate can line up with its input
+    top = rng.uniform(0.18, 0.86 - span)
     return [round(top + i * span / (n - 1), 4) for i in range(n)]
 
 
@@ -310,6 +310,11 @@ def layout_circuit(circuit: dict, rng: random.Random, tries: int = 12) -> dict |
             col = [g for g in circuit["gates"] if g["level"] == lv]
             for g in col:
                 g["y"] = sum(y[s] for s in g["inputs"]) / len(g["inputs"]) + rng.uniform(-1, 1) * (0.04 + 0.04 * attempt)
+                offsets = [0.0] if len(g["inputs"]) == 1 else [-gh / 4, gh / 4]  # pins, from the gate's centre
+                for src, off in zip(sorted(g["inputs"], key=lambda s: y[s]), offsets):
+                    if abs(y[src] - (g["y"] + off)) < 0.04:  # a tiny jog reads as a glitch: line the pin up
+                        g["y"] = y[src] - off
+                        break
             col.sort(key=lambda g: g["y"])
             gap, lo, hi = 1.45 * gh, 0.08 + gh / 2, 0.92 - gh / 2
             for a, b in zip(col, col[1:]):  # spread apart, then shift the column back inside the picture
