@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The VLM recipe (docs/vlm-training.md), on the CPU in minutes per stage:
 #   1. data: diagram documents (flowcharts, logic circuits) and captioned shapes, each image with a caption and
-#      questions whose answers need the picture (`workbench.data.vision`; data/diagrams)
+#      questions whose answers need the picture (`workbench diagrams`; data/diagrams)
 #   2. per seed: the blind baseline (every image a constant: configs/paligemma2/blind.toml), the warm-up from it
 #      (language model frozen, the image side learns to feed it: warmup.toml), full fine-tuning (finetune.toml)
 #   3. evals on the held-out test split (`workbench eval --task vqa`): each stage's exact match per question type,
@@ -14,7 +14,7 @@
 #   WORKBENCH  the workbench command (default .venv/bin/workbench if present, else workbench); PYTHON the
 #              interpreter beside it
 #   RUNS       folder of the runs (default runs); DATA the vision folder (default data/diagrams)
-#   N_TRAIN, N_VAL, N_TEST   images per split (default 3000, 200, 300); SIZE their side in pixels (default 64)
+#   N_TRAIN, N_VAL, N_TEST   images per split (default 4000, 200, 300); SIZE their side in pixels (default 96)
 #   SEEDS      training seeds (default "0 1"); DOC, IMAGES the markdown written and its plot folder
 #   TRAIN_ARGS, EVAL_ARGS    extra overrides for every stage / every eval
 set -euo pipefail
@@ -23,10 +23,10 @@ source launch/lib.sh  # resolve_tools, stage
 resolve_tools
 RUNS=${RUNS:-runs}
 DATA=${DATA:-data/diagrams}
-N_TRAIN=${N_TRAIN:-3000}
+N_TRAIN=${N_TRAIN:-4000}
 N_VAL=${N_VAL:-200}
 N_TEST=${N_TEST:-300}
-SIZE=${SIZE:-64}
+SIZE=${SIZE:-96}
 SEEDS=${SEEDS:-0 1}
 DOC=${DOC:-docs/vlm-training.md}
 IMAGES=${IMAGES:-docs/images/vlm-training}
@@ -37,9 +37,8 @@ mkdir -p "$RUNS"
 touch "$TIMES"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-[[ -s "$DATA/manifest.json" ]] || stage data "$PYTHON" -c "
-from workbench.data.vision import build_vision_dataset
-build_vision_dataset('$DATA', n_train=$N_TRAIN, n_val=$N_VAL, n_test=$N_TEST, size=$SIZE, seed=0)"
+# reused when it was built with the same settings
+stage data "${wb[@]}" diagrams "$DATA" --train "$N_TRAIN" --val "$N_VAL" --test "$N_TEST" --size "$SIZE" --seed 0
 
 vqa() {  # vqa RUN [extra options]: the held-out test split's exact match, into RUN/evals/vqa
     local run=$1

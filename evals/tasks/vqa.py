@@ -36,7 +36,7 @@ import torch
 from evals.plots import new_figure, save_figure
 from evals.registry import EvalContext, TaskResult
 from workbench.config import field_
-from workbench.data.vqa import CAPTION_TYPE, VQASet, answer_samples, model_logits, normalize
+from workbench.data.vqa import CAPTION_TYPE, VQASet, answer_samples, normalize
 from workbench.errors import WorkbenchError
 
 
@@ -45,7 +45,7 @@ class Config:
     data: str = field_("", doc="vision folder; empty = the run's data.dir")
     split: str = field_("test", doc="train | val | test")
     limit: int = field_(0, ge=0, doc="score the first `limit` items only; 0 = every item of the split")
-    max_new_tokens: int = field_(16, gt=0)
+    max_new_tokens: int = field_(64, gt=0, doc="the longest answer decoded (a circuit's caption is ~60 tokens)")
     blind_run: str = field_("", doc="a run folder (or checkpoint) trained with objective.blind = true: its answers "
                                     "to the same questions are the blind baseline; empty = the majority baseline only")
     noise: bool = field_(True, doc="also score with every image replaced by uniform noise (the scorer's check)")
@@ -111,8 +111,8 @@ def _blind_answers(ctx: EvalContext, cfg: Config, root: str, device) -> tuple[li
     model, tokenizer, _ = load_run(cfg.blind_run, device)
     data = _vqa_set(root, cfg.split, tokenizer, model, ctx, lambda *a: None)
     samples = data.samples[: cfg.limit or None]
-    return answer_samples(model_logits(model, blind=True), samples, data.images, tokenizer, cfg.max_new_tokens,
-                          ctx.batch_size, device, progress="vqa blind run"), data
+    return answer_samples(model, samples, data.images, tokenizer, cfg.max_new_tokens, ctx.batch_size, blind=True,
+                          progress="vqa blind run"), data
 
 
 def _plot_types(out: Path, metrics: dict, baselines_by_type: dict[str, dict[str, float]]) -> Path:
@@ -176,15 +176,15 @@ class VQATask:
         data = _vqa_set(root, cfg.split, ctx.tokenizer, model, ctx, ctx.log)
         samples = data.samples[: cfg.limit or None]
         blind_model = ctx.job is not None and ctx.job.objective.name == "vlm" and ctx.job.objective.blind
-        outputs = answer_samples(model_logits(model, blind=blind_model), samples, data.images, ctx.tokenizer,
-                                 cfg.max_new_tokens, ctx.batch_size, device, progress="vqa")
+        outputs = answer_samples(model, samples, data.images, ctx.tokenizer, cfg.max_new_tokens, ctx.batch_size,
+                                 blind=blind_model, progress="vqa")
         metrics = _scores(samples, outputs)
         noise_out = None
         if cfg.noise:
             gen = torch.Generator().manual_seed(cfg.seed)
             noise = torch.randint(0, 256, data.images.shape, generator=gen, dtype=torch.uint8)
-            noise_out = answer_samples(model_logits(model), samples, noise, ctx.tokenizer, cfg.max_new_tokens,
-                                       ctx.batch_size, device, progress="vqa noise")
+            noise_out = answer_samples(model, samples, noise, ctx.tokenizer, cfg.max_new_tokens, ctx.batch_size,
+                                       progress="vqa noise")
             metrics.update({k.replace("exact_match", "exact_match_noise").replace("em_", "em_noise_"): v
                             for k, v in _scores(samples, noise_out).items()})
         majority = majority_answers(_vqa_set(root, "train", ctx.tokenizer, model, ctx, lambda *a: None).samples,

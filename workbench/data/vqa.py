@@ -315,20 +315,34 @@ def model_logits(model: torch.nn.Module, blind: bool = False) -> Callable[[dict]
     return logits_fn
 
 
+def answer_stops(tokenizer: Tokenizer, image_token_id: int) -> list[int]:
+    """The ids an answer ends at: the tokenizer's eos ids, and the <image> placeholder (a model that emits it inside
+    its answer has no image to put there; both decoders stop at it alike)."""
+    return sorted(set(tokenizer.eos_ids) | {image_token_id})
+
+
 @torch.no_grad()
-def answer_samples(logits_fn: Callable[[dict], torch.Tensor], samples: Sequence[VQASample], images: torch.Tensor,
-                   tokenizer: Tokenizer, max_new_tokens: int, batch_size: int, device: torch.device,
-                   progress: str | None = None) -> list[str]:
-    """Greedy answers (decoded text) to `samples` about `images` (uint8 (N, 3, S, S): the split's, or noise),
-    `batch_size` prompts at a time."""
+def answer_samples(model: torch.nn.Module, samples: Sequence[VQASample], images: torch.Tensor, tokenizer: Tokenizer,
+                   max_new_tokens: int, batch_size: int, blind: bool = False, progress: str | None = None) -> list[str]:
+    """Greedy answers (decoded text, up to the first eos) of a plain model to `samples` about `images` (uint8
+    (N, 3, S, S): the split's, or noise), `batch_size` prompts at a time, through the KV-cache generator
+    (`workbench.inference.vlm.generate`: the same ids as `greedy_answers`, tested, in one prefill and one token per
+    step); `blind`: every image replaced by the constant a blind run trained with (0 after normalisation)."""
     from tqdm import tqdm
 
+    from workbench.inference.vlm import generate
+
+    device = next(model.parameters()).device
+    stops = answer_stops(tokenizer, model.cfg.image_token_id)
     out: list[str] = []
-    starts = range(0, len(samples), batch_size)
-    for s in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        batch = {k: v.to(device) for k, v in prompt_batch(samples[s : s + batch_size], images, tokenizer.pad_id).items()}
-        ids = greedy_answers(logits_fn, batch, max_new_tokens, tokenizer.eos_ids, tokenizer.pad_id)
-        out += [tokenizer.decode(i) for i in ids]
+    for s in tqdm(range(0, len(samples), batch_size), desc=progress, disable=progress is None, leave=False):
+        chunk = samples[s : s + batch_size]
+        pixels = pixel_values(images[[x.image for x in chunk]]).to(device)
+        if blind:
+            pixels = torch.zeros_like(pixels)
+        ids = generate(model, [x.prompt.tolist() for x in chunk], pixels, max_new_tokens=max_new_tokens,
+                       eos_ids=stops, pad_id=tokenizer.pad_id)
+        out += [tokenizer.decode([t for t in row if t not in stops]) for row in ids]
     return out
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.data.packed import IGNORE_INDEX
-from workbench.data.vqa import encode_prompt, greedy_answers, mask_of, normalize
+from workbench.data.vqa import answer_stops, encode_prompt, greedy_answers, mask_of, normalize
 from workbench.train.objectives.base import LossOutput
 from workbench.train.objectives.lm import LMObjective
 
@@ -120,7 +120,8 @@ class VLMObjective(LMObjective):
         def logits_fn(b):
             return self.forward(models, b)[1]
 
-        ids = greedy_answers(logits_fn, prompts, self.max_new_tokens, self.tokenizer.eos_ids, self.tokenizer.pad_id)
+        stops = answer_stops(self.tokenizer, self.model_cfg.image_token_id)
+        ids = greedy_answers(logits_fn, prompts, self.max_new_tokens, stops, self.tokenizer.pad_id)
         return [self.tokenizer.decode(i) for i in ids]
 
     @torch.no_grad()
@@ -160,6 +161,6 @@ class VLMObjective(LMObjective):
         batch = prompt_batch([sample], val_set.images, self.tokenizer.pad_id)
         device = next(models["policy"].unwrap().parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
-        ids = greedy_answers(lambda b: self.forward(models, b)[1], batch, max_new_tokens, self.tokenizer.eos_ids,
-                             self.tokenizer.pad_id)[0]
+        ids = greedy_answers(lambda b: self.forward(models, b)[1], batch, max_new_tokens,
+                             answer_stops(self.tokenizer, self.model_cfg.image_token_id), self.tokenizer.pad_id)[0]
         return f" -> {self.tokenizer.decode(ids)!r} (about image {val_set.examples[0].id!r} of the val split)"
