@@ -283,10 +283,12 @@ class Gemma2(nn.Module):
         self.norm.init_weights()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """E[ids] * sqrt(d) (B, T, d); the scale is rounded to the weight dtype first, as Gemma does."""
+        """E[ids] * sqrt(d) (B, T, d). The scale is rounded as transformers rounds it: to float32 (its buffer),
+        then to the weight dtype (sqrt(2304) is 48 exactly, but the CPU sizes' sqrt(128) is not)."""
         w = self.embed_tokens.weight
+        scale = torch.tensor(self.cfg.dim**0.5, dtype=torch.float32, device=w.device).to(w.dtype)
         # NEW: e = E[ids] * sqrt(d)
-        return self.embed_tokens(input_ids) * torch.tensor(self.cfg.dim**0.5, dtype=w.dtype, device=w.device)
+        return self.embed_tokens(input_ids) * scale
 
     def layer_masks(self, mask: MaskSpec) -> list[MaskSpec]:
         """# NEW: the batch's spec per layer, plus the soft-cap and, on sliding layers, the window."""
