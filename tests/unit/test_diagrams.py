@@ -225,6 +225,14 @@ def test_build_round_trip_rebuild_rules_and_documents(tmp_path):
     assert [p["page"] for p in pages] == [1, 2, 3, 4, 5, 6] and pages[0]["id"] == test[0].id
     pdf = pypdfium2.PdfDocument(str(out / "documents.pdf"))
     assert len(pdf) == 6
+    page = np.asarray(pdf[2].render(scale=dr.PAGE_DPI / 72).to_pil().convert("L"))  # 8.5 x 11 in at 100 dpi
+    pdf.close()
+    assert page.shape == (1100, 850) and 0.01 < (page < 128).mean() < 0.2
+    import webdataset  # plain webdataset shards: the library reads them as they are
+
+    wds = list(webdataset.WebDataset([str(out / s["file"]) for s in manifest["splits"]["test"]], shardshuffle=False))
+    assert [w["__key__"] for w in wds] == [e.id for e in test]
+    assert json.loads(wds[1]["json"])["netlist"] == test[1].meta["netlist"]
     assert logs[0].startswith(f"diagrams: wrote {out} (64 px, seed 1)")
     # the same settings again: reused; into another folder: the same bytes
     first = (out / "manifest.json").read_text()
