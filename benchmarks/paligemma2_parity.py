@@ -66,7 +66,8 @@ def batch(cfg, lens=(40, 31), prefix=(30, 24), seed=0):
     att = torch.zeros(2, T, dtype=torch.long)
     tt = torch.ones(2, T, dtype=torch.long)
     for b, n in enumerate(lens):
-        row = torch.randint(12, min(cfg.vocab_size, cfg.image_token_id), (n + N,), generator=g)  # no stray <image>
+        row = torch.randint(12, cfg.vocab_size, (n + N,), generator=g)
+        row[row == cfg.image_token_id] = 12  # no stray <image> in the text
         row[:N], row[N] = cfg.image_token_id, 0
         ids[b, T - n - N:], att[b, T - n - N:] = row, 1
         tt[b, : T - n - N + N + prefix[b]] = 0

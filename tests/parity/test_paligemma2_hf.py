@@ -308,3 +308,71 @@ def test_hub_layout_and_config_errors():
                           (dict(text_config={**d["text_config"], "num_key_value_heads": 3}), "num_key_value_heads")):
         with pytest.raises(CheckpointError, match=match):
             config_from_hf(json.loads(json.dumps({**d, **change})))
+
+
+# the hub's config.json of google/paligemma2-3b-pt-224 (fields as published: the text config lists only
+# what differs from Gemma 2's defaults)
+HUB_3B_224 = {
+    "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1,
+    "hidden_size": 2048, "image_token_index": 257152, "model_type": "paligemma", "pad_token_id": 0,
+    "projection_dim": 2304,
+    "text_config": {"hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "intermediate_size": 9216,
+                    "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+                    "num_image_tokens": 256, "num_key_value_heads": 4, "query_pre_attn_scalar": 256,
+                    "sliding_window": 4096, "torch_dtype": "bfloat16", "vocab_size": 257216},
+    "vision_config": {"hidden_size": 1152, "image_size": 224, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "num_image_tokens": 256, "patch_size": 14, "projection_dim": 2304,
+                      "projector_hidden_act": "gelu_fast", "vision_use_head": False},
+}
+
+
+def test_hub_config_gives_the_3B_flavor_and_configs_round_trip():
+    from workbench.checkpoint.hf.paligemma2 import config_to_hf
+    from workbench.config import to_dict
+    from workbench.models.base import ModelSection
+
+    cfg = config_from_hf(HUB_3B_224)
+    flavor = ModelSection.of("paligemma2", "3B").config
+    assert cfg == flavor
+    assert cfg.num_image_tokens == 256 and [cfg.sliding(i) for i in range(4)] == [True, False, True, False]
+    # our config -> config.json -> our config, and through the TOML dict of a run folder
+    for name in ("debug", "small", "3B", "10B", "28B"):
+        c = ModelSection.of("paligemma2", name).config
+        assert config_from_hf(config_to_hf(c)) == dataclass_with_layer_types(c)
+        section = ModelSection.of("paligemma2", name)
+        assert ModelSection.from_config_dict(to_dict(section)).config == c
+
+
+def dataclass_with_layer_types(c):
+    import dataclasses
+
+    return dataclasses.replace(c, layer_types=["sliding_attention" if c.sliding(i) else "full_attention"
+                                               for i in range(c.n_layers)])
+
+
+def test_meta_build_init_and_config_errors():
+    from workbench.errors import ConfigError
+    from workbench.models.base import ModelSection, build_model
+
+    model = build_model(ModelSection.of("paligemma2", "debug"))  # meta, to_empty, init_weights
+    assert model.language_model.layers[0].post_ffn_norm.weight.abs().sum() == 0  # (1 + w) starts at 1
+    ids = torch.tensor([[IMAGE_TOKEN] * N_IMG + [BOS, 20, 21, 22]])
+    with torch.no_grad():
+        out = model({"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28)})
+        assert torch.isfinite(model.logits(out.hidden)).all()
+    cfg = model.cfg
+    n = sum(p.numel() for name, p in model.language_model.named_parameters() if p.ndim == 2 and "embed" not in name)
+    lm = 6 * (n + cfg.vocab_size * cfg.dim) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 64
+    assert model.flops_per_token(64) > lm  # the image side is counted on top
+    for over, key in ((dict(layer_types=["full_attention"]), "layer_types"),
+                      (dict(layer_types=["global"] * 2), "layer_types[0]"),
+                      (dict(n_kv_heads=3), "n_kv_heads"), (dict(vision={"patch_size": 5}), "vision.patch_size")):
+        with pytest.raises(ConfigError, match=rf"model\.{re_escape(key)}"):
+            ModelSection.of("paligemma2", "debug", **over)
+
+
+def re_escape(s: str) -> str:
+    import re
+
+    return re.escape(s)

@@ -153,14 +153,16 @@ _GEMMA2_27B = dict(dim=4608, n_layers=46, n_heads=32, n_kv_heads=16, head_dim=12
                    query_pre_attn_scalar=144.0)
 
 FLAVORS: dict[str, Config] = {
-    # tests: models.md's tiny config (4 image tokens) with a 4-token window so sliding layers bite
+    # The CPU sizes use id 11 for <image>: its id in every tokenizer this project trains
+    # (workbench.data.tokenizer.SPECIAL_TOKENS). Tests: models.md's tiny config (4 image tokens) with a 4-token
+    # window so sliding layers bite
     "debug": Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=300,
                     query_pre_attn_scalar=16.0, sliding_window=4, max_seq_len=512,
-                    vision=siglip.FLAVORS["debug"], image_token_id=299),
+                    vision=siglip.FLAVORS["debug"], image_token_id=11),
     # a CPU size: 64 px images (64 image tokens), a 4-layer decoder
     "small": Config(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=512, vocab_size=4096,
                     query_pre_attn_scalar=32.0, sliding_window=64, max_seq_len=1024,
-                    vision=siglip.FLAVORS["small"], image_token_id=4095),
+                    vision=siglip.FLAVORS["small"], image_token_id=11),
     # the published shapes at 224 px (256 image tokens); the So400m-448 / -896 towers are siglip flavors
     "3B": _paligemma2(224, **_GEMMA2_2B),
     "10B": _paligemma2(224, **_GEMMA2_9B),
