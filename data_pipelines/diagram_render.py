@@ -5,7 +5,7 @@ picture is drawn `SUPERSAMPLE` times larger and shrunk with a box filter, which 
 at 64-96 px a tiny VLM sees grey edges instead of jagged ones, and letters stay recognisable. Everything is
 laid out in unit coordinates (0..1 of the side) and scaled, so one structure gives the same picture at any size.
 
-Legibility at 64-96 px is the design constraint: at most 5 rows in a flowchart, at most 3 gate columns, big
+Legibility at 64-96 px is the design constraint: at most 5 rows in a flowchart, at most 2 gate columns, big
 fonts (Pillow's built-in scalable font, `ImageFont.load_default(size=...)`, Pillow >= 10.1), lines of about
 2 % of the side, white background, black ink, saturated colours for shapes.
 

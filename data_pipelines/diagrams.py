@@ -11,23 +11,24 @@ Structures (plain JSON dicts: they travel in each sample's JSON and are all a re
     flowchart  {"nodes": [{"id", "kind": start|step|decision|end, "label", "row", "col"}],
                 "edges": [{"src", "dst", "label": ""|"yes"|"no", "route": main|side|rejoin|loop}]}
                A main column from `start` to `end` with 2 middle rows (3 in 30 % of charts) of steps and one
-               or two decisions: 4 or 5 rows in all, so the words stay readable at 64-96 px. A decision's "yes" continues down the
-               main column; its "no" goes right, either to a side step that rejoins the main column below the
+               or two decisions: 4 or 5 rows in all, so the words stay readable at 64-96 px. A decision's "yes"
+               continues down the main column; its "no" goes right, either to a side step that rejoins the main column below the
                decision, or back up to an earlier step (a loop). Labels are distinct words from `STEP_WORDS`
                and `DECISION_WORDS`.
     circuit    {"name": "circuit_00042", "inputs": ["A", "B", ...], "gates": [{"name": "G1", "type": "AND",
                 "inputs": [nets], "output": net, "level", "y"}], "outputs": {"Y": "G2", ...}, "input_y": [...]}
                2-4 inputs, 1-4 gates of `GATES` (NOT takes one input, the others two), gate k reading only
-               inputs and earlier gates, every input and every gate output used, at most 3 levels (columns).
+               inputs and earlier gates, every input and every gate output used, no constant output,
+               at most `MAX_LEVELS` = 2 levels (gate columns).
                Y is driven by the last gate; a second output Z by another gate whose output nothing else
                reads, when there is one. Nets: an input's name, the output port's name for a gate that drives
-               one, `n<k>` otherwise. "level" and "y" are the drawing's layout (placed by
+               one, `n<k>` otherwise. "level", "y", "input_y" and "channels" are the drawing's layout (placed by
                `diagram_render.layout_circuit`, which refuses layouts where wires overlap or cross a gate).
     shapes     {"shapes": [{"shape", "colour", "x", "y", "r"}], "arrangement": single|horizontal|vertical|row|
                 column}: 1-3 shapes of distinct kinds and distinct colours from `SHAPES` x `COLOURS`.
 
-Questions (`qa(kind, structure, rng)`: a list of {"question", "answer", "type"}; every answer is computed from
-the structure)
+Questions (`flowchart_qa`, `circuit_qa`, `shapes_qa`: lists of {"question", "answer", "type"}; every answer
+is computed from the structure)
     flowchart  next_step   "What step follows mix?" -> the label of the step's successor, asked only where
                            that is a labelled node (a step or a decision), since "end" would be a shortcut
                branch_no   "What happens if hot is no?" -> the label the decision's "no" arrow points to
