@@ -7,7 +7,7 @@ What it is
     and the report says so:
       classifier   a ResNet of workbench/models/fundamentals/cnn.py; its penultimate features (the input of
                    its last linear layer) are FID's feature space, its prediction the class accuracy's judge;
-      text-image   the contrastive model of workbench/models/contrastive.py (SigLIP loss by default), whose
+      text-image   the contrastive model of workbench/models/contrastive.py (CLIP loss by default), whose
                    cosine between an image and its prompt is the CLIP-style score.
     `EvalNets.load_or_train(cache, ...)` trains both once per data setting and seed and caches them in a folder
     keyed by those settings (`nets_key`), so evals do not retrain them.
@@ -64,7 +64,7 @@ class NetsConfig:
     classifier_epochs: int = field_(20, gt=0)
     classifier_lr: float = field_(2e-3, gt=0)
     clip: str = field_("small", doc="a flavor of workbench.models.contrastive")
-    clip_loss: str = field_("siglip", doc="siglip | clip")
+    clip_loss: str = field_("clip", doc="clip | siglip (workbench/models/contrastive.py says why clip)")
     clip_epochs: int = field_(15, gt=0)
     lr: float = field_(1e-3, gt=0, doc="the text-image model's peak learning rate")
     warmup_steps: int = field_(50, ge=0, doc="linear warm-up, then cosine decay; without it the contrastive "

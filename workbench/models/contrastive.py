@@ -30,8 +30,10 @@ Design choices
     teach the model to tell apart what cannot be told apart. `contrastive_loss(..., same)` takes the matrix of
     which pairs are positive (the same class), the multi-positive form of both losses (UniCL-style targets for
     CLIP, z_ij = +1 for SigLIP). With `same = None` only the diagonal is positive: the papers' form.
-    SigLIP is the default: the yes/no loss fits the multi-positive batches without reweighting, and it makes
-    unmatched pairs' cosines negative, which the clip at 0 of the CLIP-score turns into 0.
+    CLIP is the default, by measurement: on the digits (10 classes, 1293 training images, 8 epochs of batch 64,
+    the same warm-up) the multi-positive CLIP loss reached 0.97 zero-shot test accuracy while SigLIP, started at
+    the paper's t = log 10, b = -10, was still at chance (0.13); SigLIP's start is tuned for batches of
+    thousands with one positive per row, far from these. It stays selectable (`loss = "siglip"`).
     GroupNorm instead of BatchNorm in the image tower: an eval model's output must not depend on its batch.
     Mean pooling of the text, not CLIP's eos state, and a LayerNorm on the pooled image features: at
     initialisation the eos state barely depends on the words (they reach it only through attention outputs
@@ -83,7 +85,7 @@ class Config:
     text_heads: int = field_(4, gt=0)
     mlp_ratio: int = field_(4, gt=0)
     embed_dim: int = field_(64, gt=0, doc="the shared embedding space")
-    loss: Literal["siglip", "clip"] = "siglip"
+    loss: Literal["siglip", "clip"] = "clip"
 
     def validate(self) -> None:
         if not self.image_widths:
