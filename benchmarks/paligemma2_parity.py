@@ -2,6 +2,7 @@
 
     python benchmarks/paligemma2_parity.py                 # the figures of docs/paligemma2.md
     python benchmarks/paligemma2_parity.py --smoke         # tiny shapes, seconds
+    python benchmarks/paligemma2_parity.py --masks docs/images/paligemma2/masks.png   # the mask picture only
 
 Parity: a random PaliGemmaForConditionalGeneration (Gemma 2 text config, every layer kind and both soft-caps
 active, random norm weights) of the `paligemma2` flavor --flavor, its weights imported through the HF
@@ -161,6 +162,37 @@ def speed(flavor: str, reps: int, new: int) -> None:
         print(f"{name:32} {a * 1e3:7.1f}ms {b * 1e3:11.1f}ms {b / a:6.2f}x")
 
 
+def mask_picture(path: str) -> None:
+    """The masks the debug model's layers use (its own `layer_masks`, densified by MaskSpec.dense)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = PaliGemma2(ModelSection.of("paligemma2", "debug").config)
+    N, T, P = model.cfg.num_image_tokens, 12, 8  # 4 image + bos + 2 prefix + "\n" = 8 prefix slots, 4 suffix
+    kp = torch.ones(1, T + 2, dtype=torch.bool)
+    kp[0, :2] = False  # two left-pad slots
+    train = model.language_model.layer_masks(MaskSpec(prefix_len=torch.tensor([P + 2]), key_padding=kp))
+    causal = model.language_model.layer_masks(MaskSpec(key_padding=kp))
+    panels = [("prefix-LM, full layer", train[1]), (f"prefix-LM, sliding layer (W = {model.cfg.sliding_window})",
+                                                    train[0]), ("plain causal (no prefix_len), full layer", causal[1])]
+    labels = ["pad", "pad"] + ["img"] * N + ["bos", "q1", "q2", "\\n", "a1", "a2", "a3", "eos"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
+    for ax, (title, spec) in zip(axes, panels):
+        ax.imshow(spec.dense(T + 2, T + 2)[0, 0].int(), cmap="Blues", vmin=0, vmax=1.4)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(T + 2), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(T + 2), labels, fontsize=7)
+        ax.set_xlabel("key slot", fontsize=8)
+        ax.set_ylabel("query slot", fontsize=8)
+    fig.suptitle("PaliGemma 2 attention masks, blue = allowed (pad slots: hidden as keys, their outputs unused)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--flavor", default="small", help="paligemma2 flavor for both parts (default small)")
@@ -168,7 +200,10 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16, help="tokens to generate in the speed test")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke", action="store_true", help="debug flavor, 2 reps, 4 tokens")
+    ap.add_argument("--masks", metavar="PNG", help="only draw the attention masks into PNG")
     args = ap.parse_args()
+    if args.masks:
+        return mask_picture(args.masks)
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.flavor, args.reps, args.new = "debug", 2, 4
