@@ -78,3 +78,16 @@ def test_class_conditioned_pixel_unet_learns_its_labels():
         a = unet(xt, 500, ctx(torch.tensor([0, 0])))
         b = unet(xt, 500, ctx(torch.tensor([1, 1])))
     assert (a - b).abs().mean() > 1e-3
+
+
+def test_full_mask_spec_runs_sdpa_without_a_mask_and_equals_the_math_path():
+    """The UNet's attention (MaskSpec(causal=False)): self (Tq = Tk) and cross (Tq != Tk) shapes."""
+    from workbench.nn.attention import AttentionCore, MaskSpec
+
+    spec = MaskSpec(causal=False)
+    assert spec.is_full and not MaskSpec().is_full and not MaskSpec(causal=False, key_padding=torch.ones(1, 3)).is_full
+    g = torch.Generator().manual_seed(0)
+    for tq, tk in ((64, 64), (64, 7)):
+        q, k, v = (torch.randn(2, 4, t, 8, generator=g) for t in (tq, tk, tk))
+        want = AttentionCore(0.3, "math")(q, k, v, spec)
+        torch.testing.assert_close(AttentionCore(0.3, "sdpa")(q, k, v, spec), want, atol=1e-6, rtol=1e-5)

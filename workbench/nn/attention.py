@@ -96,6 +96,18 @@ class MaskSpec:
             and self.moba is None
         )
 
+    @property
+    def is_full(self) -> bool:
+        """Every query sees every key (bidirectional, nothing masked): SDPA then needs no mask at all."""
+        return (
+            not self.causal
+            and self.sliding_window is None
+            and self.document_ids is None
+            and self.key_padding is None
+            and self.prefix_len is None
+            and self.moba is None
+        )
+
     def dense(self, q_len: int, k_len: int, q_offset: int = 0, device=None) -> torch.Tensor:
         """The boolean mask (B or 1, 1, Tq, Tk), True where attention is allowed."""
         if self.moba is not None:
@@ -171,6 +183,8 @@ def attention_sdpa(q, k, v, mask: MaskSpec, q_offset: int, scale: float) -> torc
     gqa = q.shape[1] != k.shape[1]
     if mask.is_plain_causal and q_offset == 0 and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask.is_full:  # no mask tensor: keeps the fused kernels available (diffusion UNets, vision towers)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if mask.is_plain_causal and Tq == 1 and q_offset == Tk - 1:
         # one new token after a plain causal cache: it sees every cached slot
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
