@@ -49,8 +49,10 @@ Design choices
                                 feed_forward.{w1,w3,w2}, post_ffn_norm), `norm`
     The decoder's names follow llama3.py so the same plan styles apply; what differs is marked `# NEW:`.
     The mask is a `MaskSpec` (prefix_len, key_padding) and each layer adds its own soft-cap and, on
-    sliding layers, its window (`Gemma2.layer_masks`); the attention core does the rest. Soft-capping
-    forces the explicit "math" path inside the core (SDPA cannot express tanh on scores).
+    sliding layers, its window (`Gemma2.layer_masks`); the attention core does the rest. With a soft-cap
+    the "sdpa" backend runs the explicit "math" path (SDPA cannot put tanh on scores); "flex" applies it as
+    a score_mod. Parity with transformers' eager attention is exact on "math" in every dtype
+    (docs/paligemma2.md has the measured table).
     `embed()` builds `inputs_embeds` (image features scattered into the `image_token_id` placeholders), so
     a training objective can build them once and pass `inputs_embeds`. Soft-caps and the window use 0 for
     "off" so configs round-trip through TOML (which has no null).
