@@ -142,6 +142,29 @@ def test_the_mask_features_actually_bite():
     assert T > cfg.sliding_window + 4  # the window is shorter than the suffix part of the sequence
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_math_backend_is_bit_equal_to_eager_in_bf16_and_float64(dtype):
+    """The same operations in the same order as transformers' eager path: equal logits, not close ones (the
+    (1 + w) norm in fp32, sqrt(d) rounded through float32, soft-caps and softmax as eager does them)."""
+    hf = make_hf()
+    freqs = {n: b.clone() for n, b in hf.named_buffers() if n.endswith("inv_freq")}
+    hf = hf.to(dtype)
+    for n, b in freqs.items():  # `.to` rounds transformers' RoPE buffer too; from_pretrained(dtype=) does not
+        hf.get_submodule(n.rpartition(".")[0]).inv_freq = b
+    ours = ours_from(hf, "math")
+    for p in ours.parameters():
+        p.data = p.data.to(dtype)
+    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), ours.cfg), strict=True)
+    ids, att, tt, pos, pix = rows(lens=(12, 12), prefix=(8, 6))
+    pix = pix.to(dtype)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pix, token_type_ids=tt).logits
+        got = ours.logits(ours({"input_ids": ids, "pixel_values": pix,
+                                "mask": MaskSpec(prefix_len=torch.tensor([8, 6]))}).hidden)
+    assert got.dtype == ref.dtype == dtype
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
 def test_layer_types_from_the_config_are_followed():
     types = ["full_attention", "sliding_attention", "sliding_attention"]
     hf = make_hf(layer_types=types)
