@@ -399,3 +399,22 @@ def re_escape(s: str) -> str:
     import re
 
     return re.escape(s)
+
+
+def test_parity_benchmark_smoke(tmp_path):
+    """benchmarks/paligemma2_parity.py still runs: math rows equal in every dtype, the speed table, the picture."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = str(root / "benchmarks" / "paligemma2_parity.py")
+    png = tmp_path / "masks.png"
+    res = subprocess.run([sys.executable, script, "--smoke", "--masks", str(png)], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert res.returncode == 0, res.stderr
+    math_rows = [line.split() for line in res.stdout.splitlines() if line.split()[1:2] == ["math"]]
+    assert [r[0] for r in math_rows] == ["float64", "float32", "bfloat16"]
+    assert all(float(x) == 0.0 for r in math_rows for x in r[2:5])
+    assert "prefill forward" in res.stdout and "greedy generate" in res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
