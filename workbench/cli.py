@@ -177,6 +177,13 @@ def _sampling_params(args: argparse.Namespace):
                                  str(e))) from None
 
 
+def _text_only(section, command: str, source: str) -> None:
+    """chat and serve run text models only: a vision-language model needs an image per prompt."""
+    if section.family == "paligemma2":
+        raise WorkbenchError(f"{command}: {source} is a vision-language model ({section.family}); ask it about an "
+                             "image with `workbench generate --image FILE`")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from workbench.checkpoint.load import load_for_inference
     from workbench.inference.engine import Engine
@@ -237,8 +244,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise WorkbenchError(f"--max-length: expected an integer >= 2, got {args.max_length}")
     device = pick_device(args.device, "--device")
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
-                                              quant=args.quant)
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
+                                                    quant=args.quant)
+    _text_only(section, "chat", args.ckpt or args.hf_dir)
     template = ChatTemplate(tokenizer)  # names the reserved chat tokens a foreign tokenizer lacks
     job = load_run_config(args.ckpt) if args.ckpt else None
     window = args.max_length or default_max_length(job, model)  # a run's training window (data.seq_len)
@@ -288,7 +296,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loras[name] = folder
     device = pick_device(args.device, "--device")
     quant = {"quant": args.quant} if getattr(args, "quant", "none") != "none" else {}
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), **quant)
+    model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), **quant)
+    _text_only(section, "serve", args.ckpt or args.hf_dir)
     base = Path(args.hf_dir) if args.hf_dir else run_dir_of(resolve_checkpoint(args.ckpt))
     registry = None
     if loras:

@@ -119,5 +119,7 @@ def test_bad_inputs_give_one_clear_error(vlm_dir, images, hf_llama_dir, capsys):
     one_error(*run_cli(capsys, *gen, "--image", str(images / "odd.png"), "--page", "2")[::2], "not a PDF")
     one_error(*run_cli(capsys, *gen)[::2], "vision-language model", "--image")
     one_error(*run_cli(capsys, *gen[:-2], "--page", "2")[::2], "--page K needs --image")
+    for command in ("chat", "serve"):  # text-only commands refuse a VLM before any work
+        one_error(*run_cli(capsys, command, "--hf-dir", str(vlm_dir))[::2], f"{command}: ", "vision-language model")
     llama = ("generate", "--hf-dir", str(hf_llama_dir), "--prompt", "x", "--image", str(images / "odd.png"))
     one_error(*run_cli(capsys, *llama)[::2], "--image needs a vision-language model", "llama3")
