@@ -134,11 +134,11 @@ class Config:
 
 
 FLAVORS: dict[str, Config] = {
-    # tests and smoke runs: diffusers' tiny test UNet (models.md section 6), about 1.5M parameters
+    # tests and smoke runs: diffusers' tiny test UNet (models.md section 6), 1.4M parameters
     "debug": Config(sample_size=32, block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_heads=[2, 2],
                     cross_attention_dim=32),
-    # Stable Diffusion 1.x (about 860M parameters)
+    # Stable Diffusion 1.x: 859.5M parameters
     "sd15": Config(),
     # Stable Diffusion 2.x (768-v and base): heads 5/10/20/20 of width 64, linear projections, OpenCLIP-H context
     "sd2": Config(sample_size=96, attention_heads=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),
