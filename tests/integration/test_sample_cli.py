@@ -144,3 +144,15 @@ def test_sample_cli_bad_inputs(sd_dir, tmp_path, capsys):
     (odd / "unet" / "config.json").write_text(json.dumps({**cfg, "class_embed_type": "timestep"}))
     assert "class_embed_type" in err([*base, "--hf-dir", str(odd)])
     assert "model_index.json" in err([*base, "--hf-dir", str(tmp_path)])
+
+
+def test_half_precision_load_keeps_the_vae_in_float32(sd_dir):
+    """--dtype float16: UNet and CLIP in float16, the VAE upcast (diffusers' force_upcast); the image stays
+    close to the float32 one."""
+    half = load_sd_dir(sd_dir, dtype=torch.float16)
+    assert half.unet.conv_in.weight.dtype == torch.float16 and half.text_encoder.final_layer_norm.weight.dtype == torch.float16
+    assert half.vae.decoder.conv_out.weight.dtype == torch.float32
+    kw = dict(steps=3, guidance=7.5, seed=0, height=32, width=32)
+    got = sample_from(half, PROMPT, **kw)
+    want = sample_from(load_sd_dir(sd_dir), PROMPT, **kw)
+    assert torch.isfinite(got).all() and (got - want).abs().mean() < 0.02

@@ -318,10 +318,13 @@ def load_sd_dir(directory: str | Path, device: str | torch.device = "cpu", dtype
              (vae, vae_state_from_diffusers(read_weights(root / "vae", "diffusion_pytorch_model")), "vae"),
              (text, text_state_from_hf(read_weights(root / "text_encoder", "model"), str(root / "text_encoder")),
               "text_encoder"))
+    vae_hf = _read_json(root / "vae" / "config.json")
     for model, sd, name in parts:
         model.to_empty(device="cpu")
         load_into(model, sd, str(root / name))
-        model.to(device=device, dtype=dtype).eval()
+        # diffusers' force_upcast: SD's VAE overflows in float16, so it decodes in float32 (the pipeline casts)
+        keep_fp32 = name == "vae" and dtype == torch.float16 and vae_hf.get("force_upcast", True)
+        model.to(device=device, dtype=torch.float32 if keep_fp32 else dtype).eval()
     tokenizer = CLIPTokenizer.from_dir(root / "tokenizer")
     if max(tokenizer.vocab.values()) >= text_cfg.vocab_size:
         raise CheckpointError(f"{root / 'tokenizer'}: token ids up to {max(tokenizer.vocab.values())}, the text "
