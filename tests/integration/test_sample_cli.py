@@ -156,3 +156,17 @@ def test_half_precision_load_keeps_the_vae_in_float32(sd_dir):
     got = sample_from(half, PROMPT, **kw)
     want = sample_from(load_sd_dir(sd_dir), PROMPT, **kw)
     assert torch.isfinite(got).all() and (got - want).abs().mean() < 0.02
+
+
+def test_sharded_weights_load(sd_dir, tmp_path):
+    """A UNet saved in shards (diffusion_pytorch_model.safetensors.index.json) loads to the same weights."""
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(sd_dir, sharded)
+    shutil.rmtree(sharded / "unet")
+    diffusers.UNet2DConditionModel.from_pretrained(sd_dir / "unet").save_pretrained(sharded / "unet", max_shard_size="50KB")
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1
+    a, b = load_sd_dir(sd_dir).unet.state_dict(), load_sd_dir(sharded).unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

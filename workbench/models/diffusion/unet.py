@@ -227,7 +227,8 @@ class Upsample2D(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention of x (B, N, dim) over itself or over a context (B, L, context_dim)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, bias: bool = False):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, bias: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
@@ -235,6 +236,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)  # on the output, as diffusers' to_out.1
         self.core = AttentionCore(scale=head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,7 +247,7 @@ class Attention(nn.Module):
         k = self.to_k(ctx).view(B, ctx.shape[1], H, D).transpose(1, 2)  # (B, H, L, D)
         v = self.to_v(ctx).view(B, ctx.shape[1], H, D).transpose(1, 2)  # (B, H, L, D)
         out = self.core(q, k, v, FULL).transpose(1, 2).reshape(B, N, H * D)  # (B, N, H*D)
-        return self.to_out(out)
+        return self.dropout(self.to_out(out))
 
 
 class SpatialSelfAttention(nn.Module):
@@ -282,9 +284,9 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, dropout=dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim, dropout=dropout)
 
