@@ -410,6 +410,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args.out.lower().endswith(".png"):
         raise WorkbenchError(f"sample: --out must name a .png file, got {args.out!r}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ckpt is not None:  # a `workbench diffusion` run: its EMA weights, its own pixel size and vocabulary
+        from workbench.train.diffusion import load_run, prompt_condition, sample, schedule_config
+
+        run = load_run(args.ckpt, device)
+        x = run.data().images.train[0]
+        images = sample(run.net, prompt_condition(run, args.prompt), tuple(x.shape[1:]), schedule_config(run.cfg),
+                        steps=args.steps, guidance=args.guidance, eta=args.eta, sampler=args.scheduler,
+                        generator=torch.Generator().manual_seed(args.seed))
+        for path in save_png(images.permute(0, 2, 3, 1).expand(-1, -1, -1, 3), args.out):  # (B, H, W, 3)
+            print(path)
+        return 0
     components = load_sd_dir(args.hf_dir, device=device, dtype=_dtype(args.dtype) if args.dtype != "auto" else None)
     try:
         f = components.vae.cfg.downscale
@@ -560,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-dir", metavar="DIR", help="a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
                                                      "text_encoder/, tokenizer/, scheduler/)")
+    src.add_argument("--ckpt", metavar="RUN_DIR", help="a `workbench diffusion` run (its EMA weights; the prompt in its "
+                                                       "caption words, e.g. 'a star')")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="the unconditional branch's prompt (default: empty)")
     p.add_argument("--out", required=True, metavar="PNG", help="the image file to write")

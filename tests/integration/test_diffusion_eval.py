@@ -1,4 +1,4 @@
-"""`workbench diffusion` then `workbench eval --task diffusion` end to end on a tiny run of configs/diffusion/shapes.toml:
+"""`workbench diffusion`, `workbench sample --ckpt` and `workbench eval --task diffusion` end to end on a tiny run of configs/diffusion/shapes.toml:
 the eval writes results.json with FID, class accuracy and CLIP-score beside the real and noise references, the
 report table, a sample grid, and reuses the cached judges on a second eval; mixing it with a language-model task
 or giving it a non-diffusion run is refused."""
@@ -24,6 +24,16 @@ def test_train_then_eval_writes_metrics_beside_references(tmp_path, capsys):
     run_dir = tmp_path / "d"
     assert "val_loss_ema" in capsys.readouterr().out
     assert (run_dir / "samples.png").is_file()
+    # workbench sample --ckpt: one PNG of the run's size from a prompt in its caption words
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "a star", "--out", str(tmp_path / "star.png"),
+                 "--steps", "2", "--guidance", "3"]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "star.png") as im:
+        assert im.size == (8, 8) and im.mode == "RGB"
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run_dir), "--prompt", "a dog", "--out", str(tmp_path / "dog.png")]) == 2
+    assert "'dog' is not in this run's caption vocabulary" in capsys.readouterr().err
 
     assert main(["eval", "--task", "diffusion", "--ckpt", str(run_dir), *NETS]) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1]).parent

@@ -290,6 +290,7 @@ def run(ctx: Context, cfg: Config) -> None:
     ctx.runlog.baselines["predict 0"] = zero_loss
     grid_cond = class_conditions(model.net, data, torch.arange(k).repeat_interleave(cfg.grid_per_class))
     n_batches = math.ceil(len(y_train) / ctx.job.train.batch_size)
+    total = ctx.total_steps(len(y_train))  # the last step's grid is samples.png, drawn after fit
     state = {"step": ctx.step}
 
     def grid(net: TextToImage, filename: str, caption: str) -> None:
@@ -310,7 +311,7 @@ def run(ctx: Context, cfg: Config) -> None:
 
     def evaluate(m: Diffusion) -> dict[str, float]:
         step = state["step"]
-        if cfg.grid_every and step and step % (cfg.grid_every * n_batches) == 0:
+        if cfg.grid_every and 0 < step < total and step % (cfg.grid_every * n_batches) == 0:
             grid(m.ema, f"samples-step-{step}.png", f"EMA samples at step {step} (epoch {step // n_batches}); one row "
                                                     f"per prompt, guidance {cfg.guidance}")
         return {"loss": val_loss(m.net), "loss_ema": val_loss(m.ema)} if len(y_val) else {}
@@ -427,3 +428,23 @@ def load_run(ckpt: str | Path, device: torch.device | str = "cpu", ema: bool = T
                              f"{missing[:3]}, unexpected {unexpected[:3]})")
     run.net = net.to(device).eval()
     return run
+
+
+def prompt_condition(run: DiffusionRun, prompt: str) -> Tensor:
+    """The condition (1, ...) of a free-text prompt for `run`: its word ids (caption runs), or the class whose
+    word the prompt names (class runs). A word outside the run's caption vocabulary is an error naming it."""
+    from workbench.errors import WorkbenchError
+
+    data = run.data()
+    words = prompt.lower().split()
+    unknown = [w for w in words if w not in data.vocab.index]
+    if unknown:
+        raise WorkbenchError(f"sample: the prompt's word {unknown[0]!r} is not in this run's caption vocabulary "
+                             f"({', '.join(data.vocab.words[4:])})")
+    if run.net.conditioning == "caption":
+        return data.vocab.encode([prompt])
+    named = [k for k, w in enumerate(data.words) if w in words]
+    if len(named) != 1:
+        raise WorkbenchError(f"sample: a class-conditioned run needs a prompt naming one class "
+                             f"({', '.join(data.words)}), got {prompt!r}")
+    return torch.tensor(named)
