@@ -11,12 +11,15 @@ fonts (Pillow's built-in scalable font, `ImageFont.load_default(size=...)`, Pill
 
     flowchart  a main column (x = MAIN_X) from a rounded `start` box down to `end`; steps are boxes, decisions
                diamonds with the word inside; "yes" continues down, "no" leaves the diamond's right corner to a
-               side step (x = SIDE_X) that rejoins the main column below the decision, or loops back up and
-               left into an earlier step. Arrowheads mark every edge's end; "yes"/"no" are written beside them.
+               side step (x = SIDE_X) whose arrow comes back left above the next row and enters the next node's
+               top right of the main arrow (never joining it, so it cannot be read as leaving the decision),
+               or loops back up and left into an earlier step. Arrowheads (about 4 px at 96 px) mark every
+               edge's end; "yes"/"no" are written beside them.
     circuit    inputs A-D as letters on the left, gate columns by level, outputs Y/Z on the right. Gates are
                their standard symbols: AND a flat back and a semicircular front; OR a concave back and a
                pointed front; XOR an OR with a second back curve; NAND/NOR/NOT with a bubble at the output;
-               NOT a triangle. The instance name (G1 ...) is written inside a gate (above a NOT). Wires are
+               NOT a triangle. The instance name (G1 ...) is written above the gate (inside, an OR's concave
+               back curve would cross it), in a band no wire may cross and the next gate up leaves free. Wires are
                orthogonal: along the source's height, down or up a channel just left of the gate, into the pin.
                A dot marks where a net branches. `layout_circuit` places the gates (heights from the mean of
                their sources, spread apart) and orders the channels to cross as few wires as possible; a layout
@@ -48,10 +51,15 @@ SUPERSAMPLE = 4
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 LINE = 0.022  # line width, share of the side
 MAIN_X, SIDE_X = 0.29, 0.8
+REJOIN_DX = 0.1  # a side step's arrow back enters the next node this far right of the main column
 BOX_W, SIDE_W, DIAMOND_W = 0.4, 0.3, 0.5
+BOX_H, DIAMOND_H = 0.58, 0.72  # shares of the row pitch: the rest is room for arrows between rows
 IN_X, WIRE_X0, OUT_X, WIRE_X1 = 0.05, 0.1, 0.95, 0.9  # circuit: input letters, wire starts, outputs
 COL_X0, COL_X1 = 0.1, 0.85  # circuit gate columns: a channel for the wires in, then the gate
 TEXT_STROKE = 0.003  # letters are drawn this much bolder (share of the side): thin strokes vanish at 64 px
+LABEL_GAP = LINE / 2 + 0.015  # a gate's name sits this far above its body's edge (share of the side): clear of
+#                               the outline's ink by about 1.5 px at 96 px
+CAP_HEIGHT = 0.78  # the name's ink above its baseline, share of the font size (Aileron's capitals and digits)
 PAGE_W, PAGE_H, PAGE_DPI = 850, 1100, 100
 FIXED_DATE = time.gmtime(946684800)  # 2000-01-01 UTC: PIL writes the dates as given, so the bytes repeat
 
@@ -90,12 +98,13 @@ class Canvas:
         self.draw.text(self.p(x, y), s, font=font(round(height * self.side)), fill=INK, anchor=anchor,
                        stroke_width=round(TEXT_STROKE * self.side), stroke_fill=INK)
 
-    def arrow(self, pts, head: float = 0.028) -> None:
-        """A polyline ending in a filled arrowhead at its last point."""
-        self.line(pts)
+    def arrow(self, pts, head: float = 0.04) -> None:
+        """A polyline ending in a filled arrowhead at its last point (the line stops at the head's base, so the
+        head narrows to a visible point instead of ending in a line as wide as it)."""
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
         d = math.hypot(x1 - x0, y1 - y0) or 1.0
         ux, uy = (x1 - x0) / d, (y1 - y0) / d
+        self.line(list(pts[:-1]) + [(x1 - 0.5 * head * ux, y1 - 0.5 * head * uy)])
         w = head * 0.6
         self.draw.polygon([self.p(x1, y1), self.p(x1 - head * ux - w * uy, y1 - head * uy + w * ux),
                            self.p(x1 - head * ux + w * uy, y1 - head * uy - w * ux)], fill=INK)
@@ -115,8 +124,8 @@ def render_flowchart(chart: dict, size: int) -> Image.Image:
     c = Canvas(size)
     rows = 1 + max(n["row"] for n in chart["nodes"])
     pitch = 1 / rows
-    bh = 0.62 * pitch  # box height
-    dh = 0.8 * pitch  # diamond height
+    bh = BOX_H * pitch  # box height
+    dh = DIAMOND_H * pitch  # diamond height
     fh = min(0.11, 0.8 * bh)  # label height: as big as the box allows
     nodes = {n["id"]: n for n in chart["nodes"]}
 
@@ -139,9 +148,13 @@ def render_flowchart(chart: dict, size: int) -> Image.Image:
         elif e["route"] == "side":
             c.arrow([(ax + aw, ay), (bx - bw, by)])
             c.text(ax + aw + 0.01, ay - 0.015, e["label"], 0.07, anchor="lb")
-        elif e["route"] == "rejoin":  # down from the side step, left, into the arrow entering the next row
-            mid = ay + pitch / 2 - (bh2 if b["kind"] != "decision" else dh / 2) / 2 - 0.01
-            c.line([(ax, ay + ah), (ax, mid), (bx, mid)])
+        elif e["route"] == "rejoin":  # down from the side step, left above the next row, down into its top
+            x = bx + REJOIN_DX  # beside the main arrow, so the two never meet before the node
+            # clear of the decision's lower-right side above x (the side step shares the decision's row)
+            turn = ay + dh / 2 * (1 - REJOIN_DX / (DIAMOND_W / 2)) + 0.04
+            # where x meets the next node's top: a box's flat edge, a diamond's upper-right side
+            top = by - bh2 * (1 - REJOIN_DX / bw if b["kind"] == "decision" else 1)
+            c.arrow([(ax, ay + ah), (ax, turn), (x, turn), (x, top)])
         else:  # loop: right from the diamond, up, left into the earlier step's right side
             c.arrow([(ax + aw, ay), (SIDE_X, ay), (SIDE_X, by), (bx + bw, by)])
             c.text(ax + aw + 0.01, ay - 0.015, e["label"], 0.07, anchor="lb")
@@ -165,6 +178,13 @@ def _geometry(levels: int) -> tuple[float, float, float]:
     cw = (COL_X1 - COL_X0) / levels
     gw = min(0.3, 0.62 * cw)
     return cw, gw, 0.85 * gw
+
+
+def _label(levels: int) -> tuple[float, float]:
+    """(font size of a gate's name, the band above the body its name takes: gap + capitals + stroke)."""
+    _, _, gh = _geometry(levels)
+    size = min(0.09, 0.45 * gh)
+    return size, LABEL_GAP + CAP_HEIGHT * size + TEXT_STROKE
 
 
 def _column_x(level: int, levels: int) -> float:
@@ -234,7 +254,8 @@ def _clashes(circuit: dict, levels: int, wires: list[dict], tol: float = 0.022) 
     """How many ways the drawing would mislead (see the module notes); 0 for a clean layout. Wires of other
     nets crossing at right angles are allowed and counted separately by `_crossings`."""
     _, gw, gh = _geometry(levels)
-    boxes = {g["name"]: (_column_x(g["level"], levels) - gw / 2 - 0.01, g["y"] - gh / 2 - 0.01,
+    band = _label(levels)[1]  # the name above the body is part of the gate: no wire may run through it
+    boxes = {g["name"]: (_column_x(g["level"], levels) - gw / 2 - 0.01, g["y"] - gh / 2 - band - LINE / 2 - 0.01,
                          _column_x(g["level"], levels) + gw / 2 + 0.01, g["y"] + gh / 2 + 0.01)
              for g in circuit["gates"]}
     segs = [(w["net"], w, s) for w in wires for s in w["segments"] if s[0] != s[1]]
@@ -303,6 +324,7 @@ def layout_circuit(circuit: dict, rng: random.Random, tries: int = 12) -> dict |
         g["level"] = level[g["output"]] = 1 + max(level[s] for s in g["inputs"])
     levels = max(g["level"] for g in circuit["gates"])
     _, _, gh = _geometry(levels)
+    band = _label(levels)[1]
     circuit["input_y"] = _input_ys(len(circuit["inputs"]), rng)
     for attempt in range(tries):
         y = dict(zip(circuit["inputs"], circuit["input_y"]))
@@ -316,7 +338,8 @@ def layout_circuit(circuit: dict, rng: random.Random, tries: int = 12) -> dict |
                         g["y"] = y[src] - off
                         break
             col.sort(key=lambda g: g["y"])
-            gap, lo, hi = 1.45 * gh, 0.08 + gh / 2, 0.92 - gh / 2
+            # centres: the name of the lower gate fits between two bodies, the top gate's name inside the picture
+            gap, lo, hi = max(1.45 * gh, gh + band + LINE / 2 + 0.01), 0.006 + band + gh / 2, 0.94 - gh / 2
             for a, b in zip(col, col[1:]):  # spread apart, then shift the column back inside the picture
                 b["y"] = max(b["y"], a["y"] + gap)
             shift = max(0.0, col[-1]["y"] - hi)
@@ -359,7 +382,6 @@ def draw_gate(c: Canvas, gate: dict, levels: int, label_h: float) -> None:
     x0, x1 = x - gw / 2, x + gw / 2
     rb = 0.14 * gw if t in ("NAND", "NOR", "NOT") else 0.0  # output bubble radius: big enough to be a ring
     body_end = x1 - 2 * rb
-    text_x = x0 + 0.42 * (body_end - x0)
     if t in ("AND", "NAND"):
         r = gh / 2
         arc = [(body_end - r + r * math.cos(a), y + r * math.sin(a))
@@ -370,16 +392,13 @@ def draw_gate(c: Canvas, gate: dict, levels: int, label_h: float) -> None:
         c.polygon(_or_curve(start, body_end, y, gh, 0.12 * gw))
         if t == "XOR":  # the second back curve
             c.line([(x0 + 0.12 * gw * math.sin(math.pi * i / 12), y + gh / 2 - gh * i / 12) for i in range(13)])
-        text_x += 0.05 * gw
     else:  # NOT: a triangle
         h = 0.8 * gh / 2
         c.polygon([(x0, y - h), (body_end, y), (x0, y + h)])
     if rb:
         c.circle(body_end + rb, y, rb, width=max(1, round(0.7 * c.lw)))
-    if t == "NOT":
-        c.text(x, y - 0.8 * gh / 2 - 0.008, gate["name"], label_h, anchor="ms")
-    else:
-        c.text(text_x, y, gate["name"], label_h)
+    # the name above the body, for every type: inside, an OR's back curve (and XOR's second) crosses it
+    c.text(x, y - gh / 2 - LABEL_GAP, gate["name"], label_h, anchor="ms")
 
 
 def render_circuit(circuit: dict, size: int) -> Image.Image:
@@ -405,7 +424,7 @@ def render_circuit(circuit: dict, size: int) -> Image.Image:
         g = next(g for g in circuit["gates"] if g["name"] == gname)
         c.text(OUT_X, g["y"], port, letter)
     for g in circuit["gates"]:
-        draw_gate(c, g, levels, min(0.09, 0.45 * gh))
+        draw_gate(c, g, levels, _label(levels)[0])
     return c.done()
 
 

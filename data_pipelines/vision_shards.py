@@ -46,7 +46,7 @@ from data_pipelines.diagram_render import document_page, layout_circuit, render,
 from data_pipelines.shards import _remove_stale_builds
 from workbench.errors import DataError
 
-VERSION = 2  # bump when the makers change what a seed gives: folders built before are then rebuilt
+VERSION = 3  # bump when the makers change what a seed gives: folders built before are then rebuilt
 SAMPLES_PER_SHARD = 256
 MIN_SIZE, MAX_SIZE = 32, 1024
 PAGES_PER_KIND = 2

@@ -171,7 +171,7 @@ def test_pictures_are_deterministic_and_drawn_where_the_structure_says():
     a, b = (np.asarray(dr.render({"kind": "flowchart", **f}, 96)).astype(int) for f in (FLOW, other))
     rows, cols = np.nonzero(np.abs(a - b).sum(-1))
     assert len(rows) > 20
-    box_y, half_h = (1 + 0.5) / 5, 0.62 / 5 / 2
+    box_y, half_h = (1 + 0.5) / 5, dr.BOX_H / 5 / 2
     assert rows.min() >= (box_y - half_h) * 96 - 1 and rows.max() <= (box_y + half_h) * 96 + 1
     assert cols.min() >= (dr.MAIN_X - dr.BOX_W / 2) * 96 - 1 and cols.max() <= (dr.MAIN_X + dr.BOX_W / 2) * 96 + 1
     # a circuit: ink on the wires and gates, the inputs' letters where they are placed, mostly white paper
@@ -181,6 +181,60 @@ def test_pictures_are_deterministic_and_drawn_where_the_structure_says():
     for y in c["input_y"]:
         patch = im[int(y * 96) - 4 : int(y * 96) + 4, int(dr.IN_X * 96) - 4 : int(dr.IN_X * 96) + 4]
         assert (patch < 100).any()
+
+
+_TEXT = dr.Canvas.text
+
+
+def _gate_names_only(monkeypatch, circuit, names):
+    """The circuit at 96 px (darkest channel) with only the gate names in `names` written."""
+    gates = {g["name"] for g in circuit["gates"]}
+    monkeypatch.setattr(dr.Canvas, "text", lambda self, x, y, s, h, anchor="mm":
+                        None if s in gates and s not in names else _TEXT(self, x, y, s, h, anchor))
+    return np.asarray(dr.render(circuit, 96)).min(-1).astype(int)
+
+
+def test_gate_names_stay_clear_of_every_outline_and_wire(monkeypatch):
+    # every type alone, then generated circuits (two gate columns, names between stacked gates)
+    circuits = [{"kind": "circuit", "name": t, "inputs": ["A", "B"], "outputs": {"Y": "G1"},
+                 "gates": [{"name": "G1", "type": t, "inputs": ["A"] if t == "NOT" else ["A", "B"], "output": "Y"}]}
+                for t in dg.GATES]
+    for c in circuits:
+        dr.layout_circuit(c, random.Random(0))
+    circuits += [dg.make_sample("circuit", random.Random(i), f"c{i}", layout=dr.layout_circuit) for i in range(40)]
+    assert max(len(c["gates"]) for c in circuits) >= 3
+    for c in circuits:
+        bare = _gate_names_only(monkeypatch, c, set())
+        for g in c["gates"]:
+            ys, xs = np.nonzero(np.abs(_gate_names_only(monkeypatch, c, {g["name"]}) - bare) > 8)  # the name's ink
+            assert len(ys) > 15, (c["name"], g["name"])
+            y0, y1, x0, x1 = ys.min() - 1, ys.max() + 2, xs.min() - 1, xs.max() + 2  # its box and 1 px around
+            assert y0 >= 0 and (bare[y0:y1, x0:x1] > 230).all(), (c["name"], g["name"], g["type"])
+            gh = dr._geometry(max(x["level"] for x in c["gates"]))[2]
+            assert ys.max() < (g["y"] - gh / 2) * 96  # above its own gate
+
+
+def test_flowchart_side_step_arrow_enters_the_next_node_apart_from_the_main_column():
+    def ink(chart):
+        return np.asarray(dr.render({"kind": "flowchart", **chart}, 96)).min(-1).astype(int)
+
+    charts = [FLOW] + [f for f in (dg.make_flowchart(random.Random(i)) for i in range(40))
+                       if any(e["route"] == "rejoin" for e in f["edges"])][:8]
+    for chart in charts:
+        rows = 1 + max(n["row"] for n in chart["nodes"])
+        nodes = {n["id"]: n for n in chart["nodes"]}
+        bare = json.loads(json.dumps(chart))
+        bare["edges"] = [e for e in chart["edges"] if e["route"] != "rejoin"]
+        ys, xs = np.nonzero(np.abs(ink(chart) - ink(bare)) > 60)  # the side steps' arrows back
+        assert len(ys) and xs.min() > (dr.MAIN_X + dr.LINE) * 96 + 1  # they never meet the main column
+        for e in (e for e in chart["edges"] if e["route"] == "rejoin"):
+            dec_bottom = (nodes[e["src"]]["row"] + 0.5 + dr.DIAMOND_H / 2) / rows * 96
+            nxt = nodes[e["dst"]]
+            tip_x = (dr.MAIN_X + dr.REJOIN_DX) * 96
+            near = (np.abs(xs - tip_x) < 6) & (ys > dec_bottom - 6) & (ys < (nxt["row"] + 0.5) / rows * 96)
+            widths = [np.ptp(xs[near & (ys == r)]) + 1 for r in np.unique(ys[near])]
+            # an arrowhead: some row of the final drop at least 4 px wide (the line is 2), narrowing to its tip
+            assert max(widths) >= 4 and widths[-1] <= 2, widths
 
 
 def test_answer_distributions_need_the_picture():
