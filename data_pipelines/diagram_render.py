@@ -28,8 +28,9 @@ fonts (Pillow's built-in scalable font, `ImageFont.load_default(size=...)`, Pill
     shapes     filled shapes (no outline) on white: the centre pixel of each shape is its colour.
 
 PDF documents (`document_page`, `write_pdf`): letter-shaped pages (850 x 1100 px, 100 dpi) with a title, the
-diagram and a paragraph about it, saved by PIL as one multi-page PDF with fixed dates so that the same pages
-give the same bytes.
+diagram and a paragraph on how to read it (`paragraph`: never the caption or anything a question asks, so the
+page's text alone answers none of them), saved by PIL as one multi-page PDF with fixed dates so that the same
+pages give the same bytes.
 """
 
 from __future__ import annotations
@@ -469,13 +470,18 @@ def render(sample: dict, size: int) -> Image.Image:
 
 
 def paragraph(sample: dict) -> str:
-    """The text printed under a diagram on its page."""
-    text = sample["caption"]
+    """The text printed under a diagram on its page: how to read the figure, never what its questions ask (the
+    caption, gate types, formulas, step words, colours, counts or the netlist would answer them without the
+    picture; the pages show held-out samples)."""
     if sample["kind"] == "circuit":
-        text += f" Its gate-level Verilog netlist is module {sample['name']} (verilog/{sample['name']}.v)."
-    elif sample["kind"] == "flowchart":
-        text += " Each box is a step; a diamond is a decision, whose yes branch goes down and no branch right."
-    return text
+        ins, outs = sample["inputs"], list(sample["outputs"])
+        return (f"A combinational logic circuit with inputs {', '.join(ins)} on the left and output"
+                f"{'s' if len(outs) > 1 else ''} {' and '.join(outs)} on the right. Each gate is drawn with its "
+                "standard symbol and its name written above it; a dot marks where a wire branches.")
+    if sample["kind"] == "flowchart":
+        return ("A flowchart, from start to end. Each box is a step; a diamond is a decision, whose yes branch "
+                "goes down and no branch right.")
+    return "A picture of coloured shapes on a white background."
 
 
 def document_page(sample: dict, number: int, diagram_px: int = 480) -> Image.Image:

@@ -37,7 +37,8 @@ is computed from the structure)
     circuit    output      "What is the output Y for A=1, B=0?" -> "1" or "0"; the input row is chosen so
                            that 0 and 1 are equally likely answers (a coin picks the answer, then a row with it)
                driver      "Which gate drives Y?" -> the type of the gate whose output is Y, e.g. "XOR"
-               gate_type   "What type of gate is G2?" -> e.g. "NAND"
+               gate_type   "What type of gate is G2?" -> e.g. "NAND", about a gate that drives no output when
+                           there is one (the driver questions cover the others); none for a one-gate circuit
     shapes     caption     "Describe the image." -> the caption ("a red circle above a blue square")
                colour      "What colour is the circle?" -> "red"
                shape       "Which shape is blue?" -> "square"
@@ -262,8 +263,14 @@ def circuit_qa(circuit: dict, rng: random.Random) -> list[dict]:
                    "answer": str(table[out][rows.index(row)]), "type": "output"})
         driver = next(g for g in circuit["gates"] if g["name"] == circuit["outputs"][out])
         qa.append({"question": f"Which gate drives {out}?", "answer": driver["type"], "type": "driver"})
-    g = rng.choice(circuit["gates"])
-    qa.append({"question": f"What type of gate is {g['name']}?", "answer": g["type"], "type": "gate_type"})
+    # a gate that drives no output, when there is one: the driver questions already ask about the others
+    # (a one-gate circuit's only gate drives Y, so it gets no gate_type question)
+    drivers = set(circuit["outputs"].values())
+    gates = circuit["gates"] if len(circuit["gates"]) > 1 else []
+    choices = [g for g in gates if g["name"] not in drivers] or gates
+    if choices:
+        g = rng.choice(choices)
+        qa.append({"question": f"What type of gate is {g['name']}?", "answer": g["type"], "type": "gate_type"})
     return qa
 
 

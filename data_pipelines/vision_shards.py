@@ -3,14 +3,18 @@
     OUT/manifest.json         {"format": "workbench-vision/1",
                                "settings": {"kinds", "counts": {"train", "val", "test"}, "size", "seed", "version"},
                                "splits": {"train"|"val"|"test": [{"file", "sha256", "size", "samples", "keys"}]},
-                               "verilog": {"dir", "files"}, "documents": {"file", "sha256", "pages", "index"},
+                               "verilog": {"dir", "split", "files"}, "documents": {"file", "sha256", "pages",
+                               "index"},
                                "stats": {"kinds", "answers", "blind"}}
     OUT/{split}-{k:05d}.tar   SAMPLES_PER_SHARD samples each: KEY.png (size x size RGB) and KEY.json
                               ({"id", "kind", "caption", "qa", ...the structure}; see data_pipelines.diagrams)
-    OUT/verilog/NAME.v        every circuit's gate-level netlist, one module per file: a Verilog source tree
-                              for the expert-chatbot recipe (launch/expert_teacher.sh OUT/verilog)
-    OUT/documents.pdf         pages that show a diagram of the held-out split with a paragraph about it
-    OUT/documents.json        per page (1-based, as `--page K` counts): the sample's id, kind, caption and qa
+    OUT/verilog/NAME.v        every *training* circuit's gate-level netlist, one module per file: a Verilog
+                              source tree for the expert-chatbot recipe (launch/expert_teacher.sh OUT/verilog);
+                              held-out circuits are left out, since a netlist answers their questions
+    OUT/documents.pdf         pages that show a diagram of the held-out split with a paragraph on how to read
+                              it (`diagram_render.paragraph`: nothing a question asks)
+    OUT/documents.json        per page (1-based, as `--page K` counts): the sample's id, kind, the page's
+                              text, and the answer key (caption and qa)
 
 Samples. Sample g (train first, then val, then test, so ids are unique across splits) has kind
 `kinds[g % len(kinds)]`, id `KIND_{g:05d}` (also its tar key and, for a circuit, its module name) and its own
@@ -42,7 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from data_pipelines import diagrams
-from data_pipelines.diagram_render import document_page, layout_circuit, render, write_pdf
+from data_pipelines.diagram_render import document_page, layout_circuit, paragraph, render, write_pdf
 from data_pipelines.shards import _remove_stale_builds
 from workbench.errors import DataError
 
@@ -51,6 +55,10 @@ SAMPLES_PER_SHARD = 256
 MIN_SIZE, MAX_SIZE = 32, 1024
 PAGES_PER_KIND = 2
 RETRIES = 100  # redraws of a held-out sample whose picture is in an earlier split
+# how a changed setting is named in the rebuild error: by the flags of `workbench diagrams` (and build's keywords)
+SETTING_NAMES = {"kinds": "--kinds (kinds)", "counts": "--train/--val/--test (n_train/n_val/n_test)",
+                 "size": "--size (size)", "seed": "--seed (seed)",
+                 "version": "the dataset version (the makers changed since it was built)"}
 
 
 def _sha256(path: Path) -> str:
@@ -158,8 +166,8 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
             return out
         if changed and not force:
             key = changed[0]
-            raise DataError(f"diagrams: setting '{key}': {out} was built with {existing.get(key)!r}, this build asks "
-                            f"for {settings[key]!r}; rebuild it with --force, or choose another folder")
+            raise DataError(f"diagrams: {SETTING_NAMES[key]}: {out} was built with {existing.get(key)!r}, this "
+                            f"build asks for {settings[key]!r}; rebuild it with --force, or choose another folder")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"diagrams: {out} exists and is not a vision dataset (no manifest.json); choose another "
                         f"folder")
@@ -184,19 +192,19 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
                 shards.append(write_shard(tmp / f"{name}-{k:05d}.tar", items))
             shard_lists[name] = shards
         (tmp / "verilog").mkdir()
-        circuits = [s for samples in splits.values() for s in samples if s["kind"] == "circuit"]
+        circuits = [s for s in splits["train"] if s["kind"] == "circuit"]  # held-out netlists would give answers
         for s in circuits:
             (tmp / "verilog" / f"{s['name']}.v").write_text(s["netlist"])
         held_out = next((splits[n] for n in ("test", "val", "train") if splits[n]), [])
         chosen = [s for kind in settings["kinds"] for s in [x for x in held_out if x["kind"] == kind][:PAGES_PER_KIND]]
         write_pdf(tmp / "documents.pdf", [document_page(s, i + 1) for i, s in enumerate(chosen)])
-        index = [{"page": i + 1, "id": s["id"], "kind": s["kind"], "caption": s["caption"], "qa": s["qa"]}
-                 for i, s in enumerate(chosen)]
+        index = [{"page": i + 1, "id": s["id"], "kind": s["kind"], "text": paragraph(s), "caption": s["caption"],
+                  "qa": s["qa"]} for i, s in enumerate(chosen)]
         (tmp / "documents.json").write_text(json.dumps(index, indent=1) + "\n")
         from workbench.data.vision import FORMAT
 
         manifest = {"format": FORMAT, "settings": settings, "splits": shard_lists,
-                    "verilog": {"dir": "verilog", "files": len(circuits)},
+                    "verilog": {"dir": "verilog", "split": "train", "files": len(circuits)},
                     "documents": {"file": "documents.pdf", "sha256": _sha256(tmp / "documents.pdf"),
                                   "pages": len(chosen), "index": "documents.json"},
                     "stats": {**statistics(splits), "held_out_duplicates": kept_duplicates}}

@@ -6,6 +6,7 @@ the structure says, and the shards round trip through load_vision_split, which r
 import itertools
 import json
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -62,7 +63,10 @@ def test_hand_made_circuit_truth_table_netlist_and_questions():
             else:
                 name = q["question"].split()[-1].rstrip("?")
                 assert q["answer"] == {"G1": "AND", "G2": "XOR", "G3": "NOT"}[name]
-    assert seen == {"output": 80, "driver": 80, "gate_type": 40}
+    assert seen == {"output": 80, "driver": 80, "gate_type": 40}  # always G1: G2 and G3 drive outputs
+    one = {"name": "one", "inputs": ["A", "B"], "outputs": {"Y": "G1"},
+           "gates": [{"name": "G1", "type": "NOR", "inputs": ["A", "B"], "output": "Y"}]}
+    assert [q["type"] for q in dg.circuit_qa(one, random.Random(0))] == ["output", "driver"]  # no repeat
 
 
 def test_netlist_evaluator_reads_any_gate_order_and_refuses_what_it_cannot_evaluate():
@@ -272,11 +276,20 @@ def test_build_round_trip_rebuild_rules_and_documents(tmp_path):
         assert np.array_equal(e.image, np.asarray(dr.render(sample, 64)))
         assert all(set(q) == {"question", "answer", "type"} for q in e.qa) and e.qa
         if e.kind == "circuit":
-            assert (out / "verilog" / f"{e.id}.v").read_text() == e.meta["netlist"]
+            assert not (out / "verilog" / f"{e.id}.v").exists()  # a held-out netlist would answer its questions
             assert dg.netlist_truth_table(e.meta["netlist"]) == dg.truth_table(e.meta)
-    assert len(list((out / "verilog").glob("*.v"))) == 12 == manifest["verilog"]["files"]
+    train_circuits = [e for e in load_vision_split(out, "train") if e.kind == "circuit"]
+    for e in train_circuits:
+        assert (out / "verilog" / f"{e.id}.v").read_text() == e.meta["netlist"]
+    assert len(list((out / "verilog").glob("*.v"))) == len(train_circuits) == 7 == manifest["verilog"]["files"]
     pages = json.loads((out / "documents.json").read_text())
     assert [p["page"] for p in pages] == [1, 2, 3, 4, 5, 6] and pages[0]["id"] == test[0].id
+    for p in pages:  # the page's text answers none of its questions (only the picture does)
+        assert p["text"] == dr.paragraph(next(e for e in test if e.id == p["id"]).meta | {"kind": p["kind"]})
+        words = set(re.findall(r"\w+", p["text"]))
+        assert p["caption"] not in p["text"] and p["qa"]
+        for q in p["qa"]:
+            assert q["answer"] not in words and q["answer"] not in p["text"], (q, p["text"])
     pdf = pypdfium2.PdfDocument(str(out / "documents.pdf"))
     assert len(pdf) == 6
     page = np.asarray(pdf[2].render(scale=dr.PAGE_DPI / 72).to_pil().convert("L"))  # 8.5 x 11 in at 100 dpi
@@ -295,11 +308,13 @@ def test_build_round_trip_rebuild_rules_and_documents(tmp_path):
     build_vision_dataset(tmp_path / "again", n_train=21, n_val=6, n_test=9, size=64, seed=1, log=logs.append)
     assert (tmp_path / "again" / "manifest.json").read_text() == first
     # other settings: an error naming the setting, unless forced
-    with pytest.raises(DataError, match="setting 'seed'.*built with 1.*asks for 2"):
+    with pytest.raises(DataError, match="--seed.*built with 1.*asks for 2"):
         build_vision_dataset(out, n_train=21, n_val=6, n_test=9, size=64, seed=2, log=logs.append)
     build_vision_dataset(out, n_train=3, n_val=0, n_test=0, size=48, seed=2, force=True, kinds=["shapes"],
                          log=logs.append)
     assert load_vision_split(out, "val") == [] and len(load_vision_split(out, "train")) == 3
+    with pytest.raises(DataError, match="--train/--val/--test.*'train': 3.*'train': 4"):
+        build_vision_dataset(out, n_train=4, n_val=0, n_test=0, size=48, seed=2, kinds=["shapes"])
     assert load_vision_split(out, "train")[0].image.shape == (48, 48, 3)
     for bad, key in ((dict(n_train=0), "n_train"), (dict(size=8), "size"), (dict(kinds=["circle"]), "kinds")):
         args = dict(n_train=3, n_val=0, n_test=0, size=48, seed=2) | bad
@@ -364,6 +379,6 @@ def test_cli_builds_and_reports(tmp_path, capsys):
     assert "train      6 samples in 1 shard(s): shapes 3, circuit 3" in text and "colour" in text
     assert main(["diagrams", str(tmp_path / "d"), "--train", "6", "--val", "3", "--test", "3", "--size", "40",
                  "--kinds", "shapes,circuit"]) == 2
-    assert "setting 'size'" in capsys.readouterr().err
+    assert "diagrams: --size (size): " in capsys.readouterr().err
     assert main(["diagrams", str(tmp_path / "e"), "--kinds", "shapes,circle"]) == 2
     assert "kinds must be distinct names" in capsys.readouterr().err

@@ -8,7 +8,7 @@ A dataset folder (written by `workbench diagrams OUT`, see `data_pipelines.visio
     train-00000.tar ...    webdataset tars: per sample `KEY.png` (the picture) and `KEY.json`
     val-00000.tar ...      {"id", "kind", "caption", "qa": [{"question", "answer", "type"}], ...the structure}
     test-00000.tar ...
-    verilog/*.v            every circuit's gate-level netlist (a Verilog source tree)
+    verilog/*.v            every training circuit's gate-level netlist (a Verilog source tree)
     documents.pdf          pages that combine a diagram with a paragraph about it
 
 `load_vision_split(root, split)` returns the split's samples in manifest order as `VisionExample`s: the image
