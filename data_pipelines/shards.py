@@ -27,6 +27,7 @@ WebDataset` reads them too, see tests/unit/test_shards.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
     settings = build_settings(data)
     if data.tokenizer and not Path(data.tokenizer).is_file():
         raise DataError(f"config key 'data.tokenizer': {data.tokenizer} does not exist")
-    _remove_stale_builds(out)
+    remove_stale_builds(out)
     if (out / MANIFEST).is_file():
         try:
             existing = Manifest.load(out)
@@ -144,11 +145,7 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
     if getattr(data, "passkey_fraction", 0.0):  # after the tokenizer: it is the corpus's alone
         train, val = mix_passkeys(data, train, val, tokenizer, log)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    tmp.mkdir()
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    try:
+    with building(out) as tmp:
         tokenizer.save(tmp / "tokenizer.json")
         dtype = token_dtype(tokenizer.vocab_size)
         splits, counts = {}, np.zeros(tokenizer.vocab_size, dtype=np.int64)
@@ -165,15 +162,6 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
                             vocab_size=tokenizer.vocab_size, dtype=dtype, splits=splits,
                             unigram_counts=counts.tolist())
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json()))  # last: its presence means complete
-        if out.exists():
-            out.rename(old)  # the previous dataset steps aside (put back below if the swap fails)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     baseline = unigram_loss(counts, np.concatenate(labels_val)) if labels_val else float("nan")
     tok = {n: manifest.tokens(n) for n in splits}
     log(f"data: wrote {out}: {len(splits['train'])} train shards ({tok['train']:,} tokens), "
@@ -184,7 +172,41 @@ def build_dataset(data, *, force: bool = False, log: Callable[[str], None] = pri
     return manifest
 
 
-def _remove_stale_builds(out: Path) -> None:
+@contextlib.contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` to build into (`.NAME.building-PID`). When the block ends normally it
+    replaces `out` (the previous folder steps aside as `.NAME.old-PID` and is deleted after the swap); on any
+    exception, KeyboardInterrupt included, it is removed and the previous folder stays (put back if the swap
+    itself failed). Shared by every dataset builder (`build_dataset`, `data_pipelines.vision_shards`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    try:
+        yield tmp
+        if out.exists():
+            out.rename(old)  # the previous dataset steps aside (put back below if the swap fails)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_tar(path: Path, samples: Iterable[tuple[str, Sequence[tuple[str, bytes]]]]) -> None:
+    """A webdataset tar, byte-for-byte reproducible: for each (KEY, [(EXT, payload), ...]) the members KEY.EXT
+    in the order given, USTAR format, mtime 0, mode 0644, no owner names."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, payload in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def remove_stale_builds(out: Path) -> None:
     """Clean up after builds of `out` whose process is gone (killed mid-build): their unfinished folders are
     deleted, and a previous dataset left aside during the final swap is put back if `out` is missing."""
     for stale in out.parent.glob(f".{out.name}.*-*"):
@@ -238,17 +260,14 @@ def write_split(folder: Path, name: str, docs: list[Document], tokenizer: Tokeni
 def write_shard(path: Path, samples: list[tuple[str, Document, np.ndarray]], dtype: str) -> ShardInfo:
     """One webdataset tar, byte-for-byte reproducible; returns its manifest entry."""
     item = np.dtype(dtype).newbyteorder("<")
-    total_tokens = total_bytes = 0
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, doc, ids in samples:
-            text = doc.text.encode("utf-8")
-            meta = {"path": doc.path, "bytes": len(text), "tokens": len(ids)}
-            for ext, payload in (("ids", ids.astype(item).tobytes()), ("json", json.dumps(meta).encode()),
-                                 ("txt", text)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
-            total_tokens += len(ids)
-            total_bytes += len(text)
+    members = []
+    for key, doc, ids in samples:
+        text = doc.text.encode("utf-8")
+        meta = {"path": doc.path, "bytes": len(text), "tokens": len(ids)}
+        members.append((key, [("ids", ids.astype(item).tobytes()), ("json", json.dumps(meta).encode()),
+                              ("txt", text)]))
+    write_tar(path, members)
+    total_tokens = sum(len(ids) for _, _, ids in samples)
+    total_bytes = sum(len(doc.text.encode("utf-8")) for _, doc, _ in samples)
     return ShardInfo(file=path.name, sha256=sha256_file(path), size=path.stat().st_size,
                      keys=[k for k, _, _ in samples], tokens=total_tokens, bytes=total_bytes)

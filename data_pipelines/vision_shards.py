@@ -26,20 +26,17 @@ circuits larger than training ones (the manifest's stats count circuits by size 
 Every circuit's netlist is evaluated from its text (`diagrams.netlist_truth_table`) and compared with the
 simulated structure before anything is written; a difference is a bug and stops the build.
 
-Builds follow `data_pipelines.shards`: the folder is written under a temporary name and renamed into place, so an
-interrupted build leaves the previous dataset or nothing; a folder built with the same settings is reused; one
-built with other settings is an error naming the setting unless `force` is given.
+Builds share `data_pipelines.shards`' helpers (`building`, `write_tar`, `remove_stale_builds`): the folder is
+written under a temporary name and renamed into place, so an interrupted build leaves the previous dataset or
+nothing; tars are byte-for-byte reproducible; a folder built with the same settings is reused; one built with
+other settings is an error naming the setting (by its flag) unless `force` is given.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import random
-import shutil
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -47,7 +44,8 @@ from pathlib import Path
 
 from data_pipelines import diagrams
 from data_pipelines.diagram_render import document_page, layout_circuit, paragraph, render, write_pdf
-from data_pipelines.shards import _remove_stale_builds
+from data_pipelines.shards import building, remove_stale_builds, write_tar
+from workbench.checkpoint.run import sha256_file
 from workbench.errors import DataError
 
 VERSION = 3  # bump when the makers change what a seed gives: folders built before are then rebuilt
@@ -59,10 +57,6 @@ RETRIES = 100  # redraws of a held-out sample whose picture is in an earlier spl
 SETTING_NAMES = {"kinds": "--kinds (kinds)", "counts": "--train/--val/--test (n_train/n_val/n_test)",
                  "size": "--size (size)", "seed": "--seed (seed)",
                  "version": "the dataset version (the makers changed since it was built)"}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def settings_of(*, n_train: int, n_val: int, n_test: int, size: int, seed: int, kinds: Sequence[str]) -> dict:
@@ -115,14 +109,10 @@ def check_circuit(sample: dict) -> None:
 
 
 def write_shard(path: Path, items: list[tuple[str, bytes, bytes]]) -> dict:
-    """One webdataset tar of (key, png, json) written deterministically; returns its manifest entry."""
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, png, meta in items:
-            for ext, payload in (("png", png), ("json", meta)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o644
-                tar.addfile(info, io.BytesIO(payload))
-    return {"file": path.name, "sha256": _sha256(path), "size": path.stat().st_size, "samples": len(items),
+    """One webdataset tar of (key, png, json) written deterministically (`shards.write_tar`); returns its
+    manifest entry."""
+    write_tar(path, [(key, [("png", png), ("json", meta)]) for key, png, meta in items])
+    return {"file": path.name, "sha256": sha256_file(path), "size": path.stat().st_size, "samples": len(items),
             "keys": [k for k, _, _ in items]}
 
 
@@ -149,7 +139,7 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
     """Build (or find up to date) the dataset folder `out` (see the module notes); returns its path."""
     out = Path(out)
     settings = settings_of(n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, kinds=kinds)
-    _remove_stale_builds(out)
+    remove_stale_builds(out)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         from workbench.data.vision import load_vision_manifest
@@ -178,11 +168,7 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
         for s in samples:
             if s["kind"] == "circuit":
                 check_circuit(s)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    with building(out) as tmp:
         shard_lists = {}
         for name, samples in splits.items():
             shards = []
@@ -205,19 +191,10 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
 
         manifest = {"format": FORMAT, "settings": settings, "splits": shard_lists,
                     "verilog": {"dir": "verilog", "split": "train", "files": len(circuits)},
-                    "documents": {"file": "documents.pdf", "sha256": _sha256(tmp / "documents.pdf"),
+                    "documents": {"file": "documents.pdf", "sha256": sha256_file(tmp / "documents.pdf"),
                                   "pages": len(chosen), "index": "documents.json"},
                     "stats": {**statistics(splits), "held_out_duplicates": kept_duplicates}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: it means complete
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     log(summary(manifest, out) + f"\ndiagrams: built in {time.perf_counter() - t0:.1f}s")
     return out
 
