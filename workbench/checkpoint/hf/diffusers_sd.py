@@ -75,7 +75,8 @@ def unet_config_from_diffusers(hf: dict, where: str = "unet/config.json") -> une
                          ("timestep_post_act", None), ("time_embedding_dim", None), ("cross_attention_norm", None),
                          ("class_embeddings_concat", False), ("mid_block_only_cross_attention", (None, False)),
                          ("time_embedding_act_fn", None), ("addition_time_embed_dim", None),
-                         ("resnet_out_scale_factor", 1.0), ("resnet_skip_time_act", False)):
+                         ("resnet_out_scale_factor", 1.0), ("resnet_skip_time_act", False),
+                         ("num_class_embeds", None), ("encoder_hid_dim_type", None)):
         _refuse(hf, where, key, allowed)
     down = list(hf.get("down_block_types", unet_mod.Config().down_block_types))
     n = len(down)
