@@ -175,6 +175,19 @@ def test_layer_types_from_the_config_are_followed():
                    MaskSpec(prefix_len=(att == 0).sum(-1) + torch.tensor([9, 7]), key_padding=att.bool()), labels=True)
 
 
+def test_layer_masks_keep_global_layers_global_whatever_the_callers_window():
+    from workbench.models.paligemma2 import FLAVORS
+
+    model = PaliGemma2(FLAVORS["debug"])
+    cfg = model.cfg
+    assert [cfg.sliding(i) for i in range(cfg.n_layers)] == [True, False]
+    for given, want in ((None, cfg.sliding_window), (2, 2)):
+        spec = MaskSpec(prefix_len=torch.tensor([5]), sliding_window=given)
+        sliding, full = model.language_model.layer_masks(spec)
+        assert (sliding.sliding_window, full.sliding_window) == (want, None)
+        assert sliding.soft_cap == full.soft_cap == cfg.attn_softcap and full.prefix_len is spec.prefix_len
+
+
 def test_embed_then_inputs_embeds_equals_input_ids_and_text_only_forward():
     hf = make_hf()
     ours = ours_from(hf)

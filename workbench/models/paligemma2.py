@@ -1,7 +1,7 @@
 """PaliGemma 2: a SigLIP image encoder, a linear projector and a Gemma 2 decoder read as one prefix-LM.
 
 What it is
-    Google's vision-language model (Steiner et al., 2024). An image becomes N = (S / 14)^2 SigLIP patch
+    Google's vision-language model (Steiner et al., 2024). An image becomes N = (S / P)^2 SigLIP patch
     features; a linear layer maps them to the decoder width; they take the first N slots of the token
     sequence, followed by `<bos> prefix \\n` (the task / question) and then the suffix (the answer), which
     the Gemma 2 decoder generates. PaliGemma 2 3B / 10B / 28B pair SigLIP-So400m/14 with Gemma 2 2B / 9B /
@@ -11,11 +11,11 @@ The math (x = inputs_embeds (B, T, d); one Gemma 2 block)
     inputs     e_t = E[token_t] * sqrt(d)      for text slots (the scale cast to the weight dtype)
                e_t = W_proj SigLIP(pixels)_t + b_proj   for the N image slots (no scale: see below)
     attention  h = x + RMSNorm_post_attn(Wo Attn(RoPE(Wq n), RoPE(Wk n), Wv n)),  n = RMSNorm_attn(x)
-               scores = c_a tanh((q k^T / sqrt(query_pre_attn_scalar)) / c_a)      (soft-cap, c_a = 50)
+               scores = c_a tanh((q k^T / sqrt(query_pre_attn_scalar)) / c_a)      (soft-cap, c_a = attn_softcap)
     feed-fwd   out = h + RMSNorm_post_ffn(W2 (GELU_tanh(W1 m) * W3 m)),  m = RMSNorm_ffn(h)
     RMSNorm    RMSNorm(x) = x / sqrt(mean(x^2) + eps) * (1 + w)     (in fp32; w starts at 0)
-    logits     z = c_f tanh((RMSNorm(x_L) E^T) / c_f)               (tied embeddings, c_f = 30)
-    layers alternate a sliding window (W = 4096; even layer indices in transformers' `layer_types`)
+    logits     z = c_f tanh((RMSNorm(x_L) E^T) / c_f)               (tied embeddings, c_f = final_softcap)
+    layers alternate a sliding window (W = sliding_window; even layer indices in transformers' `layer_types`)
     and global attention; RoPE positions are 1-indexed (slot + 1).
 
     The prefix-LM mask (PaliGemma): with p = prefix_len = the slot where the suffix starts
@@ -295,12 +295,14 @@ class Gemma2(nn.Module):
         return self.embed_tokens(input_ids) * scale
 
     def layer_masks(self, mask: MaskSpec) -> list[MaskSpec]:
-        """# NEW: the batch's spec per layer, plus the soft-cap and, on sliding layers, the window."""
+        """# NEW: the batch's spec per layer, plus the soft-cap and, on sliding layers, the window (a caller's
+        `mask.sliding_window` replaces the config's there). Global layers never slide, whatever the caller's
+        spec says: they are what keeps the whole context in view."""
         cfg = self.cfg
         cap = cfg.attn_softcap or None
-        full = dataclasses.replace(mask, soft_cap=cap)
-        window = dataclasses.replace(mask, soft_cap=cap, sliding_window=cfg.sliding_window)
-        return [window if cfg.sliding(i) and mask.sliding_window is None else full for i in range(cfg.n_layers)]
+        full = dataclasses.replace(mask, soft_cap=cap, sliding_window=None)
+        window = dataclasses.replace(mask, soft_cap=cap, sliding_window=mask.sliding_window or cfg.sliding_window)
+        return [window if cfg.sliding(i) else full for i in range(cfg.n_layers)]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: MaskSpec, kv_cache: KVCache | None = None,
                 output_hidden_states: bool = False) -> DecoderOutput:
@@ -338,7 +340,7 @@ class PaliGemma2(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = siglip.SigLIP(cfg.vision)
+        self.vision_tower = siglip.SigLIP(cfg.vision, init=False)  # initialised once, by init_weights below
         # NEW: the projector, vision width -> decoder width
         self.multi_modal_projector = Linear(cfg.vision.dim, cfg.dim, bias=True)
         self.language_model = Gemma2(cfg)

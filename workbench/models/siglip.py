@@ -150,14 +150,17 @@ class Block(nn.Module):
 class SigLIP(nn.Module):
     """pixel_values (B, C, S, S), normalised to [-1, 1] -> patch features (B, N, dim) after post_norm."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, init: bool = True):
+        """`init=False` leaves the weights uninitialised for an owner whose `init_weights()` calls this tower's
+        (PaliGemma 2), so a model built on a real device is initialised once, not twice."""
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.post_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.init_weights()
+        if init:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
