@@ -72,6 +72,8 @@ FLAVORS: dict[str, Config] = {
     "debug": Config(vocab_size=1000, dim=32, n_layers=5, n_heads=4, ffn_dim=37),
     # ViT-L/14's text tower (Stable Diffusion 1.x), about 123M parameters
     "sd15": Config(eos_token_id=2),
+    # OpenCLIP ViT-H/14's text tower as SD 2.x stores it: 23 of its 24 layers (SD 2 reads the penultimate one)
+    "sd2": Config(dim=1024, n_layers=23, n_heads=16, ffn_dim=4096, activation="gelu", eos_token_id=2),
 }
 
 
