@@ -66,14 +66,16 @@ def sd_dir(tmp_path_factory):
     return root / "sd"
 
 
-def _reference(sd_dir, *, steps, guidance, seed, negative=None, scheduler="ddim", eta=0.0, size=32, output="np"):
+def _reference(sd_dir, *, steps, guidance, seed, negative=None, scheduler="ddim", eta=0.0, size=32, rescale=0.0,
+               output="np"):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
     if scheduler == "ddpm":
         pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(eta=eta) if scheduler == "ddim" else {}
     out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=size,
-               width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type=output, **kw)
+               width=size, generator=torch.Generator("cpu").manual_seed(seed), output_type=output,
+               guidance_rescale=rescale, **kw)
     return out.images
 
 
@@ -81,7 +83,7 @@ CASES = [
     dict(steps=4, guidance=7.5, seed=0),
     dict(steps=3, guidance=3.0, seed=5, negative="blurry, low quality", eta=0.7),
     dict(steps=3, guidance=1.0, seed=2, size=24),  # no guidance: one UNet call per step
-    dict(steps=3, guidance=5.0, seed=3, scheduler="ddpm"),
+    dict(steps=3, guidance=5.0, seed=3, scheduler="ddpm", rescale=0.7),  # with guidance rescale
 ]
 
 
@@ -98,6 +100,8 @@ def test_sample_cli_gives_the_diffusers_image(sd_dir, tmp_path, capsys, i):
             "--eta", str(case.get("eta", 0.0))]
     if case.get("negative"):
         argv += ["--negative-prompt", case["negative"]]
+    if case.get("rescale"):
+        argv += ["--guidance-rescale", str(case["rescale"])]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
     want_pil = np.asarray(_reference(sd_dir, **case, output="pil")[0])
@@ -110,7 +114,7 @@ def test_sample_cli_gives_the_diffusers_image(sd_dir, tmp_path, capsys, i):
     comps = load_sd_dir(sd_dir)
     got = sample_from(comps, PROMPT, negative_prompt=case.get("negative"), steps=case["steps"], guidance=case["guidance"],
                       seed=case["seed"], height=size, width=size, scheduler=case.get("scheduler", "ddim"),
-                      eta=case.get("eta", 0.0))[0].numpy()
+                      eta=case.get("eta", 0.0), guidance_rescale=case.get("rescale", 0.0))[0].numpy()
     assert np.abs(got - want).max() < 1e-4
     if i == 0:  # another seed is another image
         other = sample_from(comps, PROMPT, steps=case["steps"], guidance=case["guidance"], seed=1, height=32, width=32)
