@@ -25,8 +25,10 @@ The blind baseline (`objective.blind = true`): the same model and rows, but ever
 run scores is what the questions give away (their priors); a VLM counts as reading the image by its margin over it.
 
 Held-out metrics: the validation loss (nats per answer token, with bits per byte, LMObjective's) over the first
-`objective.val_questions` samples of the val split, and their greedy exact match (`workbench.data.vqa`), overall
-(`val_exact_match`) and per question type (`val_em_<type>`). Units: `tokens` (real ids) and `images`.
+`objective.val_questions` samples of the val split, and their greedy exact match (`workbench.data.vqa`: a full
+forward per new token, so it runs through any engine, sharded ones in lockstep; up to `objective.answer_tokens`, an
+eos or an `<image>`), overall (`val_exact_match`, caption rows included) and per question type (`val_em_<type>`).
+The eval task (evals/tasks/vqa.py) scores the test split apart. Units: `tokens` (real ids) and `images`.
 """
 
 from __future__ import annotations
