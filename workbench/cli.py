@@ -194,6 +194,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise WorkbenchError("--page K needs --image FILE (a PDF)")
     if args.image is not None and args.chat:
         raise WorkbenchError("--chat cannot be combined with --image (a vision-language prompt has no chat template)")
+    image = None
+    if args.image is not None:  # the file first: a bad path or page fails before minutes of model loading
+        from workbench.inference.vlm import load_image
+
+        image = load_image(args.image, args.page)
     device = pick_device(args.device, "--device")
     model, tokenizer, section = load_for_inference(args.ckpt, args.hf_dir, device, _dtype(args.dtype), args.adapter,
                                                     quant=args.quant)
@@ -203,16 +208,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  "give --image FILE (and --page K for a PDF)")
         raise WorkbenchError(f"--image needs a vision-language model (paligemma2); {args.ckpt or args.hf_dir} is a "
                              f"text-only {section.family} model")
-    if args.image is not None:
-        from workbench.inference.generator import cut_at_stop
-        from workbench.inference.vlm import generate_text
+    if image is not None:
+        from workbench.inference.vlm import VLMGenerator, image_prompt
 
-        if params.repetition_penalty != 1.0:
-            raise WorkbenchError("--repetition-penalty is not supported with --image")
-        text = generate_text(model, tokenizer, args.image, args.prompt, page=args.page,
-                             max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_k=params.top_k,
-                             top_p=params.top_p, seed=params.seed)
-        sys.stdout.write(cut_at_stop(text, params.stop) + "\n")
+        prompt = image_prompt(model, tokenizer, image, args.prompt)
+        completion = VLMGenerator(model, tokenizer).generate([prompt], params)[0]
+        sys.stdout.write(completion.text + "\n")
         sys.stdout.flush()
         return 0
     if args.chat:  # the prompt as a user turn of the chat template; the reply ends at <|end|>

@@ -123,3 +123,39 @@ def test_bad_inputs_give_one_clear_error(vlm_dir, images, hf_llama_dir, capsys):
         one_error(*run_cli(capsys, command, "--hf-dir", str(vlm_dir))[::2], f"{command}: ", "vision-language model")
     llama = ("generate", "--hf-dir", str(hf_llama_dir), "--prompt", "x", "--image", str(images / "odd.png"))
     one_error(*run_cli(capsys, *llama)[::2], "--image needs a vision-language model", "llama3")
+
+
+def test_the_image_is_checked_before_the_model_is_loaded(vlm_dir, images, capsys, monkeypatch):
+    import workbench.checkpoint.load as load
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(load, "load_for_inference", no_load)
+    gen = ("generate", "--hf-dir", str(vlm_dir), "--prompt", "x")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "missing.png"))[::2], "missing.png", "not found")
+    one_error(*run_cli(capsys, *gen, "--image", str(images / "doc.pdf"), "--page", "3")[::2], "page 3", "2 pages")
+
+
+def test_load_image_exif_orientation_decompression_bombs_and_pdf_headers(images, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from workbench.errors import DataError
+    from workbench.inference.vlm import load_image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)  # 30 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned; shown rotated 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    got = np.asarray(load_image(tmp_path / "turned.png"))
+    assert got.shape == (30, 20, 3) and np.array_equal(got, np.rot90(pixels, k=-1))  # upright, as transformers
+    assert np.array_equal(np.asarray(load_image(images / "odd.png")).shape, (53, 37, 3))  # no tag: unchanged
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses images over 2x this many pixels
+    with pytest.raises(DataError, match="photo.jpg: too large to decode safely"):
+        load_image(images / "photo.jpg")
+    monkeypatch.undo()
+    # a PDF whose header follows some bytes of junk (readers accept it within the first 1024 bytes)
+    (tmp_path / "junk.pdf").write_bytes(b"\x00junk before the header\n" * 20 + (images / "doc.pdf").read_bytes())
+    want = np.asarray(load_image(images / "doc.pdf", page=2))
+    assert np.array_equal(np.asarray(load_image(tmp_path / "junk.pdf", page=2)), want)
+

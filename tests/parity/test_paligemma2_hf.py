@@ -244,6 +244,38 @@ def test_greedy_generate_matches_transformers_on_a_left_padded_batch():
     assert len(set(got[0])) > 1  # not a degenerate repeat of one token
 
 
+def test_vlm_generator_protocol_matches_transformers_and_each_row_alone():
+    from workbench.inference.generator import Generator, SamplingParams
+    from workbench.inference.vlm import ImagePrompt, VLMGenerator
+
+    hf = make_hf()
+    ours = ours_from(hf)
+    ids, att, tt, pos, pix = rows(lens=(12, 9), prefix=(12, 9))
+    n = 10
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=att, token_type_ids=torch.zeros_like(tt), pixel_values=pix,
+                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2,
+                          output_scores=True, return_dict_in_generate=True)
+    gen = VLMGenerator(ours, eos_ids=[])
+    assert isinstance(gen, Generator)
+    prompts = [ImagePrompt(ids[b, att[b].bool()].tolist(), pix[b]) for b in range(2)]
+    got = gen.generate(prompts, SamplingParams(max_new_tokens=n))
+    assert [c.tokens for c in got] == ref.sequences[:, ids.shape[1]:].tolist()
+    want = torch.stack([torch.log_softmax(s.float(), -1) for s in ref.scores], 1)  # (B, n, V)
+    for b, c in enumerate(got):
+        torch.testing.assert_close(torch.tensor(c.logprobs), want[b].gather(1, torch.tensor(c.tokens)[:, None])[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+        assert c.finish_reason == "length" and c.prompt_tokens == list(prompts[b])
+    # per-row params: a seeded sampled row and a text-only row compute what they compute alone
+    text_only = ImagePrompt(prompts[1][N_IMG:])  # its bos and text, no placeholder
+    alone = gen.generate([text_only], SamplingParams(max_new_tokens=6))[0].tokens
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, top_k=40, seed=5),
+              SamplingParams(max_new_tokens=6, stop_token_ids=[alone[2]])]
+    both = gen.generate([prompts[0], text_only], params)
+    assert both[0].tokens == gen.generate([prompts[0]], params[0])[0].tokens != got[0].tokens[:8]
+    assert both[1].tokens == alone[: alone.index(alone[2]) + 1] and both[1].finish_reason == "stop"
+
+
 def test_sampling_is_seeded_and_stops_at_eos():
     from workbench.inference.vlm import generate
 
