@@ -161,16 +161,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.numpy() * 255).round().astype("uint8")
 
 
+def to_pil(images: torch.Tensor) -> list:
+    """(B, H, W, 3) in [0, 1] -> PIL images (RGB)."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in to_uint8(images)]
+
+
 def save_png(images: torch.Tensor, path: str) -> list[str]:
     """One PNG per image: `path` itself for one, `stem-i.png` for several. Returns the paths written."""
     from pathlib import Path
 
-    from PIL import Image
-
-    arrays = to_uint8(images)
+    pils = to_pil(images)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    paths = [p] if len(arrays) == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}") for i in range(len(arrays))]
-    for a, q in zip(arrays, paths):
-        Image.fromarray(a).save(q, format="PNG")
+    paths = [p] if len(pils) == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}") for i in range(len(pils))]
+    for im, q in zip(pils, paths):
+        im.save(q, format="PNG")
     return [str(q) for q in paths]
