@@ -28,8 +28,9 @@ simulated structure before anything is written; a difference is a bug and stops 
 
 Builds share `data_pipelines.shards`' helpers (`building`, `write_tar`, `remove_stale_builds`): the folder is
 written under a temporary name and renamed into place, so an interrupted build leaves the previous dataset or
-nothing; tars are byte-for-byte reproducible; a folder built with the same settings is reused; one built with
-other settings is an error naming the setting (by its flag) unless `force` is given.
+nothing; tars are byte-for-byte reproducible; a folder built with the same settings is reused, and rebuilt
+when only the dataset VERSION differs (older makers); one built with other settings is an error naming the
+setting (by its flag) unless `force` is given.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ PAGES_PER_KIND = 2
 RETRIES = 100  # redraws of a held-out sample whose picture is in an earlier split
 # how a changed setting is named in the rebuild error: by the flags of `workbench diagrams` (and build's keywords)
 SETTING_NAMES = {"kinds": "--kinds (kinds)", "counts": "--train/--val/--test (n_train/n_val/n_test)",
-                 "size": "--size (size)", "seed": "--seed (seed)",
-                 "version": "the dataset version (the makers changed since it was built)"}
+                 "size": "--size (size)", "seed": "--seed (seed)", "version": "the dataset version"}
 
 
 def settings_of(*, n_train: int, n_val: int, n_test: int, size: int, seed: int, kinds: Sequence[str]) -> dict:
@@ -154,7 +154,10 @@ def build(out: str | Path, *, n_train: int, n_val: int, n_test: int, size: int, 
         if not changed and not force:
             log(f"diagrams: {out} is up to date")
             return out
-        if changed and not force:
+        if changed == ["version"]:  # the same request, made by older makers: rebuild it with these
+            log(f"diagrams: {out} was built by dataset version {existing.get('version')!r}; rebuilding it with "
+                f"version {VERSION}")
+        elif changed and not force:
             key = changed[0]
             raise DataError(f"diagrams: {SETTING_NAMES[key]}: {out} was built with {existing.get(key)!r}, this "
                             f"build asks for {settings[key]!r}; rebuild it with --force, or choose another folder")

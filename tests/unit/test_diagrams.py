@@ -307,6 +307,12 @@ def test_build_round_trip_rebuild_rules_and_documents(tmp_path):
     assert logs[-1].endswith("is up to date") and (out / "manifest.json").read_text() == first
     build_vision_dataset(tmp_path / "again", n_train=21, n_val=6, n_test=9, size=64, seed=1, log=logs.append)
     assert (tmp_path / "again" / "manifest.json").read_text() == first
+    # built by older makers (another dataset version) with the same settings: rebuilt, the same bytes again
+    stale = json.loads(first)
+    stale["settings"]["version"] = vs.VERSION - 1
+    (out / "manifest.json").write_text(json.dumps(stale))
+    build_vision_dataset(out, n_train=21, n_val=6, n_test=9, size=64, seed=1, log=logs.append)
+    assert "rebuilding it with version" in logs[-2] and (out / "manifest.json").read_text() == first
     # other settings: an error naming the setting, unless forced
     with pytest.raises(DataError, match="--seed.*built with 1.*asks for 2"):
         build_vision_dataset(out, n_train=21, n_val=6, n_test=9, size=64, seed=2, log=logs.append)
