@@ -39,7 +39,8 @@ from workbench.errors import WorkbenchError
 
 @dataclass
 class Config:
-    per_class: int = field_(50, gt=1, doc="images generated per class (and real / noise references per class)")
+    per_class: int = field_(30, gt=1, doc="images generated per class (and real / noise references per class; the "
+                                          "test split must hold as many: digits has 35-37 a class)")
     guidance: float = field_(-1.0, doc="classifier-free guidance weight; < 0 = the run's own")
     steps: int = field_(0, ge=0, doc="sampler steps; 0 = the run's own")
     seed: int = field_(0, ge=0, doc="the generator's seed for the starting noise")
@@ -70,10 +71,10 @@ class DiffusionEval:
         k = len(data.classes)
         asked = torch.arange(k).repeat_interleave(cfg.per_class)
         guidance = tc.guidance if cfg.guidance < 0 else cfg.guidance
+        refs = references(nets, data, cfg.per_class, cfg.seed)  # first: a test split too small fails before sampling
         ctx.log(f"eval diffusion: generating {len(asked)} images ({cfg.per_class} per class), guidance {guidance}")
         images = run.generate(asked, guidance=guidance, steps=cfg.steps or None,
                               generator=torch.Generator().manual_seed(cfg.seed))
-        refs = references(nets, data, cfg.per_class, cfg.seed)
         model = nets.score(images, asked, data.prompts(), refs["ref"])
         logits, _, emb = nets.judge(images)
         pred = logits.argmax(1)
