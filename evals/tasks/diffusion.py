@@ -45,6 +45,8 @@ class Config:
     steps: int = field_(0, ge=0, doc="sampler steps; 0 = the run's own")
     seed: int = field_(0, ge=0, doc="the generator's seed for the starting noise")
     cache: str = field_("", doc="folder of the cached eval networks; '' = RUN_DIR/eval_nets")
+    guidance_sweep: list[float] = field_([], doc="also score these guidance weights (per_class images each) and plot "
+                                               "the three metrics against w (diffusion-guidance.png)")
     nets: NetsConfig = field(default_factory=NetsConfig)
 
 
@@ -89,10 +91,18 @@ class DiffusionEval:
         image_grid(grid, show, ctx.out_dir / "diffusion-samples.png", title=f"samples, guidance {guidance}",
                    row_labels=[f"{data.prompt(i)} ({per_class[data.classes[i]]:.2f})" for i in range(k)])
         meta = nets.meta
+        plots, sweep = ["diffusion-samples.png"], {}
+        for w in cfg.guidance_sweep:
+            ctx.log(f"eval diffusion: guidance sweep, w = {w}")
+            sweep[str(w)] = nets.score(run.generate(asked, guidance=w, steps=cfg.steps or None,
+                                                    generator=torch.Generator().manual_seed(cfg.seed)),
+                                       asked, data.prompts(), refs["ref"])
+        if sweep:
+            plots.append(_plot_sweep(ctx.out_dir / "diffusion-guidance.png", sweep, refs, tc.dataset))
         return TaskResult(
             task=self.name, primary="fid", higher_is_better=False, metrics=model,
             baselines={"real held-out images": refs["real"]["fid"], "uniform noise": refs["noise"]["fid"]},
-            n=len(asked), samples=samples, plots=["diffusion-samples.png"],
+            n=len(asked), samples=samples, plots=plots,
             details={
                 "judges": (f"trained by the project on the same data: {meta['trained_on']}; a {cfg.nets.classifier} "
                            f"classifier (FID features = its penultimate layer; test accuracy "
@@ -102,7 +112,29 @@ class DiffusionEval:
                 "per_class_accuracy": per_class, "chance_accuracy": 1 / k, "guidance": guidance,
                 "steps": cfg.steps or tc.sample_steps, "sampler": tc.sampler, "eval_nets": str(nets.folder),
                 "classifier_test_accuracy": meta["test_accuracy"], "real_pair_clip_score": meta["real_clip_score"],
-                "mismatched_pair_clip_score": meta["mismatched_clip_score"]})
+                "mismatched_pair_clip_score": meta["mismatched_clip_score"], "guidance_sweep": sweep})
+
+
+def _plot_sweep(out: Path, sweep: dict[str, dict], refs: dict, dataset: str) -> str:
+    """FID, class accuracy and CLIP-score against the guidance weight, real and noise as dashed lines."""
+    from evals.plots import new_figure, save_figure
+
+    ws = [float(w) for w in sweep]
+    fig = new_figure((11.0, 3.4))
+    for ax, key, label in zip(fig.subplots(1, 3), ("fid", "class_accuracy", "clip_score"),
+                              ("FID (lower is better)", "class accuracy", "CLIP-style score")):
+        ax.plot(ws, [m[key] for m in sweep.values()], "o-", label="samples")
+        for name, style in (("real", "g--"), ("noise", "r:")):
+            ax.axhline(refs[name][key], color=style[0], linestyle=style[1:], label=f"{name} ({refs[name][key]:.3g})")
+        if key == "fid":
+            ax.set_yscale("log")
+        ax.set_xlabel("guidance weight w")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"classifier-free guidance on {dataset}: judges trained by the project on the same data", fontsize=10)
+    save_figure(fig, out)
+    return out.name
 
 
 TASK = DiffusionEval()

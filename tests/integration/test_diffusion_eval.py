@@ -58,10 +58,14 @@ def test_train_then_eval_writes_metrics_beside_references(tmp_path, capsys):
     assert len(nets) == 1 and (nets[0] / "meta.json").is_file()
 
     # a second eval loads the cached judges and measures the same numbers (same seed)
-    assert main(["eval", "--task", "diffusion", "--ckpt", str(run_dir), *NETS]) == 0
+    # (with a guidance sweep: the same three metrics per w, and their plot)
+    assert main(["eval", "--task", "diffusion", "--ckpt", str(run_dir), *NETS, "--diffusion.guidance_sweep", "[0, 2]"]) == 0
     assert "loaded from" in capsys.readouterr().err
     again = json.loads((out / "results.json").read_text())["tasks"]["diffusion"]
     assert again["metrics"] == metrics
+    assert set(again["details"]["guidance_sweep"]) == {"0.0", "2.0"}
+    assert set(again["details"]["guidance_sweep"]["2.0"]) == set(metrics)
+    assert (out / "diffusion-guidance.png").stat().st_size > 1000 and "diffusion-guidance.png" in again["plots"]
 
     # refusals: a language-model task beside it; an LM run folder
     assert main(["eval", "--task", "diffusion,perplexity", "--ckpt", str(run_dir)]) == 2
