@@ -37,8 +37,13 @@ they get the model.
 
 Design choices
     Pixel space, no VAE: at 16-32 px the autoencoder would cost more than it saves, and the UNet is the part
-    this task exercises. The default schedule is improved DDPM's cosine with v targets ("cosine-v"), which
-    trains small pixel models better than SD's scaled-linear (whose abar_T = 0.0047 leaves signal at t = T).
+    this task exercises. The default schedule is improved DDPM's cosine with v targets ("cosine-v"): its
+    abar_T is 2e-9, so sampling starts from pure noise as training ended there (SD's scaled-linear keeps
+    abar_T = 0.0047, the signal at t = T that Lin et al. 2023 call flawed), and v stays well scaled at both ends.
+    Not compared here against the other schedules: the choice follows the papers, not a measurement.
+    Guidance: the best weight depends on the model (docs/diffusion-training.md measured 1.5 for the digits
+    model, where w >= 3 saturates the samples, and 3 for the shapes model); `--diffusion.guidance_sweep` in
+    the eval finds it.
     EMA decay warm-up: with a fixed d = 0.999 the first thousand steps would average in the random init.
 """
 
