@@ -47,7 +47,9 @@ class Config:
     cache: str = field_("", doc="folder of the cached eval networks; '' = RUN_DIR/eval_nets")
     guidance_sweep: list[float] = field_([], doc="also score these guidance weights (per_class images each) and plot "
                                                "the three metrics against w (diffusion-guidance.png)")
-    nets: NetsConfig = field(default_factory=NetsConfig)
+    nets: NetsConfig = field(default_factory=NetsConfig, metadata={
+        "doc": "the judges' recipe, e.g. --diffusion.nets.classifier_epochs 20 (evals/image_metrics.py NetsConfig); "
+               "another recipe trains and caches another pair"})
 
 
 class DiffusionEval:
