@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from workbench.config import fail, field_
 
-__all__ = ["Config", "FLAVORS", "make_config", "ContrastiveModel", "contrastive_loss", "clip_score"]
+__all__ = ["Config", "FLAVORS", "make_config", "ContrastiveModel", "Model", "contrastive_loss", "clip_score"]
 
 
 @dataclass
@@ -236,3 +236,6 @@ def contrastive_loss(u: Tensor, v: Tensor, logit_scale: Tensor, logit_bias: Tens
 def clip_score(u: Tensor, v: Tensor) -> Tensor:
     """Per pair: 100 * max(cos(u_i, v_i), 0) for unit vectors u (N, E) and v (N, E)."""
     return 100 * (u * v).sum(-1).clamp(min=0)
+
+
+Model = ContrastiveModel
