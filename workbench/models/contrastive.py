@@ -47,8 +47,8 @@ Design choices
 
 Differences from the references
     A few thousand to a few hundred thousand parameters instead of hundreds of millions; word ids instead of
-    BPE; no attention pooling in the image tower (a mean); the logit scale is not clamped at 100 (a small
-    model never gets near it in the short runs it is trained for).
+    BPE; no attention pooling in the image tower (a mean); the logit scale is not clamped at 100 (the eval
+    judges of docs/diffusion-training.md end their training at exp(t) = 14, from 14.3 at the start).
 
 Sources
     Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", 2021 (CLIP).
