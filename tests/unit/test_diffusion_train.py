@@ -90,11 +90,15 @@ def test_ema_update_is_the_exponential_average():
 # the model
 
 
-@pytest.mark.parametrize("conditioning", ["caption", "class"])
-def test_a_few_steps_lower_the_loss(conditioning):
+@pytest.mark.parametrize("conditioning,prediction", [("caption", ""), ("class", ""), ("caption", "epsilon")])
+def test_a_few_steps_lower_the_loss(conditioning, prediction):
+    import dataclasses
+
     from workbench.models.diffusion.schedulers import NoiseSchedule, diffusion_loss
 
     net, data, cfg = tiny_net(conditioning)
+    cfg = dataclasses.replace(cfg, prediction_type=prediction)  # "": the schedule's own (v on cosine-v)
+    assert D.schedule_config(cfg).prediction_type == (prediction or "v_prediction")
     sched_cfg = D.schedule_config(cfg)
     sched = NoiseSchedule(sched_cfg)
     x, y = data.images.train
