@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -82,6 +82,19 @@ fundamentals: setup
 	  $(BIN)/workbench fundamentals $$c --resume; \
 	done
 	$(if $(CIFAR),$(BIN)/workbench fundamentals configs/fundamentals/resnet.toml --task.data_dir $(CIFAR) --run.name resnet-cifar10 --resume)
+
+# Issue 12's VLM recipe (docs/vlm-training.md): diagram documents, then per seed a blind baseline, the warm-up with the
+# language model frozen and full fine-tuning of a small PaliGemma 2, the vqa evals and the measured part of the page.
+vlm: setup
+	launch/vlm.sh
+
+# Issue 12's diffusion training (docs/diffusion-training.md): the caption-conditioned UNet on the digits and on the
+# shapes (EMA, sample grids), each scored by FID, class accuracy and the CLIP-style score against real and noise.
+diffusion: setup
+	set -e; for c in digits shapes; do \
+	  $(BIN)/workbench diffusion configs/diffusion/$$c.toml --resume; \
+	  $(BIN)/workbench eval --task diffusion --ckpt runs/diffusion-$$c; \
+	done
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
