@@ -6,6 +6,7 @@
     per type   the fine-tuned model per question type beside its noise-image score, the blind run and the
                majority answers (means over the seeds), with the number of test items of each type
     curves     validation loss and exact match of the three stages one after another (every seed)
+    variants   runs made by hand beside the recipe when they exist (a longer fine-tuning, one from scratch)
     examples   held-out images with the question, the fine-tuned model's answer and the truth (the first seed)
 
 The text between the `measured` markers of the document is replaced; the rest (hand-written) is kept.
@@ -76,6 +77,29 @@ def accuracy_section(runs: Path, seeds: list[str]) -> list[str]:
     return lines
 
 
+# runs beside the recipe, made by hand (docs/vlm-training.md gives their commands): seed 0 only
+VARIANTS = {"finetune-long": "full fine-tuning, 1600 steps instead of 800 (from the same warm-up)",
+            "scratch": "no blind start, no warm-up: finetune.toml from random weights"}
+
+
+def variants_section(runs: Path) -> list[str]:
+    lines = ["### Variants (seed 0)", "",
+             "| run | exact match | noise images | blind run | margin over blind | colour | count | output |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [("finetune", NAMES["finetune"] + ", the recipe's 800 steps")] + list(VARIANTS.items())
+    found = 0
+    for stage, name in rows:
+        task = vqa(runs, stage, "0")
+        if not task:
+            continue
+        found += stage != "finetune"
+        m, b = task["metrics"], task["baselines"]
+        lines.append(f"| {name} | {fmt(m['exact_match'])} | {fmt(m.get('exact_match_noise'))} | "
+                     f"{fmt(b.get('blind run'))} | {fmt(m.get('margin_over_blind'))} | {fmt(m.get('em_colour'))} | "
+                     f"{fmt(m.get('em_count'))} | {fmt(m.get('em_output'))} |")
+    return lines if found else []
+
+
 def per_type_section(runs: Path, seeds: list[str]) -> list[str]:
     tasks = [vqa(runs, "finetune", s) for s in seeds]
     tasks = [t for t in tasks if t]
@@ -143,7 +167,8 @@ def examples(runs: Path, seeds: list[str], images: Path, rel: str) -> list[str]:
 
 
 def sections(runs: Path, images: Path, rel: str, seeds: list[str], times: Path | None) -> list[list[str]]:
-    return [accuracy_section(runs, seeds), per_type_section(runs, seeds), curves(runs, seeds, images, rel),
+    return [accuracy_section(runs, seeds), per_type_section(runs, seeds), variants_section(runs),
+            curves(runs, seeds, images, rel),
             examples(runs, seeds, images, rel),
             times_table(times, "launch/vlm.sh", "two seeds ran side by side, one thread each, on a shared machine")]
 
