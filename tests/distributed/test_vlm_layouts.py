@@ -16,7 +16,7 @@ from test_parallel import STEPS, torchrun, train_single
 # global batch 8 (x ~3 questions an image): 4 x 2 in one process, 2 x 2 on each of 2 ranks
 VLM = ["--model.family", "paligemma2", "--model.flavor", "debug", "--model.image_token_id", "11",
        "--model.sliding_window", "0", "--model.vision.image_size", "32", "--model.vision.patch_size", "8",
-       "--data.vocab_size", "300", "--data.seq_len", "128", "--objective.name", "vlm", "--objective.val_questions",
+       "--data.vocab_size", "300", "--data.seq_len", "256", "--objective.name", "vlm", "--objective.val_questions",
        "8", "--objective.answer_tokens", "4", "--train.sample_prompt", "What colour is the circle?"]
 PER_RANK = [*STEPS, "--train.micro_batch_size", "2", "--train.grad_accum", "2", "--parallel.dp_shard", "2",
             "--parallel.timeout_s", "60"]

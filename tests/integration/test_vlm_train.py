@@ -26,7 +26,7 @@ SHRINK = ["--model.flavor", "debug", "--model.dim", "32", "--model.n_layers", "1
           "--model.n_kv_heads", "1", "--model.head_dim", "16", "--model.ffn_dim", "64",
           "--model.query_pre_attn_scalar", "16", "--model.vocab_size", "300", "--model.vision.image_size", "32",
           "--model.vision.patch_size", "16", "--model.vision.dim", "32", "--model.vision.n_layers", "1",
-          "--model.vision.n_heads", "2", "--model.vision.mlp_dim", "64", "--data.vocab_size", "300",
+          "--model.vision.n_heads", "2", "--model.vision.mlp_dim", "64", "--data.vocab_size", "300", "--data.seq_len", "256",
           "--train.micro_batch_size", "8", "--train.log_every", "2", "--train.eval_every", "0",
           "--train.sample_tokens", "4", "--objective.val_questions", "12", "--objective.answer_tokens", "6",
           "--optim.warmup_steps", "1"]
