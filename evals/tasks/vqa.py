@@ -164,7 +164,7 @@ def _plot_examples(out: Path, data: VQASet, samples, outputs, n: int) -> Path | 
 class VQATask:
     name = "vqa"
     description = ("VLM greedy exact match on held-out diagram questions and captions, per type, beside the blind "
-                   "baselines (majority answer per type, a blind run) and the same questions on noise images")
+                   "baselines (the train split's majority answer per question, a blind run) and the same questions on noise images")
     Config = Config
 
     def run(self, ctx: EvalContext, cfg: Config) -> TaskResult:
