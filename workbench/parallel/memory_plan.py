@@ -468,6 +468,7 @@ def measure(family: str, seq_len: int, ac: str = "none", backend: str = "sdpa", 
 
     from workbench.models.base import ModelSection, build_model
     from workbench.parallel.checkpointing import apply_activation_checkpointing
+    from workbench.parallel.plans import Plan
 
     over = {"attn_backend": backend} | ({"mtp_layers": 0} if family == "deepseek_v3" else {})
     section = ModelSection.of(family, flavor, **over)
@@ -475,10 +476,7 @@ def measure(family: str, seq_len: int, ac: str = "none", backend: str = "sdpa", 
     torch.manual_seed(0)
     model = build_model(section, dtype=torch.bfloat16 if dtype == "bf16" else None)
 
-    class _Blocks:  # the plan's `blocks` path, as workbench/parallel/plans declare it
-        blocks = "layers"
-
-    apply_activation_checkpointing(model, _Blocks, ac)
+    apply_activation_checkpointing(model, Plan(blocks="layers"), ac)  # the decoders' unit blocks
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     labels = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), ids, labels]}
