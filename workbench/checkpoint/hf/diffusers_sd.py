@@ -18,30 +18,18 @@ a `.bin` or `.ckpt` pickle is refused, naming the file. This is not a decoder fa
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from workbench.checkpoint.hf import _read_json  # the one JSON reader of Hugging Face folders
 from workbench.checkpoint.safetensors_io import read_file
 from workbench.errors import CheckpointError
 from workbench.models.diffusion import autoencoder as vae_mod
 from workbench.models.diffusion import text_encoder as clip_mod
 from workbench.models.diffusion import unet as unet_mod
 from workbench.models.diffusion.schedulers import ScheduleConfig
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def _refuse(hf: dict, where: str, key: str, allowed) -> None:
