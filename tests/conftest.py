@@ -205,3 +205,13 @@ def make_hf_paligemma2_dir(path, seed: int = 0):
     assert tok.token_to_id("<image>") == PALIGEMMA2_IMAGE_TOKEN and tok.bos_id == 0
     make_hf_paligemma2(seed, vocab_size=tok.vocab_size).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny ops gain nothing from more threads, only contention on the shared
+    CI cores. The old setting comes back after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -25,12 +25,7 @@ CORPUS = ["a photograph of an astronaut riding a horse", "a red cube on a blue s
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

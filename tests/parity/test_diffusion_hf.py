@@ -14,12 +14,7 @@ from workbench.models.diffusion import unet as unet_mod  # noqa: E402
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:

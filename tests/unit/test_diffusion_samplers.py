@@ -11,13 +11,7 @@ import torch
 from workbench.models.diffusion import schedulers as sch
 from workbench.models.diffusion.pipeline import cfg_predict, denoise
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def exact_model(points: torch.Tensor, schedule: sch.NoiseSchedule, kind: str):

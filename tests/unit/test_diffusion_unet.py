@@ -8,13 +8,7 @@ from workbench.errors import ConfigError
 from workbench.models.diffusion import schedulers as sch
 from workbench.models.diffusion.unet import FLAVORS, ClassContext, Config, UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: more threads only add contention on the shared CI cores
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_meta_build_then_init_matches_a_direct_build():
