@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from workbench.config import field_
 from workbench.errors import WorkbenchError
 
-__all__ = ["NetsConfig", "EvalNets", "gaussian_stats", "frechet_distance", "nets_key"]
+__all__ = ["NetsConfig", "EvalNets", "gaussian_stats", "frechet_distance", "nets_key", "psnr", "ssim"]
 
 VERSION = 1  # bump when the training recipe changes, so old caches are not reused
 
@@ -314,3 +314,57 @@ def references(nets: EvalNets, data, per_class: int, seed: int) -> dict[str, dic
     prompts = data.prompts()
     return {"real": nets.score(xt[idx], yt[idx], prompts, ref), "noise": nets.score(noise, asked, prompts, ref),
             "ref": ref}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reconstruction metrics (NeRF's held-out views; video frames): PSNR and SSIM against a reference image
+
+
+def _check_pair(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"{what}: expected two images batches of one shape (N, C, H, W), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
+def psnr(a: Tensor, b: Tensor, max_val: float = 1.0) -> Tensor:
+    """Per-image PSNR (N,) in dB of float images (N, C, H, W): 10 log10(max_val^2 / MSE), MSE over C, H, W
+    (inf for identical images). The form of skimage.metrics.peak_signal_noise_ratio with data_range = max_val."""
+    _check_pair(a, b, "psnr")
+    mse = (a.double() - b.double()).square().flatten(1).mean(1)
+    return 10.0 * torch.log10(max_val ** 2 / mse)
+
+
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> Tensor:
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def ssim(a: Tensor, b: Tensor, max_val: float = 1.0, window: int = 11, sigma: float = 1.5, k1: float = 0.01,
+         k2: float = 0.03) -> Tensor:
+    """Per-image SSIM (N,) of float images (N, C, H, W) (Wang et al. 2004), averaged over channels and over the
+    positions where the whole window fits (a "valid" filter):
+        SSIM = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
+        C1 = (k1 L)^2, C2 = (k2 L)^2, L = max_val,
+    with local means, variances and covariance under a window x window Gaussian of std `sigma` (population
+    statistics). The same number as skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=L, channel_axis=...) (tested), whose window is 11 wide at sigma
+    1.5 and whose mean skips the border of half a window."""
+    _check_pair(a, b, "ssim")
+    n, c, h, w = a.shape
+    if min(h, w) < window:
+        raise ValueError(f"ssim: images of {h}x{w} are smaller than the {window}x{window} window")
+    x, y = a.double(), b.double()
+    g = _gaussian_window(window, sigma, torch.float64)
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)  # one 2D Gaussian per channel
+
+    def blur(t: Tensor) -> Tensor:  # (N, C, H, W) -> (N, C, H - window + 1, W - window + 1)
+        return F.conv2d(t, kernel, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    # s_x^2 = E[x^2] - mu_x^2, s_xy = E[xy] - mu_x mu_y
+    var_x, var_y = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * max_val) ** 2, (k2 * max_val) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return s.mean(dim=(2, 3)).mean(dim=1)
