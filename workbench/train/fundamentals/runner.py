@@ -82,6 +82,7 @@ TASK_MODULES = {
     "sentiment": "workbench.train.fundamentals.sequence",
     "vae": "workbench.train.fundamentals.vae",
     "diffusion": "workbench.train.diffusion",
+    "nerf": "workbench.train.nerf",
 }
 
 
