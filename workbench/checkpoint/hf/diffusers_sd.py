@@ -106,6 +106,9 @@ _RENAMES = [
     (re.compile(r"\.to_out\.0\."), ".to_out."),
     (re.compile(r"\.ff\.net\.0\.proj\."), ".ff.proj."),
     (re.compile(r"\.ff\.net\.2\."), ".ff.out."),
+    # the spatio-temporal transformer's (SVD / VideoLDM) temporal blocks have a second GEGLU, `ff_in`
+    (re.compile(r"\.ff_in\.net\.0\.proj\."), ".ff_in.proj."),
+    (re.compile(r"\.ff_in\.net\.2\."), ".ff_in.out."),
     # VAE / plain mid-block attention: diffusers' flat Attention holds group_norm and the projections;
     # ours nests the projections in `.attn` (the part shared with the transformer's attention)
     (re.compile(r"(mid_block\.attentions\.0)\.(to_q|to_k|to_v|to_out)\."), r"\1.attn.\2."),
