@@ -13,6 +13,9 @@
     workbench diffusion CONFIG.toml [--resume] [--section.key value ...]
                                                                          (a small text-to-image diffusion model,
                                                                           EMA, sample grids; configs/diffusion/)
+    workbench nerf CONFIG.toml [--resume] [--section.key value ...]     (a NeRF fitted to a rendered scene:
+                                                                          held-out PSNR, novel-view GIF;
+                                                                          configs/nerf/, docs/nerf.md)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
                        [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
@@ -135,6 +138,15 @@ def cmd_diffusion(args: argparse.Namespace, overrides: list[str]) -> int:
     if not isinstance(task, dict) or task.get("name") != "diffusion":
         raise WorkbenchError(f"diffusion: {args.config} is not a diffusion config ([task] name = \"diffusion\"; "
                              f"see configs/diffusion/)")
+    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
+
+
+def cmd_nerf(args: argparse.Namespace, overrides: list[str]) -> int:
+    from workbench.config import load_toml
+
+    task = load_toml(args.config).get("task", {})
+    if not isinstance(task, dict) or task.get("name") != "nerf":
+        raise WorkbenchError(f"nerf: {args.config} is not a nerf config ([task] name = \"nerf\"; see configs/nerf/)")
     return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
 
 
@@ -499,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
+    p = sub.add_parser("nerf", help="fit a NeRF to a scene rendered from known geometry (or a Blender-format folder) "
+                                    "from configs/nerf/; prints its results")
+    p.add_argument("config", help="experiment file, e.g. configs/nerf/scene.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
     p.add_argument("--prompt", required=True)
@@ -612,9 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data", "eval", "fundamentals", "diffusion"):
+        if args.command in ("train", "data", "eval", "fundamentals", "diffusion", "nerf"):
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval,
-                    "fundamentals": cmd_fundamentals, "diffusion": cmd_diffusion}[args.command](args, rest)
+                    "fundamentals": cmd_fundamentals, "diffusion": cmd_diffusion,
+                    "nerf": cmd_nerf}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
