@@ -168,6 +168,13 @@ def run_eval(
             raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench diffusion` run")
         model, tokenizer = load_run(ckpt, pick_device(device, "--device")), None
         source, job = model.source, model.job
+    elif kind == "nerf":  # ctx.model is a workbench.train.nerf.NerfRun (its model, scene and renderer)
+        from workbench.train.nerf import load_run as load_nerf_run
+
+        if ckpt is None or hf_dir is not None:
+            raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench nerf` run")
+        model, tokenizer = load_nerf_run(ckpt, pick_device(device, "--device")), None
+        source, job = model.source, model.job
     else:
         model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)
