@@ -82,6 +82,8 @@ TASK_MODULES = {
     "sentiment": "workbench.train.fundamentals.sequence",
     "vae": "workbench.train.fundamentals.vae",
     "diffusion": "workbench.train.diffusion",
+    "video_vae": "workbench.train.video",
+    "video": "workbench.train.video",
     "nerf": "workbench.train.nerf",
 }
 
