@@ -369,7 +369,84 @@ class UlyssesAttention(_ContextParallelCore):
         return self._to_sequence(o.index_select(2, order))  # (B, H, T/P, Dv)
 
 
-CORES = {"ring": RingAttention, "ulysses": UlyssesAttention}
+# ------------------------------------------------------------------------------------------------ video (Mochi)
+
+
+class _AllGatherTokens(torch.autograd.Function):
+    """(B, H, n, D) on each rank -> (B, H, P n, D), rank order along the token axis. The backward sums the
+    gradient of the whole tensor over the ranks (every rank's queries read every rank's keys) and keeps this
+    rank's slice: a reduce-scatter, written as all-reduce + slice because gloo has no reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, group, x):
+        ctx.group, ctx.n = group, x.shape[2]
+        parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        r = dist.get_rank(ctx.group)
+        return None, grad[:, :, r * ctx.n:(r + 1) * ctx.n]
+
+
+def video_token_range(n_tokens: int, cp_size: int, cp_rank: int) -> tuple[int, int]:
+    """The contiguous slice [start, stop) of the visual tokens that cp rank `cp_rank` of `cp_size` computes."""
+    if n_tokens % cp_size:
+        raise ConfigError(f"config key 'parallel.cp': the {n_tokens} visual tokens (T x H/p x W/p) must divide "
+                          f"evenly over cp = {cp_size} ranks")
+    n = n_tokens // cp_size
+    return cp_rank * n, (cp_rank + 1) * n
+
+
+def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's (B, n, ...) token slice joined in rank order along axis 1 (no gradient): the whole video's
+    patch predictions from the slices `video_token_range` gave out."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+class JointVideoAttention(_ContextParallelCore):
+    """Mochi's joint attention over the cp group (the core at `blocks.*.attn.core` of workbench.models.video.mochi).
+
+    Each rank holds a contiguous slice of the visual tokens (`video_token_range`; their RoPE positions are the
+    global ones: `AsymmDiT.forward(..., token_range=...)`) and the whole text stream. The visual keys and values
+    are all-gathered (`_AllGatherTokens`); the softmax of [local visual queries; text queries] over [all visual
+    keys; valid text keys] is then the single-process one row by row, so every output is exact.
+
+    Why the gradients are exact. The loss of rank r covers its own visual tokens, summed and divided by the
+    global element count, so L = sum_r L_r. Across the cp group the computation is the single-process graph
+    with the text stream y (and the conditioning c) replicated: copy y_r, on rank r, has the single-process
+    value (same parameters, same inputs) and feeds only rank r's visual slice (as text keys/values and through
+    c) and its own next layer; the visual slices feed every copy through the all-gathered K/V, whose backward
+    returns each gradient to the slice's owner. Backpropagation is linear, so the adjoint (gradient) of copy
+    y_r^l is the part of dL/dy^l that flows through slice r's visual tokens, and sum_r dL/dy_r^l = dL/dy^l
+    (by induction from the last layer down). Text-stream parameter gradients are linear in those adjoints at
+    identical activations, and visual-stream ones are computed once, by the slice's owner; so the parameter
+    gradients summed over the cp group (an all-reduce SUM, not a mean: a mean would divide by P) are the
+    single-process gradients. tests/distributed/test_video_cp.py checks outputs, loss, gradients and weights.
+    """
+
+    method = "joint"
+
+    def __init__(self, inner: nn.Module, group):
+        if not hasattr(inner, "joint"):
+            raise ConfigError("config key 'parallel.cp_method': 'joint' is the video transformer's core "
+                              f"(workbench.models.video.mochi.JointAttentionCore), not {type(inner).__name__}")
+        super().__init__(inner, group)
+
+    def forward(self, q_x, k_x, v_x, q_y, k_y, v_y, text_mask):
+        if not self.active:
+            return self.inner(q_x, k_x, v_x, q_y, k_y, v_y, text_mask)
+        k_all = _AllGatherTokens.apply(self.group, k_x)  # (B, H, N, Dh), rank order = token order
+        v_all = _AllGatherTokens.apply(self.group, v_x)
+        return self.inner.joint(q_x, k_all, v_all, q_y, k_y, v_y, text_mask)
+
+
+CORES = {"ring": RingAttention, "ulysses": UlyssesAttention, "joint": JointVideoAttention}
 
 
 # ------------------------------------------------------------------------------------------------ applying
