@@ -16,6 +16,9 @@
     workbench nerf CONFIG.toml [--resume] [--section.key value ...]     (a NeRF fitted to a rendered scene:
                                                                           held-out PSNR, novel-view GIF;
                                                                           configs/nerf/, docs/nerf.md)
+    workbench video CONFIG.toml [--resume] [--section.key value ...]    (the causal video VAE, then a text-to-
+                                                                          video AsymmDiT on its latents: GIFs;
+                                                                          configs/video/, docs/video-training.md)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
                        [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
@@ -147,6 +150,16 @@ def cmd_nerf(args: argparse.Namespace, overrides: list[str]) -> int:
     task = load_toml(args.config).get("task", {})
     if not isinstance(task, dict) or task.get("name") != "nerf":
         raise WorkbenchError(f"nerf: {args.config} is not a nerf config ([task] name = \"nerf\"; see configs/nerf/)")
+    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
+
+
+def cmd_video(args: argparse.Namespace, overrides: list[str]) -> int:
+    from workbench.config import load_toml
+
+    task = load_toml(args.config).get("task", {})
+    if not isinstance(task, dict) or task.get("name") not in ("video_vae", "video"):
+        raise WorkbenchError(f"video: {args.config} is not a video config ([task] name = \"video_vae\" or \"video\"; "
+                             f"see configs/video/)")
     return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
 
 
@@ -517,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
+    p = sub.add_parser("video", help="train the causal video VAE (configs/video/vae.toml) or the text-to-video "
+                                     "AsymmDiT on its latents (configs/video/dit.toml); prints its results")
+    p.add_argument("config", help="experiment file, e.g. configs/video/vae.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
     p.add_argument("--prompt", required=True)
@@ -630,10 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data", "eval", "fundamentals", "diffusion", "nerf"):
+        if args.command in ("train", "data", "eval", "fundamentals", "diffusion", "nerf", "video"):
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval,
                     "fundamentals": cmd_fundamentals, "diffusion": cmd_diffusion,
-                    "nerf": cmd_nerf}[args.command](args, rest)
+                    "nerf": cmd_nerf, "video": cmd_video}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,
