@@ -72,8 +72,10 @@ def test_there_are_configs_to_check():
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads_and_round_trips(path: Path):
-    # `workbench fundamentals` configs and `workbench diffusion` ones (a [task] section): the runner's own schema
-    if path.parent.name == "fundamentals" or path.parent.name == "diffusion" and "task" in load_toml(path):
+    # `workbench fundamentals` configs, `workbench diffusion` ones (a [task] section) and `workbench nerf` ones: the
+    # runner's own schema
+    if (path.parent.name in ("fundamentals", "nerf")
+            or path.parent.name == "diffusion" and "task" in load_toml(path)):
         from workbench.train.fundamentals.runner import FundamentalsJob, load_job
 
         job = load_job(path)
