@@ -175,6 +175,13 @@ def run_eval(
             raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench nerf` run")
         model, tokenizer = load_nerf_run(ckpt, pick_device(device, "--device")), None
         source, job = model.source, model.job
+    elif kind == "video":  # ctx.model is a workbench.train.video.VideoRun (data_settings, generate)
+        from workbench.train.video import load_run as load_video_run
+
+        if ckpt is None or hf_dir is not None:
+            raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench video` run")
+        model, tokenizer = load_video_run(ckpt, pick_device(device, "--device")), None
+        source, job = model.source, getattr(model, "job", None)
     else:
         model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)
