@@ -72,9 +72,9 @@ def test_there_are_configs_to_check():
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads_and_round_trips(path: Path):
-    # `workbench fundamentals` configs, `workbench diffusion` ones (a [task] section) and `workbench nerf` ones: the
-    # runner's own schema
-    if (path.parent.name in ("fundamentals", "nerf")
+    # `workbench fundamentals` configs, `workbench diffusion` ones (a [task] section), `workbench nerf` and
+    # `workbench video` ones: the runner's own schema
+    if (path.parent.name in ("fundamentals", "nerf", "video")
             or path.parent.name == "diffusion" and "task" in load_toml(path)):
         from workbench.train.fundamentals.runner import FundamentalsJob, load_job
 
