@@ -213,6 +213,9 @@ class TemporalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
         h = self.norm(x).permute(0, 3, 4, 2, 1).reshape(B * H * W, T, C)  # (B H W, T, C): one sequence per pixel
+        if T == 1:  # one frame attends only to itself: softmax = 1, out = v (the reference skips q, k too)
+            out = self.to_out(self.to_v(h))  # (BHW, 1, C)
+            return x + out.view(B, H, W, T, C).permute(0, 4, 3, 1, 2)
         q, k, v = (proj(h).view(B * H * W, T, self.heads, self.head_dim).transpose(1, 2)
                    for proj in (self.to_q, self.to_k, self.to_v))  # (BHW, heads, T, D)
         # q, k <- q / |q|, k / |k| (per head; eps 1e-5 as the reference)
