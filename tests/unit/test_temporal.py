@@ -51,9 +51,10 @@ def test_fresh_motion_unet_is_the_image_unet_per_frame_then_one_step_changes_onl
         folded = image(x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W), t.repeat_interleave(T),
                        ctx.repeat_interleave(T, dim=0)).reshape(B, T, C, H, W).permute(0, 2, 1, 3, 4)
         assert torch.equal(got, folded)
-        # and frame by frame, one image-model call per frame (a different batch size for the kernels)
+        # and frame by frame, one image-model call per frame: a batch of B instead of B T rounds differently in
+        # the matmul / conv kernels (5e-7 measured on outputs of mean magnitude 0.23), hence a tolerance
         for f in range(T):
-            torch.testing.assert_close(got[:, :, f], image(x[:, :, f], t, ctx), atol=1e-6, rtol=0)
+            torch.testing.assert_close(got[:, :, f], image(x[:, :, f], t, ctx), atol=1e-5, rtol=0)
     assert got.abs().mean() > 0.1  # a real output, not a zero that would match trivially
 
     # one optimizer step on the motion parameters only
