@@ -181,6 +181,6 @@ def test_spatio_temporal_block_starts_as_identity_and_image_frames_skip_the_temp
         _randomize(block.temporal_transformer_blocks, 2)
         assert torch.equal(block(x, ctx, images), y_img)
         assert (block(x, ctx, videos) - y_vid).abs().max() > 1e-3
-        # the learned alpha = sigmoid(mix_factor) = 0.5 at merge_factor 0 ... and 1 at +inf: spatial only
+        # alpha = sigmoid(mix_factor) = 1 at mix_factor = +inf: the spatial branch alone, as for image frames
         block.time_mixer.mix_factor.fill_(float("inf"))
         torch.testing.assert_close(block(x, ctx, videos), y_img, atol=0, rtol=0)

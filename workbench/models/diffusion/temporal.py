@@ -55,7 +55,7 @@ Design choices
     `VideoUNet` subclasses `unet.UNet` and adds a `motion_modules` list to each of its blocks, so module
     names follow diffusers' `UNetMotionModel` (`down_blocks.i.motion_modules.j.transformer_blocks.k.attn1.
     to_q`, ...) and a diffusers checkpoint maps through `diffusers_sd.rename_from_diffusers` unchanged (the
-    three renames of the SD adapter; the spatio-temporal transformer's `ff_in` adds one pattern there).
+    three renames of the SD adapter; the spatio-temporal transformer's `ff_in` adds two patterns there).
     The frame positions `pos_embed.pe` are a persistent buffer, as in diffusers, so state dicts match key
     for key; `init_weights()` recomputes them.
     Frames fold into the batch video-major (index b T + t), as diffusers does, so the image layers of a
@@ -73,7 +73,8 @@ Differences from the reference
     diffusers leaves PyTorch's default there, so a freshly built diffusers `MotionAdapter` changes the image
     model's output before any training. The frame positions are cast to the activations' dtype (diffusers
     adds the fp32 table, which promotes half-precision activations). Not implemented: the PIA conv_in
-    adapter, SDXL addition embeddings, FreeU, motion LoRA, `temporal_double_self_attention=False`, the
+    adapter, SDXL addition embeddings, FreeU, motion LoRA, `temporal_double_self_attention=False`, per-block
+    lists of temporal transformer layers (one count for all blocks here), the
     SVD UNet's `SpatioTemporalResBlock` (3-D conv ResBlocks), a mid block without cross-attention in a
     `VideoUNet` that has mid-block motion modules (diffusers has no such block either).
 
@@ -129,7 +130,7 @@ class Config:
         if len(self.motion_num_attention_heads) not in (1, n):
             fail("motion_num_attention_heads", f"expected 1 entry or one per block ({n}), got {self.motion_num_attention_heads}")
         for c, h in zip(image.block_out_channels, self.heads(n)):
-            if c % h or (c // h) * h % 2:
+            if c % h or c % 2:
                 fail("motion_num_attention_heads", f"{h} heads must divide the block's channels ({c}), an even number")
         if self.use_motion_mid_block and image.mid_block_type != "UNetMidBlock2DCrossAttn":
             fail("use_motion_mid_block", f"needs the image UNet's mid block to be UNetMidBlock2DCrossAttn, "
@@ -466,6 +467,19 @@ class TemporalTransformerBlock(nn.Module):
         return h.reshape(B, N, T, C).permute(0, 2, 1, 3).reshape(BT, N, C)  # (B T, N, C)
 
 
+class FrameIndexEmbedding(nn.Module):
+    """E(f) = linear_2(SiLU(linear_1(e(f)))) of the sinusoidal embedding e(f) of a frame index, width C -> 4C -> C
+    (unet.TimestepEmbedding's shape, with the output narrowed back to C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, 4 * dim)
+        self.linear_2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
 class SpatioTemporalTransformer(nn.Module):
     """A spatial transformer and a temporal one blended by AlphaBlender (diffusers'
     TransformerSpatioTemporalModel, Stable Video Diffusion's attention block). x (B T, C, H, W) -> same."""
@@ -482,10 +496,7 @@ class SpatioTemporalTransformer(nn.Module):
             BasicTransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(layers))
         self.temporal_transformer_blocks = nn.ModuleList(
             TemporalTransformerBlock(channels, heads, context_dim) for _ in range(layers))
-        # E(frame index) = linear_2(SiLU(linear_1(sinusoid))), width C -> 4C -> C
-        self.time_pos_embed = nn.Module()
-        self.time_pos_embed.linear_1 = nn.Linear(channels, 4 * channels)
-        self.time_pos_embed.linear_2 = nn.Linear(4 * channels, channels)
+        self.time_pos_embed = FrameIndexEmbedding(channels)
         self.time_mixer = AlphaBlender(merge_factor, merge_strategy)
         self.proj_out = nn.Linear(channels, channels)
         if not any(p.is_meta for p in self.parameters()):
@@ -512,7 +523,7 @@ class SpatioTemporalTransformer(nn.Module):
         h = self.proj_in(h)
         frame = torch.arange(T, device=x.device).repeat(B)  # (B T,): each frame's index in its video
         e = timestep_embedding(frame, C, True, 0.0).to(h.dtype)  # (B T, C)
-        emb = self.time_pos_embed.linear_2(F.silu(self.time_pos_embed.linear_1(e)))[:, None, :]  # (B T, 1, C)
+        emb = self.time_pos_embed(e)[:, None, :]  # (B T, 1, C)
         for spatial, temporal in zip(self.transformer_blocks, self.temporal_transformer_blocks):
             h = spatial(h, context)
             m = temporal(h + emb, T, c_time)
