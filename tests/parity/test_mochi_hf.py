@@ -120,6 +120,11 @@ def test_directory_import_export(tmp_path):
     (tmp_path / "src").rename(tmp_path / "pipe" / "transformer")
     model2, _ = mochi_io.load_mochi_dir(tmp_path / "pipe")
     assert all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
+    # sharded weights (an index file naming the shards)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    model3, _ = mochi_io.load_mochi_dir(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(model3.state_dict().values(), model.state_dict().values()))
 
 
 def test_unsupported_configs_are_refused(tmp_path):

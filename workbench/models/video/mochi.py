@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ class Config:
     target_area: int = field_(36864, gt=0, doc="RoPE: the h x w patch grid is rescaled to this area (192^2)")
     timestep_scale: float = field_(1000.0, gt=0, doc="the time embedding sees timestep_scale * (1 - sigma)")
     max_text_len: int = field_(256, gt=0, doc="longest text sequence (T5 tokens) the model is meant for")
-    attn_backend: str = field_("sdpa", doc="AttentionCore backend: sdpa | math")
+    attn_backend: Literal["sdpa", "math"] = field_("sdpa", doc="AttentionCore backend (math: the explicit formula)")
 
     def __post_init__(self):
         if self.dim != self.n_heads * self.head_dim:
