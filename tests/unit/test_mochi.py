@@ -156,3 +156,25 @@ def test_small_flavor_trains_a_step():
     opt.step()
     after = flow.flow_loss(model, x0, text, mask, sigma=sigma, eps=eps)
     assert after < before
+
+
+def test_cp_plan_names_every_joint_core_and_refuses_others():
+    """The plan's context path matches each block's joint core (what apply_context_parallel swaps); the video
+    cp core refuses a decoder's plain AttentionCore; the token split covers the video in rank order."""
+    import re
+
+    from workbench.nn.attention import AttentionCore
+    from workbench.parallel.cp import JointVideoAttention, video_token_range
+    from workbench.parallel.plans import plan_for
+
+    plan = plan_for("mochi")
+    model = _model()
+    pattern = re.compile(re.escape(plan.context).replace(r"\*", r"\d+") + "$")
+    cores = [m for name, m in model.named_modules() if pattern.match(name)]
+    assert len(cores) == model.cfg.n_layers and all(isinstance(c, mochi.JointAttentionCore) for c in cores)
+    assert len(model.get_submodule(plan.blocks)) == model.cfg.n_layers
+    with pytest.raises(ConfigError, match="joint"):
+        JointVideoAttention(AttentionCore(0.5), group=None)
+    assert [video_token_range(24, 3, r) for r in range(3)] == [(0, 8), (8, 16), (16, 24)]
+    with pytest.raises(ConfigError, match="divide evenly"):
+        video_token_range(25, 2, 0)
