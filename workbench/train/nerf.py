@@ -46,7 +46,8 @@ from torch import Tensor
 from workbench.config import fail, field_
 from workbench.train.fundamentals.runner import Context, Task
 
-__all__ = ["Config", "build_model", "load_data", "render_views", "write_gif", "load_run", "NerfRun", "is_nerf_run"]
+__all__ = ["Config", "build_model", "load_data", "render_views", "write_gif", "plot_ray", "load_run", "NerfRun",
+           "is_nerf_run"]
 
 
 @dataclass
@@ -163,6 +164,52 @@ def orbit_poses(data, frames: int, elevation: float) -> Tensor:
     return orbit(frames, radius, elevation)
 
 
+@torch.no_grad()
+def plot_ray(model, views, near: float, far: float, out: str | Path, view: int = 0,
+             pixel: tuple[int, int] | None = None) -> Path:
+    """One ray of `views[view]` (the centre pixel by default) with its coarse samples and their weights and the
+    fine samples the inverse CDF drew from them, beside the true hit depth when the scene knows it (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from workbench.models.nerf import get_rays, render_rays
+    from workbench.train.metrics import save_png
+
+    i, j = pixel or (views.height // 2, views.width // 2)
+    device = next(model.parameters()).device
+    o, d = get_rays(views.height, views.width, views.focal, views.poses[view].to(device))
+    rays_o, rays_d = o[i, j].unsqueeze(0), d[i, j].unsqueeze(0)
+    # one deterministic coarse pass, then the fine samples with fresh u (what training draws)
+    r = render_rays(model, rays_o, rays_d, near, far, perturb=False, raw_noise_std=0.0)
+    gen = torch.Generator().manual_seed(0)
+    r_train = render_rays(model, rays_o, rays_d, near, far, perturb=True, raw_noise_std=0.0, generator=gen)
+    fig = Figure(figsize=(8.0, 3.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    tc, wc = r["coarse"]["t"][0].cpu(), r["coarse"]["weights"][0].cpu()
+    ax.vlines(tc, 0, wc, color="tab:blue", lw=2, label=f"coarse samples ({len(tc)}) and their weights")
+    ax.plot(tc, wc, "o", color="tab:blue", ms=3)
+    if "fine" in r:
+        tf, wf = r["fine"]["t"][0].cpu(), r["fine"]["weights"][0].cpu()
+        ax.plot(tf, wf, "-", color="tab:orange", lw=1, label=f"fine network's weights over all {len(tf)} samples")
+        coarse_set = set(tc.tolist())
+        new = torch.tensor([t for t in tf.tolist() if t not in coarse_set])
+        ax.plot(new, torch.full_like(new, -0.04), "|", color="tab:orange", ms=10,
+                label=f"inverse-CDF fine samples ({len(new)})")
+        jitter = r_train["fine"]["t"][0].cpu()
+        ax.plot(jitter, torch.full_like(jitter, -0.09), "|", color="tab:gray", ms=6,
+                label="a training draw (stratified + random u)")
+    if views.depth is not None and views.depth[view, i, j] > 0:
+        ax.axvline(float(views.depth[view, i, j]), color="k", ls="--", lw=1, label="true surface (ray-cast)")
+    ax.set_xlim(near, far)
+    ax.set_xlabel("t along the ray (near to far)")
+    ax.set_ylabel("weight w_i = T_i alpha_i")
+    ax.set_title(f"pixel ({i}, {j}) of view {view}: coarse weights guide the fine samples", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    save_png(fig, out)
+    return Path(out)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The task
 
@@ -242,6 +289,9 @@ def run(ctx: Context, cfg: Config) -> None:
     ctx.result("mean_colour_ssim", round(base["mean_colour"]["ssim"], 4), "the same, SSIM")
     ctx.result("noise_psnr", round(base["noise"]["psnr"], 3), "uniform noise images")
     ctx.result("noise_ssim", round(base["noise"]["ssim"], 4), "the same, SSIM")
+
+    plot_ray(model, data.test, near, far, ctx.figure("ray-samples.png", "one test ray: coarse samples and weights, "
+                                                    "the fine samples drawn from them, the true surface"))
 
     # the novel-view orbit
     poses = orbit_poses(data, cfg.gif_frames, cfg.gif_elevation)
