@@ -40,7 +40,7 @@ def test_tiny_run_beats_the_mean_colour_and_writes_its_pictures(nerf_run):
         assert im.n_frames == 3 and im.size == (48, 48)  # 12 px frames scaled 4x
     results = json.loads((run_dir / "results.json").read_text())
     files = {f["file"] for f in results["figures"]}
-    assert {"test-views.png", "novel-views.png"} <= files and all((run_dir / f).is_file() for f in files)
+    assert {"test-views.png", "novel-views.png", "ray-samples.png"} <= files and all((run_dir / f).is_file() for f in files)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [rec["val_psnr"] for rec in records if "val_psnr" in rec]
     assert len(val) >= 2 and val[-1] > val[0] + 3  # held-out PSNR rose during training
