@@ -13,8 +13,11 @@ from diffusers.models.resnet import AlphaBlender as RefBlender  # noqa: E402
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 
+from workbench.checkpoint.hf import animatediff  # noqa: E402
 from workbench.checkpoint.hf import diffusers_sd as sd_io  # noqa: E402
+from workbench.errors import CheckpointError  # noqa: E402
 from workbench.models.diffusion import temporal  # noqa: E402
+from workbench.models.diffusion import unet as unet_mod  # noqa: E402
 
 ATOL = 1e-5
 
@@ -70,20 +73,23 @@ MOTION_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MOTION_CASES))
-def test_video_unet_matches_unet_motion_model(case):
+def test_video_unet_matches_unet_motion_model(case, tmp_path):
+    """The realistic path: a saved MotionAdapter folder loaded onto our image UNet (from the SD UNet's weights)
+    vs diffusers' UNetMotionModel.from_unet2d(unet, adapter)."""
     unet_kw, adapter_kw = MOTION_CASES[case]
     torch.manual_seed(0)
-    image = diffusers.UNet2DConditionModel(**unet_kw)
+    image = diffusers.UNet2DConditionModel(**unet_kw).eval()
     adapter = diffusers.MotionAdapter(motion_norm_num_groups=unet_kw["norm_num_groups"], **adapter_kw)
+    _randomize(image, 1), _randomize(adapter, 3)  # proj_out included: the temporal paths matter
     ref = diffusers.UNetMotionModel.from_unet2d(image, adapter).eval()
-    _randomize(ref, 1)
-    heads = adapter_kw["motion_num_attention_heads"]
-    motion = temporal.Config(
-        motion_num_attention_heads=[heads] if isinstance(heads, int) else list(heads),
-        motion_transformer_layers_per_block=adapter_kw.get("motion_transformer_layers_per_block", 1),
-        motion_max_seq_length=adapter_kw["motion_max_seq_length"], use_motion_mid_block=adapter_kw["use_motion_mid_block"])
-    ours = temporal.VideoUNet(sd_io.unet_config_from_diffusers(dict(image.config)), motion).eval()
-    _load(ours, ref)
+    adapter.save_pretrained(tmp_path / "adapter", safe_serialization=True)
+    ours_image = unet_mod.UNet(sd_io.unet_config_from_diffusers(dict(image.config)))
+    sd_io.load_into(ours_image, sd_io.unet_state_from_diffusers(image.state_dict()), "unet")
+    ours = animatediff.load_motion_adapter(tmp_path / "adapter", ours_image).eval()
+    # the same weights, key for key, as diffusers' assembled model
+    ref_sd = sd_io.rename_from_diffusers(ref.state_dict())
+    assert set(ref_sd) == set(ours.state_dict())
+    assert all(torch.equal(v, ref_sd[k]) for k, v in ours.state_dict().items())
     g = torch.Generator().manual_seed(2)
     C, D = unet_kw["in_channels"], unet_kw["cross_attention_dim"]
     for B, T, H, W in ((1, 4, 16, 16), (2, 3, 8, 12)):
@@ -98,9 +104,19 @@ def test_video_unet_matches_unet_motion_model(case):
         assert got.shape == want.shape == (B, unet_kw["out_channels"], T, H, W)
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert torch.equal(per_frame, got)
-    # the motion weights alone are what a MotionAdapter checkpoint holds, under the same names
-    adapter_sd = sd_io.rename_from_diffusers(adapter.state_dict())
-    assert set(adapter_sd) == set(ours.motion_state_dict())
+
+
+def test_motion_adapter_options_we_do_not_implement_are_refused():
+    image = sd_io.unet_config_from_diffusers(MOTION_CASES["tiny-mid"][0])
+    ok = dict(block_out_channels=[32, 64], motion_layers_per_block=2, motion_num_attention_heads=2)
+    assert animatediff.motion_config_from_diffusers(ok, image).motion_num_attention_heads == [2, 2]
+    for bad, match in ((dict(conv_in_channels=9), "conv_in_channels"),
+                       (dict(motion_layers_per_block=1), "motion_layers_per_block"),
+                       (dict(motion_transformer_layers_per_block=[1, 2]), "only one count"),
+                       (dict(block_out_channels=[32, 32]), "block_out_channels"),
+                       (dict(motion_num_attention_heads=3), "motion_num_attention_heads")):
+        with pytest.raises(CheckpointError, match=match):
+            animatediff.motion_config_from_diffusers({**ok, **bad}, image, "adapter/config.json")
 
 
 @pytest.mark.parametrize("strategy", temporal.MERGE_STRATEGIES)
