@@ -62,7 +62,8 @@ def motion_config_from_diffusers(hf: dict, image: unet_mod.Config | None = None,
 
 
 def load_motion_adapter(directory: str | Path, image: unet_mod.UNet) -> temporal.VideoUNet:
-    """`image` (a loaded SD UNet) inflated with the motion modules of a MotionAdapter folder; errors name the file."""
+    """`image` (a loaded SD UNet) inflated with the motion modules of a MotionAdapter folder, in eval mode; errors
+    name the file."""
     root = Path(directory)
     cfg = motion_config_from_diffusers(_read_json(root / "config.json"), image.cfg, str(root / "config.json"))
     video = temporal.VideoUNet.from_image_unet(image, cfg)
@@ -71,4 +72,4 @@ def load_motion_adapter(directory: str | Path, image: unet_mod.UNet) -> temporal
         video.load_motion_state_dict({k: v.to(next(image.parameters()).dtype) for k, v in sd.items()})
     except ValueError as e:
         raise CheckpointError(f"{root}: {e}") from None
-    return video
+    return video.eval()
