@@ -151,3 +151,16 @@ def test_10b_flavor_equals_diffusers_defaults_on_meta():
         {k: getattr(ours, k) for k in ("dim", "text_width", "n_layers", "n_heads", "head_dim", "text_dim",
                                        "in_channels", "hidden_x", "hidden_y")}
     assert mochi.param_count(ours) == sum(p.numel() for p in ref.parameters()) == 10_027_677_744
+
+
+def test_bfloat16_matches_diffusers_bfloat16():
+    """Both models cast to bf16 (our RoPE and norms still compute in fp32, as diffusers'): close at bf16 precision."""
+    ref = _reference()
+    model = _ours(ref).to(torch.bfloat16)
+    ref = ref.to(torch.bfloat16)
+    x, text, mask, sigma = _inputs(2, 3, 6, 10)
+    with torch.no_grad():
+        want = ref(x.bfloat16(), text.bfloat16(), 1000 * (1 - sigma), mask, return_dict=False)[0].float()
+        got = model(x.bfloat16(), sigma, text.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
