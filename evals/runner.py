@@ -180,8 +180,13 @@ def run_eval(
 
         if ckpt is None or hf_dir is not None:
             raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench video` run")
-        model, tokenizer = load_video_run(ckpt, pick_device(device, "--device")), None
-        source, job = model.source, getattr(model, "job", None)
+        from workbench.checkpoint.load import run_dir_of
+        from workbench.checkpoint.run import resolve_checkpoint, step_of
+
+        path = resolve_checkpoint(ckpt)
+        model, tokenizer = load_video_run(path, pick_device(device, "--device")), None
+        # the video checkpoint itself (VideoRun.source also names the VAE run it was trained on)
+        source, job = {"ckpt": str(path), "run_dir": str(run_dir_of(path)), "step": step_of(path)}, None
     else:
         model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)
