@@ -51,15 +51,17 @@ Design choices
     them to 0 / 1, and the training task sets them from the encoded training set.
 
 Flavors
-    "mochi": the real sizes (about 362M parameters, counted on the meta device in the tests).
+    "mochi": the real sizes: a 97.2M-parameter encoder and a 362.5M decoder (459.7M in all, counted on the
+             meta device in the tests; the "362M" usually quoted for AsymmVAE is the decoder).
     "small": for the CPU: 4x spatial, 2x temporal, 4 latent channels, widths 16-64, one ResBlock per level,
              causal attention at the second encoder level; a 9 x 32 x 32 clip -> 5 x 8 x 8 x 4.
     "debug": a tiny "small" for tests.
 
 Differences from the reference
     None in the math against diffusers' `AutoencoderKLMochi` with its defaults (one-shot encode/decode:
-    parity at atol 1e-5 fp32 on a tiny random config, tests/parity/test_video_vae_parity.py). Not
-    implemented: tiling, framewise (chunked, cached) decoding, gradient checkpointing. diffusers' KL sums
+    parity at atol 1e-5 fp32 on tiny random configs, tests/parity/test_video_vae_parity.py; at the real
+    sizes in benchmarks/video_vae.py). Not implemented: tiling, framewise (chunked, cached) decoding,
+    gradient checkpointing, diffusers' chunked GroupNorm (a memory saving, same math). diffusers' KL sums
     over dims (1, 2, 3) only, which for 5-D latents leaves a (B, W) tensor; ours sums every non-batch dim.
     genmo's original code fuses q, k, v into one `qkv` Linear and pads with a causal context-parallel
     helper; the weights and math are the same.
