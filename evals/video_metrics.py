@@ -367,6 +367,19 @@ def train_judge(splits: dict, cfg: JudgeConfig, seed: int, device: torch.device 
     return net
 
 
+def _reference_sets(splits: dict, n: int, seed: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(the n training videos of the reference fit, the n test indices, the five reference sets of n videos made
+    from those test videos), all drawn from `seed`."""
+    train, test = splits["train"], splits["test"]
+    g = torch.Generator().manual_seed(seed)
+    fit = train.videos[torch.randperm(len(train), generator=g)[:n]]
+    idx = torch.randperm(len(test), generator=g)[:n]
+    real = test.videos[idx]
+    sets = {"real": real, "noise": torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8),
+            "shuffled": shuffled(real, g), "jumbled": jumbled(real, g), "static": static(real)}
+    return fit, idx, sets
+
+
 def references(net: VideoEvalNet, splits: dict, n: int, seed: int) -> dict:
     """The scores of real held-out videos and of noise / shuffled / jumbled / static videos, n of each (the
     same n real test videos underlie the three broken ones, and their labels are what is asked), and the
@@ -376,13 +389,9 @@ def references(net: VideoEvalNet, splits: dict, n: int, seed: int) -> dict:
         if len(split) < n:
             raise WorkbenchError(f"video references: the moving-shapes {name} split holds {len(split)} videos, fewer "
                                  f"than the {n} scored: lower the number of videos or render more (n)")
-    g = torch.Generator().manual_seed(seed)
-    ref = net.reference(train.videos[torch.randperm(len(train), generator=g)[:n]])
-    idx = torch.randperm(len(test), generator=g)[:n]
-    real = test.videos[idx]
+    fit, idx, sets = _reference_sets(splits, n, seed)
+    ref = net.reference(fit)
     asked = {k: v[idx] for k, v in _labels(test).items()}
-    sets = {"real": real, "noise": torch.randint(0, 256, real.shape, generator=g, dtype=torch.uint8),
-            "shuffled": shuffled(real, g), "jumbled": jumbled(real, g), "static": static(real)}
     out = {name: net.score(v, asked, ref) for name, v in sets.items()}
     out["ref"] = ref
     return out
@@ -400,11 +409,22 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{key}", type=int, default=DEFAULTS[key])
     p.add_argument("--videos", type=int, default=192, help="videos per reference set (and in the FVD reference fit)")
     p.add_argument("--cache", default="runs/eval_nets", help="where the judge is cached")
+    p.add_argument("--out", default="", help="also write references.png (the first videos of each set, one row each) "
+                                            "and references-metrics.png there")
     a = p.parse_args(argv)
     settings = dict(DEFAULTS, n=a.n, frames=a.frames, size=a.size, seed=a.seed)
     splits = load_moving_shapes(**settings)
     net = VideoEvalNet.load_or_train(a.cache, splits, settings, JudgeConfig())
     refs = references(net, splits, a.videos, a.seed)
+    if a.out:
+        from evals.tasks.video import _plot_references
+        from workbench.data.moving_shapes import write_strip
+
+        _, _, sets = _reference_sets(splits, a.videos, a.seed)
+        out = Path(a.out)
+        write_strip(torch.cat([v[:2] for v in sets.values()]), out / "references.png", scale=2)
+        _plot_references(out / "references-metrics.png", None, refs)
+        print(f"rows of references.png, two each: {', '.join(sets)}")
     keys = [k for k in refs["real"]]
     print(f"judge test accuracy: {net.meta['test_accuracy']} (trained in {net.meta.get('train_seconds')} s)")
     print(f"{a.videos} videos per set, data {settings}")

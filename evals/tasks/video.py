@@ -147,24 +147,25 @@ class VideoEval:
                 "judge_test_accuracy": meta["test_accuracy"]})
 
 
-def _plot_references(out: Path, model: dict, refs: dict) -> str:
-    """The model's value of each metric beside the references' (one panel per metric)."""
+def _plot_references(out: Path, model: dict | None, refs: dict) -> str:
+    """The model's value of each metric beside the references' (one panel per metric; the references alone when
+    model is None)."""
     from evals.plots import new_figure, save_figure
 
-    names = ["model", "real", "noise", *TEMPORAL_FAILURES]
-    rows = [model, *(refs[k] for k in names[1:])]
+    names = ["model", "real", "noise", *TEMPORAL_FAILURES][model is None:]
+    rows = [model, *(refs[k] for k in names[1:])] if model is not None else [refs[k] for k in names]
     keys = ("fvd", "temporal_consistency", "flicker_ratio", "motion_accuracy", "shape_accuracy", "colour_accuracy")
     fig = new_figure((13.0, 3.2))
     for ax, key in zip(fig.subplots(1, len(keys)), keys):
         vals = [r[key] for r in rows]
-        ax.bar(range(len(names)), vals, color=["C0", "C2", "C3", "C1", "C4", "C5"])
+        ax.bar(range(len(names)), vals, color=["C0", "C2", "C3", "C1", "C4", "C5"][model is None:])
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
         if key == "fvd":
             ax.set_yscale("log")
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("video metrics: the samples beside real, noise and temporally broken real videos (same judge, same n)",
-                 fontsize=10)
+    fig.suptitle(("video metrics: the samples beside " if model is not None else "video metrics of ")
+                 + "real, noise and temporally broken real videos (same judge, same n)", fontsize=10)
     save_figure(fig, out)
     return out.name
 
