@@ -55,8 +55,9 @@ Design choices
       RoPE positions) and returns their patch predictions (B, stop - start, p*p*C) instead of the video. It is
       the plain, single-device hook that context parallelism uses: each rank computes its slice, and the
       swapped core gathers the visual keys and values of the other slices. The text stream is computed whole.
-    - The last block keeps its text Q/K/V projection (the checkpoints have it) but computes no text queries
-      (their outputs would be discarded), and has no proj_y / mlp_y; its text modulation is scale-only.
+    - The last block keeps its text Q/K/V projection and text-query norm (the checkpoints have them) but runs no
+      attention for text queries (their outputs would be discarded): the fused projection's q part is dropped
+      and `q_norm_y` gets no gradient. It has no proj_y / mlp_y; its text modulation is scale-only.
     - `__init__` allocates nothing on the meta device; `init_weights()` is the one initializer: xavier-uniform
       linears, the modulation and output layers at zero (adaLN-Zero: every residual gate tanh(0) = 0, so an
       untrained model is the identity on its stream and predicts 0), RoPE frequencies 1 / 10000^(f / F) along
@@ -307,11 +308,12 @@ class JointAttention(nn.Module):
         q_x, k_x, v_x = self.qkv_x(x).view(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
         q_y, k_y, v_y = self.qkv_y(y).view(B, L, 3, H, Dh).unbind(2)  # 3 x (B, L, H, Dh)
         q_x, k_x = self.q_norm_x(q_x), self.k_norm_x(k_x)
-        q_y, k_y = self.q_norm_y(q_y), self.k_norm_y(k_y)
+        k_y = self.k_norm_y(k_y)
+        q_y = self.q_norm_y(q_y) if self.update_y else None  # the last block's text queries are dropped
         # 3D RoPE on the visual stream only
         q_x, k_x = apply_rope_interleaved(q_x, cos, sin), apply_rope_interleaved(k_x, cos, sin)
         o_x, o_y = self.core(q_x.transpose(1, 2), k_x.transpose(1, 2), v_x.transpose(1, 2),
-                             q_y.transpose(1, 2) if self.update_y else None, k_y.transpose(1, 2),
+                             None if q_y is None else q_y.transpose(1, 2), k_y.transpose(1, 2),
                              v_y.transpose(1, 2), text_mask)  # (B, H, N, Dh), (B, H, L, Dh) | None
         o_x = self.proj_x(o_x.transpose(1, 2).reshape(B, N, H * Dh))  # (B, N, D)
         o_y = self.proj_y(o_y.transpose(1, 2).reshape(B, L, H * Dh)) if self.update_y else None  # (B, L, Dy)
