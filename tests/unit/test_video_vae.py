@@ -131,6 +131,28 @@ def test_perturbing_a_frame_leaves_the_past_unchanged_and_first_frame_encodes_al
         torch.testing.assert_close(m.decode(z[:, :, :1]), full[:, :, :1], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg_name", ["small", "mochi-tiny"])
+def test_chunked_decode_equals_one_shot(cfg_name):
+    """decode(z, chunk_frames=k) carries each causal conv's last frames across chunks: the same video for every
+    chunk size, the caches are cleared after (also after an error), and a bad chunk size is refused."""
+    m = _vae(MOCHI_TINY if cfg_name == "mochi-tiny" else FLAVORS["small"])
+    z = torch.randn(2, m.latent_channels, 5, 2, 3, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m.decode(z)
+        for k in (1, 2, 3, 5, 9):
+            torch.testing.assert_close(m.decode(z, chunk_frames=k), full, rtol=0, atol=1e-5)
+        convs = [mod for mod in m.modules() if hasattr(mod, "stream")]
+        assert convs and all(c.stream is None for c in convs)
+        with pytest.raises(ValueError, match="chunk_frames: expected a positive number"):
+            m.decode(z, chunk_frames=0)
+        with pytest.raises(RuntimeError):  # fails inside the decoder, after the caches were switched on
+            m.decode(torch.zeros(1, m.latent_channels, 4, 0, 3), chunk_frames=2)
+        assert all(c.stream is None for c in convs)
+        # without the cache (each chunk decoded on its own) the result differs: the carry is what makes it equal
+        alone = torch.cat([m.decoder(z[:, :, :2]), m.decoder(z[:, :, 2:])], dim=2)[:, :, m.temporal_factor - 1:]
+        assert alone.shape == full.shape and (alone - full).abs().max() > 1e-3
+
+
 def test_posterior_sample_mean_kl():
     g = torch.Generator().manual_seed(0)
     moments = torch.randn(3, 8, 2, 3, 5, generator=g)

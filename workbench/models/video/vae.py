@@ -3,7 +3,7 @@
 What it is
     The autoencoder Mochi 1 diffuses in (genmo's "AsymmVAE"; diffusers' `AutoencoderKLMochi`). Its real
     size compresses 8x along each spatial side and 6x in time into 12 channels: a 163-frame 480 x 848 clip
-    becomes 28 x 60 x 106 x 12, 96x fewer numbers than the pixels. "Asymmetric" because the decoder is
+    becomes 28 x 60 x 106 x 12, 93x fewer numbers than its pixel values. "Asymmetric": the decoder is
     twice as wide as the encoder (base 128 against 64): decoding is where the detail has to be invented.
 
 The math
@@ -33,8 +33,8 @@ The math
 
 The intuition
     Causality in time makes the first frame an image and every later group of tf frames a "delta" that
-    depends only on the past: the same VAE serves images and videos, and a video can be encoded or decoded
-    in chunks with a cache of the last frames (not implemented here). Group norms are per frame and the
+    depends only on the past: the same VAE serves images and videos, and a long video can be decoded in
+    chunks with a cache of the last frames (`decode(z, chunk_frames=k)`). Group norms are per frame and the
     attention is causal, so no layer can leak the future. The spatial work is done first (Mochi's first
     level has t = 1) while frames are cheap to keep.
 
@@ -53,22 +53,30 @@ Design choices
 Flavors
     "mochi": the real sizes: a 97.2M-parameter encoder and a 362.5M decoder (459.7M in all, counted on the
              meta device in the tests; the "362M" usually quoted for AsymmVAE is the decoder).
-    "small": for the CPU: 4x spatial, 2x temporal, 4 latent channels, widths 16-64, one ResBlock per level,
-             causal attention at the second encoder level; a 9 x 32 x 32 clip -> 5 x 8 x 8 x 4.
+    "small": for the CPU: 4x spatial, 2x temporal, 4 latent channels, widths 16-24-32 (encoder) and
+             24-32-32 (decoder), one ResBlock per stage, causal attention after the first stage as in Mochi;
+             a 9 x 32 x 32 clip -> 5 x 8 x 8 x 4.
     "debug": a tiny "small" for tests.
 
 Differences from the reference
     None in the math against diffusers' `AutoencoderKLMochi` with its defaults (one-shot encode/decode:
     parity at atol 1e-5 fp32 on tiny random configs, tests/parity/test_video_vae_parity.py; at the real
-    sizes in benchmarks/video_vae.py). Not implemented: tiling, framewise (chunked, cached) decoding,
-    gradient checkpointing, diffusers' chunked GroupNorm (a memory saving, same math). diffusers' KL sums
+    sizes in benchmarks/video_vae.py). Not implemented: tiling, chunked encoding (the encoder's causal
+    attention would need a cache of past keys and values), gradient checkpointing, diffusers' chunked
+    GroupNorm (a memory saving, same math). Added: chunked decoding (`decode(z, chunk_frames=k)`) carries
+    each causal conv's last frames across chunks and equals the one-shot decode (diffusers' private framewise
+    mode instead switches the convs to zero spatial padding; in diffusers 0.42 it fails with a kernel-size
+    error on a model built with replicate padding). diffusers' KL sums
     over dims (1, 2, 3) only, which for 5-D latents leaves a (B, W) tensor; ours sums every non-batch dim.
-    genmo's original code fuses q, k, v into one `qkv` Linear and pads with a causal context-parallel
-    helper; the weights and math are the same.
+    Against genmo's original (src/genmo/mochi_preview/vae/models.py): it fuses q, k, v into one `qkv`
+    Linear (the same weights, concatenated) and normalizes q, k with eps 1e-12 (diffusers and we: 1e-5);
+    its decoder drops t_i - 1 frames after every upsampling level where diffusers and we drop tf - 1 once at
+    the end, which gives the same frame count but lets the middle levels see extra leading frames, so the
+    first decoded frames can differ from genmo's on the same weights. We follow diffusers.
 
 Sources
-    genmo, "Mochi 1" (github.com/genmoai/mochi, src/genmo/mochi_preview/vae/models.py, read as described in
-    its README); diffusers autoencoder_kl_mochi.py, autoencoder_kl_cogvideox.py (CogVideoXCausalConv3d),
+    genmo, "Mochi 1" (github.com/genmoai/mochi, src/genmo/mochi_preview/vae/models.py); diffusers
+    autoencoder_kl_mochi.py, autoencoder_kl_cogvideox.py (CogVideoXCausalConv3d),
     attention_processor.py (MochiVaeAttnProcessor2_0), read, not copied; Kingma & Welling, "Auto-Encoding
     Variational Bayes" (1312.6114).
 """
@@ -166,10 +174,18 @@ class CausalConv3d(nn.Module):
         # (w_left, w_right, h_top, h_bottom, t_past, t_future): the future side is never padded
         self.padding = ((kw - 1) // 2, (kw - 1) // 2, (kh - 1) // 2, (kh - 1) // 2, kt - 1, 0)
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
+        # NEW: chunked decoding (CausalVideoVAE.decode(chunk_frames=...)) sets this to a list holding the last
+        # kt - 1 padded input frames of the previous chunk; None = one-shot
+        self.stream: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, T, H, W) -> (B, C, T + kt - 1, H + kh - 1, W + kw - 1): frame 0 repeated kt - 1 times in front
-        x = F.pad(x, self.padding, mode="replicate")
+        if not self.stream:
+            # (B, C, T, H, W) -> (B, C, T + kt - 1, H + kh - 1, W + kw - 1): frame 0 repeated kt - 1 times in front
+            x = F.pad(x, self.padding, mode="replicate")
+        else:  # a later chunk: the previous chunk's last kt - 1 frames stand in for the past
+            x = torch.cat([self.stream[0], F.pad(x, self.padding[:4] + (0, 0), mode="replicate")], dim=2)
+        if self.stream is not None:
+            self.stream[:] = [x[:, :, x.shape[2] - (self.conv.kernel_size[0] - 1):]]  # (B, C, kt - 1, H', W')
         return self.conv(x)
 
 
@@ -407,11 +423,29 @@ class CausalVideoVAE(nn.Module):
         self._check_video(x)
         return DiagonalGaussian(self.encoder(x))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents (B, C_z, T_lat, h, w) -> videos (B, 3, tf (T_lat - 1) + 1, h s, w s) in about [-1, 1]."""
+    def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """Raw latents (B, C_z, T_lat, h, w) -> videos (B, 3, tf (T_lat - 1) + 1, h s, w s) in about [-1, 1].
+
+        chunk_frames: decode that many latent frames at a time, each causal conv carrying its last kt - 1 input
+        frames from one chunk to the next. The decoder has no attention and no temporal stride, so the result
+        equals the one-shot decode while activations exist for one chunk only (how a long real-size clip fits in
+        memory)."""
         if z.dim() != 5 or z.shape[1] != self.latent_channels:
             raise ValueError(f"latents: expected (B, {self.latent_channels}, T_lat, h, w), got {tuple(z.shape)}")
-        x = self.decoder(z)  # (B, 3, T_lat tf, H, W)
+        if chunk_frames is None or chunk_frames >= z.shape[2]:
+            x = self.decoder(z)  # (B, 3, T_lat tf, H, W)
+        else:
+            if chunk_frames < 1:
+                raise ValueError(f"chunk_frames: expected a positive number of latent frames, got {chunk_frames}")
+            convs = [m for m in self.decoder.modules() if isinstance(m, CausalConv3d)]
+            for conv in convs:
+                conv.stream = []
+            try:
+                x = torch.cat([self.decoder(z[:, :, i:i + chunk_frames])  # (B, 3, chunk tf, H, W) each
+                               for i in range(0, z.shape[2], chunk_frames)], dim=2)
+            finally:
+                for conv in convs:
+                    conv.stream = None
         return x[:, :, self.temporal_factor - 1:]  # drop the tf - 1 frames before frame 0
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
