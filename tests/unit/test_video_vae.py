@@ -153,6 +153,27 @@ def test_chunked_decode_equals_one_shot(cfg_name):
         assert alone.shape == full.shape and (alone - full).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("cfg_name", ["small", "mochi-tiny"])
+def test_chunked_encode_equals_one_shot(cfg_name):
+    """encode(x, chunk_frames=k): strided convs carry their unconsumed frames, attention its past keys and values;
+    the posterior equals the one-shot one for every chunk size, and the caches are dropped after."""
+    m = _vae(MOCHI_TINY if cfg_name == "mochi-tiny" else FLAVORS["small"])
+    tf = m.temporal_factor
+    x = _video(2, 4 * tf + 1, 16, 8, seed=6)
+    with torch.no_grad():
+        full = m.encode(x)
+        for k in (1, 2, 3, 5):
+            chunked = m.encode(x, chunk_frames=k)
+            torch.testing.assert_close(chunked.mean, full.mean, rtol=0, atol=1e-5)
+            torch.testing.assert_close(chunked.logvar, full.logvar, rtol=0, atol=1e-5)
+        assert all(mod.stream is None for mod in m.modules() if hasattr(mod, "stream"))
+        with pytest.raises(ValueError, match="chunk_frames: expected a positive number"):
+            m.encode(x, chunk_frames=-1)
+        # the carried past matters: without it (a later chunk encoded alone) the latents differ
+        alone = m.encode(x[:, :, tf:]).mean  # frame tf, then the frames of latents 2..4, as a clip of its own
+        assert (alone[:, :, 1:] - full.mean[:, :, 2:]).abs().max() > 1e-3
+
+
 def test_posterior_sample_mean_kl():
     g = torch.Generator().manual_seed(0)
     moments = torch.randn(3, 8, 2, 3, 5, generator=g)

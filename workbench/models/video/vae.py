@@ -33,8 +33,9 @@ The math
 
 The intuition
     Causality in time makes the first frame an image and every later group of tf frames a "delta" that
-    depends only on the past: the same VAE serves images and videos, and a long video can be decoded in
-    chunks with a cache of the last frames (`decode(z, chunk_frames=k)`). Group norms are per frame and the
+    depends only on the past: the same VAE serves images and videos, and a long video can be encoded and
+    decoded in chunks with a cache of the past (`chunk_frames=k`), the way a language model decodes with a
+    KV cache. Group norms are per frame and the
     attention is causal, so no layer can leak the future. The spatial work is done first (Mochi's first
     level has t = 1) while frames are cheap to keep.
 
@@ -61,12 +62,12 @@ Flavors
 Differences from the reference
     None in the math against diffusers' `AutoencoderKLMochi` with its defaults (one-shot encode/decode:
     parity at atol 1e-5 fp32 on tiny random configs, tests/parity/test_video_vae_parity.py; at the real
-    sizes in benchmarks/video_vae.py). Not implemented: tiling, chunked encoding (the encoder's causal
-    attention would need a cache of past keys and values), gradient checkpointing, diffusers' chunked
-    GroupNorm (a memory saving, same math). Added: chunked decoding (`decode(z, chunk_frames=k)`) carries
-    each causal conv's last frames across chunks and equals the one-shot decode (diffusers' private framewise
-    mode instead switches the convs to zero spatial padding; in diffusers 0.42 it fails with a kernel-size
-    error on a model built with replicate padding). diffusers' KL sums
+    sizes in benchmarks/video_vae.py). Not implemented: tiling, gradient checkpointing, diffusers' chunked
+    GroupNorm (a memory saving, same math). Added: chunked encoding and decoding (`encode(x, chunk_frames=k)`,
+    `decode(z, chunk_frames=k)`): each causal conv carries its unconsumed frames and each attention its past
+    keys and values across chunks, so the result equals the one-shot one (diffusers' private framewise
+    decoding instead switches the convs to zero spatial padding, and in diffusers 0.42 fails with a
+    kernel-size error on a model built with replicate padding; it refuses framewise encoding). diffusers' KL sums
     over dims (1, 2, 3) only, which for 5-D latents leaves a (B, W) tensor; ours sums every non-batch dim.
     Against genmo's original (src/genmo/mochi_preview/vae/models.py): it fuses q, k, v into one `qkv`
     Linear (the same weights, concatenated) and normalizes q, k with eps 1e-12 (diffusers and we: 1e-5);
@@ -83,6 +84,7 @@ Sources
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -174,19 +176,22 @@ class CausalConv3d(nn.Module):
         # (w_left, w_right, h_top, h_bottom, t_past, t_future): the future side is never padded
         self.padding = ((kw - 1) // 2, (kw - 1) // 2, (kh - 1) // 2, (kh - 1) // 2, kt - 1, 0)
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
-        # NEW: chunked decoding (CausalVideoVAE.decode(chunk_frames=...)) sets this to a list holding the last
-        # kt - 1 padded input frames of the previous chunk; None = one-shot
+        # NEW: chunked encode / decode (`streaming`) sets this to a list holding the padded input frames of the
+        # previous chunk that no output has consumed yet; None = one-shot
         self.stream: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.stream:
             # (B, C, T, H, W) -> (B, C, T + kt - 1, H + kh - 1, W + kw - 1): frame 0 repeated kt - 1 times in front
             x = F.pad(x, self.padding, mode="replicate")
-        else:  # a later chunk: the previous chunk's last kt - 1 frames stand in for the past
+        else:  # a later chunk: the previous chunk's unconsumed frames stand in for the past
             x = torch.cat([self.stream[0], F.pad(x, self.padding[:4] + (0, 0), mode="replicate")], dim=2)
+        out = self.conv(x)
         if self.stream is not None:
-            self.stream[:] = [x[:, :, x.shape[2] - (self.conv.kernel_size[0] - 1):]]  # (B, C, kt - 1, H', W')
-        return self.conv(x)
+            # the next output's window starts at frame T_out * stride: the last kt - 1 frames for stride 1,
+            # nothing for kernel = stride when the chunk is aligned
+            self.stream[:] = [x[:, :, out.shape[2] * self.conv.stride[0]:]]
+        return out
 
 
 class FrameGroupNorm(nn.GroupNorm):
@@ -227,19 +232,28 @@ class TemporalAttention(nn.Module):
         self.to_v = nn.Linear(c, c, bias=False)
         self.to_out = nn.Linear(c, c)
         self.core = AttentionCore(scale=head_dim**-0.5)
+        # NEW: chunked encoding (`streaming`) sets this to a list holding the past frames' (k, v); None = one-shot
+        self.stream: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, T, H, W = x.shape
         h = self.norm(x).permute(0, 3, 4, 2, 1).reshape(B * H * W, T, C)  # (B H W, T, C): one sequence per pixel
-        if T == 1:  # one frame attends only to itself: softmax = 1, out = v (the reference skips q, k too)
+        if T == 1 and self.stream is None:
+            # one frame attends only to itself: softmax = 1, out = v (the reference skips q and k too)
             out = self.to_out(self.to_v(h))  # (BHW, 1, C)
             return x + out.view(B, H, W, T, C).permute(0, 4, 3, 1, 2)
         q, k, v = (proj(h).view(B * H * W, T, self.heads, self.head_dim).transpose(1, 2)
                    for proj in (self.to_q, self.to_k, self.to_v))  # (BHW, heads, T, D)
         # q, k <- q / |q|, k / |k| (per head; eps 1e-5 as the reference)
         q, k = F.normalize(q, dim=-1, eps=1e-5), F.normalize(k, dim=-1, eps=1e-5)
-        # out = softmax(q k^T / sqrt(D) + causal) v
-        out = self.core(q, k, v, MaskSpec(causal=True))  # (BHW, heads, T, D)
+        past = 0
+        if self.stream:  # a later chunk: the earlier frames' keys and values, like a decoder's KV cache
+            k, v = torch.cat([self.stream[0][0], k], dim=2), torch.cat([self.stream[0][1], v], dim=2)  # (BHW, heads, P + T, D)
+            past = k.shape[2] - T
+        if self.stream is not None:
+            self.stream[:] = [(k, v)]
+        # out = softmax(q k^T / sqrt(D) + causal) v, the queries at slots past .. past + T - 1
+        out = self.core(q, k, v, MaskSpec(causal=True), q_offset=past)  # (BHW, heads, T, D)
         out = self.to_out(out.transpose(1, 2).reshape(B * H * W, T, C))  # (BHW, T, C)
         return x + out.view(B, H, W, T, C).permute(0, 4, 3, 1, 2)  # (B, C, T, H, W)
 
@@ -418,10 +432,36 @@ class CausalVideoVAE(nn.Module):
             raise ValueError(f"video: expected (B, {self.cfg.in_channels}, T, H, W), got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Videos (B, 3, T, H, W) in [-1, 1] -> the posterior over raw latents (B, C_z, T_lat, H/s, W/s)."""
+    @contextlib.contextmanager
+    def streaming(self, module: nn.Module):
+        """Within the block, every causal conv and attention of `module` carries its past from one call to the
+        next (calls = consecutive chunks of one clip); the caches are dropped on exit, also after an error."""
+        layers = [m for m in module.modules() if isinstance(m, (CausalConv3d, TemporalAttention))]
+        for m in layers:
+            m.stream = []
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.stream = None
+
+    def encode(self, x: torch.Tensor, chunk_frames: int | None = None) -> DiagonalGaussian:
+        """Videos (B, 3, T, H, W) in [-1, 1] -> the posterior over raw latents (B, C_z, T_lat, H/s, W/s).
+
+        chunk_frames: encode that many latent frames at a time (input frames 0 .. tf (k - 1), then tf k
+        frames per chunk), convs carrying their unconsumed frames and attention its past keys and values
+        across chunks: equal to the one-shot encode, with activations for one chunk at a time."""
         self._check_video(x)
-        return DiagonalGaussian(self.encoder(x))
+        T = x.shape[2]
+        if chunk_frames is None or (T - 1) // self.temporal_factor + 1 <= chunk_frames:
+            return DiagonalGaussian(self.encoder(x))
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames: expected a positive number of latent frames, got {chunk_frames}")
+        tf = self.temporal_factor
+        starts = [0, *range(1 + tf * (chunk_frames - 1), T, tf * chunk_frames)]
+        with self.streaming(self.encoder):
+            moments = [self.encoder(x[:, :, a:b]) for a, b in zip(starts, [*starts[1:], T])]  # (B, 2 C_z, k, h, w)
+        return DiagonalGaussian(torch.cat(moments, dim=2))
 
     def decode(self, z: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
         """Raw latents (B, C_z, T_lat, h, w) -> videos (B, 3, tf (T_lat - 1) + 1, h s, w s) in about [-1, 1].
@@ -437,15 +477,9 @@ class CausalVideoVAE(nn.Module):
         else:
             if chunk_frames < 1:
                 raise ValueError(f"chunk_frames: expected a positive number of latent frames, got {chunk_frames}")
-            convs = [m for m in self.decoder.modules() if isinstance(m, CausalConv3d)]
-            for conv in convs:
-                conv.stream = []
-            try:
+            with self.streaming(self.decoder):
                 x = torch.cat([self.decoder(z[:, :, i:i + chunk_frames])  # (B, 3, chunk tf, H, W) each
                                for i in range(0, z.shape[2], chunk_frames)], dim=2)
-            finally:
-                for conv in convs:
-                    conv.stream = None
         return x[:, :, self.temporal_factor - 1:]  # drop the tf - 1 frames before frame 0
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
