@@ -12,12 +12,13 @@ What it measures
 References (each computed the same way against the same true images)
     real         a second, independent, correct image of the same view. For a scene the project renders
                  (workbench/data/scenes.py), the scene re-rendered from its geometry with `real_supersample`
-                 rays per pixel side (1 = one ray through each pixel centre, where the truth averaged 2 x 2):
-                 the two differ only at edges, by how a pixel integrates the scene. It is the ceiling a
-                 per-ray model can expect: a NeRF predicts one ray per pixel, so it reaches the truth at best
-                 up to this anti-aliasing difference (it can beat it, having learnt from supersampled pixels).
-                 For a loaded Blender folder (no geometry) the truth resampled to half size and back
-                 (bilinear): what losing half the resolution costs.
+                 rays per pixel side (4 by default, where the truth averaged 2 x 2): a better integral of the
+                 same pixels, which differs from the truth only at edges, by the truth's own anti-aliasing
+                 error. That is the level at which "matches the truth" stops meaning anything: a model this
+                 close is as close as two correct renderers are to each other. (`real_supersample = 1`, one
+                 ray through each pixel centre, is a weaker reference that a NeRF can beat, having learnt the
+                 averaged pixels; docs/nerf.md gives both.) For a loaded Blender folder (no geometry): the
+                 truth resampled to half size and back (bilinear), what losing half the resolution costs.
     mean_colour  the training images' mean colour everywhere: the best image that knows nothing of the scene's
                  layout (what a NeRF that learnt only the average would render).
     noise        uniform random pixels: the worst.
@@ -43,7 +44,7 @@ from workbench.errors import WorkbenchError
 @dataclass
 class Config:
     split: Literal["test", "val"] = field_("test", doc="the held-out views to render")
-    real_supersample: int = field_(1, gt=0, doc="rays per pixel side of the 'real' re-render (rendered scenes); the "
+    real_supersample: int = field_(4, gt=0, doc="rays per pixel side of the 'real' re-render (rendered scenes); the "
                                                 "run's own supersample is refused: it would equal the truth")
     margin_db: float = field_(3.0, ge=0, doc="PSNR margin over the mean colour and noise for beats_baselines")
     margin_ssim: float = field_(0.1, ge=0, doc="SSIM margin over the mean colour and noise for beats_baselines")

@@ -107,14 +107,17 @@ def load_data(cfg: Config, seed: int):
 
 @torch.no_grad()
 def render_views(model, views, near: float, far: float, chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """rgb (N, H, W, 3) and depth (N, H, W) of every pose of `views`, deterministic, on the CPU."""
+    """rgb (N, H, W, 3) and depth (N, H, W) of every pose of `views`, deterministic, on the CPU. depth is the
+    expected hit depth sum w t / acc where acc > 0.5 and 0 elsewhere (background), the truth's convention
+    (the raw sum w t of a half-covered pixel would read as a surface nearer than any)."""
     from workbench.models.nerf import render_image
 
     rgb, depth = [], []
     for pose in views.poses:
         out = render_image(model, pose, views.height, views.width, views.focal, near, far, chunk)
         rgb.append(out["rgb"].clamp(0, 1).cpu())
-        depth.append(out["depth"].cpu())
+        acc = out["acc"].cpu()
+        depth.append(torch.where(acc > 0.5, out["depth"].cpu() / acc.clamp(min=1e-6), torch.zeros_like(acc)))
     return torch.stack(rgb), torch.stack(depth)
 
 
