@@ -214,6 +214,11 @@ def test_render_rays_coarse_and_fine_shapes_sorted_detached_fine_samples():
     assert all(torch.isin(c["t"][r], f["t"][r]).all() for r in range(5))
     (f["rgb"].sum() + c["rgb"].sum()).backward()
     assert model.coarse.pts_linears[0].weight.grad is not None and model.fine.pts_linears[0].weight.grad is not None
+    # raw-sigma noise (training only) changes the render; the same generator seed repeats it
+    noisy = [nerf.render_rays(model, o, d, 2.0, 6.0, perturb=False, raw_noise_std=1.0,
+                              generator=torch.Generator().manual_seed(5))["fine"]["rgb"] for _ in range(2)]
+    torch.testing.assert_close(noisy[0], noisy[1])
+    assert not torch.allclose(noisy[0], nerf.render_rays(model, o, d, 2.0, 6.0, perturb=False)["fine"]["rgb"])
     # deterministic rendering twice gives the same image
     a = nerf.render_rays(model, o, d, 2.0, 6.0, perturb=False)["fine"]["rgb"]
     torch.testing.assert_close(a, nerf.render_rays(model, o, d, 2.0, 6.0, perturb=False)["fine"]["rgb"])
@@ -231,6 +236,8 @@ def test_look_at_is_a_rotation_and_rays_point_at_the_target():
     o, d = nerf.get_rays(33, 33, 40.0, c2w)  # odd size: the centre pixel's ray is the optical axis
     torch.testing.assert_close(torch.nn.functional.normalize(d[16, 16], dim=0), torch.tensor([-1.0, 0, 0], dtype=torch.float64))
     assert d[0, 16, 2] > 0 and d[16, 32, 1] > 0  # the top row looks up (+z), the right column to +y
+    with pytest.raises(ValueError, match="parallel"):
+        nerf.look_at(torch.tensor([0.0, 0.0, 3.0]))
 
 
 def test_rays_hit_the_expected_pixels_of_an_analytic_sphere():

@@ -366,7 +366,11 @@ def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None)
     target = torch.zeros_like(eye) if target is None else torch.as_tensor(target, dtype=eye.dtype)
     up = torch.tensor([0.0, 0.0, 1.0], dtype=eye.dtype) if up is None else torch.as_tensor(up, dtype=eye.dtype)
     back = F.normalize(eye - target, dim=0)  # the camera's +z points away from what it looks at
-    right = F.normalize(torch.linalg.cross(up, back), dim=0)
+    right = torch.linalg.cross(up, back)
+    if right.norm() < 1e-9:
+        raise ValueError(f"look_at: the view direction from {eye.tolist()} to {target.tolist()} is parallel to up "
+                         f"{up.tolist()}; choose another up")
+    right = F.normalize(right, dim=0)
     cam_up = torch.linalg.cross(back, right)
     c2w = torch.eye(4, dtype=eye.dtype)
     c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, cam_up, back, eye
