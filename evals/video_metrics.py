@@ -77,6 +77,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -281,7 +282,8 @@ class VideoEvalNet:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.judge.state_dict().items()}, str(folder / "judge.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.judge.state_dict().items()},
+                  str(folder / "judge.safetensors"))
         # meta.json last: its presence marks a complete folder
         (folder / "meta.json").write_text(json.dumps(self.meta, indent=1) + "\n")
         self.folder = folder
@@ -398,8 +400,10 @@ def references(net: VideoEvalNet, splits: dict, n: int, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m evals.video_metrics [--n 2048 --frames 9 --size 32 --seed 0 --videos 256 --cache DIR]: train (or
-    load) the judge on load_moving_shapes' data and print the references table (docs/video-evals.md)."""
+    """python -m evals.video_metrics [--n 2048 --frames 9 --size 32 --seed 0 --videos 192 --draws 1 --cache DIR
+    --out DIR]: train (or load) the judge on load_moving_shapes' data and print the references table
+    (docs/video-evals.md); with --draws K, the mean and standard deviation over K draws of the reference videos
+    (draw seeds 0 .. K-1; the data and the judge stay those of --seed)."""
     import argparse
 
     from workbench.data.moving_shapes import DEFAULTS, load_moving_shapes
@@ -408,31 +412,34 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("n", "frames", "size", "seed"):
         p.add_argument(f"--{key}", type=int, default=DEFAULTS[key])
     p.add_argument("--videos", type=int, default=192, help="videos per reference set (and in the FVD reference fit)")
+    p.add_argument("--draws", type=int, default=1, help="draws of the reference videos to average over")
     p.add_argument("--cache", default="runs/eval_nets", help="where the judge is cached")
-    p.add_argument("--out", default="", help="also write references.png (the first videos of each set, one row each) "
-                                            "and references-metrics.png there")
+    p.add_argument("--out", default="", help="also write references.png (the first videos of each set, two rows "
+                                            "each) and references-metrics.png there (draw 0)")
     a = p.parse_args(argv)
     settings = dict(DEFAULTS, n=a.n, frames=a.frames, size=a.size, seed=a.seed)
     splits = load_moving_shapes(**settings)
     net = VideoEvalNet.load_or_train(a.cache, splits, settings, JudgeConfig())
-    refs = references(net, splits, a.videos, a.seed)
+    draws = [references(net, splits, a.videos, d) for d in range(a.draws)]
     if a.out:
         from evals.tasks.video import _plot_references
         from workbench.data.moving_shapes import write_strip
 
-        _, _, sets = _reference_sets(splits, a.videos, a.seed)
+        _, _, sets = _reference_sets(splits, a.videos, 0)
         out = Path(a.out)
         write_strip(torch.cat([v[:2] for v in sets.values()]), out / "references.png", scale=2)
-        _plot_references(out / "references-metrics.png", None, refs)
+        _plot_references(out / "references-metrics.png", None, draws[0])
         print(f"rows of references.png, two each: {', '.join(sets)}")
-    keys = [k for k in refs["real"]]
+    keys = list(draws[0]["real"])
     print(f"judge test accuracy: {net.meta['test_accuracy']} (trained in {net.meta.get('train_seconds')} s)")
-    print(f"{a.videos} videos per set, data {settings}")
+    print(f"{a.videos} videos per set, {a.draws} draw(s), data {settings}")
     print("| reference | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
-    for name, m in refs.items():
+    for name in draws[0]:
         if name != "ref":
-            print(f"| {name} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |")
+            v = np.array([[d[name][k] for k in keys] for d in draws])  # (draws, metrics)
+            cells = [f"{m:.4g}" + (f" ± {sd:.2g}" if len(v) > 1 else "") for m, sd in zip(v.mean(0), v.std(0, ddof=min(1, len(v) - 1)))]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

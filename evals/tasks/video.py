@@ -96,7 +96,8 @@ class VideoEval:
         if not cfg.cache and run_dir is None:
             raise WorkbenchError("eval video: --video.cache: give a folder for the judge (the model has no run folder)")
         cache = Path(cfg.cache) if cfg.cache else Path(run_dir) / "eval_nets"
-        net = VideoEvalNet.load_or_train(cache, splits, settings, cfg.judge, "cpu", ctx.log)
+        device = next(run.net.parameters()).device if isinstance(getattr(run, "net", None), torch.nn.Module) else "cpu"
+        net = VideoEvalNet.load_or_train(cache, splits, settings, cfg.judge, device, ctx.log)
         plan = [p for p in prompt_set(cfg) for _ in range(cfg.per_prompt)]
         n = len(plan)
         refs = video_references(net, splits, n, cfg.seed)  # first: a test split too small fails before sampling
