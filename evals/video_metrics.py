@@ -8,10 +8,14 @@ What it is
     evals/image_metrics.py does for FID, the project trains its own judge on the *training* split of the
     moving-shapes videos the generator learnt from (workbench/data/moving_shapes.py):
         VideoJudge   a (2+1)D-then-3D conv net on videos (N, 3, T, H, W) in [0, 1]: a per-frame 2D stem
-                     (kernels 1x3x3, no temporal mixing), then 3D convolutions (3x3x3) that see motion,
-                     global average pooling and one hidden layer, whose output (the penultimate features,
+                     (3x3 kernels, no temporal mixing), then 3D convolutions (3x3x3) that see motion, max
+                     pooling over time and space and one hidden layer, whose output (the penultimate features,
                      the input of the heads) is the FVD feature space; three linear heads name the shape,
                      the colour and the direction of motion.
+                     Max, not average, pooling: a 5-px shape covers a few cells of the pooled map, and
+                     averaged with the background its features seemed to be learnt more slowly (quick trials,
+                     not a controlled comparison: shape test accuracy 0.51 with average pooling after 8
+                     epochs on 1638 videos, 0.68 with max pooling after 12 epochs on 717).
     `VideoEvalNet.load_or_train(cache, ...)` trains it once per data setting and recipe and caches it in a
     folder keyed by both (`judge_key`), so evals do not retrain it.
 
@@ -63,6 +67,9 @@ Design choices
     biased upwards by about Tr(S)/n per set, so only distances at equal n compare, and with equal n the
     `real` reference reads directly as the floor a perfect generator would reach. Features are float64
     before the covariance.
+    The per-frame stem runs as Conv2d on the N*T frames (the same function as Conv3d with 1x3x3 kernels,
+    much faster on CPU); a third stem layer raised the shape accuracy of the max-pooling trial from 0.68 to
+    0.86 (same data, epochs and seed). With the default recipe on the default data all three heads read 1.0.
     The judge has no normalisation layers (eval and train mode compute the same function) and no
     augmentation (a mirror would swap left and right). It standardises its input per channel with the
     training videos' statistics.
