@@ -10,6 +10,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers.models.resnet import AlphaBlender as RefBlender  # noqa: E402
+from diffusers.models.resnet import SpatioTemporalResBlock as RefResBlock  # noqa: E402
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 
@@ -160,3 +161,20 @@ def test_spatio_temporal_transformer_matches_diffusers():
             want = ref(x, encoder_hidden_states=ctx, image_only_indicator=ind).sample
             got = ours(x, ctx, ind)
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("cin,cout,switch", [(32, 64, False), (32, 32, True)])
+def test_spatio_temporal_resblock_matches_diffusers(cin, cout, switch):
+    torch.manual_seed(0)
+    ref = RefResBlock(cin, cout, temb_channels=16, eps=1e-5, temporal_eps=1e-6,
+                      switch_spatial_to_temporal_mix=switch).eval()
+    _randomize(ref, 1)
+    ours = temporal.SpatioTemporalResBlock(cin, cout, 16, eps=1e-5, temporal_eps=1e-6,
+                                           switch_spatial_to_temporal_mix=switch).eval()
+    _load(ours, ref)
+    g = torch.Generator().manual_seed(2)
+    B, T = 2, 4
+    x, temb = torch.randn(B * T, cin, 3, 5, generator=g), torch.randn(B * T, 16, generator=g)
+    for ind in (torch.zeros(B, T), torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])):
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, temb, ind), ref(x, temb, ind), atol=ATOL, rtol=0)

@@ -184,3 +184,26 @@ def test_spatio_temporal_block_starts_as_identity_and_image_frames_skip_the_temp
         # alpha = sigmoid(mix_factor) = 1 at mix_factor = +inf: the spatial branch alone, as for image frames
         block.time_mixer.mix_factor.fill_(float("inf"))
         torch.testing.assert_close(block(x, ctx, videos), y_img, atol=0, rtol=0)
+
+
+def test_spatio_temporal_resblock_starts_as_the_spatial_resblock_then_mixes_frames():
+    torch.manual_seed(0)
+    block = temporal.SpatioTemporalResBlock(8, 16, temb_dim=12, groups=4).eval()
+    B, T = 2, 5
+    x, temb, videos = torch.randn(B * T, 8, 3, 3), torch.randn(B * T, 12), torch.zeros(B, T)
+    x2 = x.clone()
+    x2[0] += 1.0  # video 0, frame 0
+
+    def change() -> torch.Tensor:  # max |output change| per frame (B T,)
+        with torch.no_grad():
+            return (block(x2, temb, videos) - block(x, temb, videos)).abs().amax(dim=(1, 2, 3))
+
+    with torch.no_grad():
+        # temporal conv2 = 0: the temporal branch returns z_s, and the blend of z_s with itself is z_s
+        torch.testing.assert_close(block(x, temb, videos), block.spatial_res_block(x, temb), atol=1e-6, rtol=0)
+    d = change()
+    assert d[0] > 0.1 and d[1:].max() == 0  # fresh: frames are independent
+    _randomize(block.temporal_res_block, 3)
+    d = change()
+    assert d[1:T].min() > 1e-4  # the (3, 1, 1) convolutions (and the group norm over T) carry frame 0 to the others
+    assert d[T:].max() == 0  # never to another video

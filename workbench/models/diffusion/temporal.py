@@ -9,9 +9,10 @@ What it is
     2. `VideoUNet`, AnimateDiff's inflated UNet (diffusers' `UNetMotionModel`): the image UNet of unet.py
        with a motion module after every spatial ResBlock (+ transformer) pair of the down and up blocks and,
        optionally, in the mid block. The image layers see the frames folded into the batch.
-    3. `AlphaBlender` and `SpatioTemporalTransformer`, VideoLDM's learned mixing (Blattmann et al. 2023;
-       diffusers' `AlphaBlender`, `TransformerSpatioTemporalModel` used by Stable Video Diffusion): a
-       temporal branch runs beside the spatial one and the two are blended by a learned scalar.
+    3. `AlphaBlender`, `SpatioTemporalTransformer` and `SpatioTemporalResBlock`, VideoLDM's learned mixing
+       (Blattmann et al. 2023; diffusers' `AlphaBlender`, `TransformerSpatioTemporalModel` and
+       `SpatioTemporalResBlock`, used by Stable Video Diffusion): a temporal branch runs beside the spatial
+       one and the two are blended by a learned scalar.
 
 The math
     Motion module, x of shape (B T, C, H, W) (frames folded into the batch, video-major):
@@ -36,6 +37,8 @@ The math
         out = x + proj_out(h)
     Temporal block (sequence (B H W, T, C)):  h = h + GEGLU_in(LN(h)); h = h + SelfAttn(LN(h));
         h = h + CrossAttn(LN(h), c_first); h = h + GEGLU(LN(h)).
+    Spatio-temporal ResBlock: z_s = ResBlock2D(x, temb) per frame; z_t = ResBlock with (3, 1, 1) convolutions
+        over (B, C, T, H, W) (each pixel reads itself in the neighbouring frames); out = Blend(z_s, z_t).
 
 The intuition
     A pretrained image model already knows what a frame should look like; what it lacks is agreement
@@ -74,9 +77,11 @@ Differences from the reference
     model's output before any training. The frame positions are cast to the activations' dtype (diffusers
     adds the fp32 table, which promotes half-precision activations). Not implemented: the PIA conv_in
     adapter, SDXL addition embeddings, FreeU, motion LoRA, `temporal_double_self_attention=False`, per-block
-    lists of temporal transformer layers (one count for all blocks here), the
-    SVD UNet's `SpatioTemporalResBlock` (3-D conv ResBlocks), a mid block without cross-attention in a
-    `VideoUNet` that has mid-block motion modules (diffusers has no such block either).
+    lists of temporal transformer layers (one count for all blocks here), the whole SVD UNet (its blocks are
+    here), a mid block without cross-attention in a `VideoUNet` that has mid-block motion modules (diffusers
+    has no such block either). Initialization of the VideoLDM blocks: their `proj_out` (transformer) and the
+    temporal ResBlock's `conv2` are zeroed so a new block is the spatial layer alone; diffusers uses
+    PyTorch's defaults there.
 
 Sources
     Guo et al., "AnimateDiff: Animate Your Personalized Text-to-Image Diffusion Models without Specific
@@ -530,3 +535,64 @@ class SpatioTemporalTransformer(nn.Module):
             h = self.time_mixer(h, m, image_only_indicator)  # z = alpha z_s + (1 - alpha) z_t
         h = self.proj_out(h).reshape(BT, H, W, C).permute(0, 3, 1, 2)  # (B T, C, H, W)
         return x + h
+
+
+class TemporalResBlock(nn.Module):
+    """VideoLDM's temporal ResBlock on x (B, C, T, H, W): the ResBlock of unet.py with (3, 1, 1) convolutions,
+    so each pixel mixes only with itself in the neighbouring frames; temb (B, T, D) per frame (diffusers'
+    TemporalResnetBlock)."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv3d(cin, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.time_emb_proj = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0))
+        self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        # h = Conv_t(SiLU(GN(x)))
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, T, H, W)
+        if self.time_emb_proj is not None and temb is not None:
+            # h += Lin(SiLU(temb)), one bias per channel and frame
+            h = h + self.time_emb_proj(F.silu(temb)).permute(0, 2, 1)[:, :, :, None, None]  # (B, Cout, T, 1, 1)
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class SpatioTemporalResBlock(nn.Module):
+    """unet.ResnetBlock2D on each frame, then a TemporalResBlock across frames, blended by AlphaBlender
+    (diffusers' SpatioTemporalResBlock, Stable Video Diffusion's ResBlock). x (B T, Cin, H, W) -> (B T, Cout, H, W)."""
+
+    def __init__(self, cin: int, cout: int, temb_dim: int, groups: int = 32, eps: float = 1e-6,
+                 temporal_eps: float | None = None, merge_factor: float = 0.5,
+                 merge_strategy: str = "learned_with_images", switch_spatial_to_temporal_mix: bool = False):
+        super().__init__()
+        self.spatial_res_block = unet_mod.ResnetBlock2D(cin, cout, temb_dim, groups, eps)
+        self.temporal_res_block = TemporalResBlock(cout, cout, temb_dim, groups, eps if temporal_eps is None else temporal_eps)
+        self.time_mixer = AlphaBlender(merge_factor, merge_strategy, switch_spatial_to_temporal_mix)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """PyTorch's defaults, the blend factor back to merge_factor, and the temporal block's conv2 = 0: the
+        temporal branch then returns its input, and the blend of z_s with itself is z_s, the spatial ResBlock."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear, nn.GroupNorm)):
+                m.reset_parameters()
+        self.time_mixer.init_weights()
+        nn.init.zeros_(self.temporal_res_block.conv2.weight), nn.init.zeros_(self.temporal_res_block.conv2.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None, image_only_indicator: torch.Tensor) -> torch.Tensor:
+        """x (B T, Cin, H, W), temb (B T, D) per frame, image_only_indicator (B, T) (1 = an image)."""
+        T = image_only_indicator.shape[-1]
+        h = self.spatial_res_block(x, temb)  # (B T, Cout, H, W)
+        BT, C, H, W = h.shape
+        B = BT // T
+        z_s = h.reshape(B, T, C, H, W).permute(0, 2, 1, 3, 4)  # (B, Cout, T, H, W)
+        z_t = self.temporal_res_block(z_s, None if temb is None else temb.reshape(B, T, -1))  # (B, Cout, T, H, W)
+        z = self.time_mixer(z_s, z_t, image_only_indicator)  # z = alpha z_s + (1 - alpha) z_t
+        return z.permute(0, 2, 1, 3, 4).reshape(BT, C, H, W)  # (B T, Cout, H, W)
