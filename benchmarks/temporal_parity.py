@@ -3,7 +3,7 @@
     python benchmarks/temporal_parity.py        # the parity table of docs/temporal-attention.md, about a minute
 
 For each component (AnimateDiffTransformer3D, UNetMotionModel from a tiny UNet2DConditionModel + MotionAdapter,
-AlphaBlender, TransformerSpatioTemporalModel) the diffusers module gets random weights (proj_out included), its
+AlphaBlender, TransformerSpatioTemporalModel, SpatioTemporalResBlock) the diffusers module gets random weights (proj_out included), its
 state dict goes through `diffusers_sd.rename_from_diffusers` into ours, and the max absolute output
 difference is printed in float32 and float64. Then the SD 1.5 motion adapter's size: our `VideoUNet(unet
 "sd15", temporal "sd15")` and diffusers' default `MotionAdapter()` are built on the meta device and their
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.resnet import AlphaBlender as RefBlender
+from diffusers.models.resnet import SpatioTemporalResBlock as RefResBlock
 from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from diffusers.utils import logging as diffusers_logging
@@ -88,6 +89,13 @@ def cases(dtype: torch.dtype) -> dict[str, float]:
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=ctx, image_only_indicator=ind.to(dtype)).sample
         out["SpatioTemporalTransformer (2 x 3 frames)"] = (ours(x, ctx, ind.to(dtype)) - want).abs().max().item()
+
+    torch.manual_seed(0)
+    ref, ours = _pair(RefResBlock(32, 64, temb_channels=16), temporal.SpatioTemporalResBlock(32, 64, 16), dtype)
+    x, temb = rnd(2 * 3, 32, 4, 4), rnd(2 * 3, 16)
+    with torch.no_grad():
+        want = ref(x, temb, image_only_indicator=ind.to(dtype))
+        out["SpatioTemporalResBlock (32 -> 64 channels, 2 x 3 frames)"] = (ours(x, temb, ind.to(dtype)) - want).abs().max().item()
     return out
 
 
