@@ -145,7 +145,7 @@ class Config:
 FLAVORS: dict[str, Config] = {
     # tests and CPU runs, on top of unet.FLAVORS["debug"] (channels 32, 64): heads of width 16 and 32
     "debug": Config(motion_num_attention_heads=[2]),
-    # diffusers' MotionAdapter defaults (AnimateDiff v2 shape: mid-block module, 32 frame positions), for SD 1.x
+    # diffusers' MotionAdapter() defaults (8 heads, 32 frame positions, a mid-block module), for unet "sd15"
     "sd15": Config(),
 }
 
