@@ -15,6 +15,10 @@ Speed: encode + decode (posterior mean) of the tiny diffusers-compatible config,
 interleaved, median of --reps on --threads threads; and one training step (forward, backward) of the "small"
 flavor on a batch of 8 moving-shapes-sized clips (9 x 32 x 32).
 
+Memory: peak resident memory of encoding and decoding two --mem-frames x --mem-size x --mem-size clips with the
+"small" flavor, one-shot against chunked (1 and 4 latent frames at a time), each in a fresh process: the peak
+resident memory (VmHWM, reset just before) above the resident memory before the call, and the time.
+
 Causality: which input frames each latent frame depends on, and which latent frames each decoded frame depends
 on, from exact gradients, for a 6x-temporal config; drawn to docs/images/video-vae/causality.png.
 """
@@ -22,6 +26,7 @@ on, from exact gradients, for a 6x-temporal config; drawn to docs/images/video-v
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -89,12 +94,15 @@ def parity(kw: dict, frames: int, size: int, label: str) -> list[str]:
         z = torch.randn(want.mean.shape, generator=g)
         dec_want = ref.decode(z).sample
         dec_got = ours.decode(z)
+        chunk_enc = ours.encode(x, chunk_frames=1).mean
+        chunk_dec = ours.decode(z, chunk_frames=1)
     d = lambda a, b: (a - b).abs().max().item()  # noqa: E731
     return [f"| {label}: {_count(ours):,} parameters, clip {frames} x {size} x {size} -> latents "
             f"{tuple(want.mean.shape[2:])} | mean {d(got.mean, want.mean):.2e}, log-variance "
             f"{d(got.logvar, want.logvar):.2e} (max |mean| {want.mean.abs().max().item():.2f}) | decode "
             f"{d(dec_got, dec_want):.2e} (max |x| {dec_want.abs().max().item():.2f}) | encode s: diffusers "
-            f"{t1 - t0:.1f}, ours {t2 - t1:.1f} |"]
+            f"{t1 - t0:.1f}, ours {t2 - t1:.1f} | ours chunked (1 latent frame) vs one-shot: encode "
+            f"{d(chunk_enc, got.mean):.2e}, decode {d(chunk_dec, dec_got):.2e} |"]
 
 
 def speed(threads: int, reps: int) -> list[str]:
@@ -132,6 +140,60 @@ def speed(threads: int, reps: int) -> list[str]:
     rows.append(f"| \"small\" training step (forward + backward + AdamW), batch 8 x 9 x 32 x 32, {threads} thread(s), "
                 f"median of {reps} after one warm-up | {statistics.median(steps[1:]) * 1e3:.0f} ms |")
     return rows
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc/self/status (Linux), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_rss_mb(mode: str, frames: int, size: int, chunk: int, queue) -> None:
+    """In a fresh process: build the small VAE, warm up, reset the peak-RSS mark, run `mode`, report the peak
+    resident memory above the resident memory before it (MB) and the time."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(FLAVORS["small"]).eval()
+    T_lat, h, w = vae.latent_shape(frames, size, size)
+    # batch 2: with batch 1 PyTorch picks its slow im2col conv3d whenever C T' H' < 20480 (a heuristic made for
+    # 2-D convs), which a short chunk falls under; that would measure the heuristic, not the chunking
+    z = torch.randn(2, vae.latent_channels, T_lat, h, w)
+    x = torch.rand(2, 3, frames, size, size) * 2 - 1
+    with torch.no_grad():  # warm-up on one tiny frame: kernel set-up is not what is being measured
+        vae.decode(vae.encode(x[:, :, :1, :vae.spatial_factor, :vae.spatial_factor]).mean)
+    before = _status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak) to the current RSS
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if mode == "decode":
+            vae.decode(z)
+        elif mode == "decode-chunked":
+            vae.decode(z, chunk_frames=chunk)
+        elif mode == "encode":
+            vae.encode(x)
+        elif mode == "encode-chunked":
+            vae.encode(x, chunk_frames=chunk)
+    queue.put((_status_mb("VmHWM") - before, time.perf_counter() - t0))
+
+
+def memory(frames: int, size: int, chunk: int) -> list[str]:
+    """Peak memory of one-shot against chunked encode / decode of two long clips (small flavor, CPU, Linux)."""
+    import multiprocessing as mp
+
+    # glibc's adaptive mmap threshold would keep freed activations in the heap and hide the difference
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    ctx = mp.get_context("spawn")
+    peaks = {}
+    for mode in ("encode", "encode-chunked", "decode", "decode-chunked"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_peak_rss_mb, args=(mode, frames, size, chunk, q))
+        p.start()
+        peaks[mode] = q.get()
+        p.join()
+    return [f"| small flavor, two {frames} x {size} x {size} clips, chunks of {chunk} latent frame(s), 1 thread | "
+            + ", ".join(f"{mode} +{peaks[mode][0]:.0f} MB, {peaks[mode][1]:.1f} s" for mode in peaks) + " |"]
 
 
 def causality_figure(path: Path) -> list[str]:
@@ -180,6 +242,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--mem-frames", type=int, default=33, help="clip length for the memory comparison")
+    ap.add_argument("--mem-size", type=int, default=128, help="frame side for the memory comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for row in sizes():
@@ -190,6 +254,8 @@ def main() -> None:
         print(*parity({}, args.frames, args.size, "Mochi's real sizes"), sep="\n")
     print()
     print(*speed(args.threads, 2 if args.smoke else args.reps), sep="\n")
+    for chunk in (1, 4):
+        print(*memory(9 if args.smoke else args.mem_frames, 32 if args.smoke else args.mem_size, chunk), sep="\n")
     print(*causality_figure(IMAGES / "causality.png"), sep="\n")
 
 
