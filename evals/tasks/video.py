@@ -119,10 +119,11 @@ class VideoEval:
         names = {"shape": ms.SHAPES, "colour": ms.COLOURS, "direction": ms.DIRECTIONS}
         per_direction = {d: (pred["direction"][asked["direction"] == i] == i).double().mean().item()
                          for i, d in enumerate(ms.DIRECTIONS) if (asked["direction"] == i).any()}
+        order = ("direction", "shape", "colour")  # the report's table shows the first columns: motion first
         samples = [{"index": i, "prompt": prompts[i],
-                    **{f"predicted_{k}": names[k][int(pred[k][i])] for k in HEADS},
-                    **{f"{k}_correct": bool(pred[k][i] == asked[k][i]) for k in HEADS},
-                    "temporal_consistency": round(float(tc[i]), 4), "flicker_ratio": round(float(flick[i]), 4)}
+                    **{f"predicted_{k}": names[k][int(pred[k][i])] for k in order},
+                    "temporal_consistency": round(float(tc[i]), 4), "flicker_ratio": round(float(flick[i]), 4),
+                    **{f"{k}_correct": bool(pred[k][i] == asked[k][i]) for k in order}}
                    for i in range(n)]
         plots = []
         if cfg.show:
