@@ -38,7 +38,8 @@ The metrics (videos (N, T, 3, H, W) uint8, scored as floats in [0, 1])
                         its frames share (background, the shape's look), which would otherwise make every pair
                         alike (noise frames scored 0.99 under a cosine centred on the training frames' mean).
                         A frozen video has no deviations; it is given TC = 1 (nothing changes), so TC never
-                        stands alone: flicker and motion accuracy catch stillness.
+                        stands alone: flicker and motion accuracy catch stillness. It needs T >= 3: at T = 2 the
+                        two deviations are opposite (TC = -1 for any moving video), so it is NaN there.
     flicker_ratio       the mean absolute change between consecutive frames, relative to real video,
                             flicker(V) = mean_{v, t, c, y, x} |x_{t+1} - x_t|,   ratio = flicker(V) / flicker(train)
                         1 is real motion; above 1 frames jump or flicker (shuffled, noise); 0 is a still video.
@@ -278,7 +279,7 @@ class VideoEvalNet:
                                  f"{ref['n']}: FVD compares only at equal n")
         right = {k: r.logits[k].argmax(1) == asked[k] for k in HEADS}
         return {"fvd": frechet_distance(*gaussian_stats(r.features), ref["mu"], ref["cov"]),
-                "temporal_consistency": consecutive_cosine(r.frames).mean().item(),
+                "temporal_consistency": consecutive_cosine(r.frames).mean().item() if r.frames.shape[1] >= 3 else float("nan"),
                 "flicker_ratio": r.flicker / ref["flicker"],
                 "motion_accuracy": right["direction"].double().mean().item(),
                 "shape_accuracy": right["shape"].double().mean().item(),

@@ -70,6 +70,8 @@ def test_temporal_consistency_of_iid_frames_is_minus_one_over_t_minus_one_and_of
     still = a.expand(3, 6, 64)
     cos = consecutive_cosine(still)
     assert cos.shape == (3, 5) and cos.eq(1).all()
+    # two frames: the deviations are opposite whatever the video (why the score needs T >= 3)
+    torch.testing.assert_close(consecutive_cosine(torch.randn(4, 2, 8, generator=g)), -torch.ones(4, 1))
     # a shared offset (a background) does not change it: each video is centred on its own mean frame
     torch.testing.assert_close(consecutive_cosine(smooth + 100), consecutive_cosine(smooth), atol=1e-4, rtol=0)
 
