@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--image-steps", type=int, default=600)
-    ap.add_argument("--motion-steps", type=int, default=200)
+    ap.add_argument("--motion-steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=4, help="videos per step (the image phase takes batch*frames frames)")
     ap.add_argument("--width", type=int, default=16, help="the image UNet's channels (blocks: width, 2 width)")
     ap.add_argument("--lr", type=float, default=1e-3)
