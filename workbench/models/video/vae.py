@@ -35,9 +35,8 @@ The intuition
     Causality in time makes the first frame an image and every later group of tf frames a "delta" that
     depends only on the past: the same VAE serves images and videos, and a long video can be encoded and
     decoded in chunks with a cache of the past (`chunk_frames=k`), the way a language model decodes with a
-    KV cache. Group norms are per frame and the
-    attention is causal, so no layer can leak the future. The spatial work is done first (Mochi's first
-    level has t = 1) while frames are cheap to keep.
+    KV cache. Group norms are per frame and the attention is causal, so no layer can leak the future.
+    Mochi's first level downsamples space only (t = 1): time is compressed at the lower resolutions.
 
 Design choices
     Module structure follows diffusers' `AutoencoderKLMochi` block for block (encoder: Fourier features,
@@ -67,8 +66,9 @@ Differences from the reference
     `decode(z, chunk_frames=k)`): each causal conv carries its unconsumed frames and each attention its past
     keys and values across chunks, so the result equals the one-shot one (diffusers' private framewise
     decoding instead switches the convs to zero spatial padding, and in diffusers 0.42 fails with a
-    kernel-size error on a model built with replicate padding; it refuses framewise encoding). diffusers' KL sums
-    over dims (1, 2, 3) only, which for 5-D latents leaves a (B, W) tensor; ours sums every non-batch dim.
+    kernel-size error on a model built with replicate padding; it refuses framewise encoding).
+    diffusers' KL sums over dims (1, 2, 3) only, which for 5-D latents leaves a (B, W) tensor; ours sums
+    every non-batch dim.
     Against genmo's original (src/genmo/mochi_preview/vae/models.py): it fuses q, k, v into one `qkv`
     Linear (the same weights, concatenated) and normalizes q, k with eps 1e-12 (diffusers and we: 1e-5);
     its decoder drops t_i - 1 frames after every upsampling level where diffusers and we drop tf - 1 once at
@@ -78,7 +78,7 @@ Differences from the reference
 Sources
     genmo, "Mochi 1" (github.com/genmoai/mochi, src/genmo/mochi_preview/vae/models.py); diffusers
     autoencoder_kl_mochi.py, autoencoder_kl_cogvideox.py (CogVideoXCausalConv3d),
-    attention_processor.py (MochiVaeAttnProcessor2_0), read, not copied; Kingma & Welling, "Auto-Encoding
+    attention_processor.py (MochiVaeAttnProcessor2_0); all read, none copied; Kingma & Welling, "Auto-Encoding
     Variational Bayes" (1312.6114).
 """
 
@@ -189,8 +189,8 @@ class CausalConv3d(nn.Module):
         out = self.conv(x)
         if self.stream is not None:
             # the next output's window starts at frame T_out * stride: the last kt - 1 frames for stride 1,
-            # nothing for kernel = stride when the chunk is aligned
-            self.stream[:] = [x[:, :, out.shape[2] * self.conv.stride[0]:]]
+            # nothing for kernel = stride when the chunk is aligned (a copy: a view would keep the chunk alive)
+            self.stream[:] = [x[:, :, out.shape[2] * self.conv.stride[0]:].clone()]
         return out
 
 
