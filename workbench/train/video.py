@@ -14,7 +14,7 @@ What it does
         z ~ q(z | x) by the reparameterisation. The KL term is per latent element (not summed over a sample as
         the ELBO would) so its weight reads the same at any latent size; a small weight keeps the latents
         bounded and smooth without blurring the reconstruction. Validation: reconstruction MSE (posterior
-        mean) beside the baseline of the per-pixel mean training video, and the KL. Every validation also
+        mean; logged as val_loss) beside the baseline of the per-pixel mean training video, and the KL. Every validation also
         writes the per-channel mean and std of the posterior means of the first `stats_videos` training
         videos into the VAE's latents_mean / latents_std buffers, so every checkpoint (the last included)
         carries the statistics of its own weights: the diffusion task reads normalized latents
@@ -256,7 +256,8 @@ def run_vae(ctx: Context, cfg: VAEConfig) -> None:
             post = m.encode(x)
             se += (m.decode(post.mean) - x).square().mean(dim=(1, 2, 3, 4)).sum().item()
             kl += (post.kl() / latent_numel).sum().item()
-        return {"mse": se / len(val), "kl": kl / len(val)}
+        # "loss" is the reconstruction MSE (what loss.png and the report draw as the val curve)
+        return {"loss": se / len(val), "kl": kl / len(val)}
 
     def evaluate(m) -> dict[str, float]:
         set_stats(m)
@@ -283,7 +284,7 @@ def run_vae(ctx: Context, cfg: VAEConfig) -> None:
     write_strip(pairs, ctx.figure("recon.png", "val videos (odd rows) and their reconstructions (even rows) "
                                                "from the posterior mean; one column per frame"), scale=3)
     if final:
-        ctx.result("val_recon_mse", final["mse"], "pixel MSE on the val split (values in [-1, 1]), posterior mean")
+        ctx.result("val_recon_mse", final["loss"], "pixel MSE on the val split (values in [-1, 1]), posterior mean")
         ctx.result("val_recon_mse_mean_video", baseline, "the same for the per-pixel mean training video")
         ctx.result("val_kl_per_element", final["kl"], "KL(q(z|x) || N(0, I)) per latent element, val split")
     ctx.result("latents_mean", [round(v, 5) for v in vae.latents_mean.tolist()], "per-channel mean of the latents "
