@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion video nerf clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,20 @@ diffusion: setup
 	  $(BIN)/workbench diffusion configs/diffusion/$$c.toml --resume; \
 	  $(BIN)/workbench eval --task diffusion --ckpt runs/diffusion-$$c; \
 	done
+
+# Issue 13's video model (docs/video-training.md): moving shapes -> the causal video VAE -> a caption-conditioned
+# AsymmDiT trained by rectified flow on its latents (EMA, sample strips and GIFs) -> eval --task video against real,
+# broken-real and noise videos. About 45-50 min on 2 CPU cores; --resume reuses finished runs.
+video: setup
+	$(BIN)/workbench video configs/video/vae.toml --resume
+	$(BIN)/workbench video configs/video/dit.toml --resume
+	$(BIN)/workbench eval --task video --ckpt runs/video-dit
+
+# Issue 13's NeRF (docs/nerf.md): a scene the project ray-casts from known geometry, coarse + fine NeRF, held-out
+# PSNR / SSIM beside the mean colour, a second render and noise, a novel-view GIF. About 10 min on one CPU thread.
+nerf: setup
+	$(BIN)/workbench nerf configs/nerf/scene.toml --resume
+	$(BIN)/workbench eval --task nerf --ckpt runs/nerf-shapes
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache
