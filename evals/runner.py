@@ -180,13 +180,8 @@ def run_eval(
 
         if ckpt is None or hf_dir is not None:
             raise WorkbenchError(f"--task {task_spec}: needs --ckpt RUN_DIR of a `workbench video` run")
-        from workbench.checkpoint.load import run_dir_of
-        from workbench.checkpoint.run import resolve_checkpoint, step_of
-
-        path = resolve_checkpoint(ckpt)
-        model, tokenizer = load_video_run(path, pick_device(device, "--device")), None
-        # the video checkpoint itself (VideoRun.source also names the VAE run it was trained on)
-        source, job = {"ckpt": str(path), "run_dir": str(run_dir_of(path)), "step": step_of(path)}, None
+        model, tokenizer = load_video_run(ckpt, pick_device(device, "--device")), None
+        source, job = model.source, None  # source: the video checkpoint, with the VAE run it was trained on
     else:
         model, tokenizer, source, job = load_source(ckpt, hf_dir, pick_device(device, "--device"), dtype, quant)
     out_dir = Path(out) if out else default_out(source)

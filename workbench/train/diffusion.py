@@ -398,39 +398,22 @@ class DiffusionRun:
 
 def is_diffusion_run(path: str | Path) -> bool:
     """Whether `path` (a run folder or one of its checkpoints) holds a `workbench diffusion` run."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.config import load_toml
+    from workbench.train.fundamentals.runner import is_task_run
 
-    try:
-        raw = load_toml(run_dir_of(Path(path)) / "config.toml")
-    except Exception:  # not a run folder, unreadable: not ours to judge
-        return False
-    return isinstance(raw.get("task"), dict) and raw["task"].get("name") == "diffusion"
+    return is_task_run(path, ("diffusion",))
 
 
 def load_run(ckpt: str | Path, device: torch.device | str = "cpu", ema: bool = True) -> DiffusionRun:
     """The EMA (or, ema=False, the trained) model of a diffusion run folder or checkpoint, verified first."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.checkpoint.run import load_model_state, resolve_checkpoint, step_of
-    from workbench.errors import WorkbenchError
-    from workbench.train.fundamentals.runner import load_job
+    from workbench.train.fundamentals.runner import load_task_checkpoint
 
-    path = resolve_checkpoint(ckpt)
-    run_dir = run_dir_of(path)
-    job = load_job(run_dir / "config.toml")
-    if job.task.name != "diffusion":
-        raise WorkbenchError(f"{run_dir}: a {job.task.name!r} run, not a diffusion run")
-    cfg = job.task.config
-    run = DiffusionRun(net=None, cfg=cfg, seed=job.run.seed, job=job,  # type: ignore[arg-type]
-                       source={"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)})
+    ck = load_task_checkpoint(ckpt, ("diffusion",))
+    cfg = ck.job.task.config
+    run = DiffusionRun(net=None, cfg=cfg, seed=ck.job.run.seed, job=ck.job,  # type: ignore[arg-type]
+                       source=ck.source)
     net = _build(cfg, run.data())
-    tensors = load_model_state(path)
     prefix = "ema." if ema else "net."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise WorkbenchError(f"{path}: the checkpoint does not fit the model of its config.toml (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+    ck.load_into(net, {k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
     run.net = net.to(device).eval()
     return run
 

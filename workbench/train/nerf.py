@@ -345,33 +345,17 @@ class NerfRun:
 
 def is_nerf_run(path: str | Path) -> bool:
     """Whether `path` (a run folder or one of its checkpoints) holds a `workbench nerf` run."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.config import load_toml
+    from workbench.train.fundamentals.runner import is_task_run
 
-    try:
-        raw = load_toml(run_dir_of(Path(path)) / "config.toml")
-    except Exception:  # not a run folder, unreadable: not ours to judge
-        return False
-    return isinstance(raw.get("task"), dict) and raw["task"].get("name") == "nerf"
+    return is_task_run(path, ("nerf",))
 
 
 def load_run(ckpt: str | Path, device: torch.device | str = "cpu") -> NerfRun:
     """The model of a nerf run folder (its newest complete checkpoint) or checkpoint, verified first."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.checkpoint.run import load_model_state, resolve_checkpoint, step_of
-    from workbench.errors import WorkbenchError
-    from workbench.train.fundamentals.runner import load_job
+    from workbench.train.fundamentals.runner import load_task_checkpoint
 
-    path = resolve_checkpoint(ckpt)
-    run_dir = run_dir_of(path)
-    job = load_job(run_dir / "config.toml")
-    if job.task.name != "nerf":
-        raise WorkbenchError(f"{run_dir}: a {job.task.name!r} run, not a nerf run")
-    cfg = job.task.config
+    ck = load_task_checkpoint(ckpt, ("nerf",))
+    cfg = ck.job.task.config
     model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(load_model_state(path), strict=False)
-    if missing or unexpected:
-        raise WorkbenchError(f"{path}: the checkpoint does not fit the model of its config.toml (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-    return NerfRun(model=model.to(device).eval(), cfg=cfg, seed=job.run.seed, job=job,
-                   source={"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)})
+    ck.load_into(model)
+    return NerfRun(model=model.to(device).eval(), cfg=cfg, seed=ck.job.run.seed, job=ck.job, source=ck.source)

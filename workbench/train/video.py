@@ -570,6 +570,8 @@ class VideoRun:
         when steps / guidance are None; the same seed gives the same videos."""
         from workbench.data.moving_shapes import vocab
 
+        if not prompts:
+            raise WorkbenchError("generate: no prompts (expected a list of one or more moving-shapes captions)")
         v = vocab()
         unknown = sorted({w for p in prompts for w in p.lower().split() if w not in v.index})
         if unknown:
@@ -584,42 +586,28 @@ class VideoRun:
 
 def is_video_run(path: str | Path) -> bool:
     """Whether `path` (a run folder or one of its checkpoints) holds a `workbench video` diffusion run."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.config import load_toml
+    from workbench.train.fundamentals.runner import is_task_run
 
-    try:
-        raw = load_toml(run_dir_of(Path(path)) / "config.toml")
-    except Exception:  # not a run folder, unreadable: not ours to judge
-        return False
-    return isinstance(raw.get("task"), dict) and raw["task"].get("name") == "video"
+    return is_task_run(path, ("video",))
 
 
 def load_run(ckpt: str | Path, device: torch.device | str = "cpu", ema: bool = True) -> VideoRun:
     """The EMA (or, ema=False, the trained) model of a video run folder or checkpoint, with its VAE; verified."""
-    from workbench.checkpoint.load import run_dir_of
-    from workbench.checkpoint.run import load_model_state, resolve_checkpoint, step_of
-    from workbench.train.fundamentals.runner import load_job
+    from workbench.train.fundamentals.runner import load_task_checkpoint
 
-    path = resolve_checkpoint(ckpt)
-    run_dir = run_dir_of(path)
-    job = load_job(run_dir / "config.toml")
-    if job.task.name != "video":
-        raise WorkbenchError(f"{run_dir}: a {job.task.name!r} run, not a video run")
-    cfg: Config = job.task.config
+    ck = load_task_checkpoint(ckpt, ("video",))
+    cfg: Config = ck.job.task.config
     try:
-        info = json.loads((run_dir / VIDEO_FILE).read_text())
-        settings, _ = info["data_settings"], info["vae"]["config"]
+        info = json.loads((ck.run_dir / VIDEO_FILE).read_text())
+        settings, vae_info = info["data_settings"], info["vae"]
+        vae_raw = vae_info["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise WorkbenchError(f"{run_dir}: {VIDEO_FILE} (the data settings) is missing or unreadable") from None
-    tensors = load_model_state(path)
-    vae = _build_vae(from_dict(VAEConfig, info["vae"]["config"], "video.json vae.config"))
-    model = _build(cfg, vae)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise WorkbenchError(f"{path}: the checkpoint does not fit the model of its config.toml (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+        raise WorkbenchError(f"{ck.run_dir}: {VIDEO_FILE} (the data settings) is missing or unreadable") from None
+    model = _build(cfg, _build_vae(from_dict(VAEConfig, vae_raw, "video.json vae.config")))
+    ck.load_into(model)
     net = (model.ema if ema else model.net).to(device).eval()
     vae = model.vae.to(device).eval()
     lat = vae.latent_shape(settings["frames"], settings["size"], settings["size"])
+    # source: this checkpoint (what evals file results under); "vae": the VAE run it was trained on
     return VideoRun(net=net, vae=vae, cfg=cfg, data_settings=settings, latent_shape=(vae.latent_channels, *lat),
-                    source={"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path), **info.get("vae", {})})
+                    source={**ck.source, "vae": vae_info})

@@ -186,6 +186,51 @@ def load_job(config: str | Path | dict, overrides: Sequence[str] | dict = ()) ->
     return load_config(FundamentalsJob, config, list(overrides) if not isinstance(overrides, dict) else overrides)
 
 
+def is_task_run(path: str | Path, names: Sequence[str]) -> bool:
+    """Whether `path` (a run folder or one of its checkpoints) holds a run of one of the tasks `names`."""
+    from workbench.checkpoint.load import run_dir_of
+
+    try:
+        raw = load_toml(run_dir_of(Path(path)) / CONFIG_FILE)
+    except Exception:  # not a run folder, unreadable: not ours to judge
+        return False
+    return isinstance(raw.get("task"), dict) and raw["task"].get("name") in names
+
+
+@dataclass
+class TaskCheckpoint:
+    """A run's checkpoint, read for a task's `load_run`: its job, the checkpoint path and run folder, the
+    model tensors, and `source` ({"ckpt", "run_dir", "step"}, what evals record)."""
+    job: FundamentalsJob
+    path: Path
+    run_dir: Path
+    tensors: dict
+    source: dict
+
+    def load_into(self, module: torch.nn.Module, state: dict | None = None) -> None:
+        """Load `state` (default: all the tensors) into `module`; an error naming the checkpoint when the
+        names do not match exactly."""
+        missing, unexpected = module.load_state_dict(self.tensors if state is None else state, strict=False)
+        if missing or unexpected:
+            raise WorkbenchError(f"{self.path}: the checkpoint does not fit the model of its config.toml (missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_task_checkpoint(ckpt: str | Path, names: Sequence[str]) -> TaskCheckpoint:
+    """The checkpoint of a run folder (its newest complete one) or a checkpoint path, whose config.toml must
+    name one of the tasks `names` (an error naming the run and its task otherwise)."""
+    from workbench.checkpoint.load import run_dir_of
+    from workbench.checkpoint.run import load_model_state, resolve_checkpoint, step_of
+
+    path = resolve_checkpoint(ckpt)
+    run_dir = run_dir_of(path)
+    job = load_job(run_dir / CONFIG_FILE)
+    if job.task.name not in names:
+        raise WorkbenchError(f"{run_dir}: a {job.task.name!r} run, not a {' or '.join(names)} run")
+    return TaskCheckpoint(job=job, path=path, run_dir=run_dir, tensors=load_model_state(path),
+                          source={"ckpt": str(path), "run_dir": str(run_dir), "step": step_of(path)})
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run context
 
