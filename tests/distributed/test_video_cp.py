@@ -35,6 +35,8 @@ def test_video_cp_equals_one_process(results):
     assert r["tokens"] == 24 and r["span"] == [0, 12]  # rank 0 held the first half of the visual tokens
     assert r["output"] <= RTOL, r["output"]
     assert r["output_cp_disabled"] <= RTOL, r["output_cp_disabled"]
+    # the whole video on each rank with the cores active would gather every key twice: refused
+    assert "24 visual tokens, 2 ranks x 24 != the video's 24" in r["whole_video_refused"], r["whole_video_refused"]
     assert r["loss"] <= RTOL and r["loss_value"] > 0.1, (r["loss"], r["loss_value"])
     # every parameter but the last block's text-query norm (whose outputs nothing reads) has a gradient
     assert r["unused"] == ["blocks.1.attn.q_norm_y.weight"]

@@ -8,7 +8,8 @@ same batch (text row 0 padded). The reference is the plain model on the whole vi
 `blocks.*.attn.core` swapped for JointVideoAttention and computes its contiguous slice of the visual tokens.
 Rank 0 writes OUT_DIR/video-cp-results.json: {check: max |cp - single| / max |single|} for the gathered
 output, the loss (sum over ranks), every parameter gradient (summed over ranks), the weights after 3 SGD
-steps, and the output with the cp cores disabled (whole video on each rank).
+steps, the output with the cp cores disabled (whole video on each rank), and the error of a call without
+token_range with the cores active.
 """
 
 import copy
@@ -79,6 +80,11 @@ def main() -> None:
         res["output"] = rel(cp.unpatchify(gather_tokens(local, group), T, H, W), full)
         with context_parallel_disabled(cp):
             res["output_cp_disabled"] = rel(cp(z, sigma, text, mask), full)
+        try:  # cp cores active, the whole video on each rank (no token_range): refused, not P-fold keys
+            cp(z, sigma, text, mask)
+            res["whole_video_refused"] = ""
+        except ValueError as e:
+            res["whole_video_refused"] = str(e)
 
     # loss and gradients
     loss_ref = flow.flow_loss(ref, x0, text, mask, sigma=sigma, eps=eps)

@@ -434,13 +434,22 @@ class JointVideoAttention(_ContextParallelCore):
 
     def __init__(self, inner: nn.Module, group):
         if not hasattr(inner, "joint"):
-            raise ConfigError("config key 'parallel.cp_method': 'joint' is the video transformer's core "
-                              f"(workbench.models.video.mochi.JointAttentionCore), not {type(inner).__name__}")
+            raise ConfigError(f"cp method 'joint' (an API-only core, not a parallel.cp_method of workbench train: "
+                              f"apply_context_parallel(model, workbench.parallel.plans.mochi.PLAN, group, 'joint')) "
+                              f"swaps the video transformer's workbench.models.video.mochi.JointAttentionCore, "
+                              f"not {type(inner).__name__}")
         super().__init__(inner, group)
 
-    def forward(self, q_x, k_x, v_x, q_y, k_y, v_y, text_mask):
+    def forward(self, q_x, k_x, v_x, q_y, k_y, v_y, text_mask, n_visual: int | None = None):
         if not self.active:
             return self.inner(q_x, k_x, v_x, q_y, k_y, v_y, text_mask)
+        P = dist.get_world_size(self.group)
+        # every rank must hold its own slice: the whole video on each rank would gather every key P times
+        if n_visual is None or k_x.shape[2] * P != n_visual:
+            raise ValueError(f"JointVideoAttention: this rank holds {k_x.shape[2]} visual tokens, {P} ranks x "
+                             f"{k_x.shape[2]} != the video's {n_visual}: call the model with "
+                             f"token_range=video_token_range(n_tokens, cp_size, cp_rank), or inside "
+                             f"context_parallel_disabled(model) to run the whole video on each rank")
         k_all = _AllGatherTokens.apply(self.group, k_x)  # (B, H, N, Dh), rank order = token order
         v_all = _AllGatherTokens.apply(self.group, v_x)
         return self.inner.joint(q_x, k_all, v_all, q_y, k_y, v_y, text_mask)

@@ -283,7 +283,9 @@ class JointAttentionCore(nn.Module):
         o_y = None if q_y is None else self.inner(q_y, k, v, spec, N)  # (B, H, L, Dh)
         return o_x, o_y
 
-    def forward(self, q_x, k_x, v_x, q_y, k_y, v_y, text_mask):
+    def forward(self, q_x, k_x, v_x, q_y, k_y, v_y, text_mask, n_visual: int | None = None):
+        """`n_visual`: the whole video's visual token count (the model passes it; only a context-parallel
+        core, which sees a slice, reads it)."""
         return self.joint(q_x, k_x, v_x, q_y, k_y, v_y, text_mask)
 
 
@@ -301,7 +303,7 @@ class JointAttention(nn.Module):
         self.proj_x = nn.Linear(H * Dh, D)
         self.proj_y = nn.Linear(H * Dh, cfg.text_width) if update_y else None
 
-    def forward(self, x, y, cos, sin, text_mask):
+    def forward(self, x, y, cos, sin, text_mask, n_visual: int | None = None):
         B, N, _ = x.shape
         L = y.shape[1]
         H, Dh = self.n_heads, self.head_dim
@@ -314,7 +316,7 @@ class JointAttention(nn.Module):
         q_x, k_x = apply_rope_interleaved(q_x, cos, sin), apply_rope_interleaved(k_x, cos, sin)
         o_x, o_y = self.core(q_x.transpose(1, 2), k_x.transpose(1, 2), v_x.transpose(1, 2),
                              None if q_y is None else q_y.transpose(1, 2), k_y.transpose(1, 2),
-                             v_y.transpose(1, 2), text_mask)  # (B, H, N, Dh), (B, H, L, Dh) | None
+                             v_y.transpose(1, 2), text_mask, n_visual)  # (B, H, N, Dh), (B, H, L, Dh) | None
         o_x = self.proj_x(o_x.transpose(1, 2).reshape(B, N, H * Dh))  # (B, N, D)
         o_y = self.proj_y(o_y.transpose(1, 2).reshape(B, L, H * Dh)) if self.update_y else None  # (B, L, Dy)
         return o_x, o_y
@@ -335,7 +337,7 @@ class AsymmBlock(nn.Module):
         self.mlp_x = SwiGLU(D, cfg.hidden_x)
         self.mlp_y = SwiGLU(Dy, cfg.hidden_y) if update_y else None
 
-    def forward(self, x, y, c, cos, sin, text_mask):
+    def forward(self, x, y, c, cos, sin, text_mask, n_visual: int | None = None):
         c = F.silu(c)
         scale_x, gate_x, scale_mlp_x, gate_mlp_x = self.mod_x(c).chunk(4, dim=1)  # 4 x (B, D)
         # x_n = RMSNorm(x) (1 + scale)
@@ -345,7 +347,7 @@ class AsymmBlock(nn.Module):
         else:
             scale_y = self.mod_y(c)  # (B, Dy)
         y_n = modulated_rms_norm(y, 1 + scale_y.float())
-        o_x, o_y = self.attn(x_n, y_n, cos, sin, text_mask)
+        o_x, o_y = self.attn(x_n, y_n, cos, sin, text_mask, n_visual)
         # x = x + tanh(gate) RMSNorm(branch)   (sandwich norm, tanh-gated residual)
         x = x + modulated_rms_norm(o_x, torch.tanh(gate_x))
         x = x + modulated_rms_norm(self.mlp_x(modulated_rms_norm(x, 1 + scale_mlp_x.float())), torch.tanh(gate_mlp_x))
@@ -478,8 +480,9 @@ class AsymmDiT(nn.Module):
             if not 0 <= start < stop <= z.shape[1]:
                 raise ValueError(f"AsymmDiT: token_range {token_range} outside the {z.shape[1]} visual tokens")
             z, cos, sin = z[:, start:stop], cos[start:stop], sin[start:stop]
+        n_visual = T * h * w  # the whole video's tokens, told to the cores (a cp core checks its slices sum to it)
         for block in self.blocks:
-            z, y = block(z, y, c, cos, sin, text_mask)
+            z, y = block(z, y, c, cos, sin, text_mask, n_visual)
         out = self.final(z, c)  # (B, N | stop - start, p*p*C)
         if token_range is not None:
             return out
