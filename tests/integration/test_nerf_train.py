@@ -62,6 +62,23 @@ def test_resume_continues_and_a_second_start_is_refused(nerf_run, tmp_path):
     assert rgb.shape == (2, 12, 12, 3) and depth.shape == (2, 12, 12)
 
 
+def test_a_run_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    from workbench.checkpoint.run import latest_checkpoint, load_model_state
+
+    def job(name, **train):  # 2 epochs of 7 steps, no val pictures during training
+        j = _job(tmp_path, name, epochs=2, schedule="constant", **train)
+        j["task"]["render_every"] = 0
+        return j
+
+    run_job(job("straight"), log=lambda *_: None)
+    run_job(job("cut", max_steps=3), log=lambda *_: None)  # stopped mid-epoch 1
+    assert latest_checkpoint(tmp_path / "cut").name == "step-3"
+    run_job(job("cut"), resume=True, log=lambda *_: None)
+    a, b = (load_model_state(latest_checkpoint(tmp_path / n)) for n in ("straight", "cut"))
+    assert latest_checkpoint(tmp_path / "cut").name == latest_checkpoint(tmp_path / "straight").name
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_eval_task_scores_the_run_beside_real_mean_colour_and_noise(nerf_run, tmp_path):
     from evals.runner import run_eval
     from workbench.errors import WorkbenchError
