@@ -39,6 +39,7 @@ from evals.image_metrics import psnr, ssim
 from evals.registry import EvalContext, TaskResult
 from workbench.config import field_
 from workbench.errors import WorkbenchError
+from workbench.train.nerf import chw
 
 
 @dataclass
@@ -51,10 +52,6 @@ class Config:
     seed: int = field_(0, ge=0, doc="the noise images' seed")
 
 
-def _chw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
 def real_reference(data, views, supersample: int) -> tuple[torch.Tensor, str]:
     """(N, H, W, 3) second images of `views` and a sentence saying what they are (see the module notes)."""
     from workbench.data.scenes import render_views
@@ -62,7 +59,7 @@ def real_reference(data, views, supersample: int) -> tuple[torch.Tensor, str]:
     if data.scene is not None:
         images, _, _ = render_views(data.scene, views.poses, views.height, views.width, views.focal, supersample)
         return images, f"the scene re-rendered from its geometry with {supersample}x{supersample} ray(s) per pixel"
-    x = _chw(views.images)
+    x = chw(views.images)
     half = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=True)
     back = F.interpolate(half, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return back.clamp(0, 1).permute(0, 2, 3, 1), "the true images resampled to half size and back (bilinear)"
@@ -90,10 +87,10 @@ class NerfEval:
         truth = views.images
         ctx.log(f"eval nerf: rendering {len(views)} {cfg.split} views of {views.height}x{views.width} px")
         rgb, _ = run.render(views)
-        p, s = psnr(_chw(rgb), _chw(truth)), ssim(_chw(rgb), _chw(truth))
+        p, s = psnr(chw(rgb), chw(truth)), ssim(chw(rgb), chw(truth))
         real, real_what = real_reference(data, views, cfg.real_supersample)
-        refs = {"real": {"psnr": psnr(_chw(real), _chw(truth)).mean().item(),
-                         "ssim": ssim(_chw(real), _chw(truth)).mean().item()}}
+        refs = {"real": {"psnr": psnr(chw(real), chw(truth)).mean().item(),
+                         "ssim": ssim(chw(real), chw(truth)).mean().item()}}
         refs |= baselines(data.train.images, truth, cfg.seed)
         metrics = {"psnr": p.mean().item(), "ssim": s.mean().item()}
         worst = {k: max(refs["mean_colour"][k], refs["noise"][k]) for k in ("psnr", "ssim")}
@@ -101,7 +98,7 @@ class NerfEval:
                                            and metrics["ssim"] >= worst["ssim"] + cfg.margin_ssim)
         samples = [{"view": i, "psnr": round(float(a), 3), "ssim": round(float(b), 4),
                     "pose": views.poses[i].tolist()} for i, (a, b) in enumerate(zip(p, s))]
-        grid = torch.stack([_chw(truth), _chw(rgb), _chw(real)], 1).flatten(0, 1)
+        grid = torch.stack([chw(truth), chw(rgb), chw(real)], 1).flatten(0, 1)
         image_grid(grid, 3, ctx.out_dir / "nerf-views.png",
                    title=f"{cfg.split} views: truth | NeRF render | real reference")
         return TaskResult(

@@ -254,7 +254,8 @@ def _grid(videos: list[Tensor], columns: int, gap: int) -> Tensor:
 def write_gif(video: Tensor | list[Tensor], path: str | Path, fps: int = 8, scale: int = 1, columns: int = 0,
               gap: int = 1) -> Path:
     """A looping GIF of one video uint8 (T, 3, H, W), or of several laid side by side (`columns` > 0: that many
-    per row), each frame upscaled `scale` times (nearest). Returns the path."""
+    per row), each frame upscaled `scale` times (nearest). Written atomically (a temporary file renamed over
+    `path`). Returns the path. (The project's one GIF writer: workbench/train/nerf.py uses it too.)"""
     from PIL import Image
 
     videos = [_check_video(v, f"video {i}") for i, v in enumerate(video if isinstance(video, (list, tuple)) else [video])]
@@ -271,8 +272,10 @@ def write_gif(video: Tensor | list[Tensor], path: str | Path, fps: int = 8, scal
         frames.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
+    tmp = path.with_name(path.name + ".tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0,
                    optimize=False, disposal=1)
+    tmp.replace(path)
     return path
 
 

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from workbench.config import fail, field_
 
 __all__ = ["Config", "FLAVORS", "Model", "NeRFMLP", "positional_encoding", "encoded_dim", "volume_render",
-           "stratified_samples", "sample_pdf", "render_rays", "get_rays", "look_at", "psnr_from_mse"]
+           "stratified_samples", "sample_pdf", "render_rays", "get_rays", "look_at"]
 
 
 @dataclass
@@ -375,8 +375,3 @@ def look_at(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None)
     c2w = torch.eye(4, dtype=eye.dtype)
     c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, cam_up, back, eye
     return c2w
-
-
-def psnr_from_mse(mse: Tensor | float) -> Tensor:
-    """PSNR = -10 log10(MSE) for images in [0, 1]."""
-    return -10.0 * torch.log10(torch.as_tensor(mse))

@@ -44,9 +44,10 @@ import torch
 from torch import Tensor
 
 from workbench.config import fail, field_
+from workbench.data.moving_shapes import write_gif
 from workbench.train.fundamentals.runner import Context, Task
 
-__all__ = ["Config", "build_model", "load_data", "render_views", "write_gif", "plot_ray", "load_run", "NerfRun",
+__all__ = ["Config", "build_model", "load_data", "render_views", "ray_psnr", "plot_ray", "load_run", "NerfRun",
            "is_nerf_run"]
 
 
@@ -126,25 +127,19 @@ def chw(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+def ray_psnr(rgb: Tensor, target: Tensor) -> float:
+    """PSNR (dB) of a batch of ray colours (R, 3) in [0, 1]: evals.image_metrics.psnr of them as one image."""
+    from evals.image_metrics import psnr
+
+    # (R, 3) -> (1, 3, R, 1)
+    return psnr(rgb.detach().t()[None, :, :, None], target.detach().t()[None, :, :, None]).item()
+
+
 def depth_picture(depth: Tensor, near: float, far: float) -> Tensor:
     """(N, H, W) depths -> (N, 3, H, W) grey in [0, 1]: near = white, far (and background, 0) = black."""
     d = torch.where(depth > 0, depth, torch.full_like(depth, far))
     g = ((far - d) / (far - near)).clamp(0, 1)
     return g.unsqueeze(1).expand(-1, 3, -1, -1)
-
-
-def write_gif(frames: Tensor, path: str | Path, fps: int = 12, scale: int = 4) -> Path:
-    """frames (T, H, W, 3) in [0, 1] -> an endlessly looping GIF, each pixel scaled up `scale` times."""
-    from PIL import Image
-
-    path = Path(path)
-    x = (frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
-    x = x.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
-    images = [Image.fromarray(f, "RGB") for f in x]
-    tmp = path.with_name(path.name + ".tmp")
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    tmp.replace(path)
-    return path
 
 
 def baselines(train_images: Tensor, truth: Tensor, seed: int) -> dict[str, dict[str, float]]:
@@ -263,11 +258,11 @@ def run(ctx: Context, cfg: Config) -> None:
         # loss = MSE(coarse) + MSE(fine)
         mse_c = (out["coarse"]["rgb"] - c).square().mean()
         loss = mse_c
-        metrics = {"psnr_coarse": -10 * math.log10(max(mse_c.item(), 1e-12))}
+        metrics = {"psnr_coarse": ray_psnr(out["coarse"]["rgb"], c)}
         if "fine" in out:
             mse_f = (out["fine"]["rgb"] - c).square().mean()
             loss = loss + mse_f
-            metrics["psnr"] = -10 * math.log10(max(mse_f.item(), 1e-12))
+            metrics["psnr"] = ray_psnr(out["fine"]["rgb"], c)
         return loss, metrics
 
     def after_step(step: int) -> None:
@@ -302,7 +297,9 @@ def run(ctx: Context, cfg: Config) -> None:
 
     orbit_views = Views(torch.zeros(len(poses), data.test.height, data.test.width, 3), poses, data.test.focal)
     frames, depth = render_views(model, orbit_views, near, far, cfg.chunk)
-    gif = write_gif(frames, ctx.run_dir / "novel-views.gif")
+    # (T, H, W, 3) in [0, 1] -> uint8 (T, 3, H, W), the GIF writer's layout
+    gif = write_gif((frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 3, 1, 2),
+                    ctx.run_dir / "novel-views.gif", fps=12, scale=4)
     show = frames[:: max(1, len(frames) // 8)][:8]
     image_grid(chw(show), len(show), ctx.figure("novel-views.png", f"novel views on an orbit at "
                                                 f"{cfg.gif_elevation} degrees elevation (every "
