@@ -134,33 +134,29 @@ def cmd_fundamentals(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_diffusion(args: argparse.Namespace, overrides: list[str]) -> int:
+def _task_verb(args: argparse.Namespace, overrides: list[str], names: tuple[str, ...], verb: str,
+               folder: str) -> int:
+    """A task verb (`workbench diffusion | nerf | video CONFIG`): the config must name one of `names`, then the
+    fundamentals runner (workbench.train.fundamentals.runner) runs it."""
     from workbench.config import load_toml
 
     task = load_toml(args.config).get("task", {})
-    if not isinstance(task, dict) or task.get("name") != "diffusion":
-        raise WorkbenchError(f"diffusion: {args.config} is not a diffusion config ([task] name = \"diffusion\"; "
-                             f"see configs/diffusion/)")
-    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
+    if not isinstance(task, dict) or task.get("name") not in names:
+        said = " or ".join(f'"{n}"' for n in names)
+        raise WorkbenchError(f"{verb}: {args.config} is not a {verb} config ([task] name = {said}; see {folder})")
+    return cmd_fundamentals(args, overrides)
+
+
+def cmd_diffusion(args: argparse.Namespace, overrides: list[str]) -> int:
+    return _task_verb(args, overrides, ("diffusion",), "diffusion", "configs/diffusion/")
 
 
 def cmd_nerf(args: argparse.Namespace, overrides: list[str]) -> int:
-    from workbench.config import load_toml
-
-    task = load_toml(args.config).get("task", {})
-    if not isinstance(task, dict) or task.get("name") != "nerf":
-        raise WorkbenchError(f"nerf: {args.config} is not a nerf config ([task] name = \"nerf\"; see configs/nerf/)")
-    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
+    return _task_verb(args, overrides, ("nerf",), "nerf", "configs/nerf/")
 
 
 def cmd_video(args: argparse.Namespace, overrides: list[str]) -> int:
-    from workbench.config import load_toml
-
-    task = load_toml(args.config).get("task", {})
-    if not isinstance(task, dict) or task.get("name") not in ("video_vae", "video"):
-        raise WorkbenchError(f"video: {args.config} is not a video config ([task] name = \"video_vae\" or \"video\"; "
-                             f"see configs/video/)")
-    return cmd_fundamentals(args, overrides)  # the same runner (workbench.train.fundamentals.runner)
+    return _task_verb(args, overrides, ("video_vae", "video"), "video", "configs/video/")
 
 
 def _train(trainer, job, _log, main: bool) -> int:
