@@ -95,7 +95,8 @@ from workbench.config import field_
 from workbench.errors import WorkbenchError
 
 __all__ = ["JudgeConfig", "VideoJudge", "VideoEvalNet", "judge_key", "references", "to_float", "flicker",
-           "consecutive_cosine", "shuffled", "jumbled", "static", "HEADS", "TEMPORAL_FAILURES"]
+           "consecutive_cosine", "shuffled", "jumbled", "static", "HEADS", "TEMPORAL_FAILURES",
+           "plot_references", "temporal_consistency"]
 
 VERSION = 1  # bump when the judge or its recipe changes, so old caches are not reused
 HEADS = ("shape", "colour", "direction")
@@ -150,6 +151,15 @@ def consecutive_cosine(frames: Tensor) -> Tensor:
     cos = (d[:, 1:] * d[:, :-1]).sum(-1) / (norm[:, 1:] * norm[:, :-1]).clamp(min=1e-30)
     still = (norm[:, 1:] <= 1e-6 * scale) & (norm[:, :-1] <= 1e-6 * scale)
     return torch.where(still, torch.ones_like(cos), cos).float()
+
+
+def temporal_consistency(frames: Tensor) -> Tensor:
+    """Per-video temporal consistency (N,) of per-frame features (N, T, D): the mean of `consecutive_cosine`
+    over each video's frame pairs; NaN below 3 frames (see the module notes: it would read -1 whatever the
+    video). The metric is the mean over videos."""
+    if frames.shape[1] < 3:
+        return torch.full((frames.shape[0],), float("nan"))
+    return consecutive_cosine(frames).mean(1)
 
 
 def shuffled(videos: Tensor, generator: torch.Generator) -> Tensor:
@@ -279,7 +289,7 @@ class VideoEvalNet:
                                  f"{ref['n']}: FVD compares only at equal n")
         right = {k: r.logits[k].argmax(1) == asked[k] for k in HEADS}
         return {"fvd": frechet_distance(*gaussian_stats(r.features), ref["mu"], ref["cov"]),
-                "temporal_consistency": consecutive_cosine(r.frames).mean().item() if r.frames.shape[1] >= 3 else float("nan"),
+                "temporal_consistency": temporal_consistency(r.frames).mean().item(),
                 "flicker_ratio": r.flicker / ref["flicker"],
                 "motion_accuracy": right["direction"].double().mean().item(),
                 "shape_accuracy": right["shape"].double().mean().item(),
@@ -407,6 +417,29 @@ def references(net: VideoEvalNet, splits: dict, n: int, seed: int) -> dict:
     return out
 
 
+def plot_references(out: Path, model: dict | None, refs: dict) -> str:
+    """The model's value of each metric beside the references' (one panel per metric; the references alone when
+    model is None)."""
+    from evals.plots import new_figure, save_figure
+
+    names = ["model", "real", "noise", *TEMPORAL_FAILURES][model is None:]
+    rows = [model, *(refs[k] for k in names[1:])] if model is not None else [refs[k] for k in names]
+    keys = ("fvd", "temporal_consistency", "flicker_ratio", "motion_accuracy", "shape_accuracy", "colour_accuracy")
+    fig = new_figure((13.0, 3.2))
+    for ax, key in zip(fig.subplots(1, len(keys)), keys):
+        vals = [r[key] for r in rows]
+        ax.bar(range(len(names)), vals, color=["C0", "C2", "C3", "C1", "C4", "C5"][model is None:])
+        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+        if key == "fvd":
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(("video metrics: the samples beside " if model is not None else "video metrics of ")
+                 + "real, noise and temporally broken real videos (same judge, same n)", fontsize=10)
+    save_figure(fig, out)
+    return out.name
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m evals.video_metrics [--n 2048 --frames 9 --size 32 --seed 0 --videos 192 --draws 1 --cache DIR
     --out DIR]: train (or load) the judge on load_moving_shapes' data and print the references table
@@ -430,13 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     net = VideoEvalNet.load_or_train(a.cache, splits, settings, JudgeConfig())
     draws = [references(net, splits, a.videos, d) for d in range(a.draws)]
     if a.out:
-        from evals.tasks.video import _plot_references
         from workbench.data.moving_shapes import write_strip
 
         _, _, sets = _reference_sets(splits, a.videos, 0)
         out = Path(a.out)
         write_strip(torch.cat([v[:2] for v in sets.values()]), out / "references.png", scale=2)
-        _plot_references(out / "references-metrics.png", None, draws[0])
+        plot_references(out / "references-metrics.png", None, draws[0])
         print(f"rows of references.png, two each: {', '.join(sets)}")
     keys = list(draws[0]["real"])
     print(f"judge test accuracy: {net.meta['test_accuracy']} (trained in {net.meta.get('train_seconds')} s)")

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 
 from evals.registry import EvalContext, TaskResult
-from evals.video_metrics import HEADS, TEMPORAL_FAILURES, JudgeConfig, VideoEvalNet, consecutive_cosine
+from evals.video_metrics import (
+    HEADS,
+    TEMPORAL_FAILURES,
+    JudgeConfig,
+    VideoEvalNet,
+    plot_references,
+    temporal_consistency,
+)
 from evals.video_metrics import references as video_references
 from workbench.config import fail, field_
 from workbench.errors import WorkbenchError
@@ -59,8 +66,12 @@ class Config:
         "doc": "the judge's recipe (evals/video_metrics.py JudgeConfig); another recipe trains and caches another"})
 
     def validate(self) -> None:
+        from workbench.data.moving_shapes import COLOURS
+
         if self.prompts not in PROMPT_SETS:
             fail("prompts", f"expected one of {', '.join(PROMPT_SETS)}, got {self.prompts!r}")
+        if self.colour >= len(COLOURS):  # checked here, before the judge trains
+            fail("colour", f"expected an index in 0..{len(COLOURS) - 1} ({', '.join(COLOURS)}), got {self.colour}")
 
 
 def prompt_set(cfg: Config) -> list[tuple[int, int, int, str]]:
@@ -69,9 +80,6 @@ def prompt_set(cfg: Config) -> list[tuple[int, int, int, str]]:
 
     if cfg.prompts == "all":
         return ms.all_prompts()
-    if cfg.colour >= len(ms.COLOURS):
-        raise WorkbenchError(f"--video.colour: expected an index in 0..{len(ms.COLOURS) - 1} "
-                             f"({', '.join(ms.COLOURS)}), got {cfg.colour}")
     return [(s, cfg.colour, d, ms.prompt(s, cfg.colour, d)) for s in range(len(ms.SHAPES))
             for d in range(len(ms.DIRECTIONS))]
 
@@ -113,7 +121,7 @@ class VideoEval:
         read = net.read(videos)
         model = net.score_read(read, asked, refs["ref"])
         pred = {k: read.logits[k].argmax(1) for k in HEADS}
-        tc = consecutive_cosine(read.frames).mean(1)  # (N,) per video
+        tc = temporal_consistency(read.frames)  # (N,) per video, NaN below 3 frames like the aggregate
         x = videos.float() / 255.0
         flick = (x[:, 1:] - x[:, :-1]).abs().mean(dim=(1, 2, 3, 4)) / refs["ref"]["flicker"]  # (N,)
         names = {"shape": ms.SHAPES, "colour": ms.COLOURS, "direction": ms.DIRECTIONS}
@@ -131,7 +139,7 @@ class VideoEval:
             ms.write_strip(videos[first], ctx.out_dir / "video-samples.png", scale=2)
             ms.write_gif(list(videos[first]), ctx.out_dir / "video-samples.gif", fps=6, scale=2, columns=min(4, len(first)))
             plots += ["video-samples.png", "video-samples.gif"]
-        plots.append(_plot_references(ctx.out_dir / "video-metrics.png", model, refs))
+        plots.append(plot_references(ctx.out_dir / "video-metrics.png", model, refs))
         meta = net.meta
         acc = ", ".join(f"{k} {v:.3f}" for k, v in meta["test_accuracy"].items())
         return TaskResult(
@@ -147,29 +155,6 @@ class VideoEval:
                 "chance": {k: 1 / len(v) for k, v in names.items()}, "prompts": cfg.prompts,
                 "per_prompt": cfg.per_prompt, "data_settings": settings, "eval_nets": str(net.folder),
                 "judge_test_accuracy": meta["test_accuracy"]})
-
-
-def _plot_references(out: Path, model: dict | None, refs: dict) -> str:
-    """The model's value of each metric beside the references' (one panel per metric; the references alone when
-    model is None)."""
-    from evals.plots import new_figure, save_figure
-
-    names = ["model", "real", "noise", *TEMPORAL_FAILURES][model is None:]
-    rows = [model, *(refs[k] for k in names[1:])] if model is not None else [refs[k] for k in names]
-    keys = ("fvd", "temporal_consistency", "flicker_ratio", "motion_accuracy", "shape_accuracy", "colour_accuracy")
-    fig = new_figure((13.0, 3.2))
-    for ax, key in zip(fig.subplots(1, len(keys)), keys):
-        vals = [r[key] for r in rows]
-        ax.bar(range(len(names)), vals, color=["C0", "C2", "C3", "C1", "C4", "C5"][model is None:])
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        if key == "fvd":
-            ax.set_yscale("log")
-        ax.set_title(key, fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(("video metrics: the samples beside " if model is not None else "video metrics of ")
-                 + "real, noise and temporally broken real videos (same judge, same n)", fontsize=10)
-    save_figure(fig, out)
-    return out.name
 
 
 TASK = VideoEval()

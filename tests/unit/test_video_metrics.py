@@ -23,6 +23,7 @@ from evals.video_metrics import (
     references,
     shuffled,
     static,
+    temporal_consistency,
     to_float,
 )
 from workbench.config import from_dict
@@ -72,6 +73,10 @@ def test_temporal_consistency_of_iid_frames_is_minus_one_over_t_minus_one_and_of
     assert cos.shape == (3, 5) and cos.eq(1).all()
     # two frames: the deviations are opposite whatever the video (why the score needs T >= 3)
     torch.testing.assert_close(consecutive_cosine(torch.randn(4, 2, 8, generator=g)), -torch.ones(4, 1))
+    # so the per-video score (what the task's sample records show) is NaN there, like the aggregate
+    assert temporal_consistency(torch.randn(4, 2, 8, generator=g)).isnan().all()
+    assert temporal_consistency(torch.randn(4, 1, 8, generator=g)).shape == (4,)
+    torch.testing.assert_close(temporal_consistency(smooth), consecutive_cosine(smooth).mean(1))
     # a shared offset (a background) does not change it: each video is centred on its own mean frame
     torch.testing.assert_close(consecutive_cosine(smooth + 100), consecutive_cosine(smooth), atol=1e-4, rtol=0)
 
@@ -231,8 +236,8 @@ def test_the_task_checks_its_options_and_the_run(judged, tmp_path):
 
     with pytest.raises(ConfigError, match="prompts"):
         from_dict(Config, {"prompts": "some"}, "video")
-    with pytest.raises(WorkbenchError, match="colour"):
-        _task_run(tmp_path, judged[3], Oracle(SETTINGS), prompts="shape_direction", colour=9)
+    with pytest.raises(ConfigError, match=r"'video.colour': expected an index in 0\.\.3 .*got 9"):
+        from_dict(Config, {"prompts": "shape_direction", "colour": 9}, "video")  # before any judge trains
     with pytest.raises(WorkbenchError, match="needs a video run"):
         _task_run(tmp_path, judged[3], object())
 
