@@ -52,7 +52,9 @@ The metrics (videos (N, T, 3, H, W) uint8, scored as floats in [0, 1])
 Validation (references, computed the same way at the same n)
     real      held-out test videos (never seen by the judge or the generator): the ceiling; its FVD is the
               finite-sample floor at this n.
-    noise     uniform random pixels: the floor on every metric.
+    noise     uniform random pixels: the worst FVD, flicker and accuracies. Not the lowest temporal
+              consistency: frames without order all read about -1/(T - 1), and shuffled real frames
+              score a little lower (-0.129 against noise's -0.124 at T = 9, docs/video-evals.md).
     shuffled  real test videos with their frames in a random order (a different one per video, never the
               identity): every frame is real, so per-frame judges (FID, shape and colour accuracy) cannot see
               anything wrong; only the temporal metrics can (consistency, flicker, motion accuracy, FVD).
