@@ -160,6 +160,18 @@ class TextTower(nn.Module):
         self.blocks = nn.ModuleList(TextBlock(cfg) for _ in range(cfg.text_layers))
         self.ln = nn.LayerNorm(cfg.text_width)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, 0.02) embeddings and linear weights, zero biases, unit layer norms (how a caption tower trained
+        inside a generator starts: the diffusion and video tasks)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         from workbench.data.captioned import PAD
 

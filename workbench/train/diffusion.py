@@ -160,16 +160,7 @@ class TextToImage(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         self.unet.init_weights()
-        if self.conditioning == "class":
-            self.encoder.init_weights()
-            return
-        for m in self.encoder.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        self.encoder.init_weights()  # the class embedding (unet.ClassContext) or the caption tower (contrastive.TextTower)
 
     def context(self, cond: Tensor) -> Tensor:
         """(B, L, context_dim): the caption's hidden states, or the class's one token."""

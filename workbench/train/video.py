@@ -317,13 +317,7 @@ class TextVideoNet(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         self.dit.init_weights()
-        for m in self.text.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        self.text.init_weights()
 
     def encode_text(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """(features (B, L, text_dim), mask (B, L) True = a real token) of word ids (B, L)."""
