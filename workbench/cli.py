@@ -508,29 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run folder's newest complete checkpoint (start the run if it has none)")
     _add_local_rank(p)
 
-    p = sub.add_parser("fundamentals", help="run a fundamentals experiment (autograd engine, CNN, RNN/LSTM, VAE) "
-                                            "from configs/fundamentals/; prints its results")
-    p.add_argument("config", help="experiment file, e.g. configs/fundamentals/resnet.toml")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
-
-    p = sub.add_parser("diffusion", help="train a small text-to-image diffusion model (EMA, sample grids) from "
-                                         "configs/diffusion/; prints its results")
-    p.add_argument("config", help="experiment file, e.g. configs/diffusion/shapes.toml")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
-
-    p = sub.add_parser("nerf", help="fit a NeRF to a scene rendered from known geometry (or a Blender-format folder) "
-                                    "from configs/nerf/; prints its results")
-    p.add_argument("config", help="experiment file, e.g. configs/nerf/scene.toml")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
-
-    p = sub.add_parser("video", help="train the causal video VAE (configs/video/vae.toml) or the text-to-video "
-                                     "AsymmDiT on its latents (configs/video/dit.toml); prints its results")
-    p.add_argument("config", help="experiment file, e.g. configs/video/vae.toml")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run folder's newest complete checkpoint (start the run if it has none)")
+    # the fundamentals runner's verbs: a config, --resume, then dotted overrides
+    for verb, example, help_ in (
+        ("fundamentals", "configs/fundamentals/resnet.toml",
+         "run a fundamentals experiment (autograd engine, CNN, RNN/LSTM, VAE) from configs/fundamentals/"),
+        ("diffusion", "configs/diffusion/shapes.toml",
+         "train a small text-to-image diffusion model (EMA, sample grids) from configs/diffusion/"),
+        ("nerf", "configs/nerf/scene.toml",
+         "fit a NeRF to a scene rendered from known geometry (or a Blender-format folder) from configs/nerf/"),
+        ("video", "configs/video/vae.toml", "train the causal video VAE (configs/video/vae.toml) or the "
+                                            "text-to-video AsymmDiT on its latents (configs/video/dit.toml)"),
+    ):
+        p = sub.add_parser(verb, help=help_ + "; prints its results")
+        p.add_argument("config", help=f"experiment file, e.g. {example}")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
