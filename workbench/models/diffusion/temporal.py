@@ -298,15 +298,19 @@ class VideoUNet(unet_mod.UNet):
         p = next(image.parameters())
         with torch.device(p.device):
             video = cls(copy.deepcopy(image.cfg), motion).to(p.dtype)
-        sd, own = image.state_dict(), video.image_state_dict()
+        video._load_part(image.state_dict(), video.image_state_dict(), "the image UNet's weights", "its cfg")
+        return video
+
+    def _load_part(self, sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor], what: str, needs: str) -> None:
+        """Load `sd` into the part of this model whose tensors are `own` after checking names and shapes."""
         missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or extra:
-            raise ValueError(f"the image UNet's weights do not fit its cfg: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(f"{what} do not fit {needs}: missing {missing[:3]}, unexpected {extra[:3]}")
         for k, v in sd.items():
             if v.shape != own[k].shape:
-                raise ValueError(f"the image UNet's tensor {k!r} has shape {tuple(v.shape)}, its cfg needs {tuple(own[k].shape)}")
-        video.load_state_dict(sd, strict=False)
-        return video
+                raise ValueError(f"{what}: tensor {k!r} has shape {tuple(v.shape)}, {needs} needs "
+                                 f"{tuple(own[k].shape)}")
+        self.load_state_dict(sd, strict=False)
 
     def motion_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters AnimateDiff trains (the motion modules'); everything else is the image model."""
@@ -329,14 +333,7 @@ class VideoUNet(unet_mod.UNet):
 
     def load_motion_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Loads exactly the motion modules' tensors (names as `motion_state_dict`'s); errors name a key."""
-        own = self.motion_state_dict()
-        missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or extra:
-            raise ValueError(f"motion weights do not fit the config: missing {missing[:3]}, unexpected {extra[:3]}")
-        for k, v in sd.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"motion tensor {k!r} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")
-        self.load_state_dict(sd, strict=False)
+        self._load_part(sd, self.motion_state_dict(), "motion weights", "the config")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_channels, T, H, W), t (B,) or a scalar, context (B, L, D) or (B T, L, D) -> (B, out_channels, T, H, W)."""
