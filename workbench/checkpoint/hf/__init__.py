@@ -118,14 +118,7 @@ def export_hf_dir(
     src = Path(tokenizer_source) if tokenizer_source else None
     if src is not None and out.resolve() == src.resolve():
         raise CheckpointError(f"export directory {out}: is the source directory; choose a new one")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"export directory {out}: already exists and is not empty (export never overwrites)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise CheckpointError(f"export directory {out}: cannot be created ({e.strerror})") from None
+    tmp = staging_dir(out)
     adapter = adapter_for(section.family)
     params = {name for name, _ in model.named_parameters()}  # buffers keep their dtype (fp32 router biases)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k in params else v)
@@ -153,8 +146,27 @@ def export_hf_dir(
                    "pad_token": tokenizer.id_to_token(tokenizer.pad_id) if tokenizer.pad_id is not None else None,
                    "model_max_length": section.config.max_seq_len}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    return publish_dir(tmp, out)
+
+
+def staging_dir(out: Path) -> Path:
+    """The empty folder `out.tmp` an export writes into, after refusing an `out` that exists and is not empty
+    (exports never overwrite). `publish_dir` renames it into place, so a crash leaves no half export."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"export directory {out}: already exists and is not empty (export never overwrites)")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"export directory {out}: cannot be created ({e.strerror})") from None
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> Path:
+    """Rename the finished staging folder `tmp` to `out` (which is absent or empty, as `staging_dir` checked)."""
     if out.exists():
-        out.rmdir()  # empty, checked above
+        out.rmdir()
     os.replace(tmp, out)
     return out
 

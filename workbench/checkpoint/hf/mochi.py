@@ -25,13 +25,11 @@ than swiglu, out_channels != in_channels) are refused by name. `pool_heads` is 8
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from workbench.checkpoint.hf import _read_json
+from workbench.checkpoint.hf import _read_json, publish_dir, staging_dir
 from workbench.checkpoint.hf.diffusers_sd import load_into, read_weights
 from workbench.errors import CheckpointError
 from workbench.models.video import mochi
@@ -180,16 +178,9 @@ def export_mochi_dir(model: mochi.AsymmDiT, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"export directory {out}: already exists and is not empty (export never overwrites)")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     hf = state_dict_to_diffusers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp / f"{WEIGHTS}.safetensors"),
               metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config_to_diffusers(model.cfg), indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+    return publish_dir(tmp, out)
