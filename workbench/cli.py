@@ -19,6 +19,11 @@
     workbench video CONFIG.toml [--resume] [--section.key value ...]    (the causal video VAE, then a text-to-
                                                                           video AsymmDiT on its latents: GIFs;
                                                                           configs/video/, docs/video-training.md)
+    workbench sweep SWEEP.toml [--resume] [--sweep.key value ...]      (Ray Tune over dotted config paths of a
+                                                                          base config: ASHA / median stopping,
+                                                                          trials as run folders, results table,
+                                                                          plots, best.toml; configs/sweeps/,
+                                                                          docs/sweeps.md)
     workbench generate (--ckpt RUN_DIR | --hf-dir DIR) [--adapter DIR] --prompt TEXT [--max-new-tokens N]
                        [--temperature T] [--top-k K] [--top-p P] [--stop S ...] [--seed S] [--chat]
                        [--image FILE [--page K]]                      (--image: a paligemma2 model reads an
@@ -157,6 +162,22 @@ def cmd_nerf(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_video(args: argparse.Namespace, overrides: list[str]) -> int:
     return _task_verb(args, overrides, ("video_vae", "video"), "video", "configs/video/")
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        from workbench.train.sweep import run_sweep
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "ray":
+            raise
+        raise WorkbenchError("sweep: needs Ray Tune and Train: pip install -e '.[ray]' (or make setup)") from None
+    summary = run_sweep(args.config, overrides, resume=args.resume, log=_log)
+    if summary.get("interrupted"):
+        return 130
+    if summary["best"] is None:
+        raise WorkbenchError(f"sweep: no trial finished; see {summary['dir']}/report.md")
+    print(summary["best_config"])  # stdout: the best config, for scripts
+    return 0
 
 
 def _train(trainer, job, _log, main: bool) -> int:
@@ -524,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true",
                        help="continue the run folder's newest complete checkpoint (start the run if it has none)")
 
+    p = sub.add_parser("sweep", help="a Ray Tune sweep over dotted config paths of a base config (trials are run "
+                                     "folders; ASHA or median stopping); prints the best config's path")
+    p.add_argument("config", help="sweep file, e.g. configs/sweeps/llama3-lr.toml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep folder's sweep: finished trials are kept, unfinished ones continue "
+                        "from their checkpoints (start the sweep if there is none)")
+
     p = sub.add_parser("generate", help="generate a continuation of a prompt")
     _add_source(p)
     p.add_argument("--prompt", required=True)
@@ -637,10 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "data", "eval", "fundamentals", "diffusion", "nerf", "video"):
+        if args.command in ("train", "data", "eval", "fundamentals", "diffusion", "nerf", "video", "sweep"):
             return {"train": cmd_train, "data": cmd_data, "eval": cmd_eval,
                     "fundamentals": cmd_fundamentals, "diffusion": cmd_diffusion,
-                    "nerf": cmd_nerf, "video": cmd_video}[args.command](args, rest)
+                    "nerf": cmd_nerf, "video": cmd_video, "sweep": cmd_sweep}[args.command](args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return {"generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "report": cmd_report,

@@ -40,7 +40,7 @@ DEMO = CONFIGS / "llama3" / "demo.toml"
 
 
 def _config_files() -> list[Path]:
-    return sorted(p for p in CONFIGS.rglob("*.toml") if "sweeps" not in p.relative_to(CONFIGS).parts)
+    return sorted(CONFIGS.rglob("*.toml"))
 
 
 def _roundtrip(obj):
@@ -72,6 +72,13 @@ def test_there_are_configs_to_check():
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_loads_and_round_trips(path: Path):
+    if path.parent.name == "sweeps":  # `workbench sweep` files: every swept value is checked against the base
+        from workbench.train.sweep import load_sweep
+
+        sweep = load_sweep(path)
+        assert sweep.n_trials() >= 1 and sweep.base.is_file()
+        assert {d.key for d in sweep.space} == {k.rsplit(".", 1)[0] for k in flatten(load_toml(path)["space"])}
+        return
     # `workbench fundamentals` configs, `workbench diffusion` ones (a [task] section), `workbench nerf` and
     # `workbench video` ones: the runner's own schema
     if (path.parent.name in ("fundamentals", "nerf", "video")

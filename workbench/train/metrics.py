@@ -26,16 +26,22 @@ opens TensorBoard with `purge_step=s + 1`, which makes TensorBoard discard the e
 that the earlier process wrote. Without `resume_step` the JSONL is started afresh.
 
 Only one process writes a run folder: in a distributed run, make the RunLog on the main rank only.
+
+Listening. `validation_listener(fn)` calls `fn(record)` for every validation record (one with a "val_" key)
+that a RunLog or a NullRunLog writes in this process while the block runs. Every rank of a distributed run
+validates in lockstep and writes to one of the two, so each rank hears each validation once: that is how a
+sweep trial (workbench.train.sweep) reports to Ray Tune without the trainer knowing about Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,6 +49,25 @@ TB_DIR = "tb"
 PLOT_FILE = "loss.png"
 LR_PLOT_FILE = "lr.png"
 VAL_PREFIX = "val_"
+
+
+_listeners: list[Callable[[dict], None]] = []
+
+
+@contextlib.contextmanager
+def validation_listener(fn: Callable[[dict], None]) -> Iterator[None]:
+    """Inside the block, `fn(record)` hears every validation record written in this process (module doc)."""
+    _listeners.append(fn)
+    try:
+        yield
+    finally:
+        _listeners.remove(fn)
+
+
+def _notify(record: Mapping) -> None:
+    if _listeners and any(k.startswith(VAL_PREFIX) for k in record):
+        for fn in list(_listeners):
+            fn(dict(record))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -132,6 +157,7 @@ class RunLog:
                 self._tb.add_scalar(tb_tag(key), float(value), global_step=step)
         self._tb.flush()
         self.records.append(rec)
+        _notify(rec)
 
     def plot(self) -> Path:
         """Draw loss.png from every record of the run (those reloaded on resume included); its path."""
@@ -251,7 +277,7 @@ class NullRunLog:
     """What ranks other than 0 log to: nothing (rank 0 writes the run's metrics)."""
 
     def write(self, record: Mapping) -> None:
-        pass
+        _notify(record)
 
     def plot(self) -> None:
         pass
