@@ -105,6 +105,8 @@ class SweepSection:
     workers: int = field_(1, ge=1, doc="processes per trial; > 1 runs each trial through Ray Train's TorchTrainer "
                                        "(train configs; their [parallel] section applies inside)")
     cpus_per_worker: int = field_(1, ge=1, doc="CPUs (and torch threads) per trial process")
+    gpus_per_worker: float = field_(0.0, ge=0, doc="GPUs per trial process (Ray hides the others from it; "
+                                                   "0 = none, so a trial on a GPU machine runs on the CPU)")
     num_cpus: int = field_(0, ge=0, doc="logical CPUs Ray schedules on; 0 = this machine's, at least one trial's")
     max_failures: int = field_(1, ge=0, doc="a crashed trial is retried this many times, from its checkpoint")
     eval_tasks: list[str] = field_([], doc="eval tasks (`workbench eval --list`) run on each finished trial; "
@@ -263,7 +265,10 @@ def load_sweep(path: str | Path | dict, overrides: list[str] | dict | None = Non
     if section.eval_tasks:
         from evals.runner import parse_tasks
 
-        parse_tasks(",".join(section.eval_tasks))
+        try:
+            parse_tasks(",".join(section.eval_tasks))
+        except WorkbenchError as e:
+            raise ConfigError(f"config key 'sweep.eval_tasks': {e}") from None
     _check_space(sweep)
     return sweep
 
@@ -295,20 +300,22 @@ def first_values(sweep: Sweep) -> dict[str, Any]:
 
 
 def _check_space(sweep: Sweep) -> None:
-    """Every listed value (and each end of every range) must make a valid config, tried one path at a time."""
+    """Every listed value (and each end of every range) must make a valid config, tried one path at a time
+    with the others at their first values; an error names the swept path and its value."""
     first = first_values(sweep)
-    try:
-        trial_job(sweep, first)
-    except ConfigError as e:
-        raise ConfigError(f"{sweep.base} with the sweep's [overrides] and the first value of each swept path: "
-                          f"{e}") from None
     for d in sweep.space:
         for v in d.probes:
             try:
                 trial_job(sweep, {**first, d.key: v})
             except ConfigError as e:
-                raise ConfigError(f"config key 'space.{d.key}': the value {v!r} does not fit {sweep.base}: {e}") \
-                    from None
+                named = [o.key for o in sweep.space if f"'{o.key}'" in str(e)]
+                if named or v != d.probes[0]:  # about a swept path, or only with this value
+                    key = named[0] if named else d.key
+                    value = v if key == d.key else first[key]
+                    raise ConfigError(f"config key 'space.{key}': the value {value!r} does not fit {sweep.base}: "
+                                      f"{e}") from None
+                raise ConfigError(f"{sweep.base} with the sweep's [overrides] and the first value of each swept "
+                                  f"path: {e}") from None
 
 
 def _max_steps(sweep: Sweep) -> int:
@@ -408,11 +415,12 @@ def _fit_torch_trainer(plan: dict, overrides: dict, name: str, attempt: int, log
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if plan["gpus_per_worker"] > 0 and torch.cuda.is_available() else "gloo"
     trainer = TorchTrainer(
         _worker_loop, train_loop_config={"plan": plan, "overrides": overrides, "log": str(log_path)},
         scaling_config=ScalingConfig(num_workers=plan["workers"], use_gpu=backend == "nccl",
-                                     resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+                                     resources_per_worker={"CPU": plan["cpus_per_worker"]} | (
+                                         {"GPU": plan["gpus_per_worker"]} if backend == "nccl" else {})),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=f"{name}-attempt-{attempt}", storage_path=str(Path(plan["dir"]) / TRAIN_DIR),
                              callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=0)))
@@ -515,23 +523,32 @@ def _ip(hex_addr: str, width: int) -> str:
     return str(ip.ipv4_mapped or ip) if width == 32 else str(ip)
 
 
-def exposed_listeners() -> list[tuple[int, str]]:
-    """The sockets this process and its children listen on that another machine could reach."""
-    import ipaddress
-
-    pids = {os.getpid()}
-    frontier = [os.getpid()]
-    while frontier:  # children from /proc/PID/task/*/children
-        pid = frontier.pop()
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it (Linux /proc/PID/task/*/children)."""
+    found, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
         try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                    if int(child) not in pids:
-                        pids.add(int(child))
-                        frontier.append(int(child))
+            tasks = os.listdir(f"/proc/{parent}/task")
         except OSError:
             continue
-    return [(pid, ip) for pid, ip in _listening(pids) if not ipaddress.ip_address(ip).is_loopback]
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    frontier.append(child)
+    return found
+
+
+def exposed_listeners() -> list[tuple[int, str]]:
+    """The sockets this process and its descendants listen on that another machine could reach."""
+    import ipaddress
+
+    return [(pid, ip) for pid, ip in _listening(descendants(os.getpid())) if not ipaddress.ip_address(ip).is_loopback]
 
 
 def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) -> None:
@@ -560,6 +577,11 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=sweep.dashboard,
                  dashboard_host="127.0.0.1", dashboard_port=sweep.dashboard_port, _node_ip_address="127.0.0.1",
                  log_to_driver=False, logging_level=logging.ERROR, runtime_env={"env_vars": env})
+    except Exception as e:
+        if sweep.dashboard and "dashboard" in str(e):
+            raise WorkbenchError(f"config key 'sweep.dashboard': Ray could not start its dashboard ({e}); it "
+                                 f"needs Ray's dashboard packages: pip install 'ray[default]'") from None
+        raise
     finally:
         if resolve is not None:
             services.resolve_ip_for_localhost = resolve
@@ -628,7 +650,9 @@ class Progress(tune.Callback):
 def _trial_resources(sweep: SweepSection) -> dict:
     # a multi-process trial's own process only waits on its TorchTrainer, whose workers hold the CPUs (Ray
     # wants some resource for it: a sliver of a CPU, which start_ray's count makes room for)
-    return {"cpu": sweep.cpus_per_worker if sweep.workers == 1 else TRIAL_SLIVER}
+    if sweep.workers > 1:
+        return {"cpu": TRIAL_SLIVER}
+    return {"cpu": sweep.cpus_per_worker, "gpu": sweep.gpus_per_worker}
 
 
 def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resume: bool = False,
@@ -662,7 +686,8 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
         f"{s.metric} ({s.mode}), {s.workers} process(es) per trial, {concurrent} at a time; folder {sdir}")
     plan = {"cwd": os.getcwd(), "dir": str(sdir), "base": str(sdir / BASE_COPY), "kind": sweep.kind,
             "overrides": sweep.overrides, "metric": s.metric, "workers": s.workers,
-            "cpus_per_worker": s.cpus_per_worker, "eval_tasks": list(s.eval_tasks), "max_t": _max_steps(sweep)}
+            "cpus_per_worker": s.cpus_per_worker, "gpus_per_worker": s.gpus_per_worker,
+            "eval_tasks": list(s.eval_tasks), "max_t": _max_steps(sweep)}
     import ray
 
     start_ray(s, num_cpus, log)

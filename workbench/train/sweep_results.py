@@ -203,6 +203,11 @@ def write_results(sdir: Path, errors: dict[str, str] | None = None, log: Callabl
     metric = sweep["sweep"]["metric"]
     space = sweep["space"]
     rows = collect(sdir, errors, interrupted)
+    from workbench.train.report import write_run_report
+
+    for r in rows:  # a trial stopped by the scheduler (or killed) may have ended before writing its report
+        if r["status"] != "finished" and (Path(r["dir"]) / "config.toml").is_file():
+            write_run_report(r["dir"])
     md, text = table(rows, list(space), metric)
     atomic_write_text(sdir / "results.md", md)
     atomic_write_text(sdir / "results.csv", text)

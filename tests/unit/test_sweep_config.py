@@ -1,0 +1,221 @@
+"""`workbench sweep` without a Ray cluster: the sweep file's checks, the results it writes from trial folders
+(table, plots, best.toml), the resume guard, the validation listener trials report through, and the check
+that refuses a Ray that listens beyond this machine."""
+
+import csv
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray (the ray extra, in dev) is not installed")
+
+from workbench.config import dumps_toml, load_config, load_toml  # noqa: E402
+from workbench.errors import ConfigError, WorkbenchError  # noqa: E402
+from workbench.job import JobConfig  # noqa: E402
+from workbench.train import sweep as sw  # noqa: E402
+from workbench.train.metrics import NullRunLog, RunLog, validation_listener  # noqa: E402
+from workbench.train.sweep_results import write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = str(ROOT / "configs" / "llama3" / "debug.toml")
+TASK = str(ROOT / "configs" / "fundamentals" / "rnn_sequence.toml")
+
+
+def sweep_dict(**changes) -> dict:
+    d = {"sweep": {"name": "s", "base": DEBUG}, "space": {"optim.lr": {"loguniform": [1e-3, 1e-2]}},
+         "overrides": {"train.steps": 10}}
+    for key, value in changes.items():
+        table, _, field = key.partition("__")
+        if value is None:
+            d[table].pop(field, None)
+        elif field:
+            d[table][field] = value
+        else:
+            d[table] = value
+    return d
+
+
+def test_a_sweep_file_loads_with_nested_or_dotted_paths():
+    s = sw.load_sweep({"sweep": {"base": DEBUG, "num_samples": 3},
+                       "space": {"optim": {"lr": {"choice": [1e-3, 3e-3]}}, "model.dim": {"grid": [32, 64]}},
+                       "overrides": {"train": {"steps": 10}}})
+    assert [(d.key, d.kind) for d in s.space] == [("optim.lr", "choice"), ("model.dim", "grid")]
+    assert s.overrides == {"train.steps": 10} and s.kind == "train"
+    assert s.n_trials() == 2 * 3  # each grid point num_samples times
+    job = sw.trial_job(s, {"optim.lr": 3e-3, "model.dim": 64}, Path("/tmp/x/trial-001"))
+    assert (job.optim.lr, job.model.config.dim, job.train.steps) == (3e-3, 64, 10)
+    assert (job.run.out_dir, job.run.name) == ("/tmp/x", "trial-001")
+    assert sw.load_sweep(sweep_dict(sweep__base=TASK, space={"train.lr": {"uniform": [1e-3, 1e-2]}},
+                                    overrides={"train.epochs": 1})).kind == "task"
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"sweep__base": None}, "'sweep.base'"),
+    ({"sweep__base": "no/such.toml"}, "'sweep.base': no/such.toml not found"),
+    ({"sweep__mode": "lowest"}, "'sweep.mode'"),
+    ({"sweep__scheduler": "pbt"}, "'sweep.scheduler'"),
+    ({"sweep__num_samples": 0}, "'sweep.num_samples'"),
+    ({"extra": {}}, "'extra': unknown table"),
+    ({"space": {}}, "nothing to sweep"),
+    ({"space": {"optim.lr": 0.1}}, "'space.optim.lr': expected a table"),
+    ({"space": {"optim.lr": {"choice": [1e-3], "grid": [1e-3]}}}, "exactly one of"),
+    ({"space": {"optim.lr": {"choice": []}}}, "non-empty list"),
+    ({"space": {"optim.lr": {"uniform": [0.1, 0.01]}}}, "low < high"),
+    ({"space": {"optim.lr": {"loguniform": [0, 0.01]}}}, "0 < low"),
+    ({"space": {"optim.lr": {"choice": [1e-3, 1e-3]}}}, "lists a value twice"),
+    ({"space": {"run.name": {"choice": ["a", "b"]}}}, "names the trials' run folders"),
+    ({"space": {"optim.lrr": {"choice": [1e-3]}}}, "'space.optim.lrr'"),
+    ({"space": {"optim.lr": {"choice": [1e-3, -1.0]}}}, "'space.optim.lr': the value -1.0 does not fit"),
+    ({"space": {"model.dim": {"grid": [32, "wide"]}}}, "'space.model.dim': the value 'wide'"),
+    ({"overrides": {"optim.lr": 1e-3}}, "'overrides.optim.lr': also swept"),
+    ({"overrides": {"train.stepz": 3}}, "train.stepz"),
+    ({"sweep__workers": 2}, "'sweep.workers': 2 processes per trial"),
+    ({"sweep__eval_tasks": ["no_such_task"]}, "no_such_task"),
+])
+def test_bad_sweep_files_name_the_key(changes, expected):
+    with pytest.raises(ConfigError, match=None) as e:
+        sw.load_sweep(sweep_dict(**changes))
+    assert expected in str(e.value), str(e.value)
+
+
+def test_multi_process_trials_need_a_train_config_and_a_layout_that_fits():
+    with pytest.raises(ConfigError, match="task config"):
+        sw.load_sweep(sweep_dict(sweep__base=TASK, sweep__workers=2, space={"train.lr": {"choice": [1e-3]}},
+                                 overrides={}))
+    s = sw.load_sweep(sweep_dict(sweep__workers=2, overrides={"parallel.backend": "fsdp2", "parallel.dp_shard": 2}))
+    assert sw.trial_job(s, sw.first_values(s)).parallel.dp_shard == 2
+
+
+def test_trial_names_follow_tunes_counter():
+    assert sw.trial_name("3f2a1_00000") == "trial-000" and sw.trial_name("3f2a1_00012") == "trial-012"
+
+
+def test_the_reporter_forwards_validation_and_names_a_missing_metric():
+    got = []
+    on_val = sw._reporter(got.append, {"metric": "val_loss", "max_t": 40})
+    on_val({"step": 10, "val_loss": 2.5, "val_bpb": 1.2, "note": "x"})
+    on_val({"step": 40, "val_loss": 2.0})  # the last rung: left to the trial's final report
+    assert got == [{"val_loss": 2.5, "val_bpb": 1.2, "step": 10}]
+    with pytest.raises(WorkbenchError, match="'sweep.metric': 'val_acc' is not among .*val_loss"):
+        sw._reporter(got.append, {"metric": "val_acc", "max_t": 40})({"step": 10, "val_loss": 2.5})
+
+
+def test_validation_listener_hears_every_rank_but_only_validation(tmp_path):
+    heard = []
+    with validation_listener(heard.append):
+        log = RunLog(tmp_path)
+        log.write({"step": 1, "loss": 3.0})  # a train record: not heard
+        log.write({"step": 2, "val_loss": 2.0})
+        NullRunLog().write({"step": 2, "val_loss": 2.0})  # what other ranks write to
+        log.close()
+    RunLog(tmp_path / "after").write({"step": 3, "val_loss": 1.0})  # outside the block: not heard
+    assert heard == [{"step": 2, "val_loss": 2.0}] * 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results from trial folders
+
+
+def _fake_sweep(tmp_path: Path, trials: list[dict]) -> Path:
+    """A sweep folder as trials leave it: sweep.toml, base.toml, trial folders with configs and metrics."""
+    sdir = tmp_path / "sw"
+    s = sw.load_sweep(sweep_dict(space={"optim.lr": {"loguniform": [1e-3, 1e-2]}, "model.dim": {"grid": [32, 64]}},
+                                 sweep__name="sw", sweep__out_dir=str(tmp_path)))
+    (sdir / "trials").mkdir(parents=True)
+    (sdir / "sweep.toml").write_text(dumps_toml(s.resolved()))
+    (sdir / "base.toml").write_text(Path(DEBUG).read_text())
+    with open(sdir / "attempts.jsonl", "w") as f:
+        for t in trials:
+            d = sdir / "trials" / t["name"]
+            d.mkdir()
+            (d / "sweep_trial.json").write_text(json.dumps({"trial": t["name"], "trial_id": "x", "params": t["params"]}))
+            (d / "config.toml").write_text(dumps_toml(sw.trial_job(s, t["params"], d)))
+            (d / "metrics.jsonl").write_text("".join(json.dumps({"step": st, "val_loss": v}) + "\n"
+                                                     for st, v in t["curve"]))
+            if t.get("finished"):
+                (d / "sweep_result.json").write_text(json.dumps({"metrics": {"val_loss": t["curve"][-1][1],
+                                                                             "perplexity/bits_per_byte": 3.5}}))
+            for a in range(t.get("attempts", 1)):
+                f.write(json.dumps({"trial": t["name"], "attempt": a + 1, "trains": True}) + "\n")
+            f.write(json.dumps({"trial": t["name"], "attempt": 9, "trains": False}) + "\n")  # a re-report only
+    return sdir
+
+
+TRIALS = [
+    {"name": "trial-000", "params": {"optim.lr": 0.002, "model.dim": 32}, "curve": [(0, 6.0), (10, 5.0), (20, 4.5)],
+     "finished": True},
+    {"name": "trial-001", "params": {"optim.lr": 0.008, "model.dim": 64}, "curve": [(0, 6.0), (10, 4.8), (20, 4.2)],
+     "finished": True, "attempts": 2},
+    {"name": "trial-002", "params": {"optim.lr": 0.001, "model.dim": 32}, "curve": [(0, 6.0), (10, 5.6)]},
+    {"name": "trial-003", "params": {"optim.lr": 0.005, "model.dim": 64}, "curve": []},
+]
+
+
+def test_results_table_plots_and_best_config(tmp_path):
+    sdir = _fake_sweep(tmp_path, TRIALS)
+    summary = write_results(sdir, errors={"trial-003": "Traceback ...\nRuntimeError: boom"}, log=lambda *_: None)
+    rows = summary["trials"]
+    assert [r["trial"] for r in rows] == ["trial-001", "trial-000", "trial-002", "trial-003"]  # finished, best first
+    assert [r["status"] for r in rows] == ["finished", "finished", "stopped at step 10", "failed"]
+    assert rows[0]["attempts"] == 2 and rows[1]["attempts"] == 1  # the re-report is not an attempt
+    assert summary["counts"] == {"finished": 2, "stopped": 1, "failed": 1, "unfinished": 0}
+    table = list(csv.reader((sdir / "results.csv").open()))
+    assert table[0] == ["trial", "optim.lr", "model.dim", "status", "steps", "val_loss", "best val_loss",
+                        "perplexity/bits_per_byte", "attempts"]
+    assert table[1][:7] == ["trial-001", "0.008", "64", "finished", "20", "4.2", "4.2"]
+    report = (sdir / "report.md").read_text()
+    assert "**Best:** trial-001" in report and "RuntimeError: boom" in report and "| trial-002 |" in report
+    for png in ("sweep.png", "curves.png"):
+        assert (sdir / png).stat().st_size > 10_000
+    best = load_config(JobConfig, sdir / "best.toml")  # ready for `workbench train`
+    assert (best.optim.lr, best.model.config.dim, best.run.name, best.run.out_dir) == (0.008, 64, "sw-best", "runs")
+    assert (sdir / "best.toml").read_text().startswith("# The best trial of sweep sw: trial-001")
+    # an interrupted sweep: trials that did not finish are unfinished, not stopped, and no best from them
+    summary = write_results(sdir, interrupted=True, log=lambda *_: None)
+    assert [r["status"] for r in summary["trials"]][2:] == ["unfinished", "unfinished"]
+
+
+def test_no_finished_trial_means_no_best_config(tmp_path):
+    sdir = _fake_sweep(tmp_path, [TRIALS[2]])
+    summary = write_results(sdir, log=lambda *_: None)
+    assert summary["best"] is None and not (sdir / "best.toml").exists()
+    assert "No trial finished yet" in (sdir / "report.md").read_text()
+
+
+def test_resume_refuses_another_sweep_in_the_same_folder(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text(Path(DEBUG).read_text())
+    s = sw.load_sweep(sweep_dict(sweep__base=str(base), sweep__out_dir=str(tmp_path)))
+    s.dir.mkdir(parents=True)
+    (s.dir / "sweep.toml").write_text(dumps_toml(s.resolved()))
+    (s.dir / "base.toml").write_text(base.read_text())
+    sw._check_resumable(s, s.dir)  # the same sweep: fine
+    sw._check_resumable(sw.load_sweep(sweep_dict(sweep__base=str(base), sweep__out_dir=str(tmp_path),
+                                                 sweep__num_cpus=8)), s.dir)  # resources may change
+    other = sw.load_sweep(sweep_dict(sweep__base=str(base), sweep__out_dir=str(tmp_path),
+                                     space={"optim.lr": {"loguniform": [1e-4, 1e-2]}}))
+    with pytest.raises(WorkbenchError, match="space.optim.lr.loguniform"):
+        sw._check_resumable(other, s.dir)
+    base.write_text(base.read_text() + "\n# edited\n")
+    with pytest.raises(WorkbenchError, match="changed since the sweep began"):
+        sw._check_resumable(s, s.dir)
+    assert load_toml(s.dir / "sweep.toml")["sweep"]["name"] == "s"
+
+
+def test_the_exposure_check_sees_a_socket_open_to_other_machines():
+    wide, local = socket.socket(), socket.socket()
+    try:
+        wide.bind(("0.0.0.0", 0))
+        wide.listen()
+        local.bind(("127.0.0.1", 0))
+        local.listen()
+        exposed = sw.exposed_listeners()
+        assert any(addr == "0.0.0.0" for _, addr in exposed), exposed
+        assert all(addr != "127.0.0.1" for _, addr in exposed)
+        ports = {line.split()[1].split(":")[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]}
+        assert f"{local.getsockname()[1]:04X}" in ports  # the loopback one is listed by the kernel, and not flagged
+    finally:
+        wide.close()
+        local.close()
