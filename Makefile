@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion video nerf clean
+.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion video nerf sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -103,6 +103,13 @@ video: setup
 	$(BIN)/workbench video configs/video/vae.toml --resume
 	$(BIN)/workbench video configs/video/dit.toml --resume
 	$(BIN)/workbench eval --task video --ckpt runs/video-dit
+
+# Issue 14's sweep (docs/sweeps.md): 8 trials of the debug Llama 3 over learning rate and width with ASHA, each a
+# run folder; then results.md, sweep.png, curves.png and best.toml. About a minute on 2 CPU cores.
+sweep: setup
+	$(BIN)/workbench data configs/llama3/debug.toml
+	$(BIN)/workbench sweep configs/sweeps/llama3-lr.toml --resume
+	@echo "results: runs/sweeps/llama3-lr/report.md"
 
 # Issue 13's NeRF (docs/nerf.md): a scene the project ray-casts from known geometry, coarse + fine NeRF, held-out
 # PSNR / SSIM beside the mean colour, a second render and noise, a novel-view GIF. About 10 min on one CPU thread.

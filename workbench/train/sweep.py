@@ -95,7 +95,8 @@ class SweepSection:
     num_samples: int = field_(1, ge=1, doc="draws of the random fields; each grid point runs num_samples times")
     scheduler: Literal["asha", "median", "fifo"] = field_(
         "asha", doc="asha: successive halving at rungs grace_period * reduction_factor^k steps; median: stop a "
-                    "trial below the median of the others at the same step; fifo: run every trial to its end")
+                    "trial whose best is worse than the median of the others' running means at the same step; "
+                    "fifo: run every trial to its end")
     grace_period: int = field_(1, ge=1, doc="optimizer steps every trial runs before it may be stopped")
     reduction_factor: float = field_(2.0, gt=1, doc="ASHA keeps 1 / reduction_factor of the trials per rung")
     max_t: int = field_(0, ge=0, doc="ASHA's last rung in steps; 0 = the largest train.steps of the trials "
@@ -181,6 +182,8 @@ def _parse_space(raw: Any) -> list[Dim]:
     def walk(node: dict, prefix: str) -> None:
         for k, v in node.items():
             key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, str) and v.lstrip().startswith("{"):  # from the command line: --space.KEY '{ ... }'
+                v = _inline_table(key, v)
             if isinstance(v, dict) and any(kind in v for kind in SPACE_KINDS):
                 dims.append(_parse_dim(key, v))
             elif isinstance(v, dict):
@@ -196,6 +199,15 @@ def _parse_space(raw: Any) -> list[Dim]:
         if d.key in ("run.out_dir", "run.name"):
             raise ConfigError(f"config key 'space.{d.key}': the sweep names the trials' run folders itself")
     return dims
+
+
+def _inline_table(key: str, text: str) -> dict:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config key 'space.{key}': {text!r} is not a TOML inline table ({e})") from None
 
 
 def _parse_dim(key: str, spec: dict) -> Dim:
@@ -312,10 +324,10 @@ def _check_space(sweep: Sweep) -> None:
                 if named or v != d.probes[0]:  # about a swept path, or only with this value
                     key = named[0] if named else d.key
                     value = v if key == d.key else first[key]
-                    raise ConfigError(f"config key 'space.{key}': the value {value!r} does not fit {sweep.base}: "
-                                      f"{e}") from None
-                raise ConfigError(f"{sweep.base} with the sweep's [overrides] and the first value of each swept "
-                                  f"path: {e}") from None
+                    raise ConfigError(f"config key 'space.{key}': the value {value!r} does not fit "
+                                      f"{sweep.sweep.base}: {e}") from None
+                raise ConfigError(f"{sweep.sweep.base} with the sweep's [overrides] and the first value of each "
+                                  f"swept path: {e}") from None
 
 
 def _max_steps(sweep: Sweep) -> int:
@@ -665,7 +677,7 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
     state = sdir / RAY_DIR
     started = state.is_dir() and any(state.iterdir())
     if started and not resume:
-        raise WorkbenchError(f"sweep folder {sdir} already holds a sweep: pass --resume to continue it, "
+        raise WorkbenchError(f"sweep folder {Path(sweep.sweep.out_dir) / sweep.sweep.name} already holds a sweep: pass --resume to continue it, "
                              f"or choose another --sweep.name")
     if started:
         _check_resumable(sweep, sdir)
