@@ -65,6 +65,10 @@ def test_a_sweep_file_loads_with_nested_or_dotted_paths():
     ({"space": {"optim.lr": {"uniform": [0.1, 0.01]}}}, "low < high"),
     ({"space": {"optim.lr": {"loguniform": [0, 0.01]}}}, "0 < low"),
     ({"space": {"optim.lr": {"choice": [1e-3, 1e-3]}}}, "lists a value twice"),
+    ({"space": {"optim.lr": {"normal": [1e-3, 1e-2]}}}, "'space.optim.lr': unknown kind 'normal'"),
+    ({"space": {"optim.lr": "{ choice = [1e-3, 3e-3"}}, "not a TOML inline table"),
+    ({"space": {"model.n_heads": {"choice": [3, 4]}}}, "'space.model.n_heads': the value 3 does not fit"),
+    ({"sweep__max_t": 20, "sweep__scheduler": "median"}, "'sweep.max_t': is ASHA's last rung"),
     ({"space": {"run.name": {"choice": ["a", "b"]}}}, "names the trials' run folders"),
     ({"space": {"optim.lrr": {"choice": [1e-3]}}}, "'space.optim.lrr'"),
     ({"space": {"optim.lr": {"choice": [1e-3, -1.0]}}}, "'space.optim.lr': the value -1.0 does not fit"),
@@ -72,12 +76,38 @@ def test_a_sweep_file_loads_with_nested_or_dotted_paths():
     ({"overrides": {"optim.lr": 1e-3}}, "'overrides.optim.lr': also swept"),
     ({"overrides": {"train.stepz": 3}}, "train.stepz"),
     ({"sweep__workers": 2}, "'sweep.workers': 2 processes per trial"),
-    ({"sweep__eval_tasks": ["no_such_task"]}, "no_such_task"),
+    ({"sweep__eval_tasks": ["no_such_task"]}, "'sweep.eval_tasks'"),
+    ({"sweep__eval_tasks": ["nerf"]}, "'sweep.eval_tasks': ['nerf'] evaluate nerf models"),
+    ({"sweep__base": TASK, "space": {"train.lr": {"choice": [1e-3]}}, "overrides": {},
+      "sweep__eval_tasks": ["perplexity"]}, "no eval task takes them"),
 ])
 def test_bad_sweep_files_name_the_key(changes, expected):
     with pytest.raises(ConfigError, match=None) as e:
         sw.load_sweep(sweep_dict(**changes))
     assert expected in str(e.value), str(e.value)
+
+
+def test_a_space_path_from_the_command_line_is_an_inline_table():
+    s = sw.load_sweep(sweep_dict(), ["--space.optim.lr", "{ choice = [1e-3, 3e-3] }", "--sweep.num_samples", "2"])
+    assert [(d.key, d.kind, d.values) for d in s.space] == [("optim.lr", "choice", (1e-3, 3e-3))]
+
+
+def test_data_fields_that_change_the_dataset_need_their_own_folder(tmp_path):
+    s = sw.load_sweep(sweep_dict(space={"data.vocab_size": {"choice": [300, 400]}}))
+    with pytest.raises(ConfigError, match="'space.data.vocab_size': .* would share data.dir"):
+        sw._prepare_data(s, log=lambda *_: None)
+    s = sw.load_sweep(sweep_dict(space={"data.val_fraction": {"uniform": [0.05, 0.1]}}))
+    with pytest.raises(ConfigError, match="'space.data.val_fraction': a data field drawn from a range"):
+        sw._prepare_data(s, log=lambda *_: None)
+
+
+def test_the_base_is_found_from_the_sweep_files_folders(tmp_path, monkeypatch):
+    sweeps = tmp_path / "repo" / "configs" / "sweeps"
+    sweeps.mkdir(parents=True)
+    (tmp_path / "repo" / "configs" / "base.toml").write_text(Path(DEBUG).read_text())
+    (sweeps / "s.toml").write_text('[sweep]\nbase = "configs/base.toml"\n[space]\n"optim.lr" = { choice = [1e-3] }\n')
+    monkeypatch.chdir(tmp_path)  # neither the working folder nor the sweep file's own folder holds configs/
+    assert sw.load_sweep(sweeps / "s.toml").base == tmp_path / "repo" / "configs" / "base.toml"
 
 
 def test_multi_process_trials_need_a_train_config_and_a_layout_that_fits():
@@ -92,14 +122,28 @@ def test_trial_names_follow_tunes_counter():
     assert sw.trial_name("3f2a1_00000") == "trial-000" and sw.trial_name("3f2a1_00012") == "trial-012"
 
 
-def test_the_reporter_forwards_validation_and_names_a_missing_metric():
+def test_the_reporter_leaves_the_last_validation_to_the_final_report():
     got = []
-    on_val = sw._reporter(got.append, {"metric": "val_loss", "max_t": 40})
+    plan = {"metric": "val_loss", "max_t": 40, "kind": "train", "base": DEBUG}
+    marks = sw.final_marks(plan, {"train.steps": 30})
+    assert marks == {"step": 30, "epoch": None}
+    on_val = sw._reporter(got.append, plan, marks)
     on_val({"step": 10, "val_loss": 2.5, "val_bpb": 1.2, "note": "x"})
-    on_val({"step": 40, "val_loss": 2.0})  # the last rung: left to the trial's final report
+    on_val({"step": 30, "val_loss": 2.0})  # the run's end (below ASHA's max_t): a scheduler must not stop it here
     assert got == [{"val_loss": 2.5, "val_bpb": 1.2, "step": 10}]
+    sw._reporter(got.append, plan, {"step": 60, "epoch": None})({"step": 40, "val_loss": 2.0})  # max_t
+    assert len(got) == 1
+    # a task config ends at its last epoch (or at max_steps)
+    task = {"metric": "val_mse", "max_t": float("inf"), "kind": "task", "base": TASK}
+    marks = sw.final_marks(task, {"train.epochs": 3})
+    assert marks == {"step": None, "epoch": 3}
+    on_val = sw._reporter(got.append, task, marks)
+    on_val({"step": 20, "epoch": 2, "val_mse": 0.1})
+    on_val({"step": 30, "epoch": 3, "val_mse": 0.05})
+    assert got[1:] == [{"val_mse": 0.1, "epoch": 2.0, "step": 20}]
+    assert sw.final_marks(task, {"train.max_steps": 25}) == {"step": 25, "epoch": 20}  # the file: 20 epochs
     with pytest.raises(WorkbenchError, match="'sweep.metric': 'val_acc' is not among .*val_loss"):
-        sw._reporter(got.append, {"metric": "val_acc", "max_t": 40})({"step": 10, "val_loss": 2.5})
+        sw._reporter(got.append, {**plan, "metric": "val_acc"}, marks)({"step": 10, "val_loss": 2.5})
 
 
 def test_validation_listener_hears_every_rank_but_only_validation(tmp_path):
@@ -136,7 +180,9 @@ def _fake_sweep(tmp_path: Path, trials: list[dict]) -> Path:
                                                      for st, v in t["curve"]))
             if t.get("finished"):
                 (d / "sweep_result.json").write_text(json.dumps({"metrics": {"val_loss": t["curve"][-1][1],
-                                                                             "perplexity/bits_per_byte": 3.5}}))
+                                                                             "perplexity/bits_per_byte": 3.5},
+                                                                 **({"eval_error": t["eval_error"]} if "eval_error" in t
+                                                                    else {})}))
             for a in range(t.get("attempts", 1)):
                 f.write(json.dumps({"trial": t["name"], "attempt": a + 1, "trains": True}) + "\n")
             f.write(json.dumps({"trial": t["name"], "attempt": 9, "trains": False}) + "\n")  # a re-report only
@@ -145,7 +191,7 @@ def _fake_sweep(tmp_path: Path, trials: list[dict]) -> Path:
 
 TRIALS = [
     {"name": "trial-000", "params": {"optim.lr": 0.002, "model.dim": 32}, "curve": [(0, 6.0), (10, 5.0), (20, 4.5)],
-     "finished": True},
+     "finished": True, "eval_error": "WorkbenchError: no held-out text"},
     {"name": "trial-001", "params": {"optim.lr": 0.008, "model.dim": 64}, "curve": [(0, 6.0), (10, 4.8), (20, 4.2)],
      "finished": True, "attempts": 2},
     {"name": "trial-002", "params": {"optim.lr": 0.001, "model.dim": 32}, "curve": [(0, 6.0), (10, 5.6)]},
@@ -167,6 +213,7 @@ def test_results_table_plots_and_best_config(tmp_path):
     assert table[1][:7] == ["trial-001", "0.008", "64", "finished", "20", "4.2", "4.2"]
     report = (sdir / "report.md").read_text()
     assert "**Best:** trial-001" in report and "RuntimeError: boom" in report and "| trial-002 |" in report
+    assert "trial-000 (finished): WorkbenchError: no held-out text" in report  # a failed eval, the training kept
     for png in ("sweep.png", "curves.png"):
         assert (sdir / png).stat().st_size > 10_000
     best = load_config(JobConfig, sdir / "best.toml")  # ready for `workbench train`

@@ -20,19 +20,22 @@ fundamentals | diffusion | nerf | video`), a search space over its dotted config
 What a trial is. Each trial is a real run in its own run folder, SWEEP/trials/trial-NNN (config.toml,
 metrics.jsonl, checkpoints/, loss.png, report.md), started with the base config plus `[overrides]` plus its
 sampled values. Every validation record the run writes is reported to Tune at its optimizer step
-(`workbench.train.metrics.validation_listener`), so ASHA and the median rule compare trials at equal steps.
-A trial that runs to its end then runs `sweep.eval_tasks` on its checkpoint (results as TASK/METRIC) and
-reports once more. With `sweep.workers > 1` a trial is a Ray Train `TorchTrainer` of that many processes
-on gloo (CPU) or nccl (GPU), inside which the config's `[parallel]` section (fsdp2, zero2, ...) applies as it
-does under torchrun: Ray sets RANK / WORLD_SIZE / MASTER_ADDR and joins the process group, and
-`workbench.parallel.data_parallel.init_distributed` finds it joined. (Ray 2.60 refuses a TorchTrainer handed
-to `tune.Tuner` directly, so the trial function builds one and calls `fit()`; platform-notes.md.)
+(`workbench.train.metrics.validation_listener`), so ASHA and the median rule compare trials at equal steps;
+the run's last validation is held back for the final report, so that no scheduler stops a trial that is
+saving its last checkpoint. A trial that runs to its end then runs `sweep.eval_tasks` on its checkpoint
+(results as TASK/METRIC; a failing eval is recorded, the training kept) and reports once more. With
+`sweep.workers > 1` a trial is a Ray Train `TorchTrainer` of that many processes on gloo (CPU) or nccl (GPU),
+inside which the config's `[parallel]` section (fsdp2, zero2, ...) applies as it does under a launcher: Ray
+sets RANK / WORLD_SIZE / MASTER_ADDR (`loopback_torch_config`) and the trainer joins the process group on a
+store bound to 127.0.0.1. (Ray 2.60 refuses a TorchTrainer handed to `tune.Tuner` directly, so the trial
+function builds one and calls `fit()`; platform-notes.md.)
 
 Nothing is lost on a crash. A trial restarts with `--resume` semantics, from its own newest checkpoint:
 a crashed trial is retried `sweep.max_failures` times (default once) and continues where its checkpoint
 left it; an interrupted sweep (Ctrl-C, SIGTERM, a killed terminal) continues with `--resume`, which restores
 Tune's experiment state (`Tuner.restore`) so that finished trials are not run again and unfinished ones
-continue. Each start of a trial is logged to SWEEP/attempts.jsonl with the step it resumed from.
+continue, and failed trials are tried again. Each start of a trial is logged to SWEEP/attempts.jsonl with
+the step it resumed from.
 
 Safe by default. Ray starts a private local instance (`address="local"`) on 127.0.0.1 with its dashboard
 off (`sweep.dashboard = true` starts it, on 127.0.0.1 too). Ray 2.60 replaces a loopback node address by the
@@ -43,7 +46,7 @@ Results (workbench.train.sweep_results): results.md / results.csv (one row per t
 steps, metric, eval metrics, attempts), sweep.png (the metric against each swept field), curves.png (the
 metric against step for every trial: the scheduler's stops), best.toml (the best trial's resolved config,
 renamed, ready for `workbench train`), and report.md gathering them. The files are rewritten from the trial
-folders, so `--resume` of a finished sweep just redraws them.
+folders, so `--resume` of a finished sweep just redraws them (after trying its failed trials again).
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ class SweepSection:
     def validate(self) -> None:
         if not self.base:
             fail("base", "expected the path of the experiment config the trials start from")
+        if self.max_t and self.scheduler != "asha":
+            fail("max_t", f"is ASHA's last rung; scheduler {self.scheduler!r} has none (leave it 0)")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             fail("name", f"expected a plain folder name, got {self.name!r}")
 
@@ -139,15 +144,6 @@ class Dim:
             return tune.choice(list(self.values))
         return (tune.uniform if self.kind == "uniform" else tune.loguniform)(*self.values)
 
-    @property
-    def probes(self) -> tuple:
-        """The values checked against the config schema before anything runs (the ends of a range)."""
-        return self.values
-
-    @property
-    def log_scale(self) -> bool:
-        return self.kind == "loguniform"
-
 
 @dataclass
 class Sweep:
@@ -158,7 +154,6 @@ class Sweep:
     overrides: dict[str, Any]
     base: Path  # resolved
     kind: Literal["train", "task"]
-    source: Path | None = None
 
     @property
     def dir(self) -> Path:
@@ -186,6 +181,10 @@ def _parse_space(raw: Any) -> list[Dim]:
                 v = _inline_table(key, v)
             if isinstance(v, dict) and any(kind in v for kind in SPACE_KINDS):
                 dims.append(_parse_dim(key, v))
+            elif isinstance(v, dict) and v and not any(isinstance(x, dict) or isinstance(x, str) and
+                                                       x.lstrip().startswith("{") for x in v.values()):
+                raise ConfigError(f"config key 'space.{key}': unknown kind {', '.join(map(repr, v))} (expected one "
+                                  f"of {', '.join(SPACE_KINDS)})")
             elif isinstance(v, dict):
                 walk(v, key)
             else:
@@ -193,6 +192,7 @@ def _parse_space(raw: Any) -> list[Dim]:
                                   f"(one of {', '.join(SPACE_KINDS)}), got {v!r}")
 
     walk(raw, "")
+    dims = list({d.key: d for d in dims}.values())  # "a.b" written both ways (e.g. a command-line override): the later
     for d in dims:
         if "." not in d.key:
             raise ConfigError(f"config key 'space.{d.key}': expected a dotted config path such as optim.lr")
@@ -231,11 +231,12 @@ def _parse_dim(key: str, spec: dict) -> Dim:
 
 def _resolve_base(base: str, source: Path | None) -> Path:
     p = Path(base)
-    for candidate in (p, (source.parent / p) if source is not None and not p.is_absolute() else None):
-        if candidate is not None and candidate.is_file():
+    folders = [Path.cwd()] + ([source.absolute().parent, *source.absolute().parent.parents] if source else [])
+    for candidate in [p] if p.is_absolute() else [f / p for f in folders]:
+        if candidate.is_file():
             return candidate.absolute()
     raise ConfigError(f"config key 'sweep.base': {base} not found (relative paths are tried from the working "
-                      f"folder, then from the sweep file's folder)")
+                      f"folder, then from the sweep file's folder and the folders above it)")
 
 
 def load_sweep(path: str | Path | dict, overrides: list[str] | dict | None = None) -> Sweep:
@@ -270,17 +271,25 @@ def load_sweep(path: str | Path | dict, overrides: list[str] | dict | None = Non
         raise ConfigError(f"config key 'overrides.{clash[0]}': also swept in [space]; keep one of the two")
     base = _resolve_base(section.base, source)
     kind = "task" if "task" in load_toml(base) else "train"
-    sweep = Sweep(section, space, fixed, base, kind, source)
+    sweep = Sweep(section, space, fixed, base, kind)
     if sweep.kind == "task" and section.workers > 1:
         raise ConfigError(f"config key 'sweep.workers': {section.workers} processes per trial need a `workbench "
                           f"train` config; {base} is a task config (one process)")
     if section.eval_tasks:
-        from evals.runner import parse_tasks
+        from evals.runner import model_kind, parse_tasks
 
         try:
-            parse_tasks(",".join(section.eval_tasks))
+            needs = model_kind(parse_tasks(",".join(section.eval_tasks)))
         except WorkbenchError as e:
             raise ConfigError(f"config key 'sweep.eval_tasks': {e}") from None
+        task = load_toml(base)["task"].get("name") if kind == "task" else None
+        wanted = {"train": "lm", "diffusion": "diffusion", "nerf": "nerf", "video": "video"}.get(task or "train")
+        if needs != wanted:
+            what = f"{task} runs" if task else "language models"
+            hint = (f"they take tasks of model kind {wanted}" if wanted else
+                    "no eval task takes them; their results.json figures join the table as result/KEY")
+            raise ConfigError(f"config key 'sweep.eval_tasks': {section.eval_tasks} evaluate {needs} models; the "
+                              f"trials of {section.base} are {what} ({hint})")
     _check_space(sweep)
     return sweep
 
@@ -308,7 +317,7 @@ def trial_job(sweep: Sweep, values: dict[str, Any], run_dir: Path | None = None)
 
 def first_values(sweep: Sweep) -> dict[str, Any]:
     """The first listed value (or the low end) of every swept path: a trial config to check things on."""
-    return {d.key: d.probes[0] for d in sweep.space}
+    return {d.key: d.values[0] for d in sweep.space}
 
 
 def _check_space(sweep: Sweep) -> None:
@@ -316,12 +325,14 @@ def _check_space(sweep: Sweep) -> None:
     with the others at their first values; an error names the swept path and its value."""
     first = first_values(sweep)
     for d in sweep.space:
-        for v in d.probes:
+        for v in d.values:
             try:
                 trial_job(sweep, {**first, d.key: v})
             except ConfigError as e:
                 named = [o.key for o in sweep.space if f"'{o.key}'" in str(e)]
-                if named or v != d.probes[0]:  # about a swept path, or only with this value
+                if not named and v == d.values[0] and _fits(sweep, {}):  # the base is fine: which value is not?
+                    named = [o.key for o in sweep.space if not _fits(sweep, {o.key: first[o.key]})]
+                if named or v != d.values[0]:  # about a swept path, or only with this value
                     key = named[0] if named else d.key
                     value = v if key == d.key else first[key]
                     raise ConfigError(f"config key 'space.{key}': the value {value!r} does not fit "
@@ -330,13 +341,21 @@ def _check_space(sweep: Sweep) -> None:
                                   f"swept path: {e}") from None
 
 
+def _fits(sweep: Sweep, values: dict) -> bool:
+    try:
+        trial_job(sweep, values)
+    except ConfigError:
+        return False
+    return True
+
+
 def _max_steps(sweep: Sweep) -> int:
     if sweep.sweep.max_t:
         return sweep.sweep.max_t
     if sweep.kind == "task":
         return 10**9  # epochs decide a task's steps; the rungs past its end are simply never reached
     steps = [trial_job(sweep, first_values(sweep)).train.steps]
-    steps += [int(v) for d in sweep.space if d.key == "train.steps" for v in d.probes]
+    steps += [int(v) for d in sweep.space if d.key == "train.steps" for v in d.values]
     return max(steps)
 
 
@@ -361,17 +380,33 @@ def _numbers(record: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
-def _reporter(report: Callable[[dict], None], plan: dict) -> Callable[[dict], None]:
-    """A validation listener that forwards the record to Tune (or Ray Train) at its step. A record at the
-    scheduler's last rung (max_t) is left for the trial's final report: ASHA stops a trial that reaches max_t,
-    which would cut off its evals."""
+def final_marks(plan: dict, overrides: dict) -> dict:
+    """Where a trial's run ends: at train.steps (train configs), or at task configs' last epoch or max_steps."""
+    if plan["kind"] == "task":
+        from workbench.train.fundamentals.runner import load_job
+
+        t = load_job(plan["base"], overrides).train
+        return {"step": t.max_steps or None, "epoch": t.epochs}
+    from workbench.config import load_config
+    from workbench.job import JobConfig
+
+    return {"step": load_config(JobConfig, plan["base"], overrides).train.steps, "epoch": None}
+
+
+def _reporter(report: Callable[[dict], None], plan: dict, marks: dict) -> Callable[[dict], None]:
+    """A validation listener that forwards the record to Tune (or Ray Train) at its step. The run's last
+    validation (at `marks`, see final_marks), or one at ASHA's last rung (max_t), is left for the trial's final
+    report: a scheduler deciding on it could stop the trial before it saves its last checkpoint and evaluates."""
     def on_validation(record: dict) -> None:
         values = _numbers(record)
         if plan["metric"] not in values:
             raise WorkbenchError(f"config key 'sweep.metric': {plan['metric']!r} is not among the validation "
                                  f"metrics this run logs ({', '.join(sorted(values))})")
-        if record["step"] < plan["max_t"]:
-            report({**values, "step": int(record["step"])})
+        step, epoch = int(record["step"]), record.get("epoch")
+        last = (step >= plan["max_t"] or (marks["step"] is not None and step >= marks["step"])
+                or (marks["epoch"] is not None and epoch is not None and epoch >= marks["epoch"]))
+        if not last:
+            report({**values, "step": step})
     return on_validation
 
 
@@ -417,23 +452,56 @@ def _worker_loop(config: dict) -> None:
     log = _file_log(Path(config["log"])) if rank == 0 else (lambda *_: None)
     from workbench.train.metrics import validation_listener
 
-    with validation_listener(_reporter(ray.train.report, plan)):
+    with validation_listener(_reporter(ray.train.report, plan, config["marks"])):
         _train_once(plan, config["overrides"], log)
+
+
+def _set_master(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+
+
+def loopback_torch_config(backend: str):
+    """Ray Train's TorchConfig, except that the trainer joins the process group itself.
+
+    Ray's own backend joins it through a TCPStore that listens on every interface. This one only sets the
+    environment torchrun would (MASTER_ADDR = the node address, 127.0.0.1 here; MASTER_PORT; RANK, WORLD_SIZE,
+    LOCAL_RANK), and `workbench.parallel.data_parallel.init_distributed` then builds the group on a store
+    bound to MASTER_ADDR alone, as it does under the deepspeed launcher. (Ray's backend class is private API,
+    pinned by tests/distributed/test_sweep.py, which watches what the trials listen on.)"""
+    from dataclasses import dataclass as _dataclass
+
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
+
+    class EnvOnlyBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            addr, port = worker_group.execute_single(0, get_address_and_port)
+            worker_group.execute(_set_master, addr=addr, port=port)
+            worker_group.execute(_set_torch_distributed_env_vars)
+
+    @_dataclass
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return EnvOnlyBackend
+
+    return LoopbackTorchConfig(backend=backend)
 
 
 def _fit_torch_trainer(plan: dict, overrides: dict, name: str, attempt: int, log_path: Path) -> None:
     import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     backend = "nccl" if plan["gpus_per_worker"] > 0 and torch.cuda.is_available() else "gloo"
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config={"plan": plan, "overrides": overrides, "log": str(log_path)},
+        _worker_loop, train_loop_config={"plan": plan, "overrides": overrides, "log": str(log_path),
+                                         "marks": final_marks(plan, overrides)},
         scaling_config=ScalingConfig(num_workers=plan["workers"], use_gpu=backend == "nccl",
                                      resources_per_worker={"CPU": plan["cpus_per_worker"]} | (
                                          {"GPU": plan["gpus_per_worker"]} if backend == "nccl" else {})),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=loopback_torch_config(backend),
         run_config=RunConfig(name=f"{name}-attempt-{attempt}", storage_path=str(Path(plan["dir"]) / TRAIN_DIR),
                              callbacks=[TuneReportCallback()], failure_config=FailureConfig(max_failures=0)))
     trainer.fit()  # a worker that fails raises here: the Tune trial fails, and Tune retries it
@@ -482,16 +550,21 @@ def run_trial(values: dict, plan: dict) -> None:
             import torch
 
             torch.set_num_threads(plan["cpus_per_worker"])
-            with validation_listener(_reporter(tune.report, plan)):
+            with validation_listener(_reporter(tune.report, plan, final_marks(plan, overrides))):
                 task_results = _train_once(plan, overrides, log)
         val = [r for r in read_metrics(run_dir / "metrics.jsonl") if plan["metric"] in r]
         if not val:
             raise WorkbenchError(f"{run_dir}: the run logged no {plan['metric']!r} (config key 'sweep.metric')")
-        final = {**_numbers(val[-1]), **task_results, **_eval_metrics(plan, run_dir, log),
-                 "step": int(val[-1]["step"])}
+        record = {"trial": name, "finished": True}
+        try:  # a failing eval does not undo a finished training: the table shows its error
+            evals = _eval_metrics(plan, run_dir, log)
+        except Exception as e:  # noqa: BLE001 - any eval failure is reported, not raised
+            evals, record["eval_error"] = {}, f"{type(e).__name__}: {e}"
+            log(f"eval failed: {record['eval_error']}")
+        record["metrics"] = {**_numbers(val[-1]), **task_results, **evals, "step": int(val[-1]["step"])}
         from workbench.train.metrics import atomic_write_text
 
-        atomic_write_text(result, json.dumps({"trial": name, "finished": True, "metrics": final}, indent=1) + "\n")
+        atomic_write_text(result, json.dumps(record, indent=1) + "\n")
     final = json.loads(result.read_text())["metrics"]
     tune.report({**final, "finished": 1})
 
@@ -580,6 +653,8 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
         pass
     # Ray 2.60 turns a loopback node address into the machine's external one (resolve_ip_for_localhost) and
     # its servers then bind every interface; keeping 127.0.0.1 keeps all of them on loopback
+    # a trial given no GPU must not see one (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for it by default)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off (verbose=0): the bar speaks
     logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. the notice that token authentication is on
     resolve = getattr(services, "resolve_ip_for_localhost", None)
@@ -597,6 +672,11 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
     finally:
         if resolve is not None:
             services.resolve_ip_for_localhost = resolve
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if sweep.gpus_per_worker * sweep.workers > gpus:
+        ray.shutdown()
+        raise ConfigError(f"config key 'sweep.gpus_per_worker': a trial needs {sweep.gpus_per_worker * sweep.workers:g} "
+                          f"GPUs ({sweep.workers} x {sweep.gpus_per_worker:g}); Ray finds {gpus:g} on this machine")
     exposed = exposed_listeners()
     if exposed:
         ray.shutdown()
@@ -610,6 +690,14 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
 # The driver
 
 
+def _say(msg: str) -> None:
+    """A line on stderr that leaves the progress bar intact."""
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        print(msg, file=sys.stderr, flush=True)
+
+
 class Progress(tune.Callback):
     """A Tune callback: a bar over the trials and one line per trial that ends or is retried. It is pickled
     with Tune's experiment state, so it keeps only plain settings; the bar is made on first use."""
@@ -620,19 +708,13 @@ class Progress(tune.Callback):
     def __getstate__(self):
         return {"total": self.total, "metric": self.metric, "bar": None}
 
-    def _bar(self, trials):
-        if self.bar is None:
+    def _bar(self, trials, current=None):
+        if self.bar is None:  # on resume, the trials that ended before (not the one being counted now)
             from tqdm import tqdm
 
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not current)
             self.bar = tqdm(total=self.total, initial=done, desc="trials", dynamic_ncols=True, file=sys.stderr)
         return self.bar
-
-    def _say(self, msg: str) -> None:
-        from tqdm import tqdm
-
-        with tqdm.external_write_mode(file=sys.stderr):
-            print(msg, file=sys.stderr, flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.metric in result:
@@ -640,18 +722,18 @@ class Progress(tune.Callback):
                                               f"{result[self.metric]:.4g} at step {result.get('step', '?')}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._bar(trials).update(1)
+        self._bar(trials, trial).update(1)
         last = trial.last_result or {}
         how = "finished" if last.get("finished") else f"stopped by the scheduler at step {last.get('step')}"
         value = f"{self.metric} {last[self.metric]:.4g}" if self.metric in last else "no result"
-        self._say(f"{trial_name(trial.trial_id)} {how}: {value}  {json.dumps(trial.config)}")
+        _say(f"{trial_name(trial.trial_id)} {how}: {value}  {json.dumps(trial.config)}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self._say(f"{trial_name(trial.trial_id)} crashed; retrying it from its newest checkpoint")
+        _say(f"{trial_name(trial.trial_id)} crashed; retrying it from its newest checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._bar(trials).update(1)
-        self._say(f"{trial_name(trial.trial_id)} failed after its retries: see {trial.path}/error.txt and "
+        self._bar(trials, trial).update(1)
+        _say(f"{trial_name(trial.trial_id)} failed after its retries: see {trial.path}/error.txt and "
                   f"{TRIALS_DIR}/{trial_name(trial.trial_id)}/train.log")
 
     def on_experiment_end(self, trials, **info):
@@ -675,15 +757,20 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
     sweep = load_sweep(path, overrides)
     sdir = sweep.dir
     state = sdir / RAY_DIR
-    started = state.is_dir() and any(state.iterdir())
-    if started and not resume:
-        raise WorkbenchError(f"sweep folder {Path(sweep.sweep.out_dir) / sweep.sweep.name} already holds a sweep: pass --resume to continue it, "
-                             f"or choose another --sweep.name")
-    if started:
+    holds = (sdir / SWEEP_FILE).is_file() or (sdir / TRIALS_DIR).is_dir()
+    if holds and not resume:
+        raise WorkbenchError(f"sweep folder {Path(sweep.sweep.out_dir) / sweep.sweep.name} already holds a sweep: "
+                             f"pass --resume to continue it, or choose another --sweep.name")
+    if holds:
         _check_resumable(sweep, sdir)
+    started = state.is_dir() and tune.Tuner.can_restore(str(state))
+    if holds and not started:  # killed before Tune first saved its state: the same seeded draws start again,
+        log(f"{state}: no saved Tune state to restore (the sweep was stopped before Tune first saved it); "
+            f"starting the trials again, each continuing from its own checkpoints")  # into the same folders
+        shutil.rmtree(state, ignore_errors=True)
     _prepare_data(sweep, log)
     sdir.mkdir(parents=True, exist_ok=True)
-    if not started:
+    if not holds:
         shutil.copyfile(sweep.base, sdir / BASE_COPY)
         (sdir / SWEEP_FILE).write_text(dumps_toml(sweep.resolved()), encoding="utf-8")
     s = sweep.sweep
@@ -699,7 +786,7 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
     plan = {"cwd": os.getcwd(), "dir": str(sdir), "base": str(sdir / BASE_COPY), "kind": sweep.kind,
             "overrides": sweep.overrides, "metric": s.metric, "workers": s.workers,
             "cpus_per_worker": s.cpus_per_worker, "gpus_per_worker": s.gpus_per_worker,
-            "eval_tasks": list(s.eval_tasks), "max_t": _max_steps(sweep)}
+            "eval_tasks": list(s.eval_tasks), "max_t": _max_steps(sweep) if s.scheduler == "asha" else math.inf}
     import ray
 
     start_ray(s, num_cpus, log)
@@ -715,7 +802,7 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
                                         failure_config=tune.FailureConfig(max_failures=s.max_failures))
             tuner = tune.Tuner(trainable, param_space={d.key: d.to_ray() for d in sweep.space},
                                tune_config=_tune_config(sweep, concurrent), run_config=run_config)
-        with _Interrupts() as signals:
+        with _Interrupts(lambda: write_results(sdir, log=lambda *_: None, interrupted=True)) as signals:
             grid = tuner.fit()
         errors = {_name_of_result(r): str(r.error) for r in grid if r.error is not None}
         interrupted = signals.hit
@@ -762,20 +849,29 @@ class _Interrupts:
     """Ctrl-C and SIGTERM stop the sweep gracefully: Tune saves its state, the trials keep their checkpoints.
 
     Tune's own SIGINT handler would swallow the signal without saying so, so it is turned off
-    (TUNE_DISABLE_SIGINT_HANDLER) and the first SIGINT / SIGTERM is passed on as SIGUSR1, which Tune always
-    treats as "stop gracefully"; `self.hit` remembers it. A second one raises KeyboardInterrupt at once."""
+    (TUNE_DISABLE_SIGINT_HANDLER) and the first SIGINT / SIGTERM is passed on as SIGUSR1, which Tune treats as
+    "stop gracefully" once its loop runs (before that, the signal stops the sweep at once); `self.hit`
+    remembers it, and `on_stop` runs first (it writes the results: a SIGTERM sent to the whole process group
+    ends Ray's own processes too, and the driver may then never get further). A second signal raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self, on_stop: Callable[[], None]):
+        self.on_stop = on_stop
 
     def __enter__(self):
         self.hit = False
         self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
         def on_signal(signum, frame):
             if self.hit:
                 raise KeyboardInterrupt
             self.hit = True
-            print(f"{signal.Signals(signum).name}: stopping the sweep (its state is saved; again to stop at once)",
-                  file=sys.stderr, flush=True)
+            _say(f"{signal.Signals(signum).name}: stopping the sweep (its state is saved; again to stop at once)")
+            self.on_stop()
+            if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Tune's loop is not running yet
+                raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGUSR1)
 
         for s in self.old:
@@ -785,6 +881,10 @@ class _Interrupts:
     def __exit__(self, *exc):
         for s, handler in self.old.items():
             signal.signal(s, handler)
+        if self.old_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.old_env
 
 
 def _finished_trials(sdir: Path) -> int:
@@ -819,10 +919,17 @@ def _prepare_data(sweep: Sweep, log: Callable[[str], None]) -> None:
     if ranged:
         raise ConfigError(f"config key 'space.{ranged[0]}': a data field drawn from a range would build a dataset "
                           f"per trial; list its values with choice or grid instead")
-    seen = set()
+    from data_pipelines.shards import build_settings
+
+    built: dict[str, tuple[dict, Any]] = {}  # data.dir -> (what builds it, a trial config reading it)
     for combo in itertools.product(*[d.values for d in data_dims]):
         job = trial_job(sweep, {**first_values(sweep), **dict(zip([d.key for d in data_dims], combo))})
-        key = json.dumps(to_dict(job.data), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            prepare_data(job, log)
+        settings = build_settings(job.data)
+        other = built.setdefault(job.data.dir, (settings, job))[0]
+        if other != settings:
+            key = next(k for k in settings if settings[k] != other.get(k))
+            raise ConfigError(f"config key 'space.data.{key}': trials with data.{key} = {other.get(key)!r} and "
+                              f"{settings[key]!r} would share data.dir {job.data.dir}; give each its own folder "
+                              f"(sweep data.dir with it, or build them with `workbench data` and sweep data.dir)")
+    for _, job in built.values():
+        prepare_data(job, log)

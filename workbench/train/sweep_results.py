@@ -75,7 +75,7 @@ def collect(sdir: Path, errors: dict[str, str] | None = None, interrupted: bool 
         rows.append({"trial": name, "dir": str(trial_dir), "params": info["params"], "status": status,
                      "steps": vals[-1][0] if vals else 0, "last": vals[-1][1] if vals else None, "best": best,
                      "curve": vals, "evals": evals, "attempts": attempts.get(name, 0),
-                     "error": errors.get(name, "")})
+                     "error": errors.get(name) or (result or {}).get("eval_error", "")})
     sign = 1 if mode == "min" else -1
     rows.sort(key=lambda r: (r["status"] != "finished", r["last"] is None,
                              sign * r["last"] if r["last"] is not None else 0, r["trial"]))
@@ -129,11 +129,12 @@ def plot_fields(rows: list[dict], space: dict, metric: str, out: Path) -> None:
             return pos.get(json.dumps(v), math.nan) if categorical else v
 
         for finished in (True, False):
-            pts = [(x_of(r), r["last"]) for r in scored if (r["status"] == "finished") == finished]
+            pts = [(x_of(r), r["last"]) for r in scored if (r["status"] == "finished") == finished
+                   and isinstance(x_of(r), (int, float))]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=36, label="finished" if finished else
                            "stopped early", facecolors="C0" if finished else "none", edgecolors="C0")
-        if best is not None:
+        if best is not None and isinstance(x_of(best), (int, float)):
             ax.scatter([x_of(best)], [best["last"]], marker="*", s=220, color="C3", label=f"best ({best['trial']})",
                        zorder=3)
         if categorical:
@@ -234,8 +235,8 @@ def write_results(sdir: Path, errors: dict[str, str] | None = None, log: Callabl
               "![metric against step](curves.png)", ""]
     failed = [r for r in rows if r["error"]]
     if failed:
-        lines += ["## Failures", ""] + [f"- {r['trial']}: {r['error'].strip().splitlines()[-1][:300]} "
-                                        f"(log: `trials/{r['trial']}/train.log`)" for r in failed] + [""]
+        lines += ["## Failures", ""] + [f"- {r['trial']} ({r['status']}): {r['error'].strip().splitlines()[-1][:300]}"
+                                        f" (log: `trials/{r['trial']}/train.log`)" for r in failed] + [""]
     lines += ["## Reproduce", "", "```", f"workbench sweep {sdir / SWEEP_FILE}   # a new sweep needs another "
               "--sweep.name", f"workbench sweep {sdir / SWEEP_FILE} --resume   # continue this one", "```", ""]
     atomic_write_text(sdir / "report.md", "\n".join(lines))

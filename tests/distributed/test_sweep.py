@@ -2,7 +2,8 @@
 
 - an ASHA sweep of 4 trials finishes: some stopped at a rung, the rest run to the end and are evaluated; the
   table, plots and best.toml are written, and best.toml trains with `workbench train`;
-- 2-process TorchTrainer trials run under fsdp2 and ZeRO-2 (gloo) and agree with each other;
+- 2-process TorchTrainer trials run under fsdp2 and ZeRO-2 (gloo) and agree with each other, every process
+  of the sweep (Ray's, the trials', their process group's store) listening on loopback only;
 - a sweep stopped by SIGINT, then killed outright (SIGKILL to its whole process group), resumes both times
   without training a finished trial again, its unfinished trials continuing from their checkpoints;
 - a trial whose process is killed mid-run is retried once and continues from its checkpoint;
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from listeners import run_watching_listeners
 
 pytest.importorskip("ray", reason="Ray (the ray extra, in dev) is not installed")
 
@@ -100,6 +102,14 @@ def test_an_asha_sweep_of_four_trials_stops_some_and_writes_the_best_config(tmp_
     assert (tmp_path / "runs" / "asha-best" / "report.md").is_file()
 
 
+def loopback(ip: str) -> bool:
+    """127.0.0.1, ::1, or 127.0.0.1 written as IPv4-mapped IPv6 (Ray's gRPC servers report ::ffff:127.0.0.1)."""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
 def read_rows(sdir: Path) -> list[dict]:
     import csv
 
@@ -110,8 +120,10 @@ def test_two_process_torchtrainer_trials_under_fsdp2_and_zero2(tmp_path, debug_d
     path = write_sweep(tmp_path, debug_data, "sharded", {"scheduler": "fifo", "workers": 2},
                        {"parallel.backend": {"grid": ["fsdp2", "zero2"]}},
                        {"train.steps": 6, "train.eval_every": 3, "parallel.dp_shard": 2, "train.micro_batch_size": 2})
-    proc = run_cli("sweep", str(path))
+    proc, listened = run_watching_listeners([*CLI, "sweep", str(path)], timeout=400, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    wide = sorted({ip for ip, _ in listened if not loopback(ip)})  # Ray, gloo and the process group's store alike
+    assert listened and not wide, wide
     sdir = tmp_path / "sweeps" / "sharded"
     rows = {r["parallel.backend"]: r for r in read_rows(sdir)}
     assert set(rows) == {"fsdp2", "zero2"} and all(r["status"] == "finished" for r in rows.values()), rows
@@ -119,7 +131,11 @@ def test_two_process_torchtrainer_trials_under_fsdp2_and_zero2(tmp_path, debug_d
         info = json.loads((sdir / "trials" / r["trial"] / "run_info.json").read_text())
         assert info["layout"].startswith(f"{backend} on 2 ranks"), info
         vals = [m for m in read_metrics(sdir / "trials" / r["trial"] / "metrics.jsonl") if "val_loss" in m]
-        assert [m["step"] for m in vals] == [0, 3, 6]  # every validation reached Tune through Ray Train's report
+        assert [m["step"] for m in vals] == [0, 3, 6]
+        # what Tune heard: the workers' reports through Ray Train (steps 0, 3), then the trial's final one
+        (ray_trial,) = [d for d in (sdir / "ray").iterdir() if d.is_dir() and f"_{int(r['trial'][-3:]):05d}_" in d.name]
+        heard = read_metrics(ray_trial / "result.json")
+        assert [h["step"] for h in heard] == [0, 3, 6] and heard[-1]["finished"] == 1, heard
     # the same global batch and initial weights: the two engines train the same model
     assert float(rows["fsdp2"]["val_loss"]) == pytest.approx(float(rows["zero2"]["val_loss"]), rel=1e-4)
 
@@ -135,6 +151,11 @@ def test_an_interrupted_then_killed_sweep_resumes_without_repeating_finished_tri
         return subprocess.Popen([*CLI, "sweep", str(path), "--resume"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT, start_new_session=True)
 
+    # 0. killed before Tune saved any state: the resume starts the same trials again
+    proc = start()
+    wait_for(lambda: (sdir / "sweep.toml").is_file(), proc, "the sweep folder")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
     # 1. Ctrl-C (SIGINT) while trial-001 trains: Tune saves its state, the command exits 130
     proc = start()
     wait_for(lambda: (trial / "trial-000" / "sweep_result.json").is_file() and checkpoint_steps(trial / "trial-001"),
@@ -142,7 +163,9 @@ def test_an_interrupted_then_killed_sweep_resumes_without_repeating_finished_tri
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
+    assert "no saved Tune state to restore" in err  # step 0's kill left none
     assert "--resume" in err and "sweep interrupted" in err
+    assert "| trial-001 |" in (sdir / "results.md").read_text()  # the results are written when it stops
     finished_000 = (trial / "trial-000" / "metrics.jsonl").read_bytes()
     # 2. resumed, then killed outright (the driver, Ray and the trials: one process group) while trial-002 trains
     proc = start()
