@@ -173,7 +173,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
         raise WorkbenchError("sweep: needs Ray Tune and Train: pip install -e '.[ray]' (or make setup)") from None
     summary = run_sweep(args.config, overrides, resume=args.resume, log=_log)
     if summary.get("interrupted"):
-        return 130
+        return 128 + int(summary["signal"])  # the shell's convention for "ended by signal N", state saved
     if summary["best"] is None:
         raise WorkbenchError(f"sweep: no trial finished; see {summary['dir']}/report.md")
     print(summary["best_config"])  # stdout: the best config, for scripts

@@ -4,7 +4,7 @@
   table, plots and best.toml are written, and best.toml trains with `workbench train`;
 - 2-process TorchTrainer trials run under fsdp2 and ZeRO-2 (gloo) and agree with each other, every process
   of the sweep (Ray's, the trials', their process group's store) listening on loopback only;
-- a sweep stopped by SIGINT, then killed outright (SIGKILL to its whole process group), resumes both times
+- a sweep stopped by SIGTERM, then killed outright (SIGKILL to its whole process group), resumes both times
   without training a finished trial again, its unfinished trials continuing from their checkpoints;
 - a trial whose process is killed mid-run is retried once and continues from its checkpoint;
 - Ray listens on 127.0.0.1 only.
@@ -117,7 +117,8 @@ def read_rows(sdir: Path) -> list[dict]:
 
 
 def test_two_process_torchtrainer_trials_under_fsdp2_and_zero2(tmp_path, debug_data):
-    path = write_sweep(tmp_path, debug_data, "sharded", {"scheduler": "fifo", "workers": 2},
+    path = write_sweep(tmp_path, debug_data, "sharded", {"scheduler": "fifo", "workers": 2,
+                                                         "eval_tasks": ["perplexity"]},
                        {"parallel.backend": {"grid": ["fsdp2", "zero2"]}},
                        {"train.steps": 6, "train.eval_every": 3, "parallel.dp_shard": 2, "train.micro_batch_size": 2})
     proc, listened = run_watching_listeners([*CLI, "sweep", str(path)], timeout=400, cwd=ROOT)
@@ -127,6 +128,7 @@ def test_two_process_torchtrainer_trials_under_fsdp2_and_zero2(tmp_path, debug_d
     sdir = tmp_path / "sweeps" / "sharded"
     rows = {r["parallel.backend"]: r for r in read_rows(sdir)}
     assert set(rows) == {"fsdp2", "zero2"} and all(r["status"] == "finished" for r in rows.values()), rows
+    assert all(float(r["perplexity/bits_per_byte"]) > 0 for r in rows.values())  # evaluated in each trial's rank 0
     for backend, r in rows.items():
         info = json.loads((sdir / "trials" / r["trial"] / "run_info.json").read_text())
         assert info["layout"].startswith(f"{backend} on 2 ranks"), info
@@ -156,13 +158,14 @@ def test_an_interrupted_then_killed_sweep_resumes_without_repeating_finished_tri
     wait_for(lambda: (sdir / "sweep.toml").is_file(), proc, "the sweep folder")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    # 1. Ctrl-C (SIGINT) while trial-001 trains: Tune saves its state, the command exits 130
+    # 1. SIGTERM (a scheduler's stop; Ctrl-C's SIGINT takes the same path) while trial-001 trains: Tune saves
+    # its state, the command exits 128 + 15
     proc = start()
     wait_for(lambda: (trial / "trial-000" / "sweep_result.json").is_file() and checkpoint_steps(trial / "trial-001"),
              proc, "trial-000 finishing and trial-001 checkpointing")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "no saved Tune state to restore" in err  # step 0's kill left none
     assert "--resume" in err and "sweep interrupted" in err
     assert "| trial-001 |" in (sdir / "results.md").read_text()  # the results are written when it stops

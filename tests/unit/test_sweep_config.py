@@ -69,6 +69,8 @@ def test_a_sweep_file_loads_with_nested_or_dotted_paths():
     ({"space": {"optim.lr": "{ choice = [1e-3, 3e-3"}}, "not a TOML inline table"),
     ({"space": {"model.n_heads": {"choice": [3, 4]}}}, "'space.model.n_heads': the value 3 does not fit"),
     ({"sweep__max_t": 20, "sweep__scheduler": "median"}, "'sweep.max_t': is ASHA's last rung"),
+    ({"space": {"model.n_heads": {"choice": [4]}, "model.dim": {"choice": [64, 66]}}},
+     "'space.model.dim': the value 66 does not fit"),
     ({"space": {"run.name": {"choice": ["a", "b"]}}}, "names the trials' run folders"),
     ({"space": {"optim.lrr": {"choice": [1e-3]}}}, "'space.optim.lrr'"),
     ({"space": {"optim.lr": {"choice": [1e-3, -1.0]}}}, "'space.optim.lr': the value -1.0 does not fit"),
@@ -110,6 +112,15 @@ def test_the_base_is_found_from_the_sweep_files_folders(tmp_path, monkeypatch):
     assert sw.load_sweep(sweeps / "s.toml").base == tmp_path / "repo" / "configs" / "base.toml"
 
 
+def test_asha_max_t_below_the_runs_end_is_refused():
+    s = sw.load_sweep(sweep_dict(sweep__max_t=5))  # train.steps = 10
+    with pytest.raises(ConfigError, match="'sweep.max_t': 5 is below train.steps"):
+        sw._max_steps(s)
+    assert sw._max_steps(sw.load_sweep(sweep_dict())) == 10
+    assert sw._max_steps(sw.load_sweep(sweep_dict(sweep__base=TASK, space={"train.lr": {"choice": [1e-3]}},
+                                                  overrides={}, sweep__max_t=50))) == 50
+
+
 def test_multi_process_trials_need_a_train_config_and_a_layout_that_fits():
     with pytest.raises(ConfigError, match="task config"):
         sw.load_sweep(sweep_dict(sweep__base=TASK, sweep__workers=2, space={"train.lr": {"choice": [1e-3]}},
@@ -124,17 +135,15 @@ def test_trial_names_follow_tunes_counter():
 
 def test_the_reporter_leaves_the_last_validation_to_the_final_report():
     got = []
-    plan = {"metric": "val_loss", "max_t": 40, "kind": "train", "base": DEBUG}
+    plan = {"metric": "val_loss", "kind": "train", "base": DEBUG}
     marks = sw.final_marks(plan, {"train.steps": 30})
     assert marks == {"step": 30, "epoch": None}
     on_val = sw._reporter(got.append, plan, marks)
     on_val({"step": 10, "val_loss": 2.5, "val_bpb": 1.2, "note": "x"})
-    on_val({"step": 30, "val_loss": 2.0})  # the run's end (below ASHA's max_t): a scheduler must not stop it here
+    on_val({"step": 30, "val_loss": 2.0})  # the run's end: a scheduler must not stop it here
     assert got == [{"val_loss": 2.5, "val_bpb": 1.2, "step": 10}]
-    sw._reporter(got.append, plan, {"step": 60, "epoch": None})({"step": 40, "val_loss": 2.0})  # max_t
-    assert len(got) == 1
     # a task config ends at its last epoch (or at max_steps)
-    task = {"metric": "val_mse", "max_t": float("inf"), "kind": "task", "base": TASK}
+    task = {"metric": "val_mse", "kind": "task", "base": TASK}
     marks = sw.final_marks(task, {"train.epochs": 3})
     assert marks == {"step": None, "epoch": 3}
     on_val = sw._reporter(got.append, task, marks)

@@ -332,8 +332,10 @@ def _check_space(sweep: Sweep) -> None:
                 named = [o.key for o in sweep.space if f"'{o.key}'" in str(e)]
                 if not named and v == d.values[0] and _fits(sweep, {}):  # the base is fine: which value is not?
                     named = [o.key for o in sweep.space if not _fits(sweep, {o.key: first[o.key]})]
-                if named or v != d.values[0]:  # about a swept path, or only with this value
-                    key = named[0] if named else d.key
+                if v != d.values[0]:  # the first values passed: this one is the culprit
+                    named = [d.key]
+                if named:
+                    key = named[0]
                     value = v if key == d.key else first[key]
                     raise ConfigError(f"config key 'space.{key}': the value {value!r} does not fit "
                                       f"{sweep.sweep.base}: {e}") from None
@@ -350,13 +352,16 @@ def _fits(sweep: Sweep, values: dict) -> bool:
 
 
 def _max_steps(sweep: Sweep) -> int:
-    if sweep.sweep.max_t:
-        return sweep.sweep.max_t
+    """ASHA's max_t: sweep.max_t, else the largest train.steps (task configs: none; the rungs past a run's end
+    are simply never reached). A max_t below a trial's end stops the trial there, never finished."""
     if sweep.kind == "task":
-        return 10**9  # epochs decide a task's steps; the rungs past its end are simply never reached
+        return sweep.sweep.max_t or 10**9
     steps = [trial_job(sweep, first_values(sweep)).train.steps]
     steps += [int(v) for d in sweep.space if d.key == "train.steps" for v in d.values]
-    return max(steps)
+    if 0 < sweep.sweep.max_t < max(steps):
+        raise ConfigError(f"config key 'sweep.max_t': {sweep.sweep.max_t} is below train.steps ({max(steps)}): ASHA "
+                          f"would stop every surviving trial there, unfinished and unevaluated (leave it 0)")
+    return sweep.sweep.max_t or max(steps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,15 +400,15 @@ def final_marks(plan: dict, overrides: dict) -> dict:
 
 def _reporter(report: Callable[[dict], None], plan: dict, marks: dict) -> Callable[[dict], None]:
     """A validation listener that forwards the record to Tune (or Ray Train) at its step. The run's last
-    validation (at `marks`, see final_marks), or one at ASHA's last rung (max_t), is left for the trial's final
-    report: a scheduler deciding on it could stop the trial before it saves its last checkpoint and evaluates."""
+    validation (at `marks`, see final_marks) is left for the trial's final report: a scheduler deciding on it
+    could stop the trial before it saves its last checkpoint and evaluates."""
     def on_validation(record: dict) -> None:
         values = _numbers(record)
         if plan["metric"] not in values:
             raise WorkbenchError(f"config key 'sweep.metric': {plan['metric']!r} is not among the validation "
                                  f"metrics this run logs ({', '.join(sorted(values))})")
         step, epoch = int(record["step"]), record.get("epoch")
-        last = (step >= plan["max_t"] or (marks["step"] is not None and step >= marks["step"])
+        last = ((marks["step"] is not None and step >= marks["step"])
                 or (marks["epoch"] is not None and epoch is not None and epoch >= marks["epoch"]))
         if not last:
             report({**values, "step": step})
@@ -454,6 +459,8 @@ def _worker_loop(config: dict) -> None:
 
     with validation_listener(_reporter(ray.train.report, plan, config["marks"])):
         _train_once(plan, config["overrides"], log)
+    if rank == 0:  # the evals run here, with the workers' CPUs and GPU (the trial's own process has a sliver)
+        finish_trial(plan, Path(config["run_dir"]), {}, log)
 
 
 def _set_master(addr: str, port: int) -> None:
@@ -489,15 +496,15 @@ def loopback_torch_config(backend: str):
 
 
 def _fit_torch_trainer(plan: dict, overrides: dict, name: str, attempt: int, log_path: Path) -> None:
-    import torch
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    backend = "nccl" if plan["gpus_per_worker"] > 0 and torch.cuda.is_available() else "gloo"
+    # the GPUs were checked when Ray started; this process itself is given none (Ray hides them from it)
+    backend = "nccl" if plan["gpus_per_worker"] > 0 else "gloo"
     trainer = TorchTrainer(
         _worker_loop, train_loop_config={"plan": plan, "overrides": overrides, "log": str(log_path),
-                                         "marks": final_marks(plan, overrides)},
+                                         "marks": final_marks(plan, overrides), "run_dir": str(log_path.parent)},
         scaling_config=ScalingConfig(num_workers=plan["workers"], use_gpu=backend == "nccl",
                                      resources_per_worker={"CPU": plan["cpus_per_worker"]} | (
                                          {"GPU": plan["gpus_per_worker"]} if backend == "nccl" else {})),
@@ -522,7 +529,7 @@ def run_trial(values: dict, plan: dict) -> None:
     """Tune's function trainable: one trial = one run folder, trained (or continued) to its end."""
     from ray import tune
 
-    from workbench.train.metrics import read_metrics, validation_listener
+    from workbench.train.metrics import validation_listener
 
     os.chdir(plan["cwd"])  # the base config's relative paths (data.dir, ...) mean what they mean to the user
     sweep_dir = Path(plan["dir"])
@@ -543,30 +550,38 @@ def run_trial(values: dict, plan: dict) -> None:
     log = _file_log(run_dir / "train.log")
     log(f"{name} attempt {attempt}: {json.dumps(values)}")
     if not result.is_file():
-        task_results = {}
         if plan["workers"] > 1:
-            _fit_torch_trainer(plan, overrides, name, attempt, run_dir / "train.log")
+            _fit_torch_trainer(plan, overrides, name, attempt, run_dir / "train.log")  # rank 0 finishes it
         else:
             import torch
 
             torch.set_num_threads(plan["cpus_per_worker"])
             with validation_listener(_reporter(tune.report, plan, final_marks(plan, overrides))):
                 task_results = _train_once(plan, overrides, log)
-        val = [r for r in read_metrics(run_dir / "metrics.jsonl") if plan["metric"] in r]
-        if not val:
-            raise WorkbenchError(f"{run_dir}: the run logged no {plan['metric']!r} (config key 'sweep.metric')")
-        record = {"trial": name, "finished": True}
-        try:  # a failing eval does not undo a finished training: the table shows its error
-            evals = _eval_metrics(plan, run_dir, log)
-        except Exception as e:  # noqa: BLE001 - any eval failure is reported, not raised
-            evals, record["eval_error"] = {}, f"{type(e).__name__}: {e}"
-            log(f"eval failed: {record['eval_error']}")
-        record["metrics"] = {**_numbers(val[-1]), **task_results, **evals, "step": int(val[-1]["step"])}
-        from workbench.train.metrics import atomic_write_text
-
-        atomic_write_text(result, json.dumps(record, indent=1) + "\n")
+            finish_trial(plan, run_dir, task_results, log)
+    elif json.loads(result.read_text()).get("eval_error") and plan["eval_tasks"]:
+        finish_trial(plan, run_dir, json.loads(result.read_text())["metrics"], log)  # its eval, once more
     final = json.loads(result.read_text())["metrics"]
     tune.report({**final, "finished": 1})
+
+
+def finish_trial(plan: dict, run_dir: Path, known: dict, log: Callable[[str], None]) -> None:
+    """A trained trial's sweep_result.json: its last validation, `known` results (a task's), and its evals.
+    A failing eval does not undo the training: its error is recorded (the table shows it) and `--resume`
+    tries the eval again."""
+    from workbench.train.metrics import atomic_write_text, read_metrics
+
+    val = [r for r in read_metrics(run_dir / "metrics.jsonl") if plan["metric"] in r]
+    if not val:
+        raise WorkbenchError(f"{run_dir}: the run logged no {plan['metric']!r} (config key 'sweep.metric')")
+    record = {"trial": run_dir.name, "finished": True}
+    try:
+        evals = _eval_metrics(plan, run_dir, log)
+    except Exception as e:  # noqa: BLE001 - any eval failure is recorded, not raised
+        evals, record["eval_error"] = {}, f"{type(e).__name__}: {e}"
+        log(f"eval failed: {record['eval_error']}")
+    record["metrics"] = {**known, **_numbers(val[-1]), **evals, "step": int(val[-1]["step"])}
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -672,6 +687,10 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
     finally:
         if resolve is not None:
             services.resolve_ip_for_localhost = resolve
+    if sweep.workers > 1 and 0 < sweep.gpus_per_worker != int(sweep.gpus_per_worker):
+        ray.shutdown()
+        raise ConfigError(f"config key 'sweep.gpus_per_worker': {sweep.gpus_per_worker:g} would put several nccl ranks "
+                          f"of one trial on one GPU, which NCCL refuses; give each process whole GPUs")
     gpus = ray.cluster_resources().get("GPU", 0)
     if sweep.gpus_per_worker * sweep.workers > gpus:
         ray.shutdown()
@@ -763,10 +782,11 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
                              f"pass --resume to continue it, or choose another --sweep.name")
     if holds:
         _check_resumable(sweep, sdir)
-    started = state.is_dir() and tune.Tuner.can_restore(str(state))
+    started = holds and state.is_dir() and tune.Tuner.can_restore(str(state))
     if holds and not started:  # killed before Tune first saved its state: the same seeded draws start again,
         log(f"{state}: no saved Tune state to restore (the sweep was stopped before Tune first saved it); "
             f"starting the trials again, each continuing from its own checkpoints")  # into the same folders
+    if not started:  # nothing to restore: a leftover state folder would mix into the new Tuner's
         shutil.rmtree(state, ignore_errors=True)
     _prepare_data(sweep, log)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -786,12 +806,14 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
     plan = {"cwd": os.getcwd(), "dir": str(sdir), "base": str(sdir / BASE_COPY), "kind": sweep.kind,
             "overrides": sweep.overrides, "metric": s.metric, "workers": s.workers,
             "cpus_per_worker": s.cpus_per_worker, "gpus_per_worker": s.gpus_per_worker,
-            "eval_tasks": list(s.eval_tasks), "max_t": _max_steps(sweep) if s.scheduler == "asha" else math.inf}
+            "eval_tasks": list(s.eval_tasks)}
     import ray
 
-    start_ray(s, num_cpus, log)
-    interrupted = False
+    interrupted, errors = False, {}
+    signals = _Interrupts(lambda: write_results(sdir, log=lambda *_: None, interrupted=True))
     try:
+        with signals:
+            start_ray(s, num_cpus, log)
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), _trial_resources(s))
         if started:
             log(f"resuming the sweep from {state} ({_finished_trials(sdir)} trials finished)")
@@ -802,17 +824,17 @@ def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resum
                                         failure_config=tune.FailureConfig(max_failures=s.max_failures))
             tuner = tune.Tuner(trainable, param_space={d.key: d.to_ray() for d in sweep.space},
                                tune_config=_tune_config(sweep, concurrent), run_config=run_config)
-        with _Interrupts(lambda: write_results(sdir, log=lambda *_: None, interrupted=True)) as signals:
+        with signals:
             grid = tuner.fit()
         errors = {_name_of_result(r): str(r.error) for r in grid if r.error is not None}
-        interrupted = signals.hit
+        interrupted = signals.signum is not None
     except KeyboardInterrupt:
         interrupted = True
-        errors = {}
     finally:
         ray.shutdown()
     summary = write_results(sdir, errors=errors, log=log, interrupted=interrupted)
     summary["interrupted"] = interrupted
+    summary["signal"] = signals.signum or (signal.SIGINT if interrupted else None)
     if interrupted:
         again = " ".join(overrides) + " " if isinstance(overrides, list) and overrides else ""
         log(f"sweep interrupted: continue it with `workbench sweep {path} {again}--resume`")
@@ -850,31 +872,36 @@ class _Interrupts:
 
     Tune's own SIGINT handler would swallow the signal without saying so, so it is turned off
     (TUNE_DISABLE_SIGINT_HANDLER) and the first SIGINT / SIGTERM is passed on as SIGUSR1, which Tune treats as
-    "stop gracefully" once its loop runs (before that, the signal stops the sweep at once); `self.hit`
+    "stop gracefully" once its loop runs (before that, the signal stops the sweep at once); `self.signum`
     remembers it, and `on_stop` runs first (it writes the results: a SIGTERM sent to the whole process group
     ends Ray's own processes too, and the driver may then never get further). A second signal raises
     KeyboardInterrupt at once."""
 
     def __init__(self, on_stop: Callable[[], None]):
         self.on_stop = on_stop
+        self.signum: int | None = None
 
     def __enter__(self):
-        self.hit = False
-        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        watched = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+        self.old = {s: signal.getsignal(s) for s in watched}
         self.old_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # Tune installs its own when its loop starts
 
         def on_signal(signum, frame):
-            if self.hit:
+            if self.signum is not None:
                 raise KeyboardInterrupt
-            self.hit = True
+            self.signum = signum
             _say(f"{signal.Signals(signum).name}: stopping the sweep (its state is saved; again to stop at once)")
-            self.on_stop()
+            try:
+                self.on_stop()
+            except Exception as e:  # noqa: BLE001 - the stop must go on; the results are written again at the end
+                _say(f"could not write the results yet ({type(e).__name__}: {e})")
             if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Tune's loop is not running yet
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGUSR1)
 
-        for s in self.old:
+        for s in watched[:2]:
             signal.signal(s, on_signal)
         return self
 
@@ -927,9 +954,12 @@ def _prepare_data(sweep: Sweep, log: Callable[[str], None]) -> None:
         settings = build_settings(job.data)
         other = built.setdefault(job.data.dir, (settings, job))[0]
         if other != settings:
-            key = next(k for k in settings if settings[k] != other.get(k))
-            raise ConfigError(f"config key 'space.data.{key}': trials with data.{key} = {other.get(key)!r} and "
-                              f"{settings[key]!r} would share data.dir {job.data.dir}; give each its own folder "
-                              f"(sweep data.dir with it, or build them with `workbench data` and sweep data.dir)")
+            differ = {k for k in settings.keys() | other.keys() if settings.get(k) != other.get(k)}
+            first_job = built[job.data.dir][1]
+            key = next((d.key for d in data_dims if d.key[5:] in differ), data_dims[0].key)
+            raise ConfigError(f"config key 'space.{key}': trials with {key} = {getattr(first_job.data, key[5:])!r} "
+                              f"and {getattr(job.data, key[5:])!r} would share data.dir {job.data.dir}; give each its "
+                              f"own folder (sweep data.dir with it, or build them with `workbench data` and sweep "
+                              f"data.dir)")
     for _, job in built.values():
         prepare_data(job, log)
