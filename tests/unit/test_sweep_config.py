@@ -4,7 +4,10 @@ that refuses a Ray that listens beyond this machine."""
 
 import csv
 import json
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,7 @@ def test_a_sweep_file_loads_with_nested_or_dotted_paths():
     ({"overrides": {"optim.lr": 1e-3}}, "'overrides.optim.lr': also swept"),
     ({"overrides": {"train.stepz": 3}}, "train.stepz"),
     ({"sweep__workers": 2}, "'sweep.workers': 2 processes per trial"),
+    ({"sweep__workers": 2, "sweep__gpus_per_worker": 0.5}, "'sweep.gpus_per_worker': 0.5 would put several nccl"),
     ({"sweep__eval_tasks": ["no_such_task"]}, "'sweep.eval_tasks'"),
     ({"sweep__eval_tasks": ["nerf"]}, "'sweep.eval_tasks': ['nerf'] evaluate nerf models"),
     ({"sweep__base": TASK, "space": {"train.lr": {"choice": [1e-3]}}, "overrides": {},
@@ -275,3 +279,32 @@ def test_the_exposure_check_sees_a_socket_open_to_other_machines():
     finally:
         wide.close()
         local.close()
+
+
+def _signal_self(signum) -> None:
+    os.kill(os.getpid(), signum)
+    time.sleep(0.5)  # the handler runs in the main thread at its next bytecode
+
+
+def test_a_stop_signal_writes_results_then_hands_the_stop_to_tune():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    calls, tune_stops = [], []
+    guard = sw._Interrupts(lambda: calls.append("results"))
+    with guard:
+        signal.signal(signal.SIGUSR1, lambda *_: tune_stops.append(1))  # what Tune's loop installs
+        _signal_self(signal.SIGTERM)
+        assert calls == ["results"] and tune_stops == [1] and guard.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            _signal_self(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+
+
+def test_a_stop_signal_before_tunes_loop_stops_at_once_even_if_writing_fails():
+    def broken():
+        raise OSError("disk full")
+
+    guard = sw._Interrupts(broken)
+    with pytest.raises(KeyboardInterrupt):
+        with guard:  # SIGUSR1 is reset to its default here: Tune's loop has not started
+            _signal_self(signal.SIGINT)
+    assert guard.signum == signal.SIGINT

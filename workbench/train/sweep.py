@@ -68,16 +68,19 @@ from ray import tune
 
 from workbench.config import ConfigError, dumps_toml, fail, field_, flatten, from_dict, load_toml, to_dict
 from workbench.errors import WorkbenchError
+from workbench.train.sweep_results import (
+    ATTEMPTS_FILE,
+    BASE_COPY,
+    RESULT_FILE,
+    SWEEP_FILE,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    write_results,
+)
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 RAY_DIR = "ray"  # Tune's experiment state (Tuner.restore reads it)
 TRAIN_DIR = "ray-train"  # Ray Train's run state of multi-process trials
-TRIALS_DIR = "trials"
-ATTEMPTS_FILE = "attempts.jsonl"
-TRIAL_FILE = "sweep_trial.json"  # in a trial's run folder: its name, Ray id and sampled values
-RESULT_FILE = "sweep_result.json"  # in a trial's run folder, once it finished: its final metrics
-SWEEP_FILE = "sweep.toml"  # the resolved sweep, compared on --resume
-BASE_COPY = "base.toml"  # the base config as it was when the sweep began
 TRIAL_SLIVER = 0.01  # the CPU share of a multi-process trial's own (waiting) process
 
 
@@ -91,7 +94,7 @@ class SweepSection:
     out_dir: str = field_("runs/sweeps", doc="the sweep folder is out_dir/name")
     base: str = field_("", doc="the experiment every trial starts from: a `workbench train` config or a task "
                               "config (fundamentals, diffusion, nerf, video); relative to the working folder, "
-                              "else to the sweep file")
+                              "else to the sweep file's folder or one above it")
     metric: str = field_("val_loss", doc="the validation metric trials are compared on, as the run logs it "
                                          "(val_loss, val_acc, ...)")
     mode: Literal["min", "max"] = "min"
@@ -125,6 +128,9 @@ class SweepSection:
             fail("max_t", f"is ASHA's last rung; scheduler {self.scheduler!r} has none (leave it 0)")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             fail("name", f"expected a plain folder name, got {self.name!r}")
+        if self.workers > 1 and 0 < self.gpus_per_worker != int(self.gpus_per_worker):
+            fail("gpus_per_worker", f"{self.gpus_per_worker:g} would put several nccl ranks of one trial on one GPU, "
+                                    f"which NCCL refuses; give each process whole GPUs")
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,6 @@ class Dim:
     values: tuple
 
     def to_ray(self):
-        from ray import tune
-
         if self.kind == "grid":
             return tune.grid_search(list(self.values))
         if self.kind == "choice":
@@ -329,11 +333,12 @@ def _check_space(sweep: Sweep) -> None:
             try:
                 trial_job(sweep, {**first, d.key: v})
             except ConfigError as e:
-                named = [o.key for o in sweep.space if f"'{o.key}'" in str(e)]
-                if not named and v == d.values[0] and _fits(sweep, {}):  # the base is fine: which value is not?
-                    named = [o.key for o in sweep.space if not _fits(sweep, {o.key: first[o.key]})]
                 if v != d.values[0]:  # the first values passed: this one is the culprit
                     named = [d.key]
+                else:  # the first values: the path the error names, or the one that fails alone on the base
+                    named = [o.key for o in sweep.space if f"'{o.key}'" in str(e)]
+                    if not named and _fits(sweep, {}):
+                        named = [o.key for o in sweep.space if not _fits(sweep, {o.key: first[o.key]})]
                 if named:
                     key = named[0]
                     value = v if key == d.key else first[key]
@@ -416,12 +421,10 @@ def _reporter(report: Callable[[dict], None], plan: dict, marks: dict) -> Callab
 
 
 def _latest_step(run_dir: Path) -> int:
-    from workbench.checkpoint.run import latest_checkpoint
+    from workbench.checkpoint.run import latest_checkpoint, step_of
 
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    return json.loads((ckpt / "train_state.json").read_text()).get("step", 0)
+    return 0 if ckpt is None else step_of(ckpt)
 
 
 def _train_once(plan: dict, overrides: dict, log: Callable[[str], None]) -> dict:
@@ -475,8 +478,6 @@ def loopback_torch_config(backend: str):
     LOCAL_RANK), and `workbench.parallel.data_parallel.init_distributed` then builds the group on a store
     bound to MASTER_ADDR alone, as it does under the deepspeed launcher. (Ray's backend class is private API,
     pinned by tests/distributed/test_sweep.py, which watches what the trials listen on.)"""
-    from dataclasses import dataclass as _dataclass
-
     from ray.train._internal.utils import get_address_and_port
     from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
 
@@ -486,7 +487,7 @@ def loopback_torch_config(backend: str):
             worker_group.execute(_set_master, addr=addr, port=port)
             worker_group.execute(_set_torch_distributed_env_vars)
 
-    @_dataclass
+    @dataclass
     class LoopbackTorchConfig(TorchConfig):
         @property
         def backend_cls(self):
@@ -527,9 +528,7 @@ def _eval_metrics(plan: dict, run_dir: Path, log: Callable[[str], None]) -> dict
 
 def run_trial(values: dict, plan: dict) -> None:
     """Tune's function trainable: one trial = one run folder, trained (or continued) to its end."""
-    from ray import tune
-
-    from workbench.train.metrics import validation_listener
+    from workbench.train.metrics import read_metrics, validation_listener
 
     os.chdir(plan["cwd"])  # the base config's relative paths (data.dir, ...) mean what they mean to the user
     sweep_dir = Path(plan["dir"])
@@ -539,17 +538,17 @@ def run_trial(values: dict, plan: dict) -> None:
     (run_dir / TRIAL_FILE).write_text(json.dumps({"trial": name, "trial_id": tune.get_context().get_trial_id(),
                                                   "params": values}, indent=1) + "\n")
     result = run_dir / RESULT_FILE
-    attempts = sweep_dir / ATTEMPTS_FILE
-    attempt = sum(1 for line in attempts.read_text().splitlines() if json.loads(line)["trial"] == name) + 1 \
-        if attempts.is_file() else 1
+    done = json.loads(result.read_text()) if result.is_file() else None
+    attempts = sweep_dir / ATTEMPTS_FILE  # read_metrics: a line torn by a killed sweep is dropped, not fatal
+    attempt = sum(rec["trial"] == name for rec in read_metrics(attempts)) + 1
     with open(attempts, "a", encoding="utf-8") as f:  # one short line per append: whole lines, even concurrently
         # `trains`: false when a restored experiment state had missed that the trial finished (killed sweep)
         f.write(json.dumps({"trial": name, "attempt": attempt, "pid": os.getpid(), "time": time.time(),
-                            "resumed_from_step": _latest_step(run_dir), "trains": not result.is_file()}) + "\n")
+                            "resumed_from_step": _latest_step(run_dir), "trains": done is None}) + "\n")
     overrides = {**plan["overrides"], **values, "run.out_dir": str(run_dir.parent), "run.name": name}
     log = _file_log(run_dir / "train.log")
     log(f"{name} attempt {attempt}: {json.dumps(values)}")
-    if not result.is_file():
+    if done is None:
         if plan["workers"] > 1:
             _fit_torch_trainer(plan, overrides, name, attempt, run_dir / "train.log")  # rank 0 finishes it
         else:
@@ -559,8 +558,8 @@ def run_trial(values: dict, plan: dict) -> None:
             with validation_listener(_reporter(tune.report, plan, final_marks(plan, overrides))):
                 task_results = _train_once(plan, overrides, log)
             finish_trial(plan, run_dir, task_results, log)
-    elif json.loads(result.read_text()).get("eval_error") and plan["eval_tasks"]:
-        finish_trial(plan, run_dir, json.loads(result.read_text())["metrics"], log)  # its eval, once more
+    elif done.get("eval_error") and plan["eval_tasks"]:
+        finish_trial(plan, run_dir, done["metrics"], log)  # its eval, once more
     final = json.loads(result.read_text())["metrics"]
     tune.report({**final, "finished": 1})
 
@@ -666,12 +665,12 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
             env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed (zero1-3 trials) reads it at import
     except ImportError:
         pass
-    # Ray 2.60 turns a loopback node address into the machine's external one (resolve_ip_for_localhost) and
-    # its servers then bind every interface; keeping 127.0.0.1 keeps all of them on loopback
     # a trial given no GPU must not see one (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for it by default)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off (verbose=0): the bar speaks
     logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. the notice that token authentication is on
+    # Ray 2.60 turns a loopback node address into the machine's external one (resolve_ip_for_localhost) and
+    # its servers then bind every interface; keeping 127.0.0.1 keeps all of them on loopback
     resolve = getattr(services, "resolve_ip_for_localhost", None)
     if resolve is not None:
         services.resolve_ip_for_localhost = lambda host: host
@@ -687,10 +686,6 @@ def start_ray(sweep: SweepSection, num_cpus: int, log: Callable[[str], None]) ->
     finally:
         if resolve is not None:
             services.resolve_ip_for_localhost = resolve
-    if sweep.workers > 1 and 0 < sweep.gpus_per_worker != int(sweep.gpus_per_worker):
-        ray.shutdown()
-        raise ConfigError(f"config key 'sweep.gpus_per_worker': {sweep.gpus_per_worker:g} would put several nccl ranks "
-                          f"of one trial on one GPU, which NCCL refuses; give each process whole GPUs")
     gpus = ray.cluster_resources().get("GPU", 0)
     if sweep.gpus_per_worker * sweep.workers > gpus:
         ray.shutdown()
@@ -753,7 +748,7 @@ class Progress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._bar(trials, trial).update(1)
         _say(f"{trial_name(trial.trial_id)} failed after its retries: see {trial.path}/error.txt and "
-                  f"{TRIALS_DIR}/{trial_name(trial.trial_id)}/train.log")
+             f"{TRIALS_DIR}/{trial_name(trial.trial_id)}/train.log")
 
     def on_experiment_end(self, trials, **info):
         if self.bar is not None:
@@ -770,9 +765,8 @@ def _trial_resources(sweep: SweepSection) -> dict:
 
 def run_sweep(path: str | Path, overrides: list[str] | dict | None = None, resume: bool = False,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Run (or with `resume`, continue) the sweep of file `path`; returns its summary (sweep_results.summarize)."""
-    from workbench.train.sweep_results import write_results
-
+    """Run (or with `resume`, continue) the sweep of file `path`; returns its summary (sweep_results.write_results,
+    plus "interrupted" and the "signal" that stopped it)."""
     sweep = load_sweep(path, overrides)
     sdir = sweep.dir
     state = sdir / RAY_DIR
@@ -850,7 +844,6 @@ def _name_of_result(result) -> str:
 
 
 def _tune_config(sweep: Sweep, max_concurrent: int):
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -939,6 +932,7 @@ def _prepare_data(sweep: Sweep, log: Callable[[str], None]) -> None:
     """Build each dataset the trials read once, here, before trials start at once and race to build it."""
     if sweep.kind != "train":
         return
+    from data_pipelines.shards import build_settings
     from workbench.train.trainer import prepare_data
 
     data_dims = [d for d in sweep.space if d.key.startswith("data.")]
@@ -946,8 +940,6 @@ def _prepare_data(sweep: Sweep, log: Callable[[str], None]) -> None:
     if ranged:
         raise ConfigError(f"config key 'space.{ranged[0]}': a data field drawn from a range would build a dataset "
                           f"per trial; list its values with choice or grid instead")
-    from data_pipelines.shards import build_settings
-
     built: dict[str, tuple[dict, Any]] = {}  # data.dir -> (what builds it, a trial config reading it)
     for combo in itertools.product(*[d.values for d in data_dims]):
         job = trial_job(sweep, {**first_values(sweep), **dict(zip([d.key for d in data_dims], combo))})

@@ -31,8 +31,13 @@ from pathlib import Path
 from workbench.config import dumps_toml, load_toml
 from workbench.train.metrics import atomic_write_text, read_metrics
 
-ATTEMPTS_FILE, TRIAL_FILE, RESULT_FILE, SWEEP_FILE = "attempts.jsonl", "sweep_trial.json", "sweep_result.json", \
-    "sweep.toml"
+# a sweep folder's layout (workbench.train.sweep writes it; this module only reads it, so it needs no Ray)
+TRIALS_DIR = "trials"
+ATTEMPTS_FILE = "attempts.jsonl"
+TRIAL_FILE = "sweep_trial.json"  # in a trial's run folder: its name, Ray id and sampled values
+RESULT_FILE = "sweep_result.json"  # in a trial's run folder, once it finished: its final metrics
+SWEEP_FILE = "sweep.toml"  # the resolved sweep, compared on --resume
+BASE_COPY = "base.toml"  # the base config as it was when the sweep began
 TASK_VERBS = {"diffusion": "diffusion", "nerf": "nerf", "video": "video", "video_vae": "video"}
 
 
@@ -54,7 +59,7 @@ def collect(sdir: Path, errors: dict[str, str] | None = None, interrupted: bool 
             attempts[rec["trial"]] = attempts.get(rec["trial"], 0) + 1
     errors = errors or {}
     rows = []
-    for trial_dir in sorted((sdir / "trials").glob("trial-*")):
+    for trial_dir in sorted((sdir / TRIALS_DIR).glob("trial-*")):
         info = _read_json(trial_dir / TRIAL_FILE)
         if info is None:
             continue
@@ -181,7 +186,7 @@ def plot_curves(rows: list[dict], metric: str, out: Path) -> None:
 def write_best(sdir: Path, best: dict, sweep: dict) -> tuple[Path, str]:
     """best.toml from the best trial's resolved config: renamed, in the base config's out_dir; (path, command)."""
     cfg = load_toml(Path(best["dir"]) / "config.toml")
-    base = load_toml(sdir / "base.toml")
+    base = load_toml(sdir / BASE_COPY)
     name = sweep["sweep"]["name"]
     cfg["run"]["name"] = f"{name}-best"
     cfg["run"]["out_dir"] = base.get("run", {}).get("out_dir", "runs")
