@@ -196,9 +196,11 @@ def test_validation_loss_and_bits_per_byte_follow_their_definitions(tmp_path, de
     assert rec["val_bpb"] == pytest.approx(text_nll / math.log(2) / text_bytes, rel=1e-5)
 
 
-def test_a_mixtral_run_optimizes_the_balance_loss_beside_the_lm_loss(tmp_path, debug_job):
+@pytest.mark.parametrize("n_shared", [0, 1])  # 1: the always-on shared expert beside the routed ones
+def test_a_mixtral_run_optimizes_the_balance_loss_beside_the_lm_loss(tmp_path, debug_job, n_shared):
     j = debug_job(tmp_path, "--model.family", "mixtral", "--model.flavor", "debug", "--train.steps", "12",
-                  "--train.log_every", "4", "--train.grad_accum", "2", "--train.micro_batch_size", "4")
+                  "--train.log_every", "4", "--train.grad_accum", "2", "--train.micro_batch_size", "4",
+                  "--model.n_shared_experts", str(n_shared))
     trainer = Trainer(j, **QUIET)
     history = trainer.fit()
     assert history[-1]["loss"] < history[0]["loss"] - 0.3

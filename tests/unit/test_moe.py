@@ -1,6 +1,7 @@
 """The shared MoE pieces (workbench.models.moe): dispatch paths, capacity, routing variants, bias balancing,
 and the reducibility of the aux sums that the balance loss is built from."""
 
+import dataclasses
 import math
 
 import pytest
@@ -335,3 +336,89 @@ def test_tensor_parallel_with_experts_is_refused_by_name():
                                          "--parallel.tp", "2"])
     with pytest.raises(ConfigError, match="parallel.tp.*'mixtral'.*mixture of experts is not built yet"):
         build_engine(None, job, None, None)
+
+
+def test_mixtral_shared_expert_is_added_to_the_routed_output_and_trains():
+    """n_shared_experts = 1: every block's MoE holds one SwiGLU of width ffn_dim, initialised (finite, w2 at the
+    residual std); its output is added to the routed part; with its w2 zeroed the model equals the plain Mixtral
+    holding the same other weights (so the wiring changes nothing else); gradients reach it."""
+    from workbench.models.base import ModelSection, build_model
+    from workbench.nn.swiglu import SwiGLU
+
+    torch.manual_seed(0)
+    model = build_model(ModelSection.of("mixtral", "debug", n_shared_experts=1))
+    cfg = model.cfg
+    for block in model.layers:
+        shared = block.moe.shared_experts
+        assert isinstance(shared, SwiGLU) and shared.w1.weight.shape == (cfg.ffn_dim, cfg.dim)
+        for w, std in ((shared.w1, cfg.init_std), (shared.w3, cfg.init_std),
+                       (shared.w2, cfg.init_std / math.sqrt(2 * cfg.n_layers))):
+            assert torch.isfinite(w.weight).all() and 0.7 * std < float(w.weight.detach().std()) < 1.1 * std
+    # one MoE layer by hand: y = routed(m) + W2 (SiLU(W1 m) * W3 m)
+    moe = model.layers[0].moe
+    m = torch.randn(2, 5, cfg.dim)
+    y, _ = moe(m)
+    shared = moe.shared_experts
+    moe.shared_experts = None
+    routed, _ = moe(m)
+    moe.shared_experts = shared
+    by_hand = torch.nn.functional.silu(m @ shared.w1.weight.T) * (m @ shared.w3.weight.T) @ shared.w2.weight.T
+    torch.testing.assert_close(y, routed + by_hand)
+    assert by_hand.abs().max() > 1e-3  # the shared part is not negligible
+
+    plain = build_model(ModelSection.of("mixtral", "debug"))
+    state = {k: v for k, v in model.state_dict().items() if "shared_experts" not in k}
+    plain.load_state_dict(state, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        for block in model.layers:
+            block.moe.shared_experts.w2.weight.zero_()
+        torch.testing.assert_close(model({"input_ids": ids}).hidden, plain({"input_ids": ids}).hidden)
+        for block in model.layers:
+            block.moe.shared_experts.init_weights(0.02, 0.02)
+        assert (model({"input_ids": ids}).hidden - plain({"input_ids": ids}).hidden).abs().max() > 1e-4
+    out = model({"input_ids": ids})
+    model.logits(out.hidden).float().logsumexp(-1).sum().backward()
+    for block in model.layers:
+        for lin in (block.moe.shared_experts.w1, block.moe.shared_experts.w2, block.moe.shared_experts.w3):
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_mixtral_flops_count_the_shared_experts_once_per_layer(n_shared):
+    from workbench.models.mixtral import FLAVORS, Mixtral
+
+    for flavor in ("debug", "8x7B"):
+        base = FLAVORS[flavor]
+        with torch.device("meta"):
+            plain, shared = Mixtral(base), Mixtral(dataclasses.replace(base, n_shared_experts=n_shared))
+        extra = 6 * 3 * base.dim * base.ffn_dim * base.n_layers * n_shared
+        for seq_len in (0, 128):
+            assert shared.flops_per_token(seq_len) - plain.flops_per_token(seq_len) == extra
+        added = sum(p.numel() for p in shared.parameters()) - sum(p.numel() for p in plain.parameters())
+        assert added == 3 * base.dim * base.ffn_dim * base.n_layers * n_shared  # all of them active
+
+
+def test_hugging_face_mixtral_refuses_shared_experts_by_name(tmp_path):
+    from types import SimpleNamespace
+
+    from workbench.checkpoint.hf import export_hf_dir
+    from workbench.checkpoint.hf.mixtral import config_to_hf, state_dict_from_hf, state_dict_to_hf
+    from workbench.errors import CheckpointError
+    from workbench.models.base import ModelSection, build_model
+
+    section = ModelSection.of("mixtral", "debug", n_shared_experts=1)
+    model = build_model(section)
+    with pytest.raises(CheckpointError, match=r"model\.config\.n_shared_experts = 1.*no shared experts"):
+        config_to_hf(section.config)
+    with pytest.raises(CheckpointError, match=r"shared_experts.*model\.config\.n_shared_experts"):
+        state_dict_to_hf(model.state_dict())
+    plain = build_model(ModelSection.of("mixtral", "debug"))
+    hf_sd = state_dict_to_hf(plain.state_dict())
+    with pytest.raises(CheckpointError, match=r"model\.config\.n_shared_experts"):
+        state_dict_from_hf(hf_sd, section.config)
+    tok = SimpleNamespace(eos_ids={2}, bos_id=1, pad_id=0)
+    with pytest.raises(CheckpointError, match=r"model\.config\.n_shared_experts"):
+        export_hf_dir(model, section, tok, tmp_path / "out")
+    assert not any(tmp_path.iterdir())  # refused before any folder was made
+    assert "num_local_experts" in config_to_hf(ModelSection.of("mixtral", "debug").config)  # 0 exports as before

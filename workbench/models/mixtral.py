@@ -8,7 +8,7 @@ What it is
 The math (one block, x of shape (B, T, dim))
     h   = x + Wo · Attn(RoPE(Wq n), RoPE(Wk n), Wv n),        n = RMSNorm(x)        (as Llama 3)
     p   = softmax(W_g m),  idx = topk(p, k),  w = p[idx] / sum p[idx],              m = RMSNorm(h)
-    out = h + sum_j w_j · W2_{idx_j} (SiLU(W1_{idx_j} m) * W3_{idx_j} m)
+    out = h + sum_j w_j · W2_{idx_j} (SiLU(W1_{idx_j} m) * W3_{idx_j} m)  [+ W2_s (SiLU(W1_s m) * W3_s m)]
     logits = RMSNorm(x_L) · W_out^T
     Balance loss (Switch, as transformers): E · sum_e f_e · P_e over all layers' tokens jointly
     (`workbench.models.moe.switch_balance_loss` on the summed aux).
@@ -27,11 +27,17 @@ Design choices
     bias-balancing hook and, when the batch asks `output_router_logits`, each layer's router logits.
     The sliding window is a mask-spec field, so the attention core needs no Mixtral code.
     flops_per_token counts active parameters: top_k experts per layer, not all E.
+    Shared experts (`n_shared_experts`, 0 by default; the bracketed term above): an always-on SwiGLU of
+    width n_shared_experts * ffn_dim beside the routed experts, DeepSeek's design (`moe.MoE`'s
+    `shared_experts`), for comparing "E experts, top-k plus shared" against a dense model of equal active
+    size. Every token runs it, so flops_per_token counts it in full. Not part of Mixtral as published.
 
 Differences from the reference
     None in the forward math: parity with `MixtralForCausalLM` (fp32, eager) is tested at atol 1e-5,
     including the chosen experts and the aux loss. Router jitter noise (training only, off on the hub
-    configs) is not implemented. Initialization is GPT-2 style, as in llama3.py.
+    configs) is not implemented. Initialization is GPT-2 style, as in llama3.py. Shared experts
+    (n_shared_experts > 0) are this workbench's extension: transformers' Mixtral has none, so the Hugging
+    Face adapter refuses such a model.
     In training, the balance loss is computed per micro-batch over the tokens of every data-parallel rank
     (`aux_loss`, which the LM objective adds with `router_aux_loss_coef`, averaged over the step's
     micro-batches), so any data-parallel layout gives the single-process value for the same micro-batches.
@@ -73,6 +79,10 @@ class Config:
     ffn_dim: int = field_(14336, gt=0, doc="width of each expert's SwiGLU (intermediate_size)")
     n_experts: int = field_(8, gt=0, doc="routed experts per layer (num_local_experts)")
     top_k: int = field_(2, gt=0, doc="experts per token (num_experts_per_tok)")
+    n_shared_experts: int = field_(
+        0, ge=0, doc="always-on shared experts per layer, one SwiGLU of width n_shared_experts * ffn_dim added to "
+                     "the routed output (DeepSeek style); 0 = Mixtral as published. Hugging Face's Mixtral has "
+                     "none, so a model with shared experts cannot be exported to or imported from it")
     capacity_factor: float | None = field_(None, doc="None = dropless; else each expert keeps ceil(c N k / E) slots")
     vocab_size: int = field_(32000, gt=0)
     norm_eps: float = field_(1e-5, gt=0)
@@ -121,13 +131,14 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # NEW: a routed mixture of SwiGLU experts instead of one SwiGLU
-        self.moe = MoE(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.top_k, capacity_factor=cfg.capacity_factor)
+        # NEW: a routed mixture of SwiGLU experts instead of one SwiGLU (plus optional always-on shared experts)
+        self.moe = MoE(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.top_k, n_shared=cfg.n_shared_experts,
+                       capacity_factor=cfg.capacity_factor)
 
     def forward(self, x, cos, sin, mask, kv_cache, layer_idx, token_mask=None, return_logits=False):
         # h = x + Attn(RMSNorm(x))
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache, layer_idx)
-        # NEW: out = h + MoE(RMSNorm(h)), plus the router's sums and counts
+        # NEW: out = h + MoE(RMSNorm(h)) (+ Shared(RMSNorm(h)) inside the MoE), plus the router's sums and counts
         y, aux = self.moe(self.ffn_norm(h), token_mask, return_logits)
         return h + y, aux
 
@@ -150,8 +161,10 @@ class Mixtral(nn.Module):
         | parameter                                   | init                                 |
         |---------------------------------------------|--------------------------------------|
         | tok_embeddings                              | N(0, init_std)                       |
-        | wq, wk, wv, router.gate, experts.gate_up    | truncated N(0, init_std), +-3 std    |
-        | wo, experts.down_proj (residual writers)    | truncated N(0, init_std / sqrt(2 L)) |
+        | wq, wk, wv, router.gate, experts.gate_up,   | truncated N(0, init_std), +-3 std    |
+        |   shared_experts.w1 / w3                    |                                      |
+        | wo, experts.down_proj, shared_experts.w2    | truncated N(0, init_std / sqrt(2 L)) |
+        |   (residual writers)                        |                                      |
         | output (untied)                             | truncated N(0, init_std)             |
         | norms                                       | ones                                 |
         | rope.inv_freq (buffer)                      | recomputed from the config           |
@@ -171,12 +184,14 @@ class Mixtral(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, 6 N_active + 12 L H Q T, where N_active counts the matmul weights a
-        token runs through: attention, router, top_k of the E experts per layer, and the head."""
+        token runs through: attention, router, the shared experts (every token), top_k of the E routed experts
+        per layer, and the head."""
         cfg = self.cfg
+        # every 2-D weight: attention, router, shared experts' w1 / w3 / w2 (3 D n_shared F a layer), head
         n_matmul = sum(p.numel() for name, p in self.named_parameters() if p.ndim == 2 and "tok_embeddings" not in name)
         n_matmul += cfg.vocab_size * cfg.dim if self.output is None else 0
         per_expert = 3 * cfg.dim * cfg.ffn_dim  # gate, up, down
-        n_matmul += cfg.n_layers * cfg.top_k * per_expert  # NEW: active experts only
+        n_matmul += cfg.n_layers * cfg.top_k * per_expert  # NEW: active routed experts only (3-D stacked weights)
         return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.hd * seq_len
 
     def kv_entry_shapes(self) -> list[tuple[int, ...]]:

@@ -118,17 +118,18 @@ def export_hf_dir(
     src = Path(tokenizer_source) if tokenizer_source else None
     if src is not None and out.resolve() == src.resolve():
         raise CheckpointError(f"export directory {out}: is the source directory; choose a new one")
-    tmp = staging_dir(out)
     adapter = adapter_for(section.family)
+    eos = sorted(tokenizer.eos_ids)
+    eos_value = eos[0] if len(eos) == 1 else eos
+    # the config first: an adapter refuses what the HF architecture cannot hold before any folder is made
+    config = adapter.config_to_hf(section.config, tokenizer.bos_id, eos_value, tokenizer.pad_id)
+    tmp = staging_dir(out)
     params = {name for name, _ in model.named_parameters()}  # buffers keep their dtype (fp32 router biases)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k in params else v)
              for k, v in model.state_dict().items()}
     hf_sd = adapter.state_dict_to_hf(state) if hf_state is None else hf_state
     write_dir(hf_sd, tmp, max_shard_bytes=max_shard_bytes)
     stored = next(iter(hf_sd.values())).dtype
-    eos = sorted(tokenizer.eos_ids)
-    eos_value = eos[0] if len(eos) == 1 else eos
-    config = adapter.config_to_hf(section.config, tokenizer.bos_id, eos_value, tokenizer.pad_id)
     config["dtype"] = str(stored).removeprefix("torch.")
     config.update(config_extra or {})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

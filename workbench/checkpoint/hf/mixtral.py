@@ -17,6 +17,9 @@ per-expert names instead:
     model.layers.{i}.block_sparse_moe.experts.{e}.w1/w3/w2.weight   (gate (F, D), up (F, D), down (D, F))
 Import accepts both: gate_up_proj[e] = cat([w1_e, w3_e], 0), down_proj[e] = w2_e (exact copies).
 Export writes the 5.x names by default, or the per-expert ones with `per_expert=True`.
+
+Shared experts (`model.config.n_shared_experts` > 0, `layers.{i}.moe.shared_experts.*`) have no place in
+transformers' Mixtral: export and import refuse such a config (and such weights) by name rather than drop them.
 """
 
 from __future__ import annotations
@@ -83,8 +86,17 @@ def config_from_hf(hf: dict, where: str = "config.json") -> Config:
     return _llama.config_in_hf_terms(Config, data, where, _HF_CONFIG_NAMES)
 
 
+def _refuse_shared(cfg: Config, doing: str, where: str | None = None) -> None:
+    if cfg.n_shared_experts:
+        at = f"{where}: " if where else ""
+        raise CheckpointError(f"{at}cannot {doing} a Mixtral with model.config.n_shared_experts = "
+                              f"{cfg.n_shared_experts}: Hugging Face's MixtralForCausalLM has no shared experts "
+                              f"(set it to 0, or keep the workbench checkpoint)")
+
+
 def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int] | None = None,
                  pad_id: int | None = None) -> dict:
+    _refuse_shared(cfg, "export")
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -116,6 +128,7 @@ def config_to_hf(cfg: Config, bos_id: int | None = None, eos_id: int | list[int]
 
 
 def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: Config, where: str = "weights") -> dict[str, torch.Tensor]:
+    _refuse_shared(cfg, "import Hugging Face weights into", where)
     out = {}
     per_expert: dict[tuple[int, str], dict[int, torch.Tensor]] = {}  # (layer, w1|w2|w3) -> {expert: tensor}
     for name, t in hf_sd.items():
@@ -159,6 +172,9 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], per_expert: bool = False) -> d
             out[_TOP_MAP[name]] = t
             continue
         m = _LAYER_RE.match(name)
+        if m and m.group(2).startswith("moe.shared_experts."):
+            raise CheckpointError(f"cannot export {name!r}: a Mixtral with model.config.n_shared_experts > 0 has no "
+                                  f"Hugging Face equivalent (MixtralForCausalLM has no shared experts)")
         if not m or m.group(2) not in _LAYER_MAP:
             raise KeyError(f"no Hugging Face name for {name!r}")
         i, ours = m.group(1), m.group(2)

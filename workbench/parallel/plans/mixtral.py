@@ -9,6 +9,10 @@ same path take it unchanged (its dense layers have no `moe` and are skipped).
 The trainer refuses tp > 1 for a plan with experts for now: under sequence parallelism each tp rank's router
 would count only its slice of the sequence, and the balance loss would miss the others; the tensor map
 above is what attention will use once the MoE side is built.
+Shared experts (model.config.n_shared_experts > 0: `layers.*.moe.shared_experts`, a plain SwiGLU every token
+runs) are neither tensor-parallel nor expert-parallel: they sit inside the block, so FSDP2 / ZeRO-3 shard and
+activation checkpointing wrap them with it, and under ep each rank runs them on its own tokens. The tensor map
+lists none of the MoE's linears, so when tp > 1 is built for experts they will need entries here.
 """
 
 import dataclasses
