@@ -214,7 +214,8 @@ class FSDP2Engine(_DataParallelEngine):
             apply_context_parallel(model, plan, dims.mesh["cp"].get_group(), dims.cp_method)
         apply_activation_checkpointing(model, plan, activation_checkpointing)
         apply_compile(model, plan, compile)
-        self.fsdp = dims.dp_replicate * dims.dp_shard * dims.cp > 1  # tp alone: nothing to shard over
+        # tp alone: nothing to shard over; no tp: always (a 1-rank mesh too: ParallelDims.one_rank)
+        self.fsdp = self.tp_mesh is None or dims.dp_replicate * dims.dp_shard * dims.cp > 1
         if self.fsdp:
             mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]
             kw: dict = {"mesh": mesh}

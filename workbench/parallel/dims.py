@@ -30,6 +30,8 @@ Which backend takes which degrees
              with cp (workbench/parallel/cp.py: FSDP2 shards over dp_shard x cp)
     ddp      also with cp: dp_replicate x cp = world size (gradients are averaged over all of them)
     zero1-3  DeepSpeed's data-parallel group is dp_shard (or dp_replicate): tp, cp and ep are refused
+    `one_rank(backend)` is fsdp2 or zero1-3 on a 1-rank group (the overhead of the wrapper on one device); a
+    config cannot ask for it (one process trains with "single").
 Context parallel (cp > 1) composes with a mixture of experts (and with ep, which borrows cp ranks): token-level
 router sums reduce over dp x cp like data parallel, and DeepSeek-V3's sequence-wise balance loss sums its
 per-sequence counts over the cp group (workbench/models/moe.py). It is refused with multi-token prediction
@@ -77,6 +79,16 @@ class ParallelDims:
                    parallel.ep, world_size, getattr(parallel, "cp_method", "ring"))
         dims.validate(model_cfg)
         return dims
+
+    @classmethod
+    def one_rank(cls, backend: str) -> ParallelDims:
+        """A sharding backend (fsdp2, zero1-3) on a 1-rank process group: what it costs over `single` on one
+        device, with nothing to shard over (benchmarks/gpu_suite.py measures FSDP2 and ZeRO-2 this way). Not
+        reachable from a config (`validate` asks for a launcher there); the caller starts the 1-rank group."""
+        if backend not in ("fsdp2", "zero1", "zero2", "zero3"):
+            raise ConfigError(f"config key 'parallel.backend': a one-rank layout is for fsdp2 and zero1-3, "
+                              f"got {backend!r}")
+        return cls(backend, 1, 1, 1, 1, 1, 1)
 
     def validate(self, model_cfg=None) -> None:
         degrees = {d: getattr(self, d) for d in (*DIMS, "ep")}
