@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch-extensions
 OPS    := $(TORCH_EXTENSIONS_DIR)/.built-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup ops demo test test-gpu lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion video nerf sweep clean
+.PHONY: setup ops demo test test-gpu gpu-suite gpu-wheels lint bench context-extension post-training rl expert-teacher fundamentals vlm diffusion video nerf sweep clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,15 @@ test: setup ops
 # Single-GPU smoke tests, on a machine with CUDA torch already installed (no venv: it would pull CPU torch).
 test-gpu:
 	PYTHONPATH=$(CURDIR) python3 -m pytest -q -m gpu tests/gpu
+
+# The GPU suite (docs/benchmarks.md, "GPU suite"): correctness on CUDA, then every headline speed against transformers,
+# on a machine with CUDA torch (no venv, like test-gpu). The GPU machine lacks DeepSpeed and webdataset: `make
+# gpu-wheels` here first, carry .whl there (launch/gpu_wheels.sh says how to install it).
+gpu-suite:
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_suite.py --out runs/gpu-suite
+
+gpu-wheels: setup
+	launch/gpu_wheels.sh
 
 lint: setup
 	$(BIN)/ruff check $(wildcard workbench evals data_pipelines tests benchmarks launch)
