@@ -124,6 +124,9 @@ def test_errors(llama):
         StaticDecoder(llama, 1, 16, cuda_graph=True)
     with pytest.raises(ValueError, match="kv_entry_shapes, make_kv_cache"):
         StaticDecoder(torch.nn.Linear(2, 2), 1, 16)
+    dynamic = build_model(ModelSection.of("llama3", "debug", rope={"scaling": "dynamic", "factor": 2.0})).eval()
+    with pytest.raises(ValueError, match="cuda_graph=True: 'dynamic' RoPE"):
+        StaticDecoder(dynamic, 1, 16, cuda_graph=True)
     windowed = build_model(ModelSection.of("llama3", "debug", sliding_window=4)).eval()
     with pytest.raises(ValueError, match="sliding_window"):
         StaticDecoder(windowed, 1, 16)
@@ -143,18 +146,21 @@ def test_slot_cache_writes_at_the_device_position():
     assert int(cache.pos) == 0 and cache.seen == 0 and not cache.pinned
 
 
-@pytest.mark.slow
-def test_compiled_step_matches_and_compiles_once(llama):
-    """compile=True on the CPU (about 20 s, nearly all of it the one compile): the same tokens for two batches
-    of one size, from a single graph with no break and no recompile per token (the pinned `seen`)."""
+def test_compiled_step_matches_and_compiles_once(llama, monkeypatch):
+    """compile=True: the same tokens for two batches of one size, from a single graph with no break and no
+    recompile per token (the pinned `seen`). The "aot_eager" backend traces and functionalizes the mutating
+    step in seconds; Inductor, the default, took 18 to 29 s to build its C++ on this 2-core machine, so the
+    GPU tests run it (compile + CUDA graph)."""
+    import functools
+
     from torch._dynamo.utils import counters
 
-    before = counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     dec = StaticDecoder(llama, max_batch=3, max_len=32, compile=True)
     assert_same(llama, PADDED, decoder=dec)
     assert_same(llama, EQUAL, decoder=dec)
-    assert counters["stats"]["unique_graphs"] - before == 1
-    assert not counters["graph_break"]
+    assert (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) == (before[0] + 1, before[1])
 
 
 def test_warm_up_before_a_capture_leaves_the_decode_exact(llama, monkeypatch):

@@ -67,8 +67,10 @@ Design choices
     the step's intermediates), and the cache is allocated for max_batch x max_len up front, whatever the
     batch: 2 x n_layers x max_batch x max_len x KV x D elements in the embedding's dtype.
     Graph limits: the step must not sync with the host. Llama 3 with a plain or llama3-scaled RoPE does not;
-    "dynamic" / "longrope" RoPE read `positions.max()`, and Mixtral's MoE routing reads expert counts on the
-    host in its loop path (`moe.Experts._loop`), so those run here eagerly or compiled, not captured.
+    "dynamic" / "longrope" RoPE read `positions.max()` (refused with cuda_graph=True), and Mixtral's MoE
+    reads expert counts on the host in its loop path (`moe.Experts._loop`) and builds a host scalar for its
+    aux counts, so Mixtral is tested here eagerly and compiled on the CPU, never captured. A capture that
+    fails is re-raised naming cuda_graph=False.
 
 Sources
     PyTorch's CUDA graph notes (torch.cuda.graph, warm-up on a side stream, static inputs refilled in place);
@@ -205,8 +207,12 @@ class _Rows:
         """Warm up, then record one step into `self.graph` (capture runs nothing: the state is as before)."""
         self.warm_up()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.fn()
+        try:
+            with torch.cuda.graph(graph):
+                self.fn()
+        except RuntimeError as e:  # typically a host sync (.item(), .tolist(), a host-built tensor) in the step
+            raise RuntimeError(f"StaticDecoder: capturing the decode step as a CUDA graph failed ({e}); this "
+                               f"model's step is not graph-safe, build the decoder with cuda_graph=False") from e
         self.graph = graph
 
     def run_step(self, use_graph: bool) -> None:
@@ -240,6 +246,10 @@ class StaticDecoder:
         dtype = emb.weight.dtype if emb is not None else params[0].dtype
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
+        scaling = getattr(getattr(getattr(model, "rope", None), "cfg", None), "scaling", None)
+        if cuda_graph and scaling in ("dynamic", "longrope"):
+            raise ValueError(f"cuda_graph=True: {scaling!r} RoPE reads positions.max() on the host every step, "
+                             f"which a CUDA graph cannot capture (use cuda_graph=False)")
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
         self.model, self.max_batch, self.max_len = model, max_batch, max_len
