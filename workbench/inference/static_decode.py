@@ -90,7 +90,7 @@ from workbench.nn.attention import MaskSpec
 from workbench.nn.kv_cache import KVCache
 
 WARMUP_STEPS = 2
-"""Eager/compiled calls on a side stream before a capture (the brief of torch.cuda.graph asks for a few)."""
+"""Eager or compiled calls on a side stream before a capture (PyTorch's CUDA graph notes ask for a few)."""
 
 
 class SlotKVCache(KVCache):
@@ -278,7 +278,9 @@ class StaticDecoder:
         B, L = ids.shape
         if B > self.max_batch:
             raise ValueError(f"batch of {B} prompts > max_batch {self.max_batch}")
-        if B == 0 or L == 0:
+        if B == 0:
+            raise ValueError("no prompts: ids has 0 rows")
+        if L == 0:
             raise ValueError("empty prompt: every prompt needs at least one token (encode with a bos token)")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
