@@ -147,10 +147,12 @@ class ParallelSection:
 
 
 # which objective each [objective] field belongs to (a field set for another objective is an error)
-# (RL fields are shared by ppo and grpo; `reference` and `logprob_chunk` by dpo too)
+# (RL fields are shared by ppo and grpo; `reference` and `logprob_chunk` by dpo too; `loss_chunk` by lm and sft)
 RL_FIELDS = ("reward", "format_weight", "group_size", "max_new_tokens", "sampling_temperature", "kl_coef",
              "clip_eps", "clip_eps_high", "epochs", "rollout_batch")
 OBJECTIVE_FIELDS = {
+    "lm": ("loss_chunk",),
+    "sft": ("loss_chunk",),
     "dpo": ("beta", "loss_type", "label_smoothing", "rpo_alpha", "reference", "precompute_reference",
             "precompute_batch", "logprob_chunk"),
     "distill": ("teacher", "divergence", "temperature", "alpha", "jsd_beta"),
@@ -184,6 +186,11 @@ class ObjectiveSection:
     logprob_chunk: int = field_(
         1024, ge=0, doc="dpo: target tokens per chunk of the head (each chunk's logits recomputed in backward "
                         "instead of kept); 0 = all at once")
+    # lm and sft (workbench/train/objectives/lm.py)
+    loss_chunk: int = field_(
+        0, ge=0, doc="lm, sft: target tokens per chunk of the head in the training loss (each chunk's float32 logits "
+                     "recomputed in backward instead of the whole micro-batch's (B, T, V) logits kept); 0 = all "
+                     "logits at once")
     # distill (workbench/train/objectives/distill.py)
     teacher: str = field_("", doc="distill: run folder or checkpoint of the teacher (the dataset's tokenizer)")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = field_(
@@ -283,6 +290,13 @@ class JobConfig:
                 and getattr(self.model.config, "moba_block_size", None) is not None):
             fail("parallel.cp_method", "ring attention does not run MoBA (each query picks blocks from the whole "
                                        "sequence, which no rank holds); use parallel.cp_method = 'ulysses'")
+        if self.objective.loss_chunk and self.parallel.tp > 1:
+            what = "parallel.loss_parallel = true (vocabulary-split logits)" if self.parallel.loss_parallel else \
+                "parallel.tp > 1"
+            fail("objective.loss_chunk", f"a chunked loss with {what} is not built (the head's logits are split "
+                                         f"over the tensor-parallel ranks); set objective.loss_chunk = 0 (with "
+                                         f"tp, parallel.loss_parallel keeps each rank's logits to its vocabulary "
+                                         f"slice) or parallel.tp = 1")
         self._validate_objective()
         model_vocab = self.model.config.vocab_size
         if not self.data.tokenizer and self.data.vocab_size > model_vocab:

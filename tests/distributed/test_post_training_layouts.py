@@ -9,7 +9,9 @@ reference and PPO's value head in the root unit run in lockstep). DPO computes i
 a time, each chunk's logits recomputed in backward, so that path runs under FSDP2 and ZeRO too; the pairs' lengths
 differ widely, so the ranks hold different numbers of targets and FSDP2's head gathers stay in lockstep only
 because every rank pads its chunks to the most targets on any rank (without that, the ranks wait on each other
-until parallel.timeout_s). Per-step losses and gradient norms must equal the single
+until parallel.timeout_s). SFT also runs under fsdp2 with `objective.loss_chunk` = 16 (the training loss's head a
+chunk of 16 targets at a time, padded to the most targets on any rank) against the unchunked single process: the
+chunked loss must give the same losses and gradient norms. Per-step losses and gradient norms must equal the single
 process's at rtol 1e-5 (fp32): the examples are split by the global cursor, each micro-batch's loss is divided by
 the step's global count of targets (SFT, distillation) or pairs (DPO), and the frozen models give every rank the
 same numbers. One launch trains every case (tests/distributed/train_worker.py), the single runs train here.
@@ -77,8 +79,10 @@ def post_setup(tmp_path_factory, debug_data):
 
 LAYOUTS = {"fsdp2": ["--parallel.backend", "fsdp2"], "zero2": ["--parallel.backend", "zero2"],
            "zero3": ["--parallel.backend", "zero3"],
+           "fsdp2-loss-chunk": ["--parallel.backend", "fsdp2", "--objective.loss_chunk", "16"],
            "ddp": ["--parallel.backend", "ddp", "--parallel.dp_shard", "1", "--parallel.dp_replicate", "2"]}
 RUNS = {"sft-fsdp2": ("sft", "fsdp2"), "sft-zero2": ("sft", "zero2"), "sft-ddp": ("sft", "ddp"),
+        "sft-fsdp2-loss-chunk": ("sft", "fsdp2-loss-chunk"),  # compared with the unchunked single process
         "dpo-fsdp2": ("dpo", "fsdp2"),
         "dpo-zero2": ("dpo", "zero2"), "sft-lora-fsdp2": ("sft-lora", "fsdp2"),
         "dpo-precompute-fsdp2": ("dpo-precompute", "fsdp2"), "distill-fsdp2": ("distill", "fsdp2"),

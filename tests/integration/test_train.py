@@ -242,3 +242,16 @@ def test_a_deepseek_v3_run_trains_mtp_and_moves_the_router_biases_which_a_resume
     resumed = load_file(str(again / "checkpoints" / "step-8" / "model.safetensors"))
     for name in saved:
         assert torch.equal(resumed[name], saved[name]), name
+
+
+def test_a_chunked_loss_trains_exactly_as_the_whole_logits_loss(tmp_path, debug_job):
+    """objective.loss_chunk through the trainer (accumulation, the step's global target count, clipping): the same
+    losses and gradient norms as the default run, step by step (fp32), for a chunk that divides no micro-batch."""
+    runs = {}
+    for chunk in (0, 100):
+        j = debug_job(tmp_path / str(chunk), "--train.steps", "4", "--train.log_every", "1", "--train.grad_accum", "2",
+                      "--train.micro_batch_size", "2", "--objective.loss_chunk", str(chunk))
+        runs[chunk] = Trainer(j, **QUIET).fit()
+    for key in ("loss", "grad_norm"):
+        assert [h[key] for h in runs[100]] == pytest.approx([h[key] for h in runs[0]], rel=1e-5)
+    assert runs[0][-1]["loss"] < runs[0][0]["loss"]

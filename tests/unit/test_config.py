@@ -638,3 +638,41 @@ def test_cli_refuses_a_bad_config_before_any_work(tmp_path: Path):
     assert proc.stdout == ""
     assert not out_dir.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# objective.loss_chunk: an option of lm and sft only
+
+
+def test_loss_chunk_belongs_to_lm_and_sft_and_defaults_to_whole_logits(tmp_path: Path):
+    assert load_config(JobConfig, DEBUG, []).objective.loss_chunk == 0  # every existing config: unchanged
+    assert load_config(JobConfig, DEBUG, ["--objective.loss_chunk", "4096"]).objective.loss_chunk == 4096
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("")
+    job = load_config(JobConfig, DEBUG, ["--objective.name", "sft", "--data.train_file", str(chat),
+                                         "--objective.loss_chunk", "512"])
+    assert job.objective.loss_chunk == 512
+    assert _error(["--objective.loss_chunk", "-1"], DEBUG) == \
+        "config key 'objective.loss_chunk': expected an integer >= 0, got -1"
+    for name, extra in (("dpo", ["--objective.reference", "x"]), ("distill", ["--objective.teacher", "x"]),
+                        ("grpo", []), ("ppo", []), ("vlm", [])):
+        msg = _error(["--objective.name", name, *extra, "--objective.loss_chunk", "64"], DEBUG)
+        assert msg.startswith("config key 'objective.loss_chunk': is an option of objective.name = 'lm' or 'sft'")
+        assert f"objective.name is '{name}'" in msg
+
+
+def test_a_run_resumes_with_another_loss_chunk(tmp_path: Path):
+    from workbench.train.trainer import check_resumable
+
+    whole = load_config(JobConfig, DEBUG, [])
+    check_resumable(whole, load_config(JobConfig, DEBUG, ["--objective.loss_chunk", "256"]), tmp_path)
+
+
+@pytest.mark.parametrize("loss_parallel", ["true", "false"])
+def test_loss_chunk_with_tensor_parallel_is_refused_by_both_keys(loss_parallel):
+    msg = _error(["--objective.loss_chunk", "64", "--parallel.backend", "fsdp2", "--parallel.tp", "2",
+                  "--parallel.loss_parallel", loss_parallel], DEBUG)
+    assert msg.startswith("config key 'objective.loss_chunk':")
+    assert ("parallel.loss_parallel" if loss_parallel == "true" else "parallel.tp > 1") in msg
+    load_config(JobConfig, DEBUG, ["--parallel.backend", "fsdp2", "--parallel.tp", "2",
+                                   "--parallel.loss_parallel", loss_parallel])  # without a chunk: as before

@@ -139,6 +139,55 @@ def test_loss_is_the_global_token_mean_however_the_step_is_split():
     assert float(ref.loss.detach()) == pytest.approx(float(mean_ce), rel=1e-5)
 
 
+@pytest.mark.parametrize("family,chunk", [("llama3", 7), ("llama3", 4096), ("deepseek_v3", 7)])
+def test_a_chunked_lm_loss_equals_the_whole_logits_loss_and_its_gradients(family, chunk):
+    """objective.loss_chunk: the head runs `chunk` target rows at a time (7 does not divide the 33 targets; 4096
+    holds them all), each chunk's logits recomputed in backward, and the loss and every parameter's gradient equal
+    the unchunked objective's (fp32; DeepSeek-V3's MTP loss and balance loss ride along unchanged). With the most
+    targets on any rank above this rank's (a sharded head), the rows are padded to that count: as many head calls
+    as the other ranks make, the same values."""
+    from types import SimpleNamespace
+
+    batch = lm_batch(B=3, T=16)
+    batch["labels"][0, :5] = IGNORE_INDEX
+    batch["labels"][2, 9:] = IGNORE_INDEX
+    n = LMObjective().units(batch)
+    assert n == 33 and n % 7
+    model = tiny_model() if family == "llama3" else build_model(ModelSection.of(family, "debug"))
+    engine = SingleEngine(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    ref = LMObjective().loss({"policy": engine}, batch, 50)
+    extra = 1 if family == "deepseek_v3" else 0  # the MTP module's head call (whole, as before)
+    ref.loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    engine.zero_grad()
+
+    shapes, head = [], engine.logits
+
+    def counted(hidden, positions=None):
+        shapes.append(tuple(hidden.shape))
+        return head(hidden, positions)
+
+    engine.logits = counted
+    obj = LMObjective(SimpleNamespace(loss_chunk=chunk))
+    for most in (n, n + 20):  # this rank's count; another rank holding 20 targets more
+        engine.all_reduce = lambda t, op="sum", most=most: torch.tensor(most) if op == "max" else t
+        shapes.clear()
+        got = obj.loss({"policy": engine}, batch, 50)
+        calls = math.ceil(most / chunk)
+        assert len(shapes) == calls + extra and all(s[:2] == (1, min(chunk, most)) for s in shapes[:calls - 1])
+        torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=0)
+        assert got.metrics["nll_sum"] == pytest.approx(ref.metrics["nll_sum"], rel=1e-5)
+        assert got.metrics["targets"] == n
+        got.loss.backward()
+        assert len(shapes) == (2 * calls if calls > 1 else 1) + extra  # chunks recompute their logits in backward
+        for key in ("mtp_loss", "aux_loss"):
+            if key in ref.metrics:
+                assert got.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-5)
+        for name, p in model.named_parameters():  # fp32 sums in another order: relative to each gradient's norm
+            assert float((p.grad - want[name]).norm() / want[name].norm()) < 1e-5, name
+        engine.zero_grad()
+
+
 # ---- Generator ---------------------------------------------------------------------------------
 
 

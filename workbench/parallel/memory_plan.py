@@ -41,7 +41,8 @@ saves, found by listing autograd's saved tensors, and measured below)
     SwiGLU             4 a F                W1 x, W3 x, SiLU(W1 x), the product
     MoE (k of E)       router 4 E + 12 k + 8, per routed slot (k per token) 20 + 5 a d + 4 a F_e
                        (indices, weights, gathered rows, gate/up, SiLU, product, down, weighted), shared 4 a F_s
-    head               final norm + 4 V (fp32 log-softmax of the full logits; the LM objective does not chunk)
+    head               final norm + 4 V (fp32 log-softmax of the full logits: the LM objective's default,
+                       objective.loss_chunk = 0; a chunked loss is not modelled, see docs/context-memory.md)
     RoPE tables        2 a D_rope per token, shared by every layer
     checkpointing      full: a d per block (its input); selective: the input, every matmul output and the
                        attention output (torch's selective policy in workbench/parallel/checkpointing.py)

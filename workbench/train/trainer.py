@@ -294,6 +294,7 @@ LAYOUT_CHANGES = frozenset({
     "parallel.ep", "parallel.timeout_s", "parallel.reshard_after_forward", "parallel.cpu_offload",
     "parallel.activation_checkpointing", "parallel.loss_parallel", "parallel.compile", "parallel.deepspeed_config",
     "train.micro_batch_size", "train.grad_accum",
+    "objective.loss_chunk",  # a memory knob like checkpointing: the same loss and gradients
 })
 
 

@@ -25,6 +25,18 @@ beside it. Labels arrive already shifted by the collator;
 document ids become a mask spec so attention stays inside each packed document. Logits are computed in
 float32 for the softmax (bf16 log-probs over a 100K vocabulary lose whole nats at the tail).
 
+Chunked loss (`objective.loss_chunk` = n > 0). By default the head runs once over the whole micro-batch: the
+float32 logits (B, T, V) are formed, autograd keeps their log-softmax, and backward builds the logits' gradient
+of the same size: 4 B T V bytes each, 16 GiB apiece for B = 1, T = 32768 and Llama 3's V = 128256. With a chunk,
+only the hidden rows of the real targets go through the head, n at a time, each chunk under non-reentrant
+activation checkpointing (`logprobs.target_logprobs`): autograd keeps the rows and one log-prob each, and the
+(n, V) logits are recomputed chunk by chunk in backward, so one chunk's logits are live at a time (one extra head
+forward per chunk). The main loss is the same sum, -sum log p(label) = sum CE, so its value and every gradient
+equal the unchunked ones (tested in fp32). Under FSDP2 and ZeRO-3 each head call gathers the weight, so every rank
+pads its targets to the most any rank holds (`most_on_any_rank`) and makes as many calls. The MTP heads, the
+auxiliary losses and validation are unchanged (validation runs without gradients: no kept logits). Tensor
+parallelism (vocabulary-split logits, `parallel.loss_parallel`) does not take a chunk: refused in the config.
+
 Validation (`validation_sums`, `validation_metrics`): the loss in nats per target token over the held-out
 batches, and bits per byte = sum of -log p over the targets that stand for text / (ln 2 * their bytes); special
 tokens (eos between documents, the chat template's role and end tokens) are 0 bytes and stay out of both sums.
@@ -41,6 +53,7 @@ import torch.nn.functional as F
 from workbench.data.packed import IGNORE_INDEX
 from workbench.nn.attention import MaskSpec
 from workbench.train.objectives.base import LossOutput, ModelRole
+from workbench.train.objectives.logprobs import label_logprobs, most_on_any_rank
 
 
 def real_tokens(micro_batch: dict) -> int:
@@ -99,15 +112,32 @@ class LMObjective:
     def units(self, micro_batch: dict) -> int:
         return int((micro_batch["labels"] != IGNORE_INDEX).sum())
 
-    def forward(self, models, micro_batch: dict):
-        """The policy's output (hidden states, aux) and float32 logits (B, T, V), attention kept inside
-        each document."""
-        policy = models["policy"]
+    def policy_output(self, models, micro_batch: dict):
+        """The policy's output (hidden states, aux), attention kept inside each document."""
         mask = MaskSpec(document_ids=micro_batch.get("document_ids"))
         # `mtp`: models with multi-token-prediction modules run them (their loss is added in `loss`)
-        out = policy.forward({"input_ids": micro_batch["input_ids"], "positions": micro_batch.get("positions"),
-                              "mask": mask, "mtp": torch.is_grad_enabled()})
-        return out, policy.logits(out.hidden).float()  # (B, T, V)
+        return models["policy"].forward({"input_ids": micro_batch["input_ids"],
+                                         "positions": micro_batch.get("positions"), "mask": mask,
+                                         "mtp": torch.is_grad_enabled()})
+
+    def forward(self, models, micro_batch: dict):
+        """The policy's output (hidden states, aux) and float32 logits (B, T, V)."""
+        out = self.policy_output(models, micro_batch)
+        return out, models["policy"].logits(out.hidden).float()  # (B, T, V)
+
+    def nll_sum(self, models, out, labels: torch.Tensor) -> torch.Tensor:
+        """sum of -log p(label) over the real targets of `labels` (B, T), from the hidden states `out.hidden`:
+        all logits at once, or `objective.loss_chunk` targets at a time (the same value and gradients)."""
+        policy = models["policy"]
+        chunk = getattr(self.cfg, "loss_chunk", 0) if self.cfg is not None else 0
+        if chunk > 0:
+            # -sum_i log p(y_i), the head a chunk of rows at a time (logits recomputed in backward); every rank
+            # pads to the most targets on any rank, so a sharded head is gathered equally often everywhere
+            logp, _, _ = label_logprobs(policy.logits, out.hidden, labels, chunk,
+                                        agree=lambda n: most_on_any_rank(policy, n))
+            return -logp.sum()
+        logits = policy.logits(out.hidden).float()  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def logits(self, models, micro_batch: dict) -> torch.Tensor:
         return self.forward(models, micro_batch)[1]
@@ -129,17 +159,17 @@ class LMObjective:
                             else float("nan"))}
 
     def loss(self, models, micro_batch: dict, total_units: int) -> LossOutput:
-        out, logits = self.forward(models, micro_batch)  # (B, T, V)
+        out = self.policy_output(models, micro_batch)
         labels = micro_batch["labels"]
         # sum of -log p(label) over the real targets
-        nll_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        nll_sum = self.nll_sum(models, out, labels)
         n = self.units(micro_batch)
         lm_loss = nll_sum / max(total_units, 1)
         metrics = {"nll_sum": float(nll_sum.detach()), "targets": n, "lm_loss": lm_loss.detach()}
         loss = lm_loss
         model = models["policy"].unwrap()
         if out.mtp_hidden:
-            mtp_sum = torch.zeros((), device=logits.device)
+            mtp_sum = torch.zeros((), device=labels.device)
             docs = micro_batch.get("document_ids")
             for d, h in enumerate(out.mtp_hidden, start=1):
                 # depth d, row t predicts labels[:, t + d]; not across a document boundary of a packed row
