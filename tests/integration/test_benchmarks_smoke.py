@@ -1,5 +1,7 @@
 """The benchmark scripts still run (seconds, tiny shapes); their numbers live in docs/benchmarks.md."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,69 @@ def test_engine_benchmark_smoke():
         rows = [line for line in res.stdout.splitlines() if line.startswith(f"| {family} |")]
         assert len(rows) == 3 and all("x speed" in r for r in rows), res.stdout
     assert "TOKENS DIFFER" not in res.stdout  # continuous and static batching gave every request the same tokens
+
+
+def _gpu_suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_doubling_search_finds_the_largest_fit():
+    search = _gpu_suite().doubling_search
+    tried = []
+
+    def fits_below(limit):
+        def fits(T):
+            tried.append(T)
+            return T <= limit
+        return fits
+
+    # doubling 1K .. 16K fit, 32K fails; two halvings: 24K fits, 28K fails
+    assert search(fits_below(27000), 1024, 262144, 2) == (24576, 28672, "out of memory")
+    assert tried == [1024, 2048, 4096, 8192, 16384, 32768, 24576, 28672]
+    assert search(fits_below(10**9), 1024, 4096, 2) == (4096, None, "length cap")
+    assert search(fits_below(100), 1024, 4096, 2) == (0, 1024, "no fit")
+    assert search(fits_below(3000), 1024, 4096, 0) == (2048, 4096, "out of memory")
+    slow = iter([False, True])
+    assert search(fits_below(10**9), 1024, 65536, 2, too_slow=lambda: next(slow)) == (2048, None, "step time cap")
+
+
+def test_gpu_suite_smoke_runs_every_case_and_renders_the_docs(tmp_path):
+    """Every case at debug size on the CPU (what a GPU run does, minus compile and CUDA graphs), then the records
+    rendered into a docs block."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_case = {}
+    for r in records:
+        by_case.setdefault(r["case"], []).append(r)
+    assert set(by_case) == {"check", "train", "parallel", "moe", "decode", "long"}
+    assert not [r for r in records if r.get("status") == "error"]
+    checks = [r for r in by_case["check"] if r.get("status") in ("pass", "FAIL")]
+    assert len(checks) == 3 and all(r["status"] == "pass" for r in checks), checks  # bf16, logits, static decoder
+    # training: workbench and transformers for both shapes, every rate positive; goals not judged in smoke mode
+    train = [r for r in by_case["train"] if "tokens_s" in r]
+    assert {(r["impl"], r["shape"]) for r in train} == {(i, s) for i in ("workbench", "transformers") for s in ("124M", "1B")}
+    assert all(r["tokens_s"] > 0 for r in train)
+    goals = [r for r in records if r.get("status") == "goal"]
+    assert len(goals) == 7 and all(r["met"] is None for r in goals)  # 2 MFU, fsdp2 + zero2, MoE, floor, int8
+    assert {r["backend"] for r in by_case["parallel"] if "backend" in r} == {"single", "fsdp2", "zero2"}
+    assert {r["what"].split(" 8x")[0] for r in by_case["moe"] if "tokens_s" in r} >= {"workbench MoE"}
+    decode = {r["what"]: r for r in by_case["decode"] if "tokens_s" in r}
+    assert any(w.startswith("int8 weight-only") for w in decode) and "transformers generate, batch 32" in decode
+    assert all(0 < r["floor_fraction"] for r in decode.values())
+    longest = [r for r in by_case["long"]]
+    assert len(longest) == 5 and all(r["value"] == 256 and r["stopped_by"] == "length cap" for r in longest)
+    # the docs block
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("intro\n<!-- gpu-suite:begin -->\nold\n<!-- gpu-suite:end -->\ntail\n")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--render", str(out / "results.jsonl"),
+                          "--docs", str(doc)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- gpu-suite:begin -->\n| card | case |") and text.endswith("<!-- gpu-suite:end -->\ntail\n")
+    assert "old" not in text and "| goal: int8 weight-only >= 1.5x bf16 at batch 1 |" in text
