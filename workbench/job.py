@@ -132,6 +132,11 @@ class ParallelSection:
     timeout_s: float = field_(600.0, gt=0, doc="a collective waiting longer than this ends every rank with an error")
     reshard_after_forward: bool = field_(True, doc="fsdp2: free gathered parameters after each block's forward")
     cpu_offload: bool = field_(False, doc="fsdp2: keep parameter shards and optimizer state in host memory")
+    fsdp_mixed_precision: Literal["params", "autocast"] = field_(
+        "params", doc="fsdp2 with bf16 (run.precision): 'params' gathers the parameters in bf16 and computes every op "
+                      "in bf16 (half the all-gather bytes; norms and the residual stream in bf16 too); 'autocast' "
+                      "gathers fp32 parameters and autocasts like single, ddp and zero (the same numbers as one "
+                      "process); gradients reduce in fp32 either way")
     activation_checkpointing: Literal["none", "full", "selective"] = field_(
         "none", doc="recompute each block's activations in backward (selective keeps the matmul outputs)")
     loss_parallel: bool = field_(False, doc="tp: the loss on vocabulary-split logits (none gathers (B, T, V))")

@@ -13,8 +13,10 @@ Both are the single-process engine plus communication, so everything the trainer
             plan and then on the root (embedding, final norm and the head, tied or not, stay in the root unit): each rank keeps 1/N of every parameter as a DTensor
             shard; a block's forward all-gathers its parameters and frees them after
             (`reshard_after_forward`), backward reduce-scatters the gradients. `logits` is registered as a
-            forward method so it gathers the head too. On a GPU, parameters compute in bf16 and gradients
-            reduce in fp32 (`MixedPrecisionPolicy`); `cpu_offload` keeps shards and optimizer state on the host.
+            forward method so it gathers the head too. Under bf16, parameters are gathered and compute in bf16
+            and gradients reduce in fp32 (`MixedPrecisionPolicy`; parallel.fsdp_mixed_precision = "params"), or
+            with "autocast" fp32 parameters are gathered and every op autocasts as in one process (the same
+            numbers as single); `cpu_offload` keeps shards and optimizer state on the host.
 
 Loss scale. Both average gradients over the data-parallel ranks (and the cp ranks, which hold slices of the
 same samples), while the trainer's loss is already divided by the global token count of the step (summed over
@@ -195,7 +197,8 @@ class DDPEngine(_DataParallelEngine):
 class FSDP2Engine(_DataParallelEngine):
     def __init__(self, model: nn.Module, dims: ParallelDims, plan: Plan, make_optimizer=None,
                  autocast_dtype=None, reshard_after_forward: bool = True, cpu_offload: bool = False,
-                 activation_checkpointing: str = "none", compile: bool = False, loss_parallel: bool = False):
+                 activation_checkpointing: str = "none", compile: bool = False, loss_parallel: bool = False,
+                 mixed_precision: str = "params"):
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             MixedPrecisionPolicy,
@@ -219,8 +222,13 @@ class FSDP2Engine(_DataParallelEngine):
         if self.fsdp:
             mesh = dims.mesh["dp_shard_cp"] if dims.dp_replicate == 1 else dims.mesh["dp_replicate", "dp_shard_cp"]
             kw: dict = {"mesh": mesh}
-            if autocast_dtype is not None:  # compute in bf16, reduce gradients in fp32 (replaces autocast)
+            if mixed_precision not in ("params", "autocast"):
+                raise ValueError(f"FSDP2 mixed_precision {mixed_precision!r}: expected 'params' or 'autocast'")
+            if autocast_dtype is not None and mixed_precision == "params":
+                # compute in bf16, reduce gradients in fp32 (replaces autocast)
                 kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32)
+            elif autocast_dtype is not None:  # fp32 parameters under autocast, as one process computes
+                kw["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
             if cpu_offload:
                 kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs CUDA
             for module in experts:  # their own unit, sharded over the ranks that hold the same experts
@@ -244,11 +252,13 @@ class FSDP2Engine(_DataParallelEngine):
             raise ConfigError("config key 'run.precision': bf16 with tensor parallel alone is not supported; "
                               "set run.precision = 'fp32' or add parallel.dp_shard > 1")
         optimizer, scheduler = make_optimizer(model) if make_optimizer else (None, None)
-        super().__init__(model, dims, optimizer, scheduler, autocast_dtype=None)
+        autocast = autocast_dtype if self.fsdp and mixed_precision == "autocast" else None
+        super().__init__(model, dims, optimizer, scheduler, autocast_dtype=autocast)
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if self.tp_mesh is None:
-            return self.model.logits(hidden, positions=positions)
+            with self._autocast():  # fsdp_mixed_precision = "autocast"; otherwise a no-op
+                return self.model.logits(hidden, positions=positions)
         return tp_logits(self.model, hidden, positions, self.tp_mesh, keep_split=self._in_loss)
 
     @contextlib.contextmanager
@@ -266,7 +276,8 @@ class FSDP2Engine(_DataParallelEngine):
             self._in_loss = False
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.values(hidden)  # an FSDP forward method of the root unit (gathers the value head)
+        with self._autocast():
+            return self.model.values(hidden)  # an FSDP forward method of the root unit (gathers the value head)
 
     @contextlib.contextmanager
     def gather_for_generation(self, independent: bool = False):

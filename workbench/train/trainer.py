@@ -164,7 +164,7 @@ def build_engine(model: torch.nn.Module, job: JobConfig, dims: ParallelDims, aut
         return FSDP2Engine(model, dims, plan, make_optimizer, autocast_dtype=autocast,
                            reshard_after_forward=par.reshard_after_forward, cpu_offload=par.cpu_offload,
                            activation_checkpointing=par.activation_checkpointing, compile=par.compile,
-                           loss_parallel=par.loss_parallel)
+                           loss_parallel=par.loss_parallel, mixed_precision=par.fsdp_mixed_precision)
     if dims.cp > 1:  # ddp (zero refuses cp in ParallelDims): the attention cores become ring / Ulysses cores
         apply_context_parallel(model, plan, dims.mesh["cp"].get_group(), dims.cp_method)
     apply_activation_checkpointing(model, plan, par.activation_checkpointing)
@@ -182,7 +182,8 @@ def build_frozen_engine(model: torch.nn.Module, family: str, job: JobConfig, dim
     the model is sharded like the policy (its forward gathers block by block); under the other backends every
     rank holds a replica (DeepSpeed engines own an optimizer, and a replica needs no communication)."""
     if job.parallel.backend == "fsdp2" and dims.dp_replicate * dims.dp_shard > 1:
-        return FSDP2Engine(model, dims, plan_for(family), None, autocast_dtype=autocast)
+        return FSDP2Engine(model, dims, plan_for(family), None, autocast_dtype=autocast,
+                           mixed_precision=job.parallel.fsdp_mixed_precision)
     return SingleEngine(model, autocast_dtype=autocast)
 
 
@@ -292,6 +293,7 @@ RESUMABLE_CHANGES = frozenset({
 LAYOUT_CHANGES = frozenset({
     "parallel.backend", "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.cp",
     "parallel.ep", "parallel.timeout_s", "parallel.reshard_after_forward", "parallel.cpu_offload",
+    "parallel.fsdp_mixed_precision",
     "parallel.activation_checkpointing", "parallel.loss_parallel", "parallel.compile", "parallel.deepspeed_config",
     "train.micro_batch_size", "train.grad_accum",
     "objective.loss_chunk",  # a memory knob like checkpointing: the same loss and gradients
