@@ -69,3 +69,23 @@ def test_bf16_runs_with_finite_logprobs(compile):
     assert toks.shape == logp.shape == (3, 16)
     assert bool(torch.isfinite(logp).all()) and bool((logp <= 0).all())
     assert int(toks.min()) >= 0 and int(toks.max()) < model.cfg.vocab_size
+
+
+def test_masked_gqa_decode_attention_runs_on_the_memory_efficient_kernel():
+    """The decode step's attention (one query, a boolean mask over every cache slot, 32 query heads over 8 KV heads)
+    folds the query groups so SDPA's memory-efficient kernel takes it: with only that kernel allowed it runs, and it
+    equals the math reference (bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from workbench.nn.attention import MaskSpec, attention_math, attention_sdpa
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, KV, T, D = 4, 32, 8, 272, 64
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, KV, T, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    valid = torch.arange(T, device="cuda")[None] < torch.tensor([[40], [100], [200], [272]], device="cuda")
+    spec = MaskSpec(causal=False, key_padding=valid)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        out = attention_sdpa(q, k, v, spec, T, D ** -0.5)
+    ref = attention_math(q.float(), k.float(), v.float(), spec, T, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -108,6 +108,17 @@ def test_sdpa_equals_math_reference(name):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["padding", "full", "sliding"])
+def test_sdpa_single_query_gqa_fold_equals_math_reference(name):
+    """A decoding step (one query per row after a cache) under a mask with grouped-query heads takes the folded
+    path (each KV head's query group as queries of one head): the same values as the reference."""
+    q, k, v = _qkv(B=2, H=6, KV=2, T=10)
+    spec = MASKS[name](2, 10)
+    q1 = q[:, :, -1:]  # the last slot's query: q_offset 9, every key cached
+    torch.testing.assert_close(attention_sdpa(q1, k, v, spec, 9, 0.3), attention_math(q1, k, v, spec, 9, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_math_reference_against_explicit_loops():
     """The reference itself, checked against a per-query loop with GQA group mapping j -> j // (H/KV)."""
     q, k, v = _qkv(B=1, H=4, KV=2, T=6)

@@ -189,6 +189,15 @@ def attention_sdpa(q, k, v, mask: MaskSpec, q_offset: int, scale: float) -> torc
         # one new token after a plain causal cache: it sees every cached slot
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     attn_mask = allowed_mask(q, k, mask, q_offset)
+    if gqa and Tq == 1 and attn_mask.shape[1] == 1:
+        # one query per row (decoding) under a mask, grouped-query heads: fold each KV head's group of query heads
+        # into the query axis, (B, H, 1, D) -> (B, KV, H / KV, D), so the heads match and no kernel needs GQA
+        # support (on CUDA, SDPA's memory-efficient kernel takes a mask but not enable_gqa, and the math fallback
+        # would copy K and V per query head); the one mask row (B|1, 1, 1, Tk) broadcasts over the group
+        B, H, _, D = q.shape
+        KV = k.shape[1]
+        out = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), k, v, attn_mask=attn_mask, scale=scale)
+        return out.reshape(B, H, 1, out.shape[-1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
 
 
