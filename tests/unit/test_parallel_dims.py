@@ -152,3 +152,12 @@ def test_context_parallel_layouts_and_refusals(tmp_path, debug_job):
         debug_job(tmp_path, "--parallel.backend", "fsdp2", "--parallel.cp", "3")
     with pytest.raises(ConfigError, match=r"parallel.cp_method"):
         debug_job(tmp_path, "--parallel.cp_method", "stripes")
+
+
+def test_one_rank_layout_is_for_the_sharding_backends_only():
+    dims = ParallelDims.one_rank("fsdp2")
+    assert (dims.backend, dims.world_size, dims.dp_size) == ("fsdp2", 1, 1)
+    assert ParallelDims.one_rank("zero2").backend == "zero2"
+    for backend in ("single", "ddp", "zero4"):
+        with pytest.raises(ConfigError, match=f"parallel.backend.*{backend}"):
+            ParallelDims.one_rank(backend)
