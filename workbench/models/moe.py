@@ -147,8 +147,11 @@ class Router(nn.Module):
 
 
 def _grouped_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # _grouped_mm wants 16-byte aligned row strides; it is the fast path on sm90 GPUs (bf16)
-    return hasattr(torch, "_grouped_mm") and all((t.shape[-1] * t.element_size()) % 16 == 0 for t in (x, w))
+    # _grouped_mm wants 16-byte aligned row strides; it is the fast path on sm90 GPUs (bf16). Eagerly a dtype
+    # without a kernel raises and `ffn` takes the loop; under torch.compile the op's meta function accepts bf16
+    # only (the error would stop the compile, not fall back), so a compiled non-bf16 step takes the loop
+    return (hasattr(torch, "_grouped_mm") and all((t.shape[-1] * t.element_size()) % 16 == 0 for t in (x, w))
+            and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()))
 
 
 class Experts(nn.Module):
@@ -224,7 +227,14 @@ class Experts(nn.Module):
 
         gate_up / down default to this module's stacked parameters; expert parallelism passes its local slice.
         """
-        ref = self.down_proj if down is None else down
+        gate_up = self.gate_up_proj if gate_up is None else gate_up
+        down = self.down_proj if down is None else down
+        if torch.is_autocast_enabled(xs.device.type):
+            # autocast does not cover torch._grouped_mm: cast as it casts a matmul's inputs (on CUDA the fp32
+            # grouped product has no kernel, and the fallback loop syncs with the host per expert)
+            dt = torch.get_autocast_dtype(xs.device.type)
+            xs, gate_up, down = xs.to(dt), gate_up.to(dt), down.to(dt)
+        ref = down
         if self.use_grouped_mm and _grouped_ok(xs, ref):
             try:
                 return self._grouped(xs, counts, gate_up, down)
