@@ -30,7 +30,8 @@ The intuition and the design choices
         capture common knowledge so the routed experts can specialise.
     Dropless vs capacity: by default every (token, slot) is computed (dropless, MegaBlocks-style): slots
         are sorted by expert and each expert multiplies one contiguous block (`torch._grouped_mm` where it
-        runs, else a loop over experts). With `capacity_factor` c, expert e keeps at most
+        runs, else a loop over experts; under autocast its inputs take the autocast dtype first, since autocast
+        does not cover the op and CUDA has no fp32 kernel for it). With `capacity_factor` c, expert e keeps at most
         ceil(c * N * k / E) slots (the first ones in token order), the rest are dropped (contribute 0) and
         counted in aux["dropped"] — the Switch/GShard regime with static shapes.
     Aux terms are sums and counts, not means: router_prob_sum (E,), expert_counts (E,), tokens, dropped
