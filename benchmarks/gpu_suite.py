@@ -22,7 +22,8 @@ Cases (each is time-capped: `--cap` seconds of measuring per variant, `--long-ca
     decode    the 1B shape in bf16 at batch 1: the memory-bandwidth floor (weight + cache bytes per token / the
               copy bandwidth measured first) and the fraction of it reached by KVCacheGenerator (eager), the
               static decoder (CUDA graph) and the static decoder compiled; batch 32; int8 weight-only against
-              bf16 (both compiled + graph); transformers' generate at batch 1 and 32, same weights
+              bf16 (both compiled + graph, Inductor's coordinate-descent tuning on); transformers' generate at batch
+              1 and 32 (64 new tokens), same weights
     long      the longest trainable context (one training step, batch 1, fused AdamW) of the 1B shape: a bounded
               doubling search (1K, 2K, ... up to `--long-max`), then `--bisect` halvings between the last length
               that fit and the first that did not, for: eager attention (the T x T scores kept) and SDPA's fused
@@ -37,13 +38,17 @@ the cap, synchronised at both ends; tokens/s = tokens / wall time.
 
 Output: OUT/results.jsonl (one record per measurement, appended as each finishes, so a run cut short keeps what
 it measured), OUT/results.md (the table), printed as it goes. `--render` turns records into the docs table.
-`--smoke` shrinks every shape to the debug flavors, 1-2 steps, no compile, long-context lengths to 64..256, so
-the whole suite runs in about a minute on 2 CPU cores: it checks the code paths, not the speeds.
+Compiled records carry `graph_breaks` (dynamo's count for that variant: each break splits the compiled region).
+`--smoke` shrinks every shape to the debug flavors, 1-2 steps, bf16 autocast for training (fp32 weights for
+decoding), compiled variants traced by dynamo but run eagerly (no Inductor kernels), no CUDA graphs, long-context
+lengths 64..256 against an out-of-memory simulated above 128 tokens, so the whole suite runs in about a minute on 2
+CPU cores: it checks the code paths (and that the workbench's compiled graphs do not break), not the speeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -111,10 +116,16 @@ class Suite:
         self.card = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         self.peak = peak_flops(self.device)
         self.compile = not args.no_compile
+        self._compile = torch.compile
         if self.smoke and self.compile:
             # smoke mode traces every compiled variant with dynamo but runs the graphs eagerly (Inductor's CPU
-            # build of each would take minutes): graph breaks and tracing errors show, kernels are not built
+            # build of each would take minutes): graph breaks (counted in the records) and tracing errors show,
+            # kernels are not built; `close` restores torch.compile
             torch.compile = functools.partial(torch.compile, backend="eager")
+
+    def close(self) -> None:
+        torch.compile = self._compile
+        end_group()
         self.run_id = time.strftime("%Y-%m-%dT%H:%M:%S")  # `render` keeps each case's newest run
 
     # ------------------------------------------------------------------------------------------- plumbing
@@ -134,10 +145,17 @@ class Suite:
         """Between variants: drop compiled code (each model would add cache entries to the shared Block.forward
         code up to dynamo's recompile limit) and the memory of the last one; reset the peak."""
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # graph_breaks() counts from here
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    @staticmethod
+    def graph_breaks() -> int:
+        """Graph breaks dynamo counted since the last `free()`: each splits a compiled region in two (a host round
+        trip and a lost fusion); the compiled variants' records carry the count, and smoke mode fails on any."""
+        return sum(torch._dynamo.utils.counters["graph_break"].values())
 
     def peak_gib(self) -> float | None:
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
@@ -363,6 +381,7 @@ class Suite:
             n_params = count_params(model)
             step, losses = self.step_fn(engine, job, self.random_batch(batch, section.config.vocab_size))
             sec, n = self.timed(step, warmup=3 if compile else 2, steps=self.args.steps)
+            breaks = self.graph_breaks() if compile else None
             del model, engine, step
         finally:
             if backend != "single":
@@ -372,7 +391,7 @@ class Suite:
         return self.record(case=case, what=label or f"workbench {name} {backend}{policy}{' compiled' if compile else ''}",
                            impl="workbench", shape=name, params=n_params, batch=list(batch), backend=backend,
                            compile=compile, tokens_s=tokens_s, mfu=self.mfu(fpt, tokens_s), steps=n,
-                           peak_gib=self.peak_gib(), flops_per_token=fpt, first_loss=losses[0])
+                           peak_gib=self.peak_gib(), flops_per_token=fpt, first_loss=losses[0], graph_breaks=breaks)
 
     def train_theirs(self, name: str, case: str, compile: bool = False) -> dict:
         """transformers' LlamaForCausalLM on the identical config, batch and policy (fp32 weights, bf16 autocast,
@@ -401,7 +420,8 @@ class Suite:
         tokens_s = batch[0] * batch[1] / sec
         rec = self.record(case=case, what=f"transformers {name}{' compiled' if compile else ''}", impl="transformers",
                           shape=name, params=count_params(model), batch=list(batch), compile=compile, tokens_s=tokens_s,
-                          mfu=self.mfu(fpt, tokens_s), steps=n, peak_gib=self.peak_gib(), flops_per_token=fpt)
+                          mfu=self.mfu(fpt, tokens_s), steps=n, peak_gib=self.peak_gib(), flops_per_token=fpt,
+                          graph_breaks=self.graph_breaks() if compile else None)
         return rec  # the model and its optimizer go with this frame
 
     def case_train(self) -> None:
@@ -525,8 +545,11 @@ class Suite:
         if self.smoke:
             prompts = {b: p[: min(b, 4)] for b, p in prompts.items()}
 
-        def run(label: str, fn, batch: int, wbytes=weight_bytes, new=n_new, warmup: int = 1, **extra) -> dict:
+        def run(label: str, fn, batch: int, wbytes=weight_bytes, new=n_new, warmup: int = 1, compiled: bool = False,
+                **extra) -> dict:
             sec, n = self.timed(fn, warmup=warmup, steps=5)
+            if compiled:
+                extra["graph_breaks"] = self.graph_breaks()
             rows = prompts[batch].shape[0]
             tokens_s = rows * new / sec
             bound = floor(rows, wbytes, new)
@@ -539,7 +562,7 @@ class Suite:
             dec = StaticDecoder(model, max_batch=max(prompts[b].shape[0] for b in batches), max_len=prompt_len + n_new,
                                 **kw)
             recs = {b: run(f"{label}, batch {b}", lambda b=b: dec.generate_ids(prompts[b], n_new), b, wbytes=wbytes,
-                           warmup=2) for b in batches}  # the first call captures (and compiles)
+                           warmup=2, compiled=kw.get("compile", False)) for b in batches}  # the first call captures (and compiles)
             return recs[1]
 
         # the ladder at batch 1 (and 32): eager loop, CUDA graph, compiled + graph
@@ -552,11 +575,10 @@ class Suite:
         ladder.append(self.attempt("decode", graph_label, static, graph_label, cuda_graph=graphed))
         compiled = None
         if self.compile:
-            import torch._inductor.config as inductor
-
-            inductor.coordinate_descent_tuning = True
             label = "static decoder compiled" + (" + CUDA graph" if graphed else "")
-            compiled = self.attempt("decode", "static decoder compiled", static, label, cuda_graph=graphed, compile=True)
+            with inductor_tuning():
+                compiled = self.attempt("decode", "static decoder compiled", static, label, cuda_graph=graphed,
+                                        compile=True)
             ladder.append(compiled)
         ref1 = self.attempt("decode", "transformers generate", self.decode_reference, section, model, dtype, prompts,
                             run, n_new)
@@ -575,8 +597,9 @@ class Suite:
         quantize_model(model, "int8")
         q_bytes = weight_bytes - before + linear_weight_bytes(model)
         mode = base["what"].rsplit(",", 1)[0]
-        q = self.attempt("decode", "int8 weight-only", static, f"int8 weight-only, {mode}", batches=(1,),
-                         wbytes=q_bytes, **kw)
+        with inductor_tuning() if self.compile else contextlib.nullcontext():
+            q = self.attempt("decode", "int8 weight-only", static, f"int8 weight-only, {mode}", batches=(1,),
+                             wbytes=q_bytes, **kw)
         if q is not None:
             speedup = q["tokens_s"] / base["tokens_s"]
             self.goal("int8 weight-only >= 1.5x bf16 at batch 1", q, speedup, GOALS["int8_speedup"], base,
@@ -687,8 +710,23 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-OOM_MARKS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-             "CUDNN_STATUS_INTERNAL_ERROR", "CUDNN_STATUS_EXECUTION_FAILED")
+OOM_MARKS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+"""Allocation failures only: a cuDNN internal or execution error may be a real kernel bug (or a sticky CUDA error
+that would fail every later probe), so it stops the variant as an error instead of passing for a memory limit."""
+
+
+@contextlib.contextmanager
+def inductor_tuning():
+    """Inductor's coordinate-descent tuning for the duration (it turns a one-row matmul into a fused reduction,
+    which decoding needs; it makes compiles slower, so nothing else gets it)."""
+    import torch._inductor.config as inductor
+
+    before = inductor.coordinate_descent_tuning
+    inductor.coordinate_descent_tuning = True
+    try:
+        yield
+    finally:
+        inductor.coordinate_descent_tuning = before
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -858,7 +896,8 @@ CASES = ("check", "train", "parallel", "moe", "decode", "long")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/gpu-suite", help="folder for results.jsonl and results.md")
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES,
+                    help="which cases, run in the order given (default: all, in this order)")
     ap.add_argument("--smoke", action="store_true", help="every case tiny on the CPU (code paths, not speeds)")
     ap.add_argument("--steps", type=int, default=20, help="measured steps per variant (at most)")
     ap.add_argument("--cap", type=float, default=20.0, help="seconds of measuring per variant (at most)")
@@ -893,14 +932,13 @@ def main(argv=None) -> int:
           f"{fmt(suite.peak and suite.peak / 1e12)} TFLOP/s, compile {'on' if suite.compile else 'off'}", flush=True)
     t0 = time.perf_counter()
     try:
-        for case in CASES:
-            if case in args.cases:
-                suite.run_case(case, getattr(suite, f"case_{case}"))
+        for case in dict.fromkeys(args.cases):  # in the order given: the most wanted figures first
+            suite.run_case(case, getattr(suite, f"case_{case}"))
     except KeyboardInterrupt:
         print("\ngpu_suite: interrupted; the records so far are kept", file=sys.stderr)
         return 130
     finally:
-        end_group()
+        suite.close()
         if (suite.out / "results.jsonl").is_file():
             (suite.out / "results.md").write_text(render(read_records(suite.out / "results.jsonl")) + "\n")
         print(f"\ngpu_suite: {len(suite.records)} records in {time.perf_counter() - t0:.0f} s -> "

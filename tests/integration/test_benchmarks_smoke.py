@@ -145,6 +145,10 @@ def test_gpu_suite_smoke_runs_every_case_and_renders_the_docs(tmp_path):
     same = [r for r in by_case["parallel"] if r.get("status") == "pass"]
     assert len(same) == 4 and all("bound 1e-05" in r["note"] for r in same if "bf16 params" not in r["what"])
     assert {r["what"].split(" 8x")[0] for r in by_case["moe"] if "tokens_s" in r} >= {"workbench MoE"}
+    # the workbench's compiled graphs (training blocks, the MoE, the static decoder) trace without a break
+    compiled = [r for r in records if r.get("impl") == "workbench" and r.get("graph_breaks") is not None]
+    assert len(compiled) >= 9 and all(r["graph_breaks"] == 0 for r in compiled), [(r["what"], r["graph_breaks"])
+                                                                                   for r in compiled]
     decode = {r["what"]: r for r in by_case["decode"] if "tokens_s" in r}
     assert any(w.startswith("int8 weight-only") for w in decode) and "transformers generate, batch 32" in decode
     assert all(0 < r["floor_fraction"] for r in decode.values())

@@ -57,6 +57,31 @@ def test_grouped_mm_path_equals_loop_path_and_the_reference():
             torch.testing.assert_close(grouped._grouped(xs, counts), loop._loop(xs, counts), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch build has no torch._grouped_mm")
+def test_under_autocast_the_grouped_product_runs_in_the_autocast_dtype(monkeypatch):
+    """Autocast does not cover torch._grouped_mm: the experts cast its inputs themselves (on CUDA the fp32 product
+    has no kernel), so under bf16 autocast the grouped path runs in bf16 instead of falling back to the loop, the
+    output keeps the input's dtype, and the fp32 weights get fp32 gradients."""
+    ex = _experts()
+    x, idx, w = _routing()
+    ref = ex(x, idx, w)[0].detach()
+    dtypes = []
+    real = torch._grouped_mm
+
+    def spy(a, b, **kw):
+        dtypes.append((a.dtype, b.dtype))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    monkeypatch.setattr(Experts, "_loop", lambda *a, **k: pytest.fail("the loop ran instead of the grouped product"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = ex(x, idx, w)
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * 2 and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=5e-2, rtol=5e-2)  # bf16 products
+    y.square().sum().backward()
+    assert ex.gate_up_proj.grad.dtype == torch.float32 and ex.gate_up_proj.grad.abs().sum() > 0
+
+
 def test_grouped_path_falls_back_when_strides_are_unaligned():
     ex = Experts(6, 10, 3)  # 6 * 4 bytes rows: not 16-byte aligned, so the loop runs
     ex.init_weights(0.2, 0.2)

@@ -108,15 +108,20 @@ def test_sdpa_equals_math_reference(name):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["padding", "full", "sliding"])
-def test_sdpa_single_query_gqa_fold_equals_math_reference(name):
+@pytest.mark.parametrize("heads", [(6, 2), (4, 1)], ids=["6/2", "4/1"])
+@pytest.mark.parametrize("name", ["padding", "sliding", "documents", "prefix"])
+def test_sdpa_single_query_gqa_fold_equals_math_reference(name, heads):
     """A decoding step (one query per row after a cache) under a mask with grouped-query heads takes the folded
-    path (each KV head's query group as queries of one head): the same values as the reference."""
-    q, k, v = _qkv(B=2, H=6, KV=2, T=10)
+    path (each KV head's query group as queries of one head): the same values as the reference, also with a value
+    width other than the key width."""
+    H, KV = heads
+    q, k, v = _qkv(B=2, H=H, KV=KV, T=10)
+    v = torch.cat([v, v[..., :3]], dim=-1)  # Dv = D + 3
     spec = MASKS[name](2, 10)
     q1 = q[:, :, -1:]  # the last slot's query: q_offset 9, every key cached
-    torch.testing.assert_close(attention_sdpa(q1, k, v, spec, 9, 0.3), attention_math(q1, k, v, spec, 9, 0.3),
-                               atol=1e-5, rtol=1e-5)
+    out = attention_sdpa(q1, k, v, spec, 9, 0.3)
+    assert out.shape == (2, H, 1, v.shape[-1])
+    torch.testing.assert_close(out, attention_math(q1, k, v, spec, 9, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_math_reference_against_explicit_loops():

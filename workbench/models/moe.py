@@ -208,7 +208,8 @@ class Experts(nn.Module):
         E = self.n_experts
         flat = idx.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = flat.argsort(stable=True)  # slots grouped by expert, token order inside each group
-        counts = torch.bincount(flat, minlength=E)  # (E,)
+        # (E,) slots per expert; a scatter-add, not bincount, whose data-dependent output size breaks a compiled graph
+        counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
         token = order // k  # (S,) token of each sorted slot
         w = weights.reshape(-1)[order]  # (S,)
         dropped = weights.new_zeros((), dtype=torch.float32)

@@ -259,7 +259,8 @@ class FSDP2Engine(_DataParallelEngine):
         if self.tp_mesh is None:
             with self._autocast():  # fsdp_mixed_precision = "autocast"; otherwise a no-op
                 return self.model.logits(hidden, positions=positions)
-        return tp_logits(self.model, hidden, positions, self.tp_mesh, keep_split=self._in_loss)
+        with self._autocast():
+            return tp_logits(self.model, hidden, positions, self.tp_mesh, keep_split=self._in_loss)
 
     @contextlib.contextmanager
     def loss_context(self):
