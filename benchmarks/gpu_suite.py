@@ -116,6 +116,7 @@ class Suite:
         self.card = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu"
         self.peak = peak_flops(self.device)
         self.compile = not args.no_compile
+        self.run_id = time.strftime("%Y-%m-%dT%H:%M:%S")  # `render` keeps each case's newest run
         self._compile = torch.compile
         if self.smoke and self.compile:
             # smoke mode traces every compiled variant with dynamo but runs the graphs eagerly (Inductor's CPU
@@ -126,7 +127,6 @@ class Suite:
     def close(self) -> None:
         torch.compile = self._compile
         end_group()
-        self.run_id = time.strftime("%Y-%m-%dT%H:%M:%S")  # `render` keeps each case's newest run
 
     # ------------------------------------------------------------------------------------------- plumbing
 
