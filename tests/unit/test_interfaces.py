@@ -9,7 +9,13 @@ import torch
 from data_pipelines.tokenizer import byte_tokenizer
 from workbench.data.cursor import DataCursor
 from workbench.data.packed import IGNORE_INDEX, collate
-from workbench.inference.generator import Generator, KVCacheGenerator, SamplingParams, sample_next
+from workbench.inference.generator import (
+    Generator,
+    KVCacheGenerator,
+    SamplingParams,
+    per_row_params,
+    sample_next,
+)
 from workbench.models.base import ModelSection, build_model
 from workbench.parallel.engine import Engine
 from workbench.parallel.single import SingleEngine
@@ -292,3 +298,10 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     assert lr_multiplier(55, 100, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway
     assert lr_multiplier(50, 100, 10, "constant", 0.1) == 1.0
     assert lr_multiplier(3, 2, 10, "cosine", 0.1) == pytest.approx(0.4)  # run shorter than warmup
+
+
+def test_per_row_params_repeats_one_or_checks_the_count():
+    p, q = SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=5)
+    assert per_row_params(p, 3) == [p, p, p] and per_row_params([p, q], 2) == [p, q]
+    with pytest.raises(ValueError, match="1 sampling params for 2 prompts"):
+        per_row_params([p], 2)

@@ -65,6 +65,7 @@ from workbench.inference.generator import (
     SamplingParams,
     apply_repetition_penalty,
     cut_at_stop,
+    per_row_params,
     sample_next,
 )
 from workbench.inference.paged import NULL_BLOCK, PagedKVCache
@@ -230,9 +231,7 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  adapters: Sequence[str | None] | None = None) -> list[Completion]:
         """The Generator protocol: queue every prompt, step until all of them finished, completions in order."""
-        per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per_row) != len(prompts):
-            raise ValueError(f"{len(per_row)} sampling params for {len(prompts)} prompts")
+        per_row = per_row_params(params, len(prompts))
         names = list(adapters) if adapters is not None else [None] * len(prompts)
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapters for {len(prompts)} prompts")

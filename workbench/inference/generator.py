@@ -92,6 +92,14 @@ class Generator(Protocol):
     ) -> list[Completion]: ...
 
 
+def per_row_params(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: `params` repeated n times, or the given list when it has n entries."""
+    per_row = [params] * n if isinstance(params, SamplingParams) else list(params)
+    if len(per_row) != n:
+        raise ValueError(f"{len(per_row)} sampling params for {n} prompts")
+    return per_row
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """`text` up to (not including) the earliest stop string in it, or all of it."""
     cuts = [text.find(s) for s in stops if s in text]
@@ -148,9 +156,7 @@ class KVCacheGenerator:
         if not prompts:
             return []
         B = len(prompts)
-        per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
-        if len(per_row) != B:
-            raise ValueError(f"{len(per_row)} sampling params for {B} prompts")
+        per_row = per_row_params(params, B)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (encode with a bos token)")
         if any(p.stop for p in per_row) and self.tokenizer is None:

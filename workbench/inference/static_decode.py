@@ -85,7 +85,7 @@ from collections.abc import Sequence
 
 import torch
 
-from workbench.inference.generator import Completion, SamplingParams
+from workbench.inference.generator import Completion, SamplingParams, per_row_params
 from workbench.nn.attention import MaskSpec
 from workbench.nn.kv_cache import KVCache
 
@@ -331,9 +331,7 @@ class StaticDecoder:
         if not prompts:
             return []
         B = len(prompts)
-        per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
-        if len(per_row) != B:
-            raise ValueError(f"{len(per_row)} sampling params for {B} prompts")
+        per_row = per_row_params(params, B)
         for p in per_row:
             _check_greedy(p)
         if any(len(p) == 0 for p in prompts):

@@ -52,6 +52,7 @@ from workbench.inference.generator import (
     SamplingParams,
     apply_repetition_penalty,
     cut_at_stop,
+    per_row_params,
     sample_next,
 )
 from workbench.nn.attention import MaskSpec
@@ -183,9 +184,7 @@ class VLMGenerator:
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
         B = len(prompts)
-        per_row = [params] * B if isinstance(params, SamplingParams) else list(params)
-        if len(per_row) != B:
-            raise ValueError(f"{len(per_row)} sampling params for {B} prompts")
+        per_row = per_row_params(params, B)
         for p in per_row:
             p.validate()
         if any(p.stop for p in per_row) and self.tokenizer is None:
