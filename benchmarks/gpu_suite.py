@@ -5,6 +5,7 @@ identical config, in one call, on one card. docs/benchmarks.md ("GPU suite") has
     python benchmarks/gpu_suite.py --out OUT --cases check train  # some cases (each call adds to OUT/results.jsonl)
     python benchmarks/gpu_suite.py --smoke --out OUT              # every case tiny, on the CPU (CI runs this)
     python benchmarks/gpu_suite.py --render OUT/results.jsonl --docs docs/benchmarks.md   # rows into the docs
+    python benchmarks/gpu_suite.py --floors                       # the computed floors (no device)
 
 Cases (each is time-capped: `--cap` seconds of measuring per variant, `--long-cap` per long-context probe)
     check     bf16 training steps track fp32 (relative loss gap per step); the workbench's logits equal
@@ -729,6 +730,30 @@ def inductor_tuning():
         inductor.coordinate_descent_tuning = before
 
 
+def floors() -> str:
+    """The computed floors of docs/benchmarks.md (no device: models on the meta device): FLOPs per token and the
+    tokens/s at 50% / 60% strict MFU per training shape; the 1B's decode bytes per token in bf16 and int8 and the
+    tokens/s those allow at the H100 SXM's specified and the H200's measured (gpu-baseline.md) bandwidth."""
+    lines = ["| shape | params | GFLOP / token (T) | tok/s at 50% / 60% MFU |", "|---|---|---|---|"]
+    for name in ("124M", "1B", "moe-dense"):
+        family, flavor, over = SHAPES[name]
+        model = build_model(ModelSection.of(family, flavor, **over), "meta")
+        T = TRAIN_BATCH[name][1]
+        fpt = model.flops_per_token(T)
+        lines.append(f"| {name} | {count_params(model) / 1e6:,.1f}M | {fpt / 1e9:.3f} (T = {T}) | "
+                     f"{0.5 * 989e12 / fpt:,.0f} / {0.6 * 989e12 / fpt:,.0f} |")
+    model = build_model(ModelSection.of(*SHAPES["1B"][:2], **SHAPES["1B"][2]), "meta", dtype=torch.bfloat16)
+    bf16 = weight_bytes_per_token(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # int8: each linear's weight 1 byte per entry plus an fp32 scale per output row, instead of 2 bytes per entry
+    int8 = bf16 - sum(m.weight.numel() * 2 - m.weight.numel() - m.out_features * 4 for m in linears)
+    lines += ["", "| 1B decode, batch 1 | bytes / token | tok/s at 3.35 TB/s | at 4.26 TB/s |", "|---|---|---|---|"]
+    for label, nbytes in (("bf16", bf16), ("int8 weight-only", int8)):
+        lines.append(f"| {label} | {nbytes / 1e9:.3f} GB | {3.35e12 / nbytes:,.0f} | {4.26e12 / nbytes:,.0f} |")
+    lines.append(f"\nint8 / bf16 bound: {bf16 / int8:.2f}x")
+    return "\n".join(lines)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """An allocation failure, however the library reports it (PyTorch's OutOfMemoryError, or a cuBLAS / cuDNN
     status inside a RuntimeError when their workspace cannot be allocated)."""
@@ -795,6 +820,18 @@ def fmt(x, spec: str = ",.0f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def speed_details(r: dict) -> list[str]:
+    """What a speed record adds to its tokens/s: strict MFU, the share of the decode floor, peak memory."""
+    parts = []
+    if r.get("mfu") is not None:
+        parts.append(f"strict MFU {r['mfu']:.1%}")
+    if r.get("floor_fraction") is not None:
+        parts.append(f"{r['floor_fraction']:.0%} of the {fmt(r['floor_tokens_s'])} tok/s floor")
+    if r.get("peak_gib") is not None:
+        parts.append(f"peak {r['peak_gib']:.1f} GiB")
+    return parts
+
+
 def format_record(r: dict) -> str:
     if r.get("status") == "probe":
         if r["fits"]:
@@ -806,14 +843,7 @@ def format_record(r: dict) -> str:
         met = {True: "met", False: "NOT met", None: "—"}[r.get("met")]
         return f"  {r['what']}: {fmt(r.get('value'), unit)} (goal {fmt(r.get('goal'), unit)}) {met}; best {r.get('best')}"
     if "tokens_s" in r and r.get("case") != "long":
-        parts = [f"{fmt(r['tokens_s'])} tok/s"]
-        if r.get("mfu") is not None:
-            parts.append(f"MFU {r['mfu']:.1%}")
-        if r.get("floor_fraction") is not None:
-            parts.append(f"{r['floor_fraction']:.0%} of the floor ({fmt(r['floor_tokens_s'])} tok/s)")
-        if r.get("peak_gib") is not None:
-            parts.append(f"peak {r['peak_gib']:.1f} GiB")
-        return f"  {r['what']}: " + ", ".join(parts)
+        return f"  {r['what']}: " + ", ".join([f"{fmt(r['tokens_s'])} tok/s", *speed_details(r)])
     value = f" {r['value']:,}" if isinstance(r.get("value"), int) else (f" {r['value']:.3g}" if isinstance(r.get("value"), float) else "")
     return f"  [{r.get('status', '')}] {r['what']}:{value} {r.get('note', '') or ''}".rstrip()
 
@@ -853,16 +883,8 @@ def row_cells(r: dict) -> tuple[str, str]:
         return f"{r['value']:,} tokens", (f"first failure {fmt(r.get('first_fail'), ',')}; stopped by "
                                          f"{r.get('stopped_by')}; peak {fmt(r.get('peak_gib'), '.1f')} GiB")
     if "tokens_s" in r:
-        detail = []
-        if r.get("mfu") is not None:
-            detail.append(f"strict MFU {r['mfu']:.1%}")
-        if r.get("floor_fraction") is not None:
-            detail.append(f"{r['floor_fraction']:.0%} of the {fmt(r['floor_tokens_s'])} tok/s floor")
-        if r.get("peak_gib") is not None:
-            detail.append(f"peak {r['peak_gib']:.1f} GiB")
-        if r.get("batch"):
-            detail.append(f"batch {r['batch']}")
-        return f"{fmt(r['tokens_s'])} tok/s", "; ".join(detail)
+        batch = [f"batch {r['batch']}"] if r.get("batch") else []
+        return f"{fmt(r['tokens_s'])} tok/s", "; ".join([*speed_details(r), *batch])
     return r.get("status", ""), (r.get("note") or "").replace("|", "/")
 
 
@@ -905,6 +927,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-cap", type=float, default=30.0, help="stop doubling once one step takes longer (s)")
     ap.add_argument("--bisect", type=int, default=2, help="halvings between the last fit and the first failure")
     ap.add_argument("--no-compile", action="store_true", help="eager only (skip every compiled variant)")
+    ap.add_argument("--floors", action="store_true", help="print the computed floors (no device, seconds)")
     ap.add_argument("--render", type=Path, help="a results.jsonl to turn into the docs table (no measuring)")
     ap.add_argument("--docs", type=Path, help="with --render: write the table into this file's gpu-suite block")
     args = ap.parse_args(argv)
@@ -915,6 +938,9 @@ def main(argv=None) -> int:
         ap.error(f"--long-max must be >= 1024 (the search starts there), got {args.long_max}")
     if args.bisect < 0:
         ap.error(f"--bisect must be >= 0, got {args.bisect}")
+    if args.floors:
+        print(floors())
+        return 0
     if args.render is not None:
         if not args.render.is_file():
             ap.error(f"--render: no file {args.render}")

@@ -117,6 +117,17 @@ def test_gpu_suite_doubling_search_finds_the_largest_fit():
     assert search(fits_below(10**9), 1024, 65536, 2, too_slow=lambda: next(slow)) == (2048, None, "step time cap")
 
 
+def test_gpu_suite_floors_are_the_ones_the_docs_quote():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--floors"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "| 1B | 1,235.8M | 8.220 (T = 2048) | 60,160 / 72,192 |" in out
+    assert "| bf16 | 2.472 GB | 1,355 | 1,724 |" in out and "| int8 weight-only | 1.500 GB | 2,233 | 2,840 |" in out
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert "1,355 tok/s | 1,724 tok/s" in docs and "2,233 tok/s | 2,840 tok/s" in docs and "bound: 1.65x" in out
+
+
 def test_gpu_suite_smoke_runs_every_case_and_renders_the_docs(tmp_path):
     """Every case at debug size on the CPU (what a GPU run does, minus compile and CUDA graphs), then the records
     rendered into a docs block."""
