@@ -29,7 +29,8 @@ The mechanism
         pos += 1 (cache.advance, in place)
         next = argmax(logits(hidden))                          greedy, first index on ties
         tokens = next; out[:, step] = next; [out_logp[:, step] = log_softmax(logits)[next]]; positions += 1; step += 1
-    Attending to all max_len slots costs attention work over empty slots (the decode step reads the whole
+    Attending to all max_len slots (one masked query per row: `attention_sdpa` folds the GQA query groups so a
+    fused kernel takes it) costs attention work over empty slots (the decode step reads the whole
     cache buffer, not the filled part); the matmuls, which read the weights, dominate batch-1 decoding
     until the cache is large.
 

@@ -25,7 +25,10 @@ Slots, not positions
 
 Backends
     "sdpa"  torch.nn.functional.scaled_dot_product_attention (fused kernels on GPU; uses `is_causal`
-            instead of a dense mask whenever the spec is plain causal).
+            instead of a dense mask whenever the spec is plain causal). A one-query step (decoding) under a
+            mask with GQA folds each KV head's group of query heads into the query axis, (B, H, 1, D) ->
+            (B, KV, H / KV, D), so the kernel needs no GQA support (CUDA's memory-efficient kernel takes a mask
+            but not enable_gqa; the math fallback would copy K and V per query head).
     "math"  the explicit formula above: the reference the others are tested against, and the path for
             soft-capping, which SDPA cannot express.
     "flex"  FlexAttention (`torch.nn.attention.flex_attention`): the spec becomes a mask_mod plus a
