@@ -69,7 +69,7 @@ from workbench.job import JobConfig
 from workbench.models.base import ModelSection, build_model, count_params
 from workbench.parallel.dims import ParallelDims
 from workbench.train.objectives.lm import LMObjective
-from workbench.train.trainer import build_engine, peak_flops
+from workbench.train.trainer import PEAK_BF16, build_engine, peak_flops
 
 # ------------------------------------------------------------------------------------------------ shapes
 
@@ -740,8 +740,9 @@ def floors() -> str:
         model = build_model(ModelSection.of(family, flavor, **over), "meta")
         T = TRAIN_BATCH[name][1]
         fpt = model.flops_per_token(T)
+        peak = PEAK_BF16["H100 SXM"]
         lines.append(f"| {name} | {count_params(model) / 1e6:,.1f}M | {fpt / 1e9:.3f} (T = {T}) | "
-                     f"{0.5 * 989e12 / fpt:,.0f} / {0.6 * 989e12 / fpt:,.0f} |")
+                     f"{0.5 * peak / fpt:,.0f} / {0.6 * peak / fpt:,.0f} |")
     model = build_model(ModelSection.of(*SHAPES["1B"][:2], **SHAPES["1B"][2]), "meta", dtype=torch.bfloat16)
     bf16 = weight_bytes_per_token(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
